@@ -1,0 +1,24 @@
+# The two commands: `make demo` and `make test`.  Each sets up .venv by itself (idempotent: the
+# stamp below is only rebuilt when a file that defines the environment changes).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.quantnoise-stamp
+CORPUS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean
+
+$(STAMP): setup.py scripts/requirements.txt scripts/constraints.txt scripts/setup_venv.sh
+	bash scripts/setup_venv.sh
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	CORPUS="$(CORPUS)" bash recipes/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
