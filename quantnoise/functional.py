@@ -1,0 +1,122 @@
+"""The Quant-Noise algorithms as short, pure tensor functions (no modules, no fairseq).
+
+Fan et al. 2020, eq. (3)-(4): on each training forward a random subset J of weight blocks b_kl is
+replaced by its quantized value, phi(b_kl) for (k, l) in J, the rest stays exact; gradients pass to
+every weight with the straight-through estimator.  A *block* is ``block_size`` contiguous entries of
+one row of ``weight.reshape(out, -1)`` (see quantnoise.nn for what that is per layer type).
+
+Scalar fake quantization follows Jacob et al. 2018: q = clamp(round(w / s) + z, qmin, qmax),
+w_hat = (q - z) * s, with z = 0 for the symmetric grid (Q8BERT's choice).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def blocks(w: Tensor, block_size: int) -> Tensor:
+    """View ``w`` (out, ...) as (out, n_blocks, block_size); ``block_size`` must divide the row."""
+    return w.reshape(w.shape[0], -1, block_size)
+
+
+def block_mask(n_rows: int, n_blocks: int, p: float, generator: torch.Generator, device) -> Tensor:
+    """Bernoulli(p) block selection, (n_rows, n_blocks) bool; True = this block gets noise."""
+    if p >= 1.0:
+        return torch.ones(n_rows, n_blocks, dtype=torch.bool, device=device)
+    return torch.rand(n_rows, n_blocks, generator=generator, device=device) < p
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns ``noisy`` exactly; backward hands the gradient to ``w`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, noisy: Tensor) -> Tensor:
+        return noisy
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
+        return grad, None
+
+
+def straight_through(w: Tensor, noisy: Tensor) -> Tensor:
+    """STE, w + (noisy - w).detach() in value, but bit-exact: the forward value *is* ``noisy``."""
+    return _StraightThrough.apply(w, noisy.detach())
+
+
+# ----------------------------------------------------------------------------------------- drop
+def drop_blocks(w: Tensor, mask: Tensor, p: float, block_size: int) -> Tensor:
+    """Zero the selected blocks and scale the rest by 1/(1-p) (fairseq's iPQ proxy). New tensor."""
+    out = blocks(w, block_size).masked_fill(mask.unsqueeze(-1), 0.0)  # (out, nb, bs)
+    return out.mul_(1.0 / (1.0 - p)).view_as(w)
+
+
+# --------------------------------------------------------------------------------------- scalar
+def group_view(w: Tensor, granularity: str, group_size: int) -> Tensor:
+    """(rows, groups, n) view of w whose last dim shares one scale."""
+    rows = w.reshape(w.shape[0], -1)
+    if granularity == "tensor":
+        return rows.reshape(1, 1, -1)
+    if granularity == "channel":
+        return rows.unsqueeze(1)
+    return rows.reshape(rows.shape[0], -1, group_size)
+
+
+def minmax(w: Tensor, granularity: str, group_size: int) -> Tuple[Tensor, Tensor]:
+    """Range of w per scale group, each shaped (rows|1, groups|1, 1)."""
+    lo, hi = torch.aminmax(group_view(w, granularity, group_size), dim=-1, keepdim=True)
+    return lo, hi
+
+
+def scalar_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tuple[Tensor, Tensor]:
+    """Scale and zero point covering [lo, hi] (and 0, so zero is exact), Jacob et al. 2018 eq. (1)."""
+    eps = torch.finfo(torch.float32).tiny
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = torch.maximum(lo.abs(), hi.abs()).div(qmax).clamp_min(eps)
+        return scale, torch.zeros_like(scale)
+    qmax = 2**bits - 1
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = (hi - lo).div(qmax).clamp_min(eps)
+    zero = torch.round(-lo / scale).clamp_(0, qmax)
+    return scale, zero
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
+                  granularity: str, group_size: int) -> Tensor:
+    """Dequantized int grid values of w, same shape; scale/zero shaped like ``minmax``'s output."""
+    g = group_view(w, granularity, group_size)
+    q = torch.round(g / scale).add_(zero).clamp_(qmin, qmax)
+    return q.sub_(zero).mul_(scale).view_as(w)
+
+
+def scalar_blocks(w: Tensor, mask: Tensor, w_hat: Tensor, block_size: int) -> Tensor:
+    """w with the selected blocks taken from its fake-quantized ``w_hat``. New tensor."""
+    m = mask.unsqueeze(-1)  # (out, nb, 1)
+    return torch.where(m, blocks(w_hat, block_size), blocks(w, block_size)).view_as(w)
+
+
+# ------------------------------------------------------------------------------------------- pq
+def nearest_centroid(x: Tensor, centroids: Tensor, chunk: int = 8192) -> Tensor:
+    """Index of the nearest centroid (L2) for each row of x (n, d); centroids (k, d). int64 (n,)."""
+    c2 = centroids.pow(2).sum(1)  # (k,)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i : i + chunk]
+        out[i : i + chunk] = torch.addmm(c2, xi, centroids.t(), alpha=-2.0).argmin(1)  # (n, k)
+    return out
+
+
+def pq_blocks(w: Tensor, mask: Tensor, centroids: Tensor, block_size: int) -> Tensor:
+    """w with each selected block replaced by its nearest centroid. New tensor."""
+    flat = blocks(w, block_size).reshape(-1, block_size)  # (out * nb, bs)
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    out = flat.clone()
+    out.index_copy_(0, idx, centroids[nearest_centroid(flat.index_select(0, idx), centroids)])
+    return out.view_as(w)
+
+
+def pq_decode(codes: Tensor, centroids: Tensor, shape) -> Tensor:
+    """Rebuild a weight of ``shape`` from block codes (out * nb,) and centroids (k, bs)."""
+    return centroids[codes.long()].reshape(shape)

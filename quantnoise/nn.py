@@ -1,0 +1,234 @@
+"""Quant-Noise wrappers: subclasses of the layers they wrap, with the same ``weight``/``bias``.
+
+What a block is, per layer (always ``block_size`` contiguous entries of a row of
+``weight.reshape(out, -1)``, the layout iPQ uses):
+  - ``Linear`` (out, in): ``block_size`` contiguous input features of one output row;
+  - ``Embedding`` (num, dim): ``block_size`` contiguous entries of one embedding row;
+  - ``Conv1d`` (out, in/g, k) and ``Conv2d`` (out, in/g, kh, kw): ``block_size`` contiguous entries
+    of one filter flattened in (in, kh, kw) order; with ``block_size = kh*kw`` a block is one k x k
+    kernel (fairseq's choice for k > 1), with ``block_size`` dividing ``in`` on a 1x1 conv it is a run
+    of input channels.
+
+Noise never writes the parameter: each forward builds a new weight tensor (fairseq's hook
+overwrites ``weight.data``).  Masks come from a per-layer generator seeded with
+(cfg.seed, layer name, step), so runs repeat exactly and successive steps differ.  Observer and
+codebook state are non-persistent buffers: state dicts have exactly the plain layer's keys.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Dict, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as QF
+from .config import QuantNoiseConfig
+from .kmeans import kmeans
+
+logger = logging.getLogger(__name__)
+
+WRAPPERS: Dict[Type[nn.Module], Type["QuantNoiseMixin"]] = {}
+
+
+def register_wrapper(base: Type[nn.Module]):
+    """Class decorator: ``@register_wrapper(nn.Linear) class QNLinear(QuantNoiseMixin, nn.Linear)``."""
+
+    def deco(cls):
+        WRAPPERS[base] = cls
+        cls.base_class = base
+        return cls
+
+    return deco
+
+
+def wrapper_for(module: nn.Module) -> Optional[Type["QuantNoiseMixin"]]:
+    """The wrapper class for ``module``: its own type or a subclass that keeps the base forward."""
+    if isinstance(module, QuantNoiseMixin):
+        return None
+    for base, cls in WRAPPERS.items():
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return cls
+    return None
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+class QuantNoiseMixin:
+    """Shared noise machinery; the subclass supplies ``forward`` and ``_plain_kwargs``."""
+
+    base_class: Type[nn.Module]
+    weight: nn.Parameter
+
+    # ---------------------------------------------------------------- construction
+    def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
+        self.qn_cfg = cfg
+        self.qn_name = name
+        self.qn_step = 0  # training forwards seen; drives masks and codebook refreshes
+        self._gen: Optional[torch.Generator] = None
+        self.register_buffer("qn_codebook", None, persistent=False)
+        self.register_buffer("qn_lo", None, persistent=False)
+        self.register_buffer("qn_hi", None, persistent=False)
+        row = self.weight[0].numel()
+        if row % cfg.block_size:
+            raise ValueError(
+                f"layer '{name}' ({type(self).base_class.__name__}, weight {tuple(self.weight.shape)}): "
+                f"block_size={cfg.block_size} does not divide its row length {row}; "
+                f"use a block size that divides {row}, or exclude the layer"
+            )
+        if cfg.scheme == "scalar" and cfg.granularity == "group" and row % cfg.group_size:
+            raise ValueError(
+                f"layer '{name}' (weight {tuple(self.weight.shape)}): group_size={cfg.group_size} does not "
+                f"divide its row length {row}; use a group size that divides {row}, or exclude the layer"
+            )
+
+    @classmethod
+    def from_float(cls, module: nn.Module, cfg: QuantNoiseConfig, name: str = ""):
+        """Wrap ``module``: the wrapper shares its Parameter objects (optimizers keep working)."""
+        new = cls(**module_kwargs(module), device="meta")
+        new.weight = module.weight
+        if getattr(module, "bias", None) is not None:
+            new.bias = module.bias
+        new.train(module.training)
+        new._init_noise(cfg, name)
+        return new
+
+    def to_float(self) -> nn.Module:
+        """The plain layer with the same Parameter objects."""
+        plain = self.base_class(**module_kwargs(self), device="meta")
+        plain.weight = self.weight
+        if getattr(self, "bias", None) is not None:
+            plain.bias = self.bias
+        return plain.train(self.training)
+
+    # ---------------------------------------------------------------- noise
+    def _active_p(self) -> float:
+        if self.training:
+            return self.qn_cfg.p
+        return 1.0 if self.qn_cfg.eval_quantized else 0.0
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+        seed = (self.qn_cfg.seed * 1_000_003 + _stable_hash(self.qn_name)) * 1_000_033 + self.qn_step
+        return self._gen.manual_seed(seed % (2**63))
+
+    def noisy(self, w: Tensor, p: float) -> Tensor:
+        """``w`` (rows of this layer's weight) with a Bernoulli(p) subset of its blocks noised (STE)."""
+        cfg, bs = self.qn_cfg, self.qn_cfg.block_size
+        with torch.no_grad():
+            wd = w.detach()
+            mask = QF.block_mask(w.shape[0], w[0].numel() // bs, p, self._generator(w.device), w.device)
+            if cfg.scheme == "drop":
+                out = QF.drop_blocks(wd, mask, p, bs)
+            elif cfg.scheme == "scalar":
+                scale, zero = self._scalar_qparams(wd)
+                w_hat = QF.fake_quantize(wd, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity, cfg.group_size)
+                out = QF.scalar_blocks(wd, mask, w_hat, bs)
+            else:
+                out = QF.pq_blocks(wd, mask, self._codebook().to(wd.dtype), bs)
+        if self.training:
+            self.qn_step += 1
+        return QF.straight_through(w, out)
+
+    def _scalar_qparams(self, w: Tensor):
+        cfg = self.qn_cfg
+        src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
+        lo, hi = QF.minmax(src, cfg.granularity, cfg.group_size)
+        if cfg.observer == "ema":
+            lo, hi = self._ema(lo, hi)
+        return QF.scalar_qparams(lo, hi, cfg.bits, cfg.symmetric)
+
+    def _ema(self, lo: Tensor, hi: Tensor):
+        """Exponential moving average of the range, updated on training forwards only."""
+        if self.training:
+            if self.qn_lo is None:
+                self.qn_lo, self.qn_hi = lo.clone(), hi.clone()
+            else:
+                self.qn_lo.lerp_(lo, self.qn_cfg.ema_momentum)
+                self.qn_hi.lerp_(hi, self.qn_cfg.ema_momentum)
+        return (lo, hi) if self.qn_lo is None else (self.qn_lo, self.qn_hi)
+
+    def _codebook(self) -> Tensor:
+        cfg = self.qn_cfg
+        stale = self.training and self.qn_step % cfg.refresh_every == 0
+        if self.qn_codebook is None or stale:
+            w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
+            k = min(cfg.n_centroids, w.shape[0])
+            if k < cfg.n_centroids and self.qn_codebook is None:
+                logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)
+            seed = cfg.seed + _stable_hash(self.qn_name) + self.qn_step // cfg.refresh_every
+            self.qn_codebook, _ = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
+        return self.qn_codebook
+
+    def extra_repr(self) -> str:
+        c = self.qn_cfg
+        detail = {"drop": "", "scalar": f", bits={c.bits}, {c.granularity}", "pq": f", centroids={c.n_centroids}"}
+        return f"{super().extra_repr()}, quant_noise={c.scheme}(p={c.p}, block={c.block_size}{detail[c.scheme]})"
+
+
+def module_kwargs(m: nn.Module) -> dict:
+    """Constructor arguments that rebuild ``m``'s layer type (weights excluded)."""
+    if isinstance(m, nn.Linear):
+        return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
+                    dtype=m.weight.dtype)
+    if isinstance(m, nn.Embedding):
+        return dict(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, padding_idx=m.padding_idx,
+                    max_norm=m.max_norm, norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq,
+                    sparse=m.sparse, dtype=m.weight.dtype)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size,
+                    stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    bias=m.bias is not None, padding_mode=m.padding_mode, dtype=m.weight.dtype)
+    raise TypeError(f"no quant-noise wrapper for {type(m).__name__}")
+
+
+@register_wrapper(nn.Linear)
+class QNLinear(QuantNoiseMixin, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        p = self._active_p()
+        w = self.weight if p == 0.0 else self.noisy(self.weight, p)
+        return F.linear(x, w, self.bias)
+
+
+@register_wrapper(nn.Embedding)
+class QNEmbedding(QuantNoiseMixin, nn.Embedding):
+    """Noises only the rows the batch looks up (each distinct row once, so a repeated id sees the
+    same noise); per-tensor scalar scales still come from the whole table."""
+
+    def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
+        super()._init_noise(cfg, name)
+        if cfg.scheme == "scalar" and cfg.observer == "ema" and cfg.granularity != "tensor":
+            raise ValueError(
+                f"layer '{name}' (Embedding): observer=ema needs granularity=tensor here (only the looked-up "
+                f"rows are seen per step); use granularity=tensor or observer=minmax"
+            )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        p = self._active_p()
+        if p == 0.0:
+            return super().forward(ids)
+        if self.scale_grad_by_freq:  # frequencies are lost by the unique() below: noise the table
+            return F.embedding(ids, self.noisy(self.weight, p), self.padding_idx, self.max_norm,
+                               self.norm_type, True, self.sparse)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        rows = F.embedding(uniq, self.weight, self.padding_idx, self.max_norm, self.norm_type, False, self.sparse)
+        return F.embedding(inverse, self.noisy(rows, p))  # (..., dim)
+
+
+@register_wrapper(nn.Conv1d)
+class QNConv1d(QuantNoiseMixin, nn.Conv1d):
+    def forward(self, x: Tensor) -> Tensor:
+        p = self._active_p()
+        return self._conv_forward(x, self.weight if p == 0.0 else self.noisy(self.weight, p), self.bias)
+
+
+@register_wrapper(nn.Conv2d)
+class QNConv2d(QuantNoiseMixin, nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        p = self._active_p()
+        return self._conv_forward(x, self.weight if p == 0.0 else self.noisy(self.weight, p), self.bias)
