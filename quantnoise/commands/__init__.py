@@ -1,0 +1,1 @@
+"""One module per ``quantnoise`` sub-command (see quantnoise/cli.py)."""

@@ -1,0 +1,116 @@
+"""The ``--quant-noise-*`` flags as a dataclass mixin, and their translation to the core config.
+
+fairseq's own ``--quant-noise-pq P --quant-noise-pq-block-size B`` means scheme drop, p=P, block B;
+``--quant-noise-scalar P`` means scheme scalar, 8 bits, p=P.  Both are served by our wrappers: the
+fairseq fields are zeroed before the model is built, so fairseq adds neither its hooks nor the extra
+random ``Linear`` it puts after the embeddings.
+"""
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from fairseq.dataclass import ChoiceEnum
+from torch import nn
+
+from quantnoise import QuantNoiseConfig, quantize_
+from quantnoise.config import SCHEMES
+
+logger = logging.getLogger(__name__)
+
+# core field -> command-line flag, for error messages that name what the user typed
+FLAGS = {
+    "scheme": "--quant-noise-scheme", "p": "--quant-noise-p", "block_size": "--quant-noise-block-size",
+    "bits": "--quant-noise-bits", "n_centroids": "--quant-noise-centroids", "include": "--quant-noise-layers",
+    "exclude": "--quant-noise-exclude", "eval_quantized": "--quant-noise-eval-quantized",
+    "seed": "--quant-noise-seed", "granularity": "--quant-noise-granularity",
+    "refresh_every": "--quant-noise-refresh-every",
+}
+
+
+@dataclass
+class QuantNoiseArgs:
+    quant_noise_scheme: ChoiceEnum(SCHEMES) = field(default="drop", metadata={"help": "noise scheme: drop | scalar | pq"})
+    quant_noise_p: float = field(default=0.0, metadata={"help": "probability a weight block is noised per training forward (0 = plain model)"})
+    quant_noise_block_size: int = field(default=8, metadata={"help": "weights per block (must divide each noised layer's row length)"})
+    quant_noise_bits: int = field(default=8, metadata={"help": "scalar scheme: bits, 2..8"})
+    quant_noise_granularity: ChoiceEnum(["tensor", "channel", "group"]) = field(default="channel", metadata={"help": "scalar scheme: one scale per tensor | output channel | group"})
+    quant_noise_centroids: int = field(default=256, metadata={"help": "pq scheme: centroids per layer codebook"})
+    quant_noise_refresh_every: int = field(default=1000, metadata={"help": "pq scheme: rebuild codebooks every N training forwards"})
+    quant_noise_layers: Optional[str] = field(default=None, metadata={"help": "regex of module names to noise (default: every Linear/Embedding/Conv)"})
+    quant_noise_exclude: Optional[str] = field(default=None, metadata={"help": "regex of module names to leave alone"})
+    quant_noise_eval_quantized: bool = field(default=False, metadata={"help": "evaluate with every block quantized (scalar/pq)"})
+    quant_noise_seed: int = field(default=1, metadata={"help": "seed of noise masks and k-means (same on every rank)"})
+
+
+def noise_config(args) -> Optional[QuantNoiseConfig]:
+    """The core config the flags ask for (None: no noise).  Zeroes fairseq's own quant-noise fields.
+    Exits with one line naming the flag, the value and what is allowed when a value is bad."""
+    args = _Defaults(args)
+    fs_pq, fs_scalar = float(getattr(args, "quant_noise_pq", 0) or 0), float(getattr(args, "quant_noise_scalar", 0) or 0)
+    kw = dict(scheme=str(args.quant_noise_scheme), p=float(args.quant_noise_p), block_size=int(args.quant_noise_block_size),
+              bits=int(args.quant_noise_bits), granularity=str(args.quant_noise_granularity),
+              n_centroids=int(args.quant_noise_centroids), refresh_every=int(args.quant_noise_refresh_every),
+              include=args.quant_noise_layers or None, exclude=args.quant_noise_exclude or None,
+              eval_quantized=bool(args.quant_noise_eval_quantized), seed=int(args.quant_noise_seed))
+    if fs_pq > 0:
+        kw.update(scheme="drop", p=fs_pq, block_size=int(getattr(args, "quant_noise_pq_block_size", 8)))
+    elif fs_scalar > 0:
+        kw.update(scheme="scalar", p=fs_scalar, bits=8)
+    args.quant_noise_pq, args.quant_noise_scalar = 0.0, 0.0
+    try:
+        cfg = QuantNoiseConfig(**kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag_message(str(e))}") from None
+    if cfg.p == 0.0 and not cfg.eval_quantized:
+        return None
+    return cfg
+
+
+class _Defaults:
+    """Read ``args`` (Namespace or DictConfig) falling back to QuantNoiseArgs' defaults (fairseq's
+    argparse path deletes dataclass defaults so that architecture functions can fill them)."""
+
+    def __init__(self, args):
+        self.__dict__["_args"], self.__dict__["_dflt"] = args, QuantNoiseArgs()
+
+    def __getattr__(self, name):
+        value = getattr(self._args, name, None)
+        return getattr(self._dflt, name, None) if value is None and hasattr(self._dflt, name) else value
+
+    def __setattr__(self, name, value):
+        setattr(self._args, name, value)
+
+
+def flag_message(msg: str) -> str:
+    """Rewrite core messages ('quant-noise p=1.5 ...') with the flag names ('--quant-noise-p=1.5 ...')."""
+    return re.sub(r"quant-noise (\w+)=", lambda m: f"{FLAGS.get(m.group(1), m.group(1))}=", msg)
+
+
+def apply_quant_noise(model: nn.Module, cfg: Optional[QuantNoiseConfig]) -> List[str]:
+    """Wrap the model's layers and route fairseq attention through its projection modules."""
+    if cfg is None:
+        return []
+    try:
+        names = quantize_(model, cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag_message(str(e))}") from None
+    _route_attention(model)
+    logger.info("quant-noise %s p=%s on %d layers: %s", cfg.scheme, cfg.p, len(names), ", ".join(names))
+    return names
+
+
+def _route_attention(model: nn.Module) -> None:
+    """fairseq's MultiheadAttention fast path reads ``q/k/v/out_proj.weight`` directly, so module
+    forwards (ours, or fairseq's hooks) never run there.  Its ``skip_embed_dim_check`` switch makes
+    it call ``self.q_proj(query)`` etc. instead; we set it wherever a projection is wrapped."""
+    from fairseq.modules import MultiheadAttention
+
+    from quantnoise.nn import QuantNoiseMixin
+
+    for m in model.modules():
+        if isinstance(m, MultiheadAttention) and any(
+            isinstance(getattr(m, p, None), QuantNoiseMixin) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ):
+            m._set_skip_embed_dim_check()

@@ -1,0 +1,79 @@
+"""Write a plain-text LM corpus as train/valid/test files, one sentence-ish line each.
+
+Default source (no download): the docstrings of a fixed list of Python standard-library modules,
+so the demo corpus exists on any machine with Python.  ``--text FILE`` uses any plain-text corpus
+instead.  Lines are tokenised by splitting punctuation from words; the split is deterministic.
+
+    python scripts/make_corpus.py OUT_DIR [--text FILE] [--max-lines N]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import pathlib
+import re
+import sys
+
+STDLIB = ["argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
+          "email", "fractions", "functools", "http.client", "inspect", "json", "logging", "multiprocessing",
+          "os", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
+          "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.request", "zipfile"]
+TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+|[^\sA-Za-z\d]")
+
+
+def stdlib_text() -> str:
+    docs = []
+    for name in STDLIB:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # a module missing from this build is fine: the corpus just shrinks
+            continue
+        for obj in [mod] + [v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]:
+            doc = inspect.getdoc(obj)
+            if doc:
+                docs.append(doc)
+    return "\n".join(docs)
+
+
+def lines_of(text: str, max_lines: int):
+    paragraphs = re.split(r"\n\s*\n", text)
+    out = []
+    for par in paragraphs:
+        toks = TOKEN.findall(par)
+        if len(toks) >= 4:
+            out.append(" ".join(toks).lower())
+        if len(out) >= max_lines:
+            break
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--text", help="plain-text corpus to use instead of the stdlib docstrings")
+    ap.add_argument("--max-lines", type=int, default=200_000)
+    a = ap.parse_args(argv)
+    if a.text:
+        path = pathlib.Path(a.text)
+        if not path.is_file():
+            print(f"make_corpus: --text {a.text!r} is not a file; pass a plain-text corpus", file=sys.stderr)
+            return 2
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = stdlib_text()
+    lines = lines_of(text, a.max_lines)
+    if len(lines) < 20:
+        print(f"make_corpus: only {len(lines)} usable lines in the corpus; need at least 20", file=sys.stderr)
+        return 2
+    out = pathlib.Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {"valid": lines[0::20], "test": lines[1::20], "train": [l for i, l in enumerate(lines) if i % 20 > 1]}
+    for split, rows in splits.items():
+        (out / f"{split}.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    print(f"corpus: {len(splits['train'])} train / {len(splits['valid'])} valid / {len(splits['test'])} test lines in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
