@@ -1,0 +1,104 @@
+"""quantize_/unquantize_ on plain PyTorch models (no fairseq): a CNN and a BERT-style encoder."""
+import pytest
+import torch
+from torch import nn
+
+from quantnoise import QuantNoiseConfig, QuantNoiseMixin, quantize_, unquantize_, wrapped_layers
+
+
+class TinyBert(nn.Module):
+    """BERT-shaped: word/position embeddings, q/k/v/out Linear, FFN, LayerNorm, GELU."""
+
+    def __init__(self, vocab=64, d=32, layers=2):
+        super().__init__()
+        self.word = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(16, d)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            self.layers.append(nn.ModuleDict(dict(query=nn.Linear(d, d), key=nn.Linear(d, d), value=nn.Linear(d, d),
+                                                  out=nn.Linear(d, d), ln1=nn.LayerNorm(d), fc1=nn.Linear(d, 4 * d),
+                                                  fc2=nn.Linear(4 * d, d), ln2=nn.LayerNorm(d))))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h = self.word(ids) + self.pos(torch.arange(ids.shape[1]))
+        for l in self.layers:
+            q, k, v = l["query"](h), l["key"](h), l["value"](h)
+            a = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1) @ v
+            h = l["ln1"](h + l["out"](a))
+            h = l["ln2"](h + l["fc2"](nn.functional.gelu(l["fc1"](h))))
+        return self.head(h)
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.Flatten(), nn.LazyLinear(10))
+
+
+def test_wraps_every_supported_layer_and_returns_names():
+    model = TinyBert()
+    names = quantize_(model, QuantNoiseConfig(scheme="scalar", p=0.2, block_size=8))
+    expected = {n for n, m in TinyBert().named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    assert set(names) == expected == set(wrapped_layers(model))
+    assert isinstance(model.layers[0]["fc1"], nn.Linear)  # wrappers subclass the wrapped layer
+
+
+def test_include_exclude_are_regexes_on_qualified_names():
+    model = TinyBert()
+    names = quantize_(model, QuantNoiseConfig(include=r"layers\.\d+\.(fc|out)", exclude=r"layers\.1\."))
+    assert sorted(names) == ["layers.0.fc1", "layers.0.fc2", "layers.0.out"]
+
+
+def test_pattern_matching_nothing_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="decoder"):
+        quantize_(TinyBert(), QuantNoiseConfig(include="decoder"))
+
+
+def test_bad_block_size_wraps_nothing():
+    model = TinyBert()
+    with pytest.raises(ValueError, match="block_size=5"):
+        quantize_(model, QuantNoiseConfig(block_size=5))
+    assert wrapped_layers(model) == []
+
+
+def test_training_with_noise_then_unwrap_keeps_parameters_and_state_dict():
+    torch.manual_seed(0)
+    model = TinyBert()
+    plain_keys = model.state_dict().keys()
+    params_before = [id(p) for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    quantize_(model, QuantNoiseConfig(scheme="pq", p=0.3, block_size=8, n_centroids=16))
+    assert [id(p) for p in model.parameters()] == params_before  # the optimizer still owns them
+    ids = torch.randint(0, 64, (4, 12))
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert model.state_dict().keys() == plain_keys
+    names = unquantize_(model)
+    assert names and not any(isinstance(m, QuantNoiseMixin) for m in model.modules())
+    assert type(model.layers[0]["fc1"]) is nn.Linear
+    TinyBert().load_state_dict(model.state_dict())
+
+
+def test_cnn_conv_blocks():
+    model = cnn()
+    model(torch.randn(1, 3, 8, 8))  # materialise the lazy layer
+    names = quantize_(model, QuantNoiseConfig(scheme="drop", p=0.5, block_size=9, include=r"^0$"))
+    assert names == ["0"]
+    with pytest.raises(ValueError, match="'2'"):  # 1x1 conv over 8 channels: 9 does not divide 8
+        quantize_(model, QuantNoiseConfig(block_size=9, include=r"^2$"))
+    out = model(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 10)
+
+
+def test_subclass_with_own_forward_is_not_wrapped():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(8, 8), nn.Linear(8, 8))
+    assert quantize_(model, QuantNoiseConfig()) == ["1"]

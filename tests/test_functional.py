@@ -1,0 +1,98 @@
+"""The pure algorithms against small hand-written references (exact where the math is exact)."""
+import torch
+
+from quantnoise import functional as QF
+
+
+def ref_symmetric_per_channel(w, bits):
+    qmax = 2 ** (bits - 1) - 1
+    s = w.abs().amax(dim=1, keepdim=True) / qmax
+    return torch.clamp(torch.round(w / s), -qmax, qmax) * s
+
+
+def ref_asymmetric_per_tensor(w, bits):
+    lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
+    qmax = 2**bits - 1
+    s = torch.tensor((hi - lo) / qmax, dtype=w.dtype)
+    z = torch.round(-lo / s)
+    return (torch.clamp(torch.round(w / s) + z, 0, qmax) - z) * s
+
+
+def test_fake_quantize_symmetric_channel_matches_reference():
+    w = torch.randn(16, 32)
+    lo, hi = QF.minmax(w, "channel", 0)
+    s, z = QF.scalar_qparams(lo, hi, 8, True)
+    got = QF.fake_quantize(w, s, z, -127, 127, "channel", 0)
+    assert torch.equal(got, ref_symmetric_per_channel(w, 8))
+
+
+def test_fake_quantize_asymmetric_tensor_matches_reference():
+    w = torch.randn(8, 24) + 0.3
+    lo, hi = QF.minmax(w, "tensor", 0)
+    s, z = QF.scalar_qparams(lo, hi, 4, False)
+    got = QF.fake_quantize(w, s, z, 0, 15, "tensor", 0)
+    torch.testing.assert_close(got, ref_asymmetric_per_tensor(w, 4), rtol=0, atol=1e-6)
+    assert got.unique().numel() <= 16
+
+
+def test_group_granularity_has_one_scale_per_group():
+    w = torch.randn(4, 64)
+    w[:, :32] *= 100  # a large first group must not coarsen the second group's grid
+    lo, hi = QF.minmax(w, "group", 32)
+    assert lo.shape == (4, 2, 1)
+    s, z = QF.scalar_qparams(lo, hi, 8, True)
+    got = QF.fake_quantize(w, s, z, -127, 127, "group", 32)
+    assert torch.equal(got[:, 32:], ref_symmetric_per_channel(w[:, 32:], 8))
+
+
+def test_zero_is_exact_on_every_grid():
+    w = torch.tensor([[0.0, 0.3, 0.9, 1.7]])
+    for sym in (True, False):
+        lo, hi = QF.minmax(w, "tensor", 0)
+        s, z = QF.scalar_qparams(lo, hi, 4, sym)
+        q = QF.fake_quantize(w, s, z, -7 if sym else 0, 7 if sym else 15, "tensor", 0)
+        assert q[0, 0] == 0
+
+
+def test_block_mask_rate_and_seed():
+    g = torch.Generator().manual_seed(3)
+    m = QF.block_mask(1000, 100, 0.2, g, "cpu")
+    assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.2) < 0.01
+    m2 = QF.block_mask(1000, 100, 0.2, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(m, m2)
+
+
+def test_drop_blocks_zeroes_selected_and_rescales_rest():
+    w = torch.randn(6, 8)
+    mask = torch.tensor([[True, False]] * 3 + [[False, True]] * 3)
+    out = QF.drop_blocks(w, mask, 0.25, 4)
+    b, wb = QF.blocks(out, 4), QF.blocks(w, 4)
+    assert (b[mask] == 0).all()
+    assert torch.equal(b[~mask], wb[~mask] * (1 / 0.75))
+
+
+def test_nearest_centroid_matches_brute_force():
+    x, c = torch.randn(5000, 8), torch.randn(64, 8)
+    want = torch.cdist(x, c).argmin(1)
+    got = QF.nearest_centroid(x, c, chunk=777)
+    # ties aside, the chosen centroid is at the minimal distance
+    d = torch.cdist(x, c)
+    assert torch.allclose(d.gather(1, got[:, None]), d.gather(1, want[:, None]), atol=1e-5)
+
+
+def test_pq_blocks_replace_only_selected_with_centroids():
+    w, c = torch.randn(10, 16), torch.randn(32, 4)
+    mask = torch.rand(10, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    out = QF.blocks(QF.pq_blocks(w, mask, c, 4), 4)
+    assert torch.equal(out[~mask], QF.blocks(w, 4)[~mask])
+    sel = out[mask]
+    assert (sel[:, None, :] == c[None]).all(-1).any(-1).all()  # every selected block is a centroid
+
+
+def test_straight_through_forward_exact_backward_identity():
+    w = torch.randn(3, 4, requires_grad=True)
+    noisy = torch.round(w.detach() * 3) / 3
+    out = QF.straight_through(w, noisy)
+    assert torch.equal(out, noisy)
+    (out * torch.arange(12.0).view(3, 4)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(12.0).view(3, 4))

@@ -1,0 +1,211 @@
+"""Exactness of the wrappers: the properties issue 3 lists, each a test."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantnoise import QNConv2d, QNEmbedding, QNLinear, QuantNoiseConfig
+from quantnoise import functional as QF
+
+SCHEMES = [dict(scheme="drop"), dict(scheme="scalar", bits=8), dict(scheme="scalar", bits=4, symmetric=False),
+           dict(scheme="pq", n_centroids=16)]
+
+
+def cfg(**kw):
+    base = dict(p=0.1, block_size=4, seed=0)
+    return QuantNoiseConfig(**{**base, **kw})
+
+
+def layers():
+    torch.manual_seed(0)
+    return {"linear": (nn.Linear(16, 24), torch.randn(5, 16)),
+            "embedding": (nn.Embedding(50, 16, padding_idx=1), torch.randint(0, 50, (4, 9))),
+            "conv1d": (nn.Conv1d(4, 6, 3), torch.randn(2, 4, 10)),
+            "conv2d": (nn.Conv2d(2, 6, 2), torch.randn(2, 2, 6, 6))}
+
+
+def wrap(layer, c, name="layer"):
+    from quantnoise.nn import wrapper_for
+
+    return wrapper_for(layer).from_float(copy.deepcopy(layer), c, name)
+
+
+def ref_channel_int(w, bits):
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.reshape(w.shape[0], -1)
+    s = (rows.abs().amax(1, keepdim=True) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    return (torch.clamp(torch.round(rows / s), -qmax, qmax) * s).view_as(w)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv1d", "conv2d"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(map(str, s.values())))
+def test_p0_is_bit_identical_to_plain_layer(kind, scheme):
+    plain, x = layers()[kind]
+    qn = wrap(plain, cfg(**{**scheme, "p": 0.0}))
+    out_plain, out_qn = plain(x), qn(x)
+    assert torch.equal(out_plain, out_qn)
+    g = torch.randn_like(out_plain)
+    out_plain.backward(g)
+    out_qn.backward(g)
+    assert torch.equal(plain.weight.grad, qn.weight.grad)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv1d", "conv2d"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(map(str, s.values())))
+def test_parameter_unchanged_by_many_forwards(kind, scheme):
+    plain, x = layers()[kind]
+    qn = wrap(plain, cfg(**scheme))
+    before = qn.weight.detach().clone()
+    for _ in range(10):
+        qn(x)
+    assert torch.equal(qn.weight, before)
+
+
+def test_scalar_unselected_blocks_exact_selected_on_grid():
+    lin = nn.Linear(32, 64, bias=False)
+    qn = wrap(lin, cfg(scheme="scalar", bits=4, p=0.3))
+    w_eff = qn(torch.eye(32)).t()  # identity input: the effective weight, exactly
+    ref = ref_channel_int(lin.weight.detach(), 4)
+    exact = QF.blocks(w_eff == lin.weight, 4).all(-1)
+    on_grid = QF.blocks(w_eff == ref, 4).all(-1)
+    assert (exact | on_grid).all()
+    assert 0.15 < (on_grid & ~exact).float().mean() < 0.45  # about p of the blocks got noise
+
+
+def test_scalar_p1_is_full_fake_quantization():
+    lin, x = layers()["linear"]
+    qn = wrap(lin, cfg(scheme="scalar", bits=8, p=1.0))
+    assert torch.equal(qn(x), F.linear(x, ref_channel_int(lin.weight.detach(), 8), lin.bias))
+
+
+def test_pq_selected_blocks_lie_on_a_centroid():
+    lin = nn.Linear(32, 64, bias=False)
+    qn = wrap(lin, cfg(scheme="pq", p=0.5, n_centroids=32))
+    w_eff = qn(torch.eye(32)).t()
+    b, c = QF.blocks(w_eff, 4).reshape(-1, 4), qn.qn_codebook
+    on_centroid = (b[:, None, :] == c[None]).all(-1).any(-1)
+    exact = QF.blocks(w_eff == lin.weight, 4).all(-1).reshape(-1)
+    assert (on_centroid | exact).all() and (on_centroid & ~exact).any()
+
+
+def test_drop_zeroes_blocks_and_rescales_the_rest():
+    lin = nn.Linear(32, 16, bias=False)
+    qn = wrap(lin, cfg(scheme="drop", p=0.25))
+    w_eff = QF.blocks(qn(torch.eye(32)).t(), 4)
+    zero = (w_eff == 0).all(-1)
+    assert torch.equal(w_eff[~zero], QF.blocks(lin.weight.detach() * (1 / 0.75), 4)[~zero])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(map(str, s.values())))
+def test_gradient_reaches_every_weight_straight_through(scheme):
+    lin, x = layers()["linear"]
+    qn = wrap(lin, cfg(**{**scheme, "p": 0.5}))
+    g = torch.randn(5, 24)
+    qn(x).backward(g)
+    lin(x).backward(g)
+    assert torch.equal(qn.weight.grad, lin.weight.grad)  # dL/dW = g^T x whatever W was
+
+
+def test_masks_seeded_repeatable_and_fresh_each_step():
+    def effective_weights(seed, steps=3):
+        qn = wrap(nn.Linear(32, 16, bias=False), cfg(scheme="drop", p=0.5, seed=seed))
+        torch.manual_seed(123)  # the global RNG must not matter
+        return [qn(torch.eye(32)) for _ in range(steps)]
+
+    torch.manual_seed(0)
+    a = effective_weights(1)
+    torch.manual_seed(0)
+    b = effective_weights(1)
+    c = effective_weights(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_eval_mode_no_noise_by_default_and_full_quantization_on_request():
+    lin, x = layers()["linear"]
+    assert torch.equal(wrap(lin, cfg(scheme="scalar", p=0.5)).eval()(x), lin(x))
+    full = wrap(lin, cfg(scheme="scalar", p=0.5, eval_quantized=True)).eval()
+    assert torch.equal(full(x), F.linear(x, ref_channel_int(lin.weight.detach(), 8), lin.bias))
+
+
+def test_embedding_noises_looked_up_rows_consistently():
+    emb = nn.Embedding(100, 16, padding_idx=0)
+    qn = wrap(emb, cfg(scheme="scalar", bits=4, p=1.0))
+    ids = torch.tensor([[3, 7, 3, 0]])
+    out = qn(ids)
+    ref = ref_channel_int(emb.weight.detach(), 4)
+    assert torch.equal(out[0], ref[ids[0]])
+    out.sum().backward()
+    assert qn.weight.grad[0].abs().sum() == 0  # padding row keeps no gradient
+    assert torch.equal(qn.weight.grad[3], torch.full((16,), 2.0))  # looked up twice
+
+
+def test_embedding_drop_same_id_same_noise():
+    qn = wrap(nn.Embedding(20, 8), cfg(scheme="drop", p=0.5))
+    out = qn(torch.tensor([5, 9, 5, 5]))
+    assert torch.equal(out[0], out[2]) and torch.equal(out[0], out[3])
+
+
+def test_conv2d_block_of_kernel_size_is_one_kernel():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    qn = wrap(conv, cfg(scheme="drop", p=0.5, block_size=9))
+    w_eff = qn.noisy(qn.weight, 0.5)  # (4, 3, 3, 3)
+    zero_kernels = (w_eff == 0).flatten(2).all(-1)  # (4, 3)
+    nonzero_kernels = (w_eff != 0).flatten(2).all(-1)
+    assert (zero_kernels | nonzero_kernels).all() and zero_kernels.any()
+    assert isinstance(qn, QNConv2d) and isinstance(qn, nn.Conv2d)
+
+
+def test_block_size_not_dividing_is_clear_error():
+    with pytest.raises(ValueError) as e:
+        wrap(nn.Linear(30, 8), cfg(block_size=8), name="decoder.fc1")
+    msg = str(e.value)
+    assert "decoder.fc1" in msg and "30" in msg and "block_size=8" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(map(str, s.values())))
+def test_dtype_follows_input(dtype, scheme):
+    lin = nn.Linear(16, 8).to(dtype)
+    qn = wrap(lin, cfg(**{**scheme, "p": 0.5}))
+    out = qn(torch.randn(3, 16, dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_pq_codebook_refreshes_every_n_steps():
+    qn = wrap(nn.Linear(16, 32), cfg(scheme="pq", p=0.5, n_centroids=8, refresh_every=3))
+    x = torch.randn(2, 16)
+    qn(x)
+    first = qn.qn_codebook
+    with torch.no_grad():
+        qn.weight.mul_(2)
+    qn(x), qn(x)
+    assert qn.qn_codebook is first
+    qn(x)  # step 3: refresh on the new weights
+    assert qn.qn_codebook is not first
+
+
+def test_ema_observer_tracks_range_slowly():
+    lin = nn.Linear(16, 8, bias=False)
+    qn = wrap(lin, cfg(scheme="scalar", p=1.0, observer="ema", ema_momentum=0.5))
+    x = torch.eye(16)
+    qn(x)
+    hi0 = qn.qn_hi.clone()
+    with torch.no_grad():
+        qn.weight.mul_(3)
+    qn(x)
+    assert torch.allclose(qn.qn_hi, hi0 * 2)  # halfway between old and 3x range
+
+
+def test_state_dict_keys_and_values_load_both_ways():
+    lin = nn.Linear(16, 8)
+    qn = wrap(lin, cfg(scheme="pq", p=0.5, n_centroids=8))
+    qn(torch.randn(2, 16))  # creates the (non-persistent) codebook
+    assert qn.state_dict().keys() == lin.state_dict().keys()
+    fresh = nn.Linear(16, 8)
+    fresh.load_state_dict(qn.state_dict())
+    qn.load_state_dict(nn.Linear(16, 8).state_dict())
+    assert torch.equal(fresh.weight, lin.weight)
