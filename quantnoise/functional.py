@@ -10,7 +10,7 @@ w_hat = (q - z) * s, with z = 0 for the symmetric grid (Q8BERT's choice).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,11 +21,25 @@ def blocks(w: Tensor, block_size: int) -> Tensor:
     return w.reshape(w.shape[0], -1, block_size)
 
 
-def block_mask(n_rows: int, n_blocks: int, p: float, generator: torch.Generator, device) -> Tensor:
-    """Bernoulli(p) block selection, (n_rows, n_blocks) bool; True = this block gets noise."""
+def block_mask(n_rows: int, n_blocks: int, p: float, generator: torch.Generator, device,
+               out: Optional[Tensor] = None) -> Tensor:
+    """Bernoulli(p) block selection, (n_rows, n_blocks) bool; True = this block gets noise.
+    ``out``: a reusable bool buffer of that shape (saves an allocation on every forward)."""
+    if out is None or out.shape != (n_rows, n_blocks) or out.device != torch.device(device):
+        out = torch.empty(n_rows, n_blocks, dtype=torch.bool, device=device)
     if p >= 1.0:
-        return torch.ones(n_rows, n_blocks, dtype=torch.bool, device=device)
-    return torch.rand(n_rows, n_blocks, generator=generator, device=device) < p
+        return out.fill_(True)
+    return out.bernoulli_(p, generator=generator)
+
+
+def replace_blocks(w: Tensor, mask: Tensor, block_size: int, values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """A copy of w whose selected blocks are ``values(flat_blocks (N, bs), selected_index (n,))``,
+    shaped (n, bs).  Only the selected blocks are computed on: cost ~ one copy of w + p of the work."""
+    flat = blocks(w, block_size).reshape(-1, block_size)  # (out * nb, bs)
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # (n_sel,)
+    out = flat.clone()
+    out.index_copy_(0, idx, values(flat, idx).to(w.dtype))
+    return out.view_as(w)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -83,18 +97,44 @@ def scalar_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tuple[
     return scale, zero
 
 
+def fake_quantize_values(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    """(clamp(round(x / s) + z, qmin, qmax) - z) * s, elementwise with broadcasting."""
+    q = x.div(scale).round_().add_(zero).clamp_(qmin, qmax)
+    return q.sub_(zero).mul_(scale)
+
+
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
                   granularity: str, group_size: int) -> Tensor:
-    """Dequantized int grid values of w, same shape; scale/zero shaped like ``minmax``'s output."""
+    """Dequantized int grid values of the whole w; scale/zero shaped like ``minmax``'s output."""
     g = group_view(w, granularity, group_size)
-    q = torch.round(g / scale).add_(zero).clamp_(qmin, qmax)
-    return q.sub_(zero).mul_(scale).view_as(w)
+    return fake_quantize_values(g, scale, zero, qmin, qmax).view_as(w)
 
 
-def scalar_blocks(w: Tensor, mask: Tensor, w_hat: Tensor, block_size: int) -> Tensor:
-    """w with the selected blocks taken from its fake-quantized ``w_hat``. New tensor."""
-    m = mask.unsqueeze(-1)  # (out, nb, 1)
-    return torch.where(m, blocks(w_hat, block_size), blocks(w, block_size)).view_as(w)
+def block_qparams(scale: Tensor, zero: Tensor, idx: Tensor, blocks_per_row: int, block_size: int,
+                  granularity: str, group_size: int) -> Tuple[Tensor, Tensor]:
+    """Scale/zero for the blocks with flat index ``idx``, broadcastable to (n, block_size)."""
+    if granularity == "tensor":
+        return scale.reshape(1, 1), zero.reshape(1, 1)
+    rows = idx // blocks_per_row
+    if granularity == "channel":
+        return scale.reshape(-1)[rows].unsqueeze(1), zero.reshape(-1)[rows].unsqueeze(1)
+    cols = (idx % blocks_per_row).unsqueeze(1) * block_size + torch.arange(block_size, device=idx.device)
+    groups = cols // group_size  # (n, bs): a block may straddle groups
+    s2, z2 = scale.reshape(scale.shape[0], -1), zero.reshape(zero.shape[0], -1)
+    return s2[rows.unsqueeze(1), groups], z2[rows.unsqueeze(1), groups]
+
+
+def scalar_blocks(w: Tensor, mask: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
+                  granularity: str, group_size: int, block_size: int) -> Tensor:
+    """w with the selected blocks fake-quantized (scale/zero from ``scalar_qparams``). New tensor."""
+    nb = w[0].numel() // block_size
+
+    def values(flat: Tensor, idx: Tensor) -> Tensor:
+        s, z = block_qparams(scale, zero, idx, nb, block_size, granularity, group_size)
+        q = flat.index_select(0, idx).div_(s).round_().add_(z).clamp_(qmin, qmax)  # in place on the copy
+        return q.sub_(z).mul_(s)
+
+    return replace_blocks(w, mask, block_size, values)
 
 
 # ------------------------------------------------------------------------------------------- pq
@@ -108,13 +148,10 @@ def nearest_centroid(x: Tensor, centroids: Tensor, chunk: int = 8192) -> Tensor:
     return out
 
 
-def pq_blocks(w: Tensor, mask: Tensor, centroids: Tensor, block_size: int) -> Tensor:
-    """w with each selected block replaced by its nearest centroid. New tensor."""
-    flat = blocks(w, block_size).reshape(-1, block_size)  # (out * nb, bs)
-    idx = mask.reshape(-1).nonzero().squeeze(1)
-    out = flat.clone()
-    out.index_copy_(0, idx, centroids[nearest_centroid(flat.index_select(0, idx), centroids)])
-    return out.view_as(w)
+def pq_blocks(w: Tensor, mask: Tensor, centroids: Tensor, codes: Tensor, block_size: int) -> Tensor:
+    """w with each selected block replaced by its assigned centroid; ``codes`` (out * nb,) holds the
+    assignment of every block (from the last codebook refresh). New tensor."""
+    return replace_blocks(w, mask, block_size, lambda flat, idx: centroids[codes[idx].long()])
 
 
 def pq_decode(codes: Tensor, centroids: Tensor, shape) -> Tensor:

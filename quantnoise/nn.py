@@ -71,6 +71,8 @@ class QuantNoiseMixin:
         self.qn_step = 0  # training forwards seen; drives masks and codebook refreshes
         self._gen: Optional[torch.Generator] = None
         self.register_buffer("qn_codebook", None, persistent=False)
+        self.register_buffer("qn_codes", None, persistent=False)
+        self.register_buffer("qn_mask", None, persistent=False)
         self.register_buffer("qn_lo", None, persistent=False)
         self.register_buffer("qn_hi", None, persistent=False)
         row = self.weight[0].numel()
@@ -117,20 +119,25 @@ class QuantNoiseMixin:
         seed = (self.qn_cfg.seed * 1_000_003 + _stable_hash(self.qn_name)) * 1_000_033 + self.qn_step
         return self._gen.manual_seed(seed % (2**63))
 
-    def noisy(self, w: Tensor, p: float) -> Tensor:
-        """``w`` (rows of this layer's weight) with a Bernoulli(p) subset of its blocks noised (STE)."""
+    def noisy(self, w: Tensor, p: float, rows: Optional[Tensor] = None) -> Tensor:
+        """``w`` (rows of this layer's weight: all of them, or those indexed by ``rows``) with a
+        Bernoulli(p) subset of its blocks noised; gradients pass straight through to ``w``."""
         cfg, bs = self.qn_cfg, self.qn_cfg.block_size
         with torch.no_grad():
             wd = w.detach()
-            mask = QF.block_mask(w.shape[0], w[0].numel() // bs, p, self._generator(w.device), w.device)
+            self.qn_mask = QF.block_mask(w.shape[0], w[0].numel() // bs, p, self._generator(w.device), w.device,
+                                         out=self.qn_mask)
             if cfg.scheme == "drop":
-                out = QF.drop_blocks(wd, mask, p, bs)
+                out = QF.drop_blocks(wd, self.qn_mask, p, bs)
             elif cfg.scheme == "scalar":
                 scale, zero = self._scalar_qparams(wd)
-                w_hat = QF.fake_quantize(wd, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity, cfg.group_size)
-                out = QF.scalar_blocks(wd, mask, w_hat, bs)
+                out = QF.scalar_blocks(wd, self.qn_mask, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity,
+                                       cfg.group_size, bs)
             else:
-                out = QF.pq_blocks(wd, mask, self._codebook().to(wd.dtype), bs)
+                centroids, codes = self._codebook()
+                if rows is not None:  # codes of the looked-up rows only
+                    codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)
+                out = QF.pq_blocks(wd, self.qn_mask, centroids.to(wd.dtype), codes, bs)
         if self.training:
             self.qn_step += 1
         return QF.straight_through(w, out)
@@ -153,7 +160,10 @@ class QuantNoiseMixin:
                 self.qn_hi.lerp_(hi, self.qn_cfg.ema_momentum)
         return (lo, hi) if self.qn_lo is None else (self.qn_lo, self.qn_hi)
 
-    def _codebook(self) -> Tensor:
+    def _codebook(self):
+        """(centroids (k, bs), codes (n_blocks,) uint8/int16/int32): k-means of the current weight
+        blocks, rebuilt every ``refresh_every`` training forwards; every block keeps the centroid it
+        was nearest to at the last refresh (the assignment iPQ fine-tuning also keeps fixed)."""
         cfg = self.qn_cfg
         stale = self.training and self.qn_step % cfg.refresh_every == 0
         if self.qn_codebook is None or stale:
@@ -162,8 +172,10 @@ class QuantNoiseMixin:
             if k < cfg.n_centroids and self.qn_codebook is None:
                 logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)
             seed = cfg.seed + _stable_hash(self.qn_name) + self.qn_step // cfg.refresh_every
-            self.qn_codebook, _ = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
-        return self.qn_codebook
+            centroids, codes = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
+            code_dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
+            self.qn_codebook, self.qn_codes = centroids, codes.to(code_dtype)
+        return self.qn_codebook, self.qn_codes
 
     def extra_repr(self) -> str:
         c = self.qn_cfg
@@ -217,7 +229,7 @@ class QNEmbedding(QuantNoiseMixin, nn.Embedding):
                                self.norm_type, True, self.sparse)
         uniq, inverse = torch.unique(ids, return_inverse=True)
         rows = F.embedding(uniq, self.weight, self.padding_idx, self.max_norm, self.norm_type, False, self.sparse)
-        return F.embedding(inverse, self.noisy(rows, p))  # (..., dim)
+        return F.embedding(inverse, self.noisy(rows, p, uniq))  # (..., dim)
 
 
 @register_wrapper(nn.Conv1d)

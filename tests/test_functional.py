@@ -83,7 +83,9 @@ def test_nearest_centroid_matches_brute_force():
 def test_pq_blocks_replace_only_selected_with_centroids():
     w, c = torch.randn(10, 16), torch.randn(32, 4)
     mask = torch.rand(10, 4, generator=torch.Generator().manual_seed(0)) < 0.5
-    out = QF.blocks(QF.pq_blocks(w, mask, c, 4), 4)
+    codes = QF.nearest_centroid(QF.blocks(w, 4).reshape(-1, 4), c).to(torch.uint8)
+    out = QF.blocks(QF.pq_blocks(w, mask, c, codes, 4), 4)
+    assert torch.equal(out[mask], c[codes.view(10, 4)[mask].long()])
     assert torch.equal(out[~mask], QF.blocks(w, 4)[~mask])
     sel = out[mask]
     assert (sel[:, None, :] == c[None]).all(-1).any(-1).all()  # every selected block is a centroid
@@ -96,3 +98,15 @@ def test_straight_through_forward_exact_backward_identity():
     assert torch.equal(out, noisy)
     (out * torch.arange(12.0).view(3, 4)).sum().backward()
     assert torch.equal(w.grad, torch.arange(12.0).view(3, 4))
+
+
+def test_scalar_blocks_equal_whole_tensor_fake_quantization_on_selected_blocks():
+    w = torch.randn(6, 48)
+    mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    for gran, gs in [("tensor", 0), ("channel", 0), ("group", 12)]:  # groups of 12 straddle blocks of 8
+        lo, hi = QF.minmax(w, gran, gs)
+        s, z = QF.scalar_qparams(lo, hi, 4, False)
+        full = QF.fake_quantize(w, s, z, 0, 15, gran, gs)
+        out = QF.blocks(QF.scalar_blocks(w, mask, s, z, 0, 15, gran, gs, 8), 8)
+        assert torch.equal(out[mask], QF.blocks(full, 8)[mask]), gran
+        assert torch.equal(out[~mask], QF.blocks(w, 8)[~mask]), gran
