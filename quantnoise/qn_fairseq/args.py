@@ -42,6 +42,7 @@ class QuantNoiseArgs:
     quant_noise_exclude: Optional[str] = field(default=None, metadata={"help": "regex of module names to leave alone"})
     quant_noise_eval_quantized: bool = field(default=False, metadata={"help": "evaluate with every block quantized (scalar/pq)"})
     quant_noise_seed: int = field(default=1, metadata={"help": "seed of noise masks and k-means (same on every rank)"})
+    ipq_plan: Optional[str] = field(default=None, metadata={"help": "iPQ stage plan YAML: quantize layers stage by stage and fine-tune their centroids (docs/ipq_export.md)"})
 
 
 def noise_config(args) -> Optional[QuantNoiseConfig]:

@@ -10,6 +10,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from .args import QuantNoiseArgs, apply_quant_noise, noise_config
+from .ipq import attach_ipq
 
 
 @dataclass
@@ -24,6 +25,7 @@ class QNTransformerLanguageModel(TransformerLanguageModel):
         cfg = noise_config(args)
         model = super().build_model(args, task)
         apply_quant_noise(model, cfg)
+        attach_ipq(model, args)
         return model
 
 
