@@ -97,11 +97,12 @@ class QuantNoiseMixin:
             new.bias = module.bias
         new.train(module.training)
         new._init_noise(cfg, name)
+        new.qn_orig_class = type(module)
         return new
 
     def to_float(self) -> nn.Module:
-        """The plain layer with the same Parameter objects."""
-        plain = self.base_class(**module_kwargs(self), device="meta")
+        """The plain layer (its original class) with the same Parameter objects."""
+        plain = getattr(self, "qn_orig_class", self.base_class)(**module_kwargs(self), device="meta")
         plain.weight = self.weight
         if getattr(self, "bias", None) is not None:
             plain.bias = self.bias
@@ -244,3 +245,64 @@ class QNConv2d(QuantNoiseMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         p = self._active_p()
         return self._conv_forward(x, self.weight if p == 0.0 else self.noisy(self.weight, p), self.bias)
+
+
+@register_wrapper(nn.MultiheadAttention)
+class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
+    """PyTorch's attention keeps q/k/v packed in the parameter ``in_proj_weight`` (3E, E) and reads
+    ``out_proj.weight`` directly, so no Linear wrapper would ever run there.  This wrapper noises
+    ``in_proj_weight`` (blocks along E) and, when ``out_proj`` is itself wrapped, asks it for its
+    noisy weight, then calls ``F.multi_head_attention_forward`` with both.  Needs q/k/v of the
+    same size (kdim = vdim = embed_dim), the packed layout."""
+
+    @property
+    def weight(self) -> nn.Parameter:  # the mixin's "weight": the packed input projection
+        return self.in_proj_weight
+
+    @classmethod
+    def from_float(cls, module: nn.MultiheadAttention, cfg: QuantNoiseConfig, name: str = ""):
+        if not module._qkv_same_embed_dim:
+            raise ValueError(f"layer '{name}' (MultiheadAttention with kdim/vdim != embed_dim): separate q/k/v "
+                             f"weights are not supported; exclude it (its out_proj can still be noised)")
+        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+                  batch_first=module.batch_first, device="meta")
+        for pname, param in module._parameters.items():
+            new.register_parameter(pname, param)
+        for mname, child in module._modules.items():
+            setattr(new, mname, child)
+        new.add_zero_attn = module.add_zero_attn
+        new.train(module.training)
+        new._init_noise(cfg, name)
+        return new
+
+    def to_float(self) -> nn.MultiheadAttention:
+        plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, batch_first=self.batch_first,
+                                      bias=self.in_proj_bias is not None, device="meta")
+        for pname, param in self._parameters.items():
+            plain.register_parameter(pname, param)
+        for mname, child in self._modules.items():
+            setattr(plain, mname, child)
+        plain.add_zero_attn = self.add_zero_attn
+        return plain.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, " + super().extra_repr().lstrip(", ")
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        p = self._active_p()
+        out_proj = self.out_proj
+        out_p = out_proj._active_p() if isinstance(out_proj, QuantNoiseMixin) else 0.0
+        if p == 0.0 and out_p == 0.0:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        in_w = self.noisy(self.in_proj_weight, p) if p > 0.0 else self.in_proj_weight
+        out_w = out_proj.noisy(out_proj.weight, out_p) if out_p > 0.0 else out_proj.weight
+        if self.batch_first:  # (B, T, E) -> (T, B, E)
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, in_w, self.in_proj_bias, self.bias_k, self.bias_v,
+            self.add_zero_attn, self.dropout, out_w, out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return (out.transpose(0, 1) if self.batch_first else out), weights

@@ -1,4 +1,6 @@
 """quantize_/unquantize_ on plain PyTorch models (no fairseq): a CNN and a BERT-style encoder."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +104,28 @@ def test_subclass_with_own_forward_is_not_wrapped():
 
     model = nn.Sequential(Scaled(8, 8), nn.Linear(8, 8))
     assert quantize_(model, QuantNoiseConfig()) == ["1"]
+
+
+def test_torch_transformer_encoder_layer_attention_gets_noise():
+    """nn.MultiheadAttention keeps q/k/v in a packed parameter: its wrapper noises it."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    layer = copy.deepcopy(ref)
+    x = torch.randn(2, 5, 32)
+    names = quantize_(layer, QuantNoiseConfig(scheme="scalar", p=0.0, bits=4))
+    assert names == ["self_attn", "self_attn.out_proj", "linear1", "linear2"]
+    assert torch.equal(layer(x), ref(x))  # p=0: exact
+
+    noisy = copy.deepcopy(ref)
+    quantize_(noisy, QuantNoiseConfig(scheme="scalar", p=1.0, bits=2, include="self_attn"))
+    calls = []
+    noisy.self_attn.out_proj.noisy = lambda w, p, rows=None, f=noisy.self_attn.out_proj.noisy: calls.append(p) or f(w, p)
+    y = noisy(x)
+    assert calls == [1.0] and not torch.allclose(y, ref(x))
+    y.sum().backward()
+    assert noisy.self_attn.in_proj_weight.grad.abs().sum() > 0
+    assert torch.equal(noisy.self_attn.in_proj_weight, ref.self_attn.in_proj_weight)
+    unquantize_(noisy)
+    assert type(noisy.self_attn) is nn.MultiheadAttention
+    assert type(noisy.self_attn.out_proj) is type(ref.self_attn.out_proj)
+    noisy.load_state_dict(ref.state_dict())
