@@ -5,8 +5,8 @@
 """
 from .api import quantize_, unquantize_, wrapped_layers
 from .config import QuantNoiseConfig
-from .nn import QNConv1d, QNConv2d, QNEmbedding, QNLinear, QuantNoiseMixin
+from .nn import QNConv1d, QNConv2d, QNEmbedding, QNLinear, QNMultiheadAttention, QuantNoiseMixin
 
 __all__ = ["QuantNoiseConfig", "quantize_", "unquantize_", "wrapped_layers",
-           "QNLinear", "QNEmbedding", "QNConv1d", "QNConv2d", "QuantNoiseMixin"]
+           "QNLinear", "QNEmbedding", "QNConv1d", "QNConv2d", "QNMultiheadAttention", "QuantNoiseMixin"]
 __version__ = "0.1.0"
