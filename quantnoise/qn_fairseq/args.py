@@ -9,9 +9,10 @@ random ``Linear`` it puts after the embeddings.
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from fairseq.dataclass import ChoiceEnum
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from torch import nn
 
 from quantnoise import QuantNoiseConfig, quantize_
@@ -45,9 +46,24 @@ class QuantNoiseArgs:
     ipq_plan: Optional[str] = field(default=None, metadata={"help": "iPQ stage plan YAML: quantize layers stage by stage and fine-tune their centroids (docs/ipq_export.md)"})
 
 
+@dataclass
+class QuantNoiseFlags(FairseqDataclass, QuantNoiseArgs):
+    """The same fields as a FairseqDataclass, for the argparse models (translation, RoBERTa)."""
+
+
+# fairseq's own quant-noise fields, which our archs reinterpret (see the module docstring)
+FAIRSEQ_FIELDS = ("quant_noise_pq", "quant_noise_pq_block_size", "quant_noise_scalar")
+
+
+def add_quant_noise_args(parser) -> None:
+    """Add the ``--quant-noise-*`` flags to an argparse model's parser (``add_args``)."""
+    gen_parser_from_dataclass(parser, QuantNoiseFlags())
+
+
 def noise_config(args) -> Optional[QuantNoiseConfig]:
     """The core config the flags ask for (None: no noise).  Zeroes fairseq's own quant-noise fields.
     Exits with one line naming the flag, the value and what is allowed when a value is bad."""
+    _check_keys(args)
     args = _Defaults(args)
     fs_pq, fs_scalar = float(getattr(args, "quant_noise_pq", 0) or 0), float(getattr(args, "quant_noise_scalar", 0) or 0)
     kw = dict(scheme=str(args.quant_noise_scheme), p=float(args.quant_noise_p), block_size=int(args.quant_noise_block_size),
@@ -69,6 +85,16 @@ def noise_config(args) -> Optional[QuantNoiseConfig]:
     return cfg
 
 
+def _check_keys(args) -> None:
+    """A Hydra model node of an argparse model is untyped: catch misspelt ``quant_noise_*`` keys."""
+    known = set(QuantNoiseArgs.__dataclass_fields__) | set(FAIRSEQ_FIELDS)
+    keys = args.keys() if hasattr(args, "keys") else vars(args)
+    unknown = sorted(k for k in keys if str(k).startswith("quant_noise") and k not in known)
+    if unknown:
+        raise SystemExit(f"error: unknown model option(s) {', '.join(unknown)}; "
+                         f"the quant-noise options are: {', '.join(sorted(known))}")
+
+
 class _Defaults:
     """Read ``args`` (Namespace or DictConfig) falling back to QuantNoiseArgs' defaults (fairseq's
     argparse path deletes dataclass defaults so that architecture functions can fill them)."""
@@ -85,21 +111,37 @@ class _Defaults:
 
 
 def flag_message(msg: str) -> str:
-    """Rewrite core messages ('quant-noise p=1.5 ...') with the flag names ('--quant-noise-p=1.5 ...')."""
-    return re.sub(r"quant-noise (\w+)=", lambda m: f"{FLAGS.get(m.group(1), m.group(1))}=", msg)
+    """Rewrite core messages ('quant-noise p=1.5 ...', 'block_size=7 ...') with the flag names
+    ('--quant-noise-p=1.5 ...', '--quant-noise-block-size=7 ...')."""
+    msg = re.sub(r"quant-noise (\w+)=", lambda m: f"{FLAGS.get(m.group(1), m.group(1))}=", msg)
+    return re.sub(r"\bblock_size=", f"{FLAGS['block_size']}=", msg)
 
 
 def apply_quant_noise(model: nn.Module, cfg: Optional[QuantNoiseConfig]) -> List[str]:
     """Wrap the model's layers and route fairseq attention through its projection modules."""
     if cfg is None:
         return []
+    aliases = _aliases(model)
     try:
         names = quantize_(model, cfg)
     except ValueError as e:
         raise SystemExit(f"error: {flag_message(str(e))}") from None
+    for name in names:  # a module reachable under two names (shared embeddings) gets one wrapper
+        for alias in aliases.get(name, ()):
+            parent, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent), child, model.get_submodule(name))
     _route_attention(model)
     logger.info("quant-noise %s p=%s on %d layers: %s", cfg.scheme, cfg.p, len(names), ", ".join(names))
     return names
+
+
+def _aliases(model: nn.Module) -> Dict[str, List[str]]:
+    """First name of each module that is registered under several names -> its other names."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            names.setdefault(id(m), []).append(n)
+    return {ns[0]: ns[1:] for ns in names.values() if len(ns) > 1}
 
 
 def _route_attention(model: nn.Module) -> None:
