@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["user_dir", "quantize", "export", "inspect", "decompress"]  # module names under quantnoise.commands, in help order
+COMMANDS = ["user_dir", "sweep_report", "quantize", "export", "inspect", "decompress"]  # module names under quantnoise.commands, in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
