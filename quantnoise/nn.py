@@ -91,6 +91,9 @@ class QuantNoiseMixin:
     @classmethod
     def from_float(cls, module: nn.Module, cfg: QuantNoiseConfig, name: str = ""):
         """Wrap ``module``: the wrapper shares its Parameter objects (optimizers keep working)."""
+        if any(nn.parameter.is_lazy(t) for t in module.parameters(recurse=False)):
+            raise ValueError(f"layer '{name}' ({type(module).__name__}) has uninitialized lazy parameters; "
+                             f"run one forward pass before quantize_")
         new = cls(**module_kwargs(module), device="meta")
         new.weight = module.weight
         if getattr(module, "bias", None) is not None:

@@ -129,3 +129,8 @@ def test_torch_transformer_encoder_layer_attention_gets_noise():
     assert type(noisy.self_attn) is nn.MultiheadAttention
     assert type(noisy.self_attn.out_proj) is type(ref.self_attn.out_proj)
     noisy.load_state_dict(ref.state_dict())
+
+
+def test_lazy_layer_gets_a_clear_error():
+    with pytest.raises(ValueError, match="run one forward pass"):
+        quantize_(nn.Sequential(nn.LazyLinear(8)), QuantNoiseConfig())
