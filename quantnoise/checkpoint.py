@@ -7,6 +7,7 @@ containers, so ``torch.load(weights_only=True)`` reads it without running pickle
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import pathlib
@@ -29,7 +30,8 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise OSError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # args of fairseq's argparse models
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable fairseq checkpoint ({first}); pass a checkpoint_*.pt "
@@ -60,9 +62,21 @@ def save_checkpoint(state: dict, path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def model_name(cfg: dict) -> str:
+def _model_dict(cfg: dict) -> dict:
     model = (cfg or {}).get("model") or {}
+    return vars(model) if isinstance(model, argparse.Namespace) else model  # argparse models keep a Namespace
+
+
+def model_name(cfg: dict) -> str:
+    model = _model_dict(cfg)
     return str(model.get("_name") or model.get("arch") or "")
+
+
+def set_model_name(cfg: dict, name: str) -> None:
+    model = _model_dict(cfg)
+    model["_name"] = name
+    if "arch" in model:
+        model["arch"] = name
 
 
 def stock_arch(name: str) -> str:
@@ -81,7 +95,7 @@ def stock_cfg(cfg: dict, arch: str = None) -> dict:
     """A copy of ``cfg`` that stock fairseq loads without the plugin: the model renamed to its stock
     arch, the plugin's fields dropped, fairseq's own quant-noise off, no ``--user-dir``."""
     cfg = copy.deepcopy(cfg)
-    model = cfg.get("model") or {}
+    cfg["model"] = model = dict(_model_dict(cfg))  # a Namespace would need the plugin's unpickling allowlist
     name = arch or stock_arch(model_name(cfg))
     for key in [k for k in model if (k.startswith("quant_noise_") and k not in FAIRSEQ_QN_FIELDS)
                 or k in PLUGIN_FIELDS]:

@@ -16,6 +16,7 @@ CRC-32 of every tensor: a truncated, damaged or foreign file is one ValueError l
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -92,6 +93,8 @@ def _decode_pq(codes: Tensor, centroids: Tensor, shape) -> Tensor:
 def _json_default(obj):
     if isinstance(obj, (set, tuple)):
         return list(obj)
+    if isinstance(obj, argparse.Namespace):  # cfg.model of fairseq's argparse models (transformer, roberta)
+        return vars(obj)
     raise ValueError(f"fairseq config value {obj!r} ({type(obj).__name__}) cannot be stored as JSON")
 
 

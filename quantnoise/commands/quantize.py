@@ -10,7 +10,7 @@ import logging
 
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, model_name, plugin_arch, save_checkpoint
+from ..checkpoint import load_checkpoint, model_name, plugin_arch, save_checkpoint, set_model_name
 from ..ipq import LayerRule
 from ..ipq_plan import IPQPlan, load_plan, quantize_state_dict
 
@@ -50,7 +50,7 @@ def run(args) -> int:
     state["model"], names = quantize_state_dict(state["model"], plan, progress=bar)
     state.pop("last_optimizer_state", None)
     if state.get("cfg"):
-        state["cfg"]["model"]["_name"] = plugin_arch(model_name(state["cfg"]))
+        set_model_name(state["cfg"], plugin_arch(model_name(state["cfg"])))
     state["quantnoise"] = {"ipq_layers": names}
     save_checkpoint(state, args.output)
     logger.info("quantized %d layers of %s -> %s", len(names), args.checkpoint, args.output)
