@@ -111,6 +111,11 @@ class QuantNoiseMixin:
             plain.bias = self.bias
         return plain.train(self.training)
 
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this after every update (and on resume): a resumed run continues the mask
+        sequence instead of replaying it from step 0."""
+        self.qn_step = max(self.qn_step, int(num_updates))
+
     # ---------------------------------------------------------------- noise
     def _active_p(self) -> float:
         if self.training:

@@ -209,3 +209,14 @@ def test_state_dict_keys_and_values_load_both_ways():
     fresh.load_state_dict(qn.state_dict())
     qn.load_state_dict(nn.Linear(16, 8).state_dict())
     assert torch.equal(fresh.weight, lin.weight)
+
+
+def test_resume_continues_the_mask_sequence():
+    x = torch.eye(32)
+    ran = wrap(nn.Linear(32, 16, bias=False), cfg(scheme="drop", p=0.5))
+    for _ in range(7):
+        ran(x)
+    resumed = wrap(nn.Linear(32, 16, bias=False), cfg(scheme="drop", p=0.5))
+    resumed.load_state_dict(ran.state_dict())
+    resumed.set_num_updates(7)  # what fairseq's trainer does after loading a checkpoint
+    assert torch.equal(ran(x), resumed(x))
