@@ -10,7 +10,8 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["user_dir", "sweep_report", "quantize", "export", "inspect", "decompress"]  # module names under quantnoise.commands, in help order
+# module names under quantnoise.commands, in help order
+COMMANDS = ["user_dir", "sweep_report", "quantize", "export", "inspect", "decompress"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise here
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
