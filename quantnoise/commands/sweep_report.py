@@ -13,14 +13,11 @@ the noise rate, one line per scheme).
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import pathlib
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
-
-logger = logging.getLogger(__name__)
 
 NUM = r"([0-9.]+|nan|inf)"
 VALID = re.compile(rf"valid on '\w+' subset \| loss {NUM} \|.*?\bppl {NUM} \|.*?\| num_updates (\d+)")
@@ -93,10 +90,10 @@ def read_run(run: Run) -> Run:
 
 def collect(sweep_dir: pathlib.Path) -> List[Run]:
     """Every run the sweep asked for, plus any extra run folder found, each read or marked missing."""
-    wanted = expected_runs(sweep_dir)
-    found: Dict[Tuple, pathlib.Path] = {}
     from omegaconf import OmegaConf
 
+    wanted = expected_runs(sweep_dir)
+    found: Dict[Tuple, pathlib.Path] = {}  # sorted (key, value) overrides -> run folder
     for ov in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
         folder = ov.parent.parent
         if folder != sweep_dir:

@@ -16,7 +16,6 @@ NOISE = sorted(p.stem for p in (CONFIGS / "quant_noise").glob("*.yaml"))
 # what each quant_noise option must become in the core QuantNoiseConfig (None = no noise)
 EXPECTED = {"none": None, "drop": ("drop", 0.1, 8), "scalar_int8": ("scalar", 0.1, 8),
             "scalar_int4": ("scalar", 0.5, 4), "pq": ("pq", 0.1, 8)}
-SUBMITIT = pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
 
 
 def compose(name: str, overrides=(), hydra_cfg=False):
@@ -92,6 +91,7 @@ def test_untyped_model_nodes_reject_misspelt_quant_noise_keys():
 
 @pytest.mark.parametrize("launcher", [["+cluster=slurm"], ["hydra/launcher=submitit_slurm"]])
 def test_slurm_launcher_setting_composes(launcher):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pinned in scripts/requirements.txt")
     cfg = compose("lm_tiny", launcher, hydra_cfg=True)
     assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     if launcher == ["+cluster=slurm"]:

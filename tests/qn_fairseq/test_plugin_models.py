@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import USER_DIR, run, train_tiny_lm
+from conftest import TINY_LM, USER_DIR, run, train_tiny_lm
 from qn_helpers import (FLOAT, assert_finite_and_trained, classification_corpus, load_into_plain,
                         reversal_corpus, train_losses)
 
@@ -84,7 +84,6 @@ BAD = {
 @pytest.mark.parametrize("case", BAD)
 def test_bad_flag_stops_before_first_update_with_one_line(case, lm_data, tmp_path):
     flags, named = BAD[case]
-    from conftest import TINY_LM
     proc = run(["fairseq-train", lm_data, "--user-dir", USER_DIR, *TINY_LM, "--max-update", "5",
                 "--save-dir", tmp_path, *flags], check=False)
     err = proc.stderr.strip().splitlines()
