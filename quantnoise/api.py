@@ -40,17 +40,26 @@ def quantize_(model: nn.Module, cfg: QuantNoiseConfig,
             f"{type(model).__name__} (supported: {kinds}; first candidate names: {sample}); "
             f"fix the pattern (a regex searched in model.named_modules() names)"
         )
-    wrapped = [(n, wrapper_for(m).from_float(m, cfg, n)) for n, m in chosen]  # may raise: nothing swapped yet
-    for name, new in wrapped:
-        _set_submodule(model, name, new)
-    return [n for n, _ in wrapped]
+    wrapped = [(m, wrapper_for(m).from_float(m, cfg, n)) for n, m in chosen]  # may raise: nothing swapped yet
+    names = {}  # a module registered under several names (tied embeddings) gets one shared wrapper
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    for old, new in wrapped:
+        for name in names[id(old)]:
+            _set_submodule(model, name, new)
+    return [n for n, _ in chosen]
 
 
 def unquantize_(model: nn.Module) -> List[str]:
-    """Replace every quant-noise wrapper by its plain layer (same Parameter objects); return names."""
-    names = [n for n, m in model.named_modules() if n and isinstance(m, QuantNoiseMixin)]
-    for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_float())
+    """Replace every quant-noise wrapper by its plain layer (same Parameter objects); return names.
+    A wrapper shared under several names becomes one plain layer shared under the same names."""
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and isinstance(m, QuantNoiseMixin)]
+    plain, names = {}, []
+    for name, m in found:
+        if id(m) not in plain:
+            plain[id(m)] = m.to_float()
+            names.append(name)
+        _set_submodule(model, name, plain[id(m)])
     return names
 
 

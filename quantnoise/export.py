@@ -83,10 +83,6 @@ def compressed_layers(state: Dict[str, Tensor]) -> Dict[str, str]:
 
 
 def _decode_pq(codes: Tensor, centroids: Tensor, shape) -> Tensor:
-    return centroids.float()[codes.long()].reshape(shape)
-
-
-def _decode_pq(codes: Tensor, centroids: Tensor, shape) -> Tensor:
     return centroids[codes.long()].reshape(shape)  # (out, ...) = codebook[codes], exactly
 
 

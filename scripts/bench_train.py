@@ -136,7 +136,7 @@ def main() -> int:
     def ratio(series, name):
         return statistics.median(x / p for x, p in zip(series[name], series["plain transformer_lm"]))
 
-    print(f"| model | wall s/step (median) | wall ratio to plain | CPU s/step (median) | CPU ratio to plain |")
+    print("| model | wall s/step (median) | wall ratio to plain | CPU s/step (median) | CPU ratio to plain |")
     print("|---|---|---|---|---|")
     for name in times:
         print(f"| {name} | {statistics.median(times[name]):.3f} | {ratio(times, name):.3f} | "

@@ -134,3 +134,19 @@ def test_torch_transformer_encoder_layer_attention_gets_noise():
 def test_lazy_layer_gets_a_clear_error():
     with pytest.raises(ValueError, match="run one forward pass"):
         quantize_(nn.Sequential(nn.LazyLinear(8)), QuantNoiseConfig())
+
+
+def test_tied_layer_gets_one_shared_wrapper_and_unwraps_shared():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder_embed = nn.Embedding(32, 8)
+            self.decoder_embed = self.encoder_embed  # fairseq's --share-all-embeddings
+            self.proj = nn.Linear(8, 32)
+
+    model = Tied()
+    names = quantize_(model, QuantNoiseConfig(scheme="drop", p=0.5))
+    assert names == ["encoder_embed", "proj"]
+    assert model.decoder_embed is model.encoder_embed and isinstance(model.encoder_embed, QuantNoiseMixin)
+    assert unquantize_(model) == ["encoder_embed", "proj"]
+    assert model.decoder_embed is model.encoder_embed and type(model.encoder_embed) is nn.Embedding

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantnoise import QNConv2d, QNEmbedding, QNLinear, QuantNoiseConfig
+from quantnoise import QNConv2d, QuantNoiseConfig
 from quantnoise import functional as QF
 
 SCHEMES = [dict(scheme="drop"), dict(scheme="scalar", bits=8), dict(scheme="scalar", bits=4, symmetric=False),

@@ -9,7 +9,7 @@ random ``Linear`` it puts after the embeddings.
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
@@ -121,27 +121,13 @@ def apply_quant_noise(model: nn.Module, cfg: Optional[QuantNoiseConfig]) -> List
     """Wrap the model's layers and route fairseq attention through its projection modules."""
     if cfg is None:
         return []
-    aliases = _aliases(model)
     try:
         names = quantize_(model, cfg)
     except ValueError as e:
         raise SystemExit(f"error: {flag_message(str(e))}") from None
-    for name in names:  # a module reachable under two names (shared embeddings) gets one wrapper
-        for alias in aliases.get(name, ()):
-            parent, _, child = alias.rpartition(".")
-            setattr(model.get_submodule(parent), child, model.get_submodule(name))
     _route_attention(model)
     logger.info("quant-noise %s p=%s on %d layers: %s", cfg.scheme, cfg.p, len(names), ", ".join(names))
     return names
-
-
-def _aliases(model: nn.Module) -> Dict[str, List[str]]:
-    """First name of each module that is registered under several names -> its other names."""
-    names: Dict[int, List[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if n:
-            names.setdefault(id(m), []).append(n)
-    return {ns[0]: ns[1:] for ns in names.values() if len(ns) > 1}
 
 
 def _route_attention(model: nn.Module) -> None:

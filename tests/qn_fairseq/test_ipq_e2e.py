@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_LM, USER_DIR, run, train_tiny_lm
+from conftest import USER_DIR, run, train_tiny_lm
 
 EVAL = ["--tokens-per-sample", "32", "--max-tokens", "512", "--num-workers", "0"]
 PLAN = """seed: 0

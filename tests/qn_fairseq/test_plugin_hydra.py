@@ -3,7 +3,6 @@ quant_noise group turns into the core config it promises, the Slurm launcher set
 and a 2-value noise-rate sweep runs end to end through fairseq-hydra-train and sweep-report."""
 from __future__ import annotations
 
-import pathlib
 import re
 
 import pytest
