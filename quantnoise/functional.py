@@ -60,11 +60,19 @@ def straight_through(w: Tensor, noisy: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------- drop
-def drop_blocks(w: Tensor, mask: Tensor, p: float, block_size: int) -> Tensor:
-    """Zero the selected blocks and scale the rest by 1/(1-p) (fairseq's iPQ proxy). New tensor.
-    One multiply by a per-block factor: 4x faster on CPU than a broadcast masked_fill + rescale."""
-    keep = (~mask).to(w.dtype).mul_(1.0 / (1.0 - p)).unsqueeze(-1)  # (out, nb, 1): 0 or 1/(1-p)
-    return (blocks(w, block_size) * keep).view_as(w)
+def drop_factors(n_rows: int, n_blocks: int, p: float, generator: torch.Generator, device, dtype,
+                 out: Optional[Tensor] = None) -> Tensor:
+    """Per-block factors of drop noise, (n_rows, n_blocks): 0 with probability p (the block is
+    dropped), else 1/(1-p).  ``out``: a reusable buffer of that shape and dtype."""
+    if out is None or out.shape != (n_rows, n_blocks) or out.dtype != dtype or out.device != torch.device(device):
+        out = torch.empty(n_rows, n_blocks, dtype=dtype, device=device)
+    return out.bernoulli_(1.0 - p, generator=generator).mul_(1.0 / (1.0 - p))
+
+
+def drop_blocks(w: Tensor, factors: Tensor, block_size: int) -> Tensor:
+    """Selected blocks zeroed, the rest scaled by 1/(1-p) (fairseq's iPQ proxy): one multiply by
+    the per-block ``factors`` of ``drop_factors`` (4x faster on CPU than a broadcast masked_fill). New tensor."""
+    return (blocks(w, block_size) * factors.unsqueeze(-1)).view_as(w)  # (out, nb, bs) * (out, nb, 1)
 
 
 # --------------------------------------------------------------------------------------- scalar

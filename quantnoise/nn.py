@@ -134,15 +134,17 @@ class QuantNoiseMixin:
         cfg, bs = self.qn_cfg, self.qn_cfg.block_size
         with torch.no_grad():
             wd = w.detach()
-            self.qn_mask = QF.block_mask(w.shape[0], w[0].numel() // bs, p, self._generator(w.device), w.device,
-                                         out=self.qn_mask)
-            if cfg.scheme == "drop":
-                out = QF.drop_blocks(wd, self.qn_mask, p, bs)
+            n_rows, nb, gen = w.shape[0], w[0].numel() // bs, self._generator(w.device)
+            if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p)
+                self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, w.dtype, out=self.qn_mask)
+                out = QF.drop_blocks(wd, self.qn_mask, bs)
             elif cfg.scheme == "scalar":
+                self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
                 scale, zero = self._scalar_qparams(wd)
                 out = QF.scalar_blocks(wd, self.qn_mask, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity,
                                        cfg.group_size, bs)
             else:
+                self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
                 centroids, codes = self._codebook()
                 if rows is not None:  # codes of the looked-up rows only
                     codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)

@@ -65,7 +65,7 @@ def test_block_mask_rate_and_seed():
 def test_drop_blocks_zeroes_selected_and_rescales_rest():
     w = torch.randn(6, 8)
     mask = torch.tensor([[True, False]] * 3 + [[False, True]] * 3)
-    out = QF.drop_blocks(w, mask, 0.25, 4)
+    out = QF.drop_blocks(w, (~mask).float() * (1 / 0.75), 4)
     b, wb = QF.blocks(out, 4), QF.blocks(w, 4)
     assert (b[mask] == 0).all()
     assert torch.equal(b[~mask], wb[~mask] * (1 / 0.75))
@@ -110,3 +110,10 @@ def test_scalar_blocks_equal_whole_tensor_fake_quantization_on_selected_blocks()
         out = QF.blocks(QF.scalar_blocks(w, mask, s, z, 0, 15, gran, gs, 8), 8)
         assert torch.equal(out[mask], QF.blocks(full, 8)[mask]), gran
         assert torch.equal(out[~mask], QF.blocks(w, 8)[~mask]), gran
+
+
+def test_drop_factors_rate_values_and_seed():
+    f = QF.drop_factors(500, 64, 0.25, torch.Generator().manual_seed(2), "cpu", torch.float32)
+    assert set(f.unique().tolist()) == {0.0, torch.tensor(1 / 0.75).item()}
+    assert abs((f == 0).float().mean().item() - 0.25) < 0.02
+    assert torch.equal(f, QF.drop_factors(500, 64, 0.25, torch.Generator().manual_seed(2), "cpu", torch.float32))

@@ -34,6 +34,17 @@ from .args import QuantNoiseArgs, add_quant_noise_args, apply_quant_noise, noise
 from .ipq import attach_ipq
 
 
+def build_noised(build, args, task):
+    """fairseq's own ``build(args, task)`` with its quant-noise fields zeroed, then our wrappers
+    (``model.qn_cfg`` keeps the config for layers added later) and the iPQ stage hook."""
+    cfg = noise_config(args)
+    model = build(args, task)
+    apply_quant_noise(model, cfg)
+    attach_ipq(model, args)
+    model.qn_cfg = cfg
+    return model
+
+
 @dataclass
 class QNTransformerLMConfig(TransformerLanguageModelConfig, QuantNoiseArgs):
     pass
@@ -43,11 +54,7 @@ class QNTransformerLMConfig(TransformerLanguageModelConfig, QuantNoiseArgs):
 class QNTransformerLanguageModel(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        cfg = noise_config(args)
-        model = super().build_model(args, task)
-        apply_quant_noise(model, cfg)
-        attach_ipq(model, args)
-        return model
+        return build_noised(super().build_model, args, task)
 
 
 @register_model("qn_transformer")
@@ -61,11 +68,7 @@ class QNTransformerModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        cfg = noise_config(args)
-        model = super().build_model(args, task)
-        apply_quant_noise(model, cfg)
-        attach_ipq(model, args)
-        return model
+        return build_noised(super().build_model, args, task)
 
 
 @register_model("qn_roberta")
@@ -80,12 +83,7 @@ class QNRobertaModel(RobertaModel):
 
     @classmethod
     def build_model(cls, args, task):
-        cfg = noise_config(args)
-        model = super().build_model(args, task)
-        apply_quant_noise(model, cfg)
-        attach_ipq(model, args)
-        model.qn_cfg = cfg
-        return model
+        return build_noised(super().build_model, args, task)
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
         super().register_classification_head(name, num_classes, inner_dim, **kwargs)
