@@ -2,7 +2,8 @@
 
 Default source (no download): the docstrings of a fixed list of Python standard-library modules,
 so the demo corpus exists on any machine with Python.  ``--text FILE`` uses any plain-text corpus
-instead.  Lines are tokenised by splitting punctuation from words; the split is deterministic.
+instead.  Lines are tokenised by splitting punctuation from words (a ``--text`` corpus keeps one line per
+input line; the docstrings are taken a paragraph per line); the split is deterministic.
 
     python scripts/make_corpus.py OUT_DIR [--text FILE] [--max-lines N]
 """
@@ -36,12 +37,14 @@ def stdlib_text() -> str:
     return "\n".join(docs)
 
 
-def lines_of(text: str, max_lines: int):
-    paragraphs = re.split(r"\n\s*\n", text)
+def lines_of(text: str, max_lines: int, unit: str = "line"):
+    """Tokenised lines: one per input line (``unit="line"``, the fairseq convention for a text
+    corpus) or one per blank-line-separated paragraph (``"paragraph"``, for wrapped docstrings)."""
+    pieces = re.split(r"\n\s*\n", text) if unit == "paragraph" else text.splitlines()
     out = []
-    for par in paragraphs:
+    for par in pieces:
         toks = TOKEN.findall(par)
-        if len(toks) >= 4:
+        if len(toks) >= (4 if unit == "paragraph" else 1):
             out.append(" ".join(toks).lower())
         if len(out) >= max_lines:
             break
@@ -59,10 +62,9 @@ def main(argv=None) -> int:
         if not path.is_file():
             print(f"make_corpus: --text {a.text!r} is not a file; pass a plain-text corpus", file=sys.stderr)
             return 2
-        text = path.read_text(encoding="utf-8", errors="replace")
+        lines = lines_of(path.read_text(encoding="utf-8", errors="replace"), a.max_lines, "line")
     else:
-        text = stdlib_text()
-    lines = lines_of(text, a.max_lines)
+        lines = lines_of(stdlib_text(), a.max_lines, "paragraph")
     if len(lines) < 20:
         print(f"make_corpus: only {len(lines)} usable lines in the corpus; need at least 20", file=sys.stderr)
         return 2

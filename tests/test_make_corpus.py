@@ -1,0 +1,19 @@
+"""scripts/make_corpus.py: any plain-text corpus, one output line per input line."""
+import sys
+
+from conftest import ROOT, run
+
+
+def test_text_corpus_keeps_its_lines(tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(f"Line {i}: the cat sat on mat number {i}." for i in range(100)) + "\n", encoding="utf-8")
+    run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "out", "--text", src])
+    counts = {s: len((tmp_path / "out" / f"{s}.txt").read_text().splitlines()) for s in ("train", "valid", "test")}
+    assert counts == {"train": 90, "valid": 5, "test": 5}
+    assert (tmp_path / "out" / "valid.txt").read_text().splitlines()[0] == "line 0 : the cat sat on mat number 0 ."
+
+
+def test_bad_corpus_is_one_line_error(tmp_path):
+    proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "o", "--text", tmp_path / "missing.txt"],
+               check=False)
+    assert proc.returncode == 2 and "is not a file" in proc.stderr and "Traceback" not in proc.stderr
