@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
-# arch names of the plugin whose stock equivalent is not just the name without "qn_"
-STOCK_ARCH = {"qn_transformer_lm_tiny": "transformer_lm"}
+# arch names of the plugin whose stock equivalent is not just the name without "qn_" (the tiny test
+# archs: their saved config holds every size field, so the base arch rebuilds them exactly)
+STOCK_ARCH = {"qn_transformer_lm_tiny": "transformer_lm", "qn_roberta_tiny": "roberta"}
 # fields of fairseq's own model configs that start with quant_noise_ (everything else is the plugin's)
 FAIRSEQ_QN_FIELDS = {"quant_noise_pq", "quant_noise_pq_block_size", "quant_noise_scalar"}
 PLUGIN_FIELDS = {"ipq_plan"}
