@@ -15,7 +15,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def _selected(name: str, cfg: QuantNoiseConfig) -> bool:
+def selects(cfg: QuantNoiseConfig, name: str) -> bool:
+    """Whether ``cfg.include``/``cfg.exclude`` (regexes, re.search) select the module ``name``."""
     if cfg.include is not None and not re.search(cfg.include, name):
         return False
     return not (cfg.exclude is not None and re.search(cfg.exclude, name))
@@ -31,7 +32,7 @@ def quantize_(model: nn.Module, cfg: QuantNoiseConfig,
     patterns, or when a block size does not divide a layer (nothing is wrapped then).
     """
     candidates = [(n, m) for n, m in model.named_modules() if n and wrapper_for(m) is not None]
-    chosen = [(n, m) for n, m in candidates if _selected(n, cfg) and (filter_fn is None or filter_fn(m, n))]
+    chosen = [(n, m) for n, m in candidates if selects(cfg, n) and (filter_fn is None or filter_fn(m, n))]
     if not chosen:
         kinds = ", ".join(sorted(b.__name__ for b in WRAPPERS))
         sample = ", ".join(n for n, _ in candidates[:6]) or "none"

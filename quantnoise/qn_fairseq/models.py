@@ -15,7 +15,6 @@ architecture function (``qn_transformer_lm_gpt``, ``qn_transformer_wmt_en_de_big
 The parameters keep their names and shapes, so checkpoints load into the plain architecture too.
 """
 
-import re
 from dataclasses import dataclass
 
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY, register_model, register_model_architecture
@@ -29,6 +28,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from quantnoise import quantize_
+from quantnoise.api import selects
 
 from .args import QuantNoiseArgs, add_quant_noise_args, apply_quant_noise, noise_config
 from .ipq import attach_ipq
@@ -95,8 +95,7 @@ class QNRobertaModel(RobertaModel):
         def in_head(module, n):  # quantize_ also applies cfg.include / cfg.exclude
             return n.startswith(prefix)
 
-        if any(in_head(m, n) and (cfg.include is None or re.search(cfg.include, n))
-               and not (cfg.exclude and re.search(cfg.exclude, n)) for n, m in self.named_modules()):
+        if any(in_head(m, n) and selects(cfg, n) for n, m in self.named_modules()):
             quantize_(self, cfg, filter_fn=in_head)
 
 
