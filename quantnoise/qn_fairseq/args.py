@@ -16,6 +16,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from torch import nn
 
 from quantnoise import QuantNoiseConfig, quantize_
+from quantnoise.checkpoint import FAIRSEQ_QN_FIELDS  # fairseq's own fields, reinterpreted by our archs
 from quantnoise.config import SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ class QuantNoiseFlags(FairseqDataclass, QuantNoiseArgs):
     """The same fields as a FairseqDataclass, for the argparse models (translation, RoBERTa)."""
 
 
-# fairseq's own quant-noise fields, which our archs reinterpret (see the module docstring)
-FAIRSEQ_FIELDS = ("quant_noise_pq", "quant_noise_pq_block_size", "quant_noise_scalar")
-
-
 def add_quant_noise_args(parser) -> None:
     """Add the ``--quant-noise-*`` flags to an argparse model's parser (``add_args``)."""
     gen_parser_from_dataclass(parser, QuantNoiseFlags())
@@ -87,7 +84,7 @@ def noise_config(args) -> Optional[QuantNoiseConfig]:
 
 def _check_keys(args) -> None:
     """A Hydra model node of an argparse model is untyped: catch misspelt ``quant_noise_*`` keys."""
-    known = set(QuantNoiseArgs.__dataclass_fields__) | set(FAIRSEQ_FIELDS)
+    known = set(QuantNoiseArgs.__dataclass_fields__) | FAIRSEQ_QN_FIELDS
     keys = args.keys() if hasattr(args, "keys") else vars(args)
     unknown = sorted(k for k in keys if str(k).startswith("quant_noise") and k not in known)
     if unknown:
