@@ -7,6 +7,11 @@ one row of ``weight.reshape(out, -1)`` (see quantnoise.nn for what that is per l
 
 Scalar fake quantization follows Jacob et al. 2018: q = clamp(round(w / s) + z, qmin, qmax),
 w_hat = (q - z) * s, with z = 0 for the symmetric grid (Q8BERT's choice).
+
+Half precision (fp16 / bf16 weights): scales, zero points, quantized values and distances are
+computed in fp32 and the result is cast back with ``saturate``, so an all-zero row gets a positive
+scale (fp32's smallest normal is 0 in fp16), ``w / s`` never overflows, and a value just above
+fp16's largest (65504) after rounding to the grid or a 1/(1-p) rescale becomes 65504, not inf.
 """
 from __future__ import annotations
 
@@ -14,6 +19,22 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the noise is computed in: fp32 for fp16 / bf16 weights, the weight's own otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def saturate(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` with finite values beyond ``dtype``'s range clamped to its largest finite
+    value (a plain cast gives inf: 65520 -> inf in fp16).  NaN stays NaN."""
+    if x.dtype == dtype:
+        return x
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(x.dtype).max:
+        big = torch.finfo(dtype).max
+        x = x.clamp(-big, big)
+    return x.to(dtype)
 
 
 def blocks(w: Tensor, block_size: int) -> Tensor:
@@ -34,11 +55,12 @@ def block_mask(n_rows: int, n_blocks: int, p: float, generator: torch.Generator,
 
 def replace_blocks(w: Tensor, mask: Tensor, block_size: int, values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """A copy of w whose selected blocks are ``values(flat_blocks (N, bs), selected_index (n,))``,
-    shaped (n, bs).  Only the selected blocks are computed on: cost ~ one copy of w + p of the work."""
+    shaped (n, bs), in any float dtype (cast back to w's with ``saturate``).  Only the selected blocks
+    are computed on: cost ~ one copy of w + p of the work."""
     flat = blocks(w, block_size).reshape(-1, block_size)  # (out * nb, bs)
     idx = mask.reshape(-1).nonzero().squeeze(1)  # (n_sel,)
     out = flat.clone()
-    out.index_copy_(0, idx, values(flat, idx).to(w.dtype))
+    out.index_copy_(0, idx, saturate(values(flat, idx), w.dtype))
     return out.view_as(w)
 
 
@@ -63,7 +85,8 @@ def straight_through(w: Tensor, noisy: Tensor) -> Tensor:
 def drop_factors(n_rows: int, n_blocks: int, p: float, generator: torch.Generator, device, dtype,
                  out: Optional[Tensor] = None) -> Tensor:
     """Per-block factors of drop noise, (n_rows, n_blocks): 0 with probability p (the block is
-    dropped), else 1/(1-p).  ``out``: a reusable buffer of that shape and dtype."""
+    dropped), else 1/(1-p).  ``out``: a reusable buffer of that shape and dtype.  The wrappers draw
+    them in fp32 whatever the weight's dtype: the same masks in every dtype, an exact 1/(1-p)."""
     if out is None or out.shape != (n_rows, n_blocks) or out.dtype != dtype or out.device != torch.device(device):
         out = torch.empty(n_rows, n_blocks, dtype=dtype, device=device)
     return out.bernoulli_(1.0 - p, generator=generator).mul_(1.0 / (1.0 - p))
@@ -71,8 +94,10 @@ def drop_factors(n_rows: int, n_blocks: int, p: float, generator: torch.Generato
 
 def drop_blocks(w: Tensor, factors: Tensor, block_size: int) -> Tensor:
     """Selected blocks zeroed, the rest scaled by 1/(1-p) (fairseq's iPQ proxy): one multiply by
-    the per-block ``factors`` of ``drop_factors`` (4x faster on CPU than a broadcast masked_fill). New tensor."""
-    return (blocks(w, block_size) * factors.unsqueeze(-1)).view_as(w)  # (out, nb, bs) * (out, nb, 1)
+    the per-block ``factors`` of ``drop_factors`` (4x faster on CPU than a broadcast masked_fill). New tensor
+    of w's dtype: with fp32 factors and fp16 / bf16 w, multiplied in fp32 and saturated (65504 / (1-p) -> 65504)."""
+    out = blocks(w, block_size) * factors.unsqueeze(-1)  # (out, nb, bs) * (out, nb, 1)
+    return saturate(out, w.dtype).view_as(w)
 
 
 # --------------------------------------------------------------------------------------- scalar
@@ -93,7 +118,10 @@ def minmax(w: Tensor, granularity: str, group_size: int) -> Tuple[Tensor, Tensor
 
 
 def scalar_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tuple[Tensor, Tensor]:
-    """Scale and zero point covering [lo, hi] (and 0, so zero is exact), Jacob et al. 2018 eq. (1)."""
+    """Scale and zero point covering [lo, hi] (and 0, so zero is exact), Jacob et al. 2018 eq. (1).
+    Computed and returned in fp32 (or fp64 for fp64 input): in fp16 the smallest-scale clamp would
+    be 0 and an all-zero group would give 0 / 0 = NaN."""
+    lo, hi = lo.to(compute_dtype(lo.dtype)), hi.to(compute_dtype(hi.dtype))
     eps = torch.finfo(torch.float32).tiny
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
@@ -107,16 +135,17 @@ def scalar_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tuple[
 
 
 def fake_quantize_values(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
-    """(clamp(round(x / s) + z, qmin, qmax) - z) * s, elementwise with broadcasting."""
-    q = x.div(scale).round_().add_(zero).clamp_(qmin, qmax)
+    """(clamp(round(x / s) + z, qmin, qmax) - z) * s, elementwise with broadcasting; in fp32 for
+    fp16 / bf16 x (the result too: cast it back with ``saturate``)."""
+    q = x.to(compute_dtype(x.dtype)).div(scale).round_().add_(zero).clamp_(qmin, qmax)
     return q.sub_(zero).mul_(scale)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
                   granularity: str, group_size: int) -> Tensor:
-    """Dequantized int grid values of the whole w; scale/zero shaped like ``minmax``'s output."""
+    """Dequantized int grid values of the whole w (in w's dtype); scale/zero shaped like ``minmax``'s output."""
     g = group_view(w, granularity, group_size)
-    return fake_quantize_values(g, scale, zero, qmin, qmax).view_as(w)
+    return saturate(fake_quantize_values(g, scale, zero, qmin, qmax), w.dtype).view_as(w)
 
 
 def block_qparams(scale: Tensor, zero: Tensor, idx: Tensor, blocks_per_row: int, block_size: int,
@@ -140,7 +169,8 @@ def scalar_blocks(w: Tensor, mask: Tensor, scale: Tensor, zero: Tensor, qmin: in
 
     def values(flat: Tensor, idx: Tensor) -> Tensor:
         s, z = block_qparams(scale, zero, idx, nb, block_size, granularity, group_size)
-        q = flat.index_select(0, idx).div_(s).round_().add_(z).clamp_(qmin, qmax)  # in place on the copy
+        sel = flat.index_select(0, idx).to(compute_dtype(flat.dtype))  # fp32 copy for fp16 / bf16 w
+        q = sel.div_(s).round_().add_(z).clamp_(qmin, qmax)  # in place on the copy
         return q.sub_(z).mul_(s)
 
     return replace_blocks(w, mask, block_size, values)
@@ -148,7 +178,10 @@ def scalar_blocks(w: Tensor, mask: Tensor, scale: Tensor, zero: Tensor, qmin: in
 
 # ------------------------------------------------------------------------------------------- pq
 def nearest_centroid(x: Tensor, centroids: Tensor, chunk: int = 8192) -> Tensor:
-    """Index of the nearest centroid (L2) for each row of x (n, d); centroids (k, d). int64 (n,)."""
+    """Index of the nearest centroid (L2) for each row of x (n, d); centroids (k, d). int64 (n,).
+    Distances in fp32 for fp16 / bf16 inputs (squared fp16 values overflow above 256)."""
+    dt = compute_dtype(torch.promote_types(x.dtype, centroids.dtype))
+    x, centroids = x.to(dt), centroids.to(dt)
     c2 = centroids.pow(2).sum(1)  # (k,)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for i in range(0, x.shape[0], chunk):

@@ -13,6 +13,11 @@ kind; they are frozen (no trainable weight).  Both kinds subclass the layer they
 ``module.weight`` (fairseq's attention fast path) keep working; their state dicts hold
 ``codes``/``centroids`` (pq) or ``qweight``/``qscale``/``qbits`` (scalar), plus ``weight_size``, instead
 of ``weight``.
+
+dtypes: centroids follow the model (fp16 under fairseq's ``--fp16``); int scales stay fp32 whatever
+``.half()`` / ``.to(dtype)`` does (an fp16 scale of a row of small weights would underflow), and the
+decoded weight has the model's dtype.  Layers built from a state dict take the device and dtype of
+the layer they replace.
 """
 from __future__ import annotations
 
@@ -54,10 +59,14 @@ def pq_quantize(w: Tensor, block_size: int, n_centroids: int, niter: int = 20, s
     return codes.to(codes_dtype(k)), centroids
 
 
-def scalar_quantize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+def scalar_quantize(w: Tensor, bits: int, name: str = "weight") -> Tuple[Tensor, Tensor]:
     """Symmetric per-row integer weights: (q (out, row) int8 in [-(2^(b-1)-1), 2^(b-1)-1],
-    scale (out, 1) fp32); w_hat = q * scale."""
+    scale (out, 1) fp32); w_hat = q * scale.  Raises ValueError for NaN/inf weights, naming ``name``."""
     rows = w.detach().float().reshape(w.shape[0], -1)
+    bad = int((~torch.isfinite(rows)).sum())
+    if bad:
+        raise ValueError(f"{name} (shape {tuple(w.shape)}): the weights contain {bad} NaN or inf values; "
+                         f"fix the checkpoint before quantizing")
     lo, hi = QF.minmax(rows, "channel", 1)
     scale, _ = QF.scalar_qparams(lo, hi, bits, symmetric=True)  # (out, 1, 1)
     qmax = 2 ** (bits - 1) - 1
@@ -65,8 +74,9 @@ def scalar_quantize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     return q.to(torch.int8), scale[:, 0]
 
 
-def scalar_decode(q: Tensor, scale: Tensor, shape) -> Tensor:
-    return (q.float() * scale).reshape(shape)
+def scalar_decode(q: Tensor, scale: Tensor, shape, dtype: torch.dtype = torch.float32) -> Tensor:
+    """q * scale of ``shape``, computed in fp32 and cast to ``dtype`` (saturating)."""
+    return QF.saturate(q.float() * scale.float(), dtype).reshape(shape)
 
 
 class _PQDecode(torch.autograd.Function):
@@ -81,8 +91,9 @@ class _PQDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         codes, counts = ctx.saved_tensors
-        g = grad.new_zeros(ctx.k, grad.shape[1]).index_add_(0, codes, grad)  # (k, bs) sums
-        return g / counts.clamp_min(1).unsqueeze(1).to(g.dtype), None, None
+        acc = QF.compute_dtype(grad.dtype)  # fp32 sums for fp16 / bf16: counts and sums exceed 65504
+        g = grad.new_zeros(ctx.k, grad.shape[1], dtype=acc).index_add_(0, codes, grad.to(acc))  # (k, bs) sums
+        return (g / counts.clamp_min(1).unsqueeze(1).to(acc)).to(grad.dtype), None, None
 
 
 def pq_weight(centroids: Tensor, codes: Tensor, shape, counts: Optional[Tensor] = None) -> Tensor:
@@ -175,13 +186,23 @@ class ScalarMixin(CompressedMixin):
     def __init__(self, like: nn.Module, qweight: Tensor, qscale: Tensor, bits: int):
         self._init_from(like)
         self.register_buffer("qweight", qweight)  # (out, row) int8
-        self.register_buffer("qscale", qscale)  # (out, 1) fp32
+        self.register_buffer("qscale", qscale.float())  # (out, 1) fp32, also in an fp16 model (see _apply)
         self.register_buffer("qbits", torch.tensor(bits))  # 0-d; kept so a state dict rebuilds the layer
+        self.compute_dtype = like.weight.dtype  # dtype of the decoded weight: follows .half() / .to()
         self._set_bias(like)
+
+    def _apply(self, fn, recurse=True):
+        """``.half()`` / ``.to(dtype)`` set the decoded weight's dtype; ``qscale`` only changes device."""
+        scale = self.qscale
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=scale.device))
+        super()._apply(fn, recurse)
+        self.compute_dtype = probe.dtype
+        self._buffers["qscale"] = scale.to(probe.device)
+        return self
 
     @property
     def weight(self) -> Tensor:
-        return scalar_decode(self.qweight, self.qscale, self.weight_shape)
+        return scalar_decode(self.qweight, self.qscale, self.weight_shape, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int{int(self.qbits)}"
@@ -258,28 +279,34 @@ def compress_module(module: nn.Module, rule: LayerRule, name: str, seed: int = 0
         codes, centroids = pq_quantize(w, rule.block_size, rule.n_centroids, rule.kmeans_iters,
                                        seed=seed, name=f"layer '{name}'")
         return cls(module, codes, centroids.to(w.dtype), rule.block_size)
-    q, scale = scalar_quantize(w, rule.bits)
+    q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'")
     return cls(module, q, scale, rule.bits)
 
 
 def empty_like_state(module: nn.Module, state: Dict[str, Tensor], prefix: str) -> Optional[nn.Module]:
     """A compressed layer shaped like the entries ``prefix + codes/centroids`` (or ``qweight`` ...) of a
-    state dict, to be filled by ``load_state_dict``; None when the state holds a plain weight."""
+    state dict, to be filled by ``load_state_dict``; None when the state holds a plain weight.  It is
+    built on ``module``'s device with its float dtype (fairseq moves the model to CUDA / fp16 before
+    loading a checkpoint)."""
+    ref = getattr(module, "weight", None)
+    device = ref.device if isinstance(ref, Tensor) else torch.device("cpu")
+    fdtype = ref.dtype if isinstance(ref, Tensor) and ref.is_floating_point() else None
     if prefix + "codes" in state:
         codes, cents = state[prefix + "codes"], state[prefix + "centroids"]
         cls = compressed_class(module, "pq")
         if cls is None:
             raise ValueError(f"state has pq codes for '{prefix[:-1]}' but the model's layer there is a "
                              f"{type(module).__name__}; load it into the architecture it was quantized from")
-        return cls(module, torch.empty_like(codes, device="cpu"), torch.empty_like(cents, device="cpu"),
-                   cents.shape[1])
+        return cls(module, torch.empty_like(codes, device=device),
+                   torch.empty_like(cents, device=device, dtype=fdtype or cents.dtype), cents.shape[1])
     if prefix + "qweight" in state:
         cls = compressed_class(module, "scalar")
         if cls is None:
             raise ValueError(f"state has int weights for '{prefix[:-1]}' but the model's layer there is a "
                              f"{type(module).__name__}; load it into the architecture it was quantized from")
-        return cls(module, torch.empty_like(state[prefix + "qweight"], device="cpu"),
-                   torch.empty_like(state[prefix + "qscale"], device="cpu"), int(state[prefix + "qbits"]))
+        return cls(module, torch.empty_like(state[prefix + "qweight"], device=device),
+                   torch.empty_like(state[prefix + "qscale"], device=device, dtype=torch.float32),
+                   int(state[prefix + "qbits"]))
     return None
 
 

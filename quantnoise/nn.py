@@ -13,6 +13,13 @@ Noise never writes the parameter: each forward builds a new weight tensor (fairs
 overwrites ``weight.data``).  Masks come from a per-layer generator seeded with
 (cfg.seed, layer name, step), so runs repeat exactly and successive steps differ.  Observer and
 codebook state are non-persistent buffers: state dicts have exactly the plain layer's keys.
+
+dtypes: the noised weight has the parameter's dtype (fp32, fp16, bf16); the arithmetic behind it
+(scales, drop factors, k-means) runs in fp32 and is cast back saturating (quantnoise.functional).
+Non-finite weights: every ``FINITE_CHECK_EVERY`` training forwards (and at each pq codebook
+refresh) the layer checks its weight and raises ``FloatingPointError`` naming the layer and the
+step; in between nothing is checked (that would be a host sync on every forward).  Finite weights
+never give non-finite noise.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from .kmeans import kmeans
 logger = logging.getLogger(__name__)
 
 WRAPPERS: Dict[Type[nn.Module], Type["QuantNoiseMixin"]] = {}
+FINITE_CHECK_EVERY = 1000  # training forwards between two checks that a noised weight is finite
 
 
 def register_wrapper(base: Type[nn.Module]):
@@ -135,8 +143,11 @@ class QuantNoiseMixin:
         with torch.no_grad():
             wd = w.detach()
             n_rows, nb, gen = w.shape[0], w[0].numel() // bs, self._generator(w.device)
-            if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p)
-                self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, w.dtype, out=self.qn_mask)
+            if self.training and cfg.scheme != "pq" and self.qn_step % FINITE_CHECK_EVERY == 0:
+                self._check_finite()  # pq checks at its codebook refresh
+            if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p), fp32
+                self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, QF.compute_dtype(w.dtype),
+                                               out=self.qn_mask)
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
             elif cfg.scheme == "scalar":
                 self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
@@ -153,10 +164,22 @@ class QuantNoiseMixin:
             self.qn_step += 1
         return QF.straight_through(w, out)
 
+    def _check_finite(self) -> None:
+        """Raise FloatingPointError when the weight holds NaN/inf (one host sync)."""
+        w = self.weight.detach()
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            big = f"; fp16 holds |w| <= {torch.finfo(w.dtype).max:g}" if w.dtype == torch.float16 else ""
+            raise FloatingPointError(
+                f"layer '{self.qn_name}' ({type(self).base_class.__name__}, weight {tuple(w.shape)} {w.dtype}) has "
+                f"{bad} NaN/inf weights at step {self.qn_step}{big}: training diverged; lower the learning rate, "
+                f"clip gradients, or train with bf16/fp32 weights (--bf16, --amp), then resume from a good checkpoint")
+
     def _scalar_qparams(self, w: Tensor):
         cfg = self.qn_cfg
         src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
         lo, hi = QF.minmax(src, cfg.granularity, cfg.group_size)
+        lo, hi = lo.to(QF.compute_dtype(lo.dtype)), hi.to(QF.compute_dtype(hi.dtype))  # fp32 range and EMA state
         if cfg.observer == "ema":
             lo, hi = self._ema(lo, hi)
         return QF.scalar_qparams(lo, hi, cfg.bits, cfg.symmetric)
@@ -178,6 +201,8 @@ class QuantNoiseMixin:
         cfg = self.qn_cfg
         stale = self.training and self.qn_step % cfg.refresh_every == 0
         if self.qn_codebook is None or stale:
+            if self.training:
+                self._check_finite()
             w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
             k = min(cfg.n_centroids, w.shape[0])
             if k < cfg.n_centroids and self.qn_codebook is None:
