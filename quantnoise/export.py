@@ -82,6 +82,17 @@ def compressed_layers(state: Dict[str, Tensor]) -> Dict[str, str]:
     return out
 
 
+def _to_fp16(t: Tensor, key: str, fix: str) -> Tensor:
+    """``t`` in fp16; ValueError naming ``key`` when a finite value is beyond fp16's range (it would
+    be stored as inf) or ``t`` holds NaN/inf."""
+    big = torch.finfo(torch.float16).max
+    amax = t.detach().float().abs().max() if t.numel() else torch.tensor(0.0)
+    if not torch.isfinite(amax) or amax > big:
+        raise ValueError(f"{key}: {'values up to %g exceed' % float(amax) if torch.isfinite(amax) else 'NaN/inf in'} "
+                         f"fp16's range (|x| <= {big:g}); {fix}")
+    return t.to(torch.float16)
+
+
 def _decode_pq(codes: Tensor, centroids: Tensor, shape) -> Tensor:
     return centroids[codes.long()].reshape(shape)  # (out, ...) = codebook[codes], exactly
 
@@ -114,7 +125,7 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
                 tensors[f"{name}.centroids"] = torch.round(c / scale).clamp_(-127, 127).to(torch.int8)
                 tensors[f"{name}.centroids_scale"] = scale.reshape(1)
             else:
-                tensors[f"{name}.centroids"] = cents.to(torch.float16).contiguous()
+                tensors[f"{name}.centroids"] = _to_fp16(cents, f"{name}.centroids", "export with --centroids int8").contiguous()
             meta["layers"][name] = {"scheme": "pq", "shape": shape, "block_size": int(cents.shape[1]),
                                     "n_centroids": int(cents.shape[0]), "codes": dtype_name(codes.dtype),
                                     "centroids": opts.centroids_dtype, "dtype": dtype_name(cents.dtype)}
@@ -140,7 +151,9 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
             meta["aliases"][key] = tied
             continue
         meta["dense"][key] = {"dtype": dtype_name(t.dtype)}
-        tensors[key] = (t.to(rest) if t.dtype.is_floating_point else t).contiguous()
+        if rest == torch.float16 and t.dtype.is_floating_point:
+            t = _to_fp16(t, key, "export with --rest float32")
+        tensors[key] = t.contiguous()
     meta["crc32"] = {k: _crc(t) for k, t in tensors.items()}
     return tensors, meta
 

@@ -116,7 +116,7 @@ def quantize_state_dict(state: Dict[str, Tensor], plan: IPQPlan,
             out[f"{name}.codes"], out[f"{name}.centroids"] = codes, cents.to(w.dtype)
             decoded = cents[codes.long()].reshape(w.shape).to(w.dtype)
         else:
-            q, scale = scalar_quantize(w, rule.bits)
+            q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'")
             out[f"{name}.qweight"], out[f"{name}.qscale"], out[f"{name}.qbits"] = q, scale, torch.tensor(rule.bits)
             decoded = (q.float() * scale).reshape(w.shape).to(w.dtype)
         done[skey] = name

@@ -16,8 +16,8 @@ codebook state are non-persistent buffers: state dicts have exactly the plain la
 
 dtypes: the noised weight has the parameter's dtype (fp32, fp16, bf16); the arithmetic behind it
 (scales, drop factors, k-means) runs in fp32 and is cast back saturating (quantnoise.functional).
-Non-finite weights: every ``FINITE_CHECK_EVERY`` training forwards (and at each pq codebook
-refresh) the layer checks its weight and raises ``FloatingPointError`` naming the layer and the
+Non-finite weights: on its first training forward (also after a resume), then every
+``FINITE_CHECK_EVERY`` training forwards and at each pq codebook refresh, the layer checks its weight and raises ``FloatingPointError`` naming the layer and the
 step; in between nothing is checked (that would be a host sync on every forward).  Finite weights
 never give non-finite noise.
 """
@@ -77,6 +77,7 @@ class QuantNoiseMixin:
         self.qn_cfg = cfg
         self.qn_name = name
         self.qn_step = 0  # training forwards seen; drives masks and codebook refreshes
+        self.qn_next_check = 0  # qn_step of the next non-finite weight check (drop/scalar)
         self._gen: Optional[torch.Generator] = None
         self.register_buffer("qn_codebook", None, persistent=False)
         self.register_buffer("qn_codes", None, persistent=False)
@@ -143,8 +144,9 @@ class QuantNoiseMixin:
         with torch.no_grad():
             wd = w.detach()
             n_rows, nb, gen = w.shape[0], w[0].numel() // bs, self._generator(w.device)
-            if self.training and cfg.scheme != "pq" and self.qn_step % FINITE_CHECK_EVERY == 0:
+            if self.training and cfg.scheme != "pq" and self.qn_step >= self.qn_next_check:
                 self._check_finite()  # pq checks at its codebook refresh
+                self.qn_next_check = self.qn_step + FINITE_CHECK_EVERY
             if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p), fp32
                 self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, QF.compute_dtype(w.dtype),
                                                out=self.qn_mask)

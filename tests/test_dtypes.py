@@ -222,7 +222,7 @@ def test_non_finite_weight_is_one_error_naming_layer_and_step(scheme):
     m(torch.randn(2, 16))
     with torch.no_grad():
         m.weight[3, 5] = float("inf")
-    m.qn_step = 2000  # a check step (every 1000 forwards, and at each pq codebook refresh)
+    m.qn_step = 2000  # a check step (the next after the first forward; pq: a codebook refresh)
     with pytest.raises(FloatingPointError, match=r"layer 'decoder.fc1' .*1 NaN/inf .* at step 2000"):
         m(torch.randn(2, 16))
 
@@ -234,3 +234,22 @@ def test_quantizing_non_finite_weights_names_the_layer():
     for rule in (ipq.LayerRule(scheme="scalar"), ipq.LayerRule(scheme="pq", n_centroids=4)):
         with pytest.raises(ValueError, match="layer 'dec.fc'.*NaN or inf"):
             ipq.compress_module(lin, rule, "dec.fc")
+
+
+# ---------------------------------------------------------------------------------- .qnz export
+def test_qnz_export_refuses_values_beyond_fp16_instead_of_storing_inf(tmp_path):
+    from quantnoise.export import ExportOptions, load_qnz, save_qnz
+
+    lin = nn.Linear(16, 8)
+    state = {f"fc.{k}": v for k, v in ipq.compress_module(lin, ipq.LayerRule(n_centroids=4, block_size=4), "fc")
+             .state_dict().items()}
+    state["norm.weight"] = torch.tensor([1.0, 7e4])
+    with pytest.raises(ValueError, match=r"norm.weight: values up to 70000 exceed fp16's range .*--rest float32"):
+        save_qnz(tmp_path / "m.qnz", state, {}, ExportOptions())
+    assert not (tmp_path / "m.qnz").exists()
+    save_qnz(tmp_path / "m.qnz", state, {}, ExportOptions(rest_dtype="float32"))
+    model_state, _ = load_qnz(tmp_path / "m.qnz")
+    assert torch.equal(model_state["norm.weight"], state["norm.weight"])
+    state["norm.weight"] = torch.tensor([1.0, 2.0]).half()  # an fp16 checkpoint exports as it is
+    save_qnz(tmp_path / "h.qnz", state, {}, ExportOptions())
+    assert load_qnz(tmp_path / "h.qnz")[0]["norm.weight"].dtype == torch.float16
