@@ -192,6 +192,8 @@ class QuantNoiseMixin:
             if self.qn_lo is None:
                 self.qn_lo, self.qn_hi = lo.clone(), hi.clone()
             else:
+                if self.qn_lo.dtype != lo.dtype:  # the model was cast (.half()): the state stays fp32
+                    self.qn_lo, self.qn_hi = self.qn_lo.to(lo.dtype), self.qn_hi.to(hi.dtype)
                 self.qn_lo.lerp_(lo, self.qn_cfg.ema_momentum)
                 self.qn_hi.lerp_(hi, self.qn_cfg.ema_momentum)
         return (lo, hi) if self.qn_lo is None else (self.qn_lo, self.qn_hi)

@@ -253,3 +253,17 @@ def test_qnz_export_refuses_values_beyond_fp16_instead_of_storing_inf(tmp_path):
     state["norm.weight"] = torch.tensor([1.0, 2.0]).half()  # an fp16 checkpoint exports as it is
     save_qnz(tmp_path / "h.qnz", state, {}, ExportOptions())
     assert load_qnz(tmp_path / "h.qnz")[0]["norm.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("scheme", SCHEMES + [dict(scheme="scalar", granularity="tensor", observer="ema")],
+                         ids=lambda s: "-".join(map(str, s.values())))
+def test_layer_cast_to_half_between_steps_keeps_working(scheme):
+    """Observer / codebook / mask state made in fp32, then model.half() (fairseq casts after building)."""
+    m = wrapped(nn.Linear(16, 12), scheme).train()
+    x = torch.randn(3, 16)
+    m(x)
+    m.half()
+    out = m(x.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    if scheme.get("observer") == "ema":
+        assert m.qn_lo.dtype == torch.float32
