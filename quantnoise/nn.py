@@ -17,9 +17,9 @@ codebook state are non-persistent buffers: state dicts have exactly the plain la
 dtypes: the noised weight has the parameter's dtype (fp32, fp16, bf16); the arithmetic behind it
 (scales, drop factors, k-means) runs in fp32 and is cast back saturating (quantnoise.functional).
 Non-finite weights: on its first training forward (also after a resume), then every
-``FINITE_CHECK_EVERY`` training forwards and at each pq codebook refresh, the layer checks its weight and raises ``FloatingPointError`` naming the layer and the
-step; in between nothing is checked (that would be a host sync on every forward).  Finite weights
-never give non-finite noise.
+``FINITE_CHECK_EVERY`` training forwards and at each pq codebook refresh, the layer checks its
+weight and raises ``FloatingPointError`` naming the layer and the step; in between nothing is
+checked (that would be a host sync on every forward).  Finite weights never give non-finite noise.
 """
 from __future__ import annotations
 
