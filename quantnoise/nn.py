@@ -263,7 +263,8 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
     ``out_proj.weight`` directly, so no Linear wrapper would ever run there.  This wrapper noises
     ``in_proj_weight`` (blocks along E) and, when ``out_proj`` is itself wrapped, asks it for its
     noisy weight, then calls ``F.multi_head_attention_forward`` with both.  Needs q/k/v of the
-    same size (kdim = vdim = embed_dim), the packed layout."""
+    same size (kdim = vdim = embed_dim), the packed layout; ``bias_k``/``bias_v`` (add_bias_kv)
+    and ``add_zero_attn`` are carried over."""
 
     @property
     def weight(self) -> nn.Parameter:  # the mixin's "weight": the packed input projection
@@ -274,25 +275,21 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
         if not module._qkv_same_embed_dim:
             raise ValueError(f"layer '{name}' (MultiheadAttention with kdim/vdim != embed_dim): separate q/k/v "
                              f"weights are not supported; exclude it (its out_proj can still be noised)")
-        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
-                  batch_first=module.batch_first, device="meta")
+        new = cls(**_mha_kwargs(module), device="meta")
         for pname, param in module._parameters.items():
             new.register_parameter(pname, param)
         for mname, child in module._modules.items():
             setattr(new, mname, child)
-        new.add_zero_attn = module.add_zero_attn
         new.train(module.training)
         new._init_noise(cfg, name)
         return new
 
     def to_float(self) -> nn.MultiheadAttention:
-        plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, batch_first=self.batch_first,
-                                      bias=self.in_proj_bias is not None, device="meta")
+        plain = nn.MultiheadAttention(**_mha_kwargs(self), device="meta")
         for pname, param in self._parameters.items():
             plain.register_parameter(pname, param)
         for mname, child in self._modules.items():
             setattr(plain, mname, child)
-        plain.add_zero_attn = self.add_zero_attn
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
@@ -308,11 +305,19 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         in_w = self.noisy(self.in_proj_weight, p) if p > 0.0 else self.in_proj_weight
         out_w = out_proj.noisy(out_proj.weight, out_p) if out_p > 0.0 else out_proj.weight
-        if self.batch_first:  # (B, T, E) -> (T, B, E)
+        swap = self.batch_first and query.dim() == 3
+        if swap:  # (B, T, E) -> (T, B, E)
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         out, weights = F.multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, in_w, self.in_proj_bias, self.bias_k, self.bias_v,
             self.add_zero_attn, self.dropout, out_w, out_proj.bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal)
-        return (out.transpose(0, 1) if self.batch_first else out), weights
+        return (out.transpose(0, 1) if swap else out), weights
+
+
+def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
+    """Constructor arguments that rebuild ``m`` (packed q/k/v layout; weights excluded)."""
+    return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
+                add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, batch_first=m.batch_first,
+                dtype=m.in_proj_weight.dtype)

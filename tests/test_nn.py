@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantnoise import QNConv2d, QuantNoiseConfig
+from quantnoise import QNConv2d, QuantNoiseConfig, quantize_, unquantize_
 from quantnoise import functional as QF
 
 SCHEMES = [dict(scheme="drop"), dict(scheme="scalar", bits=8), dict(scheme="scalar", bits=4, symmetric=False),
@@ -220,3 +220,32 @@ def test_resume_continues_the_mask_sequence():
     resumed.load_state_dict(ran.state_dict())
     resumed.set_num_updates(7)  # what fairseq's trainer does after loading a checkpoint
     assert torch.equal(ran(x), resumed(x))
+
+
+# --------------------------------------------------------- attention with bias_kv (issue 13.13)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_with_bias_kv_and_zero_attn(batch_first):
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(16, 4, add_bias_kv=True, add_zero_attn=True, batch_first=batch_first)
+    model = nn.Sequential(copy.deepcopy(plain))
+    orig = model[0]
+    assert quantize_(model, QuantNoiseConfig(scheme="scalar", p=0.0, block_size=4)) == ["0", "0.out_proj"]
+    qn = model[0]
+    assert qn.bias_k is orig.bias_k and qn.bias_v is orig.bias_v  # the same Parameters, carried over
+    assert torch.equal(qn.bias_k, plain.bias_k) and torch.equal(qn.bias_v, plain.bias_v)
+    x = torch.randn(5, 3, 16)
+    pad = torch.zeros(5 if batch_first else 3, 3 if batch_first else 5, dtype=torch.bool)
+    pad[0, -1] = True
+    out, w = qn(x, x, x, key_padding_mask=pad)
+    ref, rw = plain(x, x, x, key_padding_mask=pad)
+    assert torch.equal(out, ref) and torch.equal(w, rw)
+    noisy = nn.Sequential(copy.deepcopy(plain))
+    quantize_(noisy, QuantNoiseConfig(scheme="scalar", p=1.0, bits=2, block_size=4))
+    noisy[0](x, x, x)[0].sum().backward()
+    assert noisy[0].bias_k.grad.abs().sum() > 0
+    one = x[:, 0]  # unbatched (T, E) input: the same as a batch of one (p=1, so the same noise)
+    batch = one.unsqueeze(0 if batch_first else 1)
+    assert torch.equal(noisy[0](one, one, one)[0], noisy[0](batch, batch, batch)[0].squeeze(0 if batch_first else 1))
+    unquantize_(model)
+    assert type(model[0]) is nn.MultiheadAttention and model[0].bias_k is qn.bias_k
+    assert torch.equal(model[0](x, x, x, key_padding_mask=pad)[0], ref)
