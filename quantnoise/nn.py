@@ -10,9 +10,16 @@ What a block is, per layer (always ``block_size`` contiguous entries of a row of
     of input channels.
 
 Noise never writes the parameter: each forward builds a new weight tensor (fairseq's hook
-overwrites ``weight.data``).  Masks come from a per-layer generator seeded with
-(cfg.seed, layer name, step), so runs repeat exactly and successive steps differ.  Observer and
-codebook state are non-persistent buffers: state dicts have exactly the plain layer's keys.
+overwrites ``weight.data``).  Observer and codebook state are non-persistent buffers: state dicts
+have exactly the plain layer's keys.
+
+Masks are a function of (cfg.seed, layer name, update, call) only, never of the rank, the batch
+or the global RNG: ``update`` is the last number given to ``set_num_updates`` (fairseq calls it
+before every micro-batch and after loading a checkpoint; 0 when nobody calls it) and ``call``
+counts the training forwards since that number changed.  So a resumed fairseq run replays its
+masks whatever ``--update-freq``, and without ``set_num_updates`` every training forward gets a
+new mask.  A forward that activation checkpointing re-runs inside backward replays the keys of the
+forwards since the previous backward, in order, so it sees the masks of the original forward.
 """
 from __future__ import annotations
 
@@ -58,6 +65,22 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def _mix(*values: int) -> int:
+    """A 63-bit seed from non-negative ints (splitmix64 chained over the values)."""
+    h = 0
+    for v in values:
+        h = (h ^ v) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
+
+
+def _in_backward() -> bool:
+    """Whether we run inside autograd's backward (where activation checkpointing re-runs forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class QuantNoiseMixin:
     """Shared noise machinery; the subclass supplies ``forward`` and ``_plain_kwargs``."""
 
@@ -68,7 +91,11 @@ class QuantNoiseMixin:
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         self.qn_cfg = cfg
         self.qn_name = name
-        self.qn_step = 0  # training forwards seen; drives masks and codebook refreshes
+        self.qn_step = 0  # training forwards seen; drives pq codebook refreshes
+        self.qn_update = 0  # last set_num_updates value: with qn_calls, the key of the masks
+        self.qn_calls = 0  # training forwards since qn_update changed
+        self._qn_phase = 0  # qn_calls at the first forward after the last backward that re-ran this layer
+        self._qn_replay: Optional[list] = None  # [graph task, next call] while a backward re-runs forwards
         self._gen: Optional[torch.Generator] = None
         self.register_buffer("qn_codebook", None, persistent=False)
         self.register_buffer("qn_codes", None, persistent=False)
@@ -112,9 +139,13 @@ class QuantNoiseMixin:
         return plain.train(self.training)
 
     def set_num_updates(self, num_updates: int) -> None:
-        """fairseq calls this after every update (and on resume): a resumed run continues the mask
-        sequence instead of replaying it from step 0."""
-        self.qn_step = max(self.qn_step, int(num_updates))
+        """fairseq calls this before every micro-batch with the update number (and after loading a
+        checkpoint): masks are keyed on (update, forward within the update), so a resumed run
+        draws the masks the uninterrupted run drew, whatever its number of micro-batches."""
+        num_updates = int(num_updates)
+        if num_updates != self.qn_update:
+            self.qn_update, self.qn_calls, self._qn_phase, self._qn_replay = num_updates, 0, 0, None
+        self.qn_step = max(self.qn_step, num_updates)
 
     # ---------------------------------------------------------------- noise
     def _active_p(self) -> float:
@@ -122,11 +153,29 @@ class QuantNoiseMixin:
             return self.qn_cfg.p
         return 1.0 if self.qn_cfg.eval_quantized else 0.0
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _next_key(self) -> int:
+        """The mask seed of this training forward, from (cfg.seed, layer, update, call).  A forward
+        run inside backward is activation checkpointing recomputing: it replays, in order, the
+        calls made since the previous backward, instead of drawing new ones."""
+        if not _in_backward():
+            if self._qn_replay is not None:  # first forward after a backward that re-ran this layer
+                self._qn_replay, self._qn_phase = None, self.qn_calls
+            call = self.qn_calls
+            self.qn_calls += 1
+            self.qn_step += 1
+        else:
+            task = torch._C._current_graph_task_id()
+            if self._qn_replay is None or self._qn_replay[0] != task:
+                self._qn_replay = [task, self._qn_phase]
+            call = min(self._qn_replay[1], max(self.qn_calls - 1, 0))
+            self._qn_replay[1] += 1
+        return _mix(self.qn_cfg.seed, _stable_hash(self.qn_name), self.qn_update, call)
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device)
-        seed = (self.qn_cfg.seed * 1_000_003 + _stable_hash(self.qn_name)) * 1_000_033 + self.qn_step
-        return self._gen.manual_seed(seed % (2**63))
+        return self._gen.manual_seed(seed)
+
 
     def noisy(self, w: Tensor, p: float, rows: Optional[Tensor] = None) -> Tensor:
         """``w`` (rows of this layer's weight: all of them, or those indexed by ``rows``) with a
@@ -134,36 +183,40 @@ class QuantNoiseMixin:
         cfg, bs = self.qn_cfg, self.qn_cfg.block_size
         with torch.no_grad():
             wd = w.detach()
-            n_rows, nb, gen = w.shape[0], w[0].numel() // bs, self._generator(w.device)
+            n_rows, nb = w.shape[0], w[0].numel() // bs
+            original = self.training and not _in_backward()  # not a checkpointing recompute
+            refresh = original and self.qn_step % cfg.refresh_every == 0
+            seed = self._next_key() if self.training else _mix(cfg.seed, _stable_hash(self.qn_name), self.qn_update,
+                                                               self.qn_calls)
+            gen = self._generator(w.device, seed)
             if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p)
                 self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, w.dtype, out=self.qn_mask)
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
             elif cfg.scheme == "scalar":
                 self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
-                scale, zero = self._scalar_qparams(wd)
+                scale, zero = self._scalar_qparams(wd, observe=original)
                 out = QF.scalar_blocks(wd, self.qn_mask, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity,
                                        cfg.group_size, bs)
             else:
                 self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
-                centroids, codes = self._codebook()
+                centroids, codes = self._codebook(refresh)
                 if rows is not None:  # codes of the looked-up rows only
                     codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)
                 out = QF.pq_blocks(wd, self.qn_mask, centroids.to(wd.dtype), codes, bs)
-        if self.training:
-            self.qn_step += 1
         return QF.straight_through(w, out)
 
-    def _scalar_qparams(self, w: Tensor):
+    def _scalar_qparams(self, w: Tensor, observe: bool):
         cfg = self.qn_cfg
         src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
         lo, hi = QF.minmax(src, cfg.granularity, cfg.group_size)
         if cfg.observer == "ema":
-            lo, hi = self._ema(lo, hi)
+            lo, hi = self._ema(lo, hi, observe)
         return QF.scalar_qparams(lo, hi, cfg.bits, cfg.symmetric)
 
-    def _ema(self, lo: Tensor, hi: Tensor):
-        """Exponential moving average of the range, updated on training forwards only."""
-        if self.training:
+    def _ema(self, lo: Tensor, hi: Tensor, observe: bool):
+        """Exponential moving average of the range, updated on training forwards only (not when
+        activation checkpointing re-runs one: that forward must see the range the original saw)."""
+        if observe:
             if self.qn_lo is None:
                 self.qn_lo, self.qn_hi = lo.clone(), hi.clone()
             else:
@@ -171,13 +224,12 @@ class QuantNoiseMixin:
                 self.qn_hi.lerp_(hi, self.qn_cfg.ema_momentum)
         return (lo, hi) if self.qn_lo is None else (self.qn_lo, self.qn_hi)
 
-    def _codebook(self):
+    def _codebook(self, refresh: bool = False):
         """(centroids (k, bs), codes (n_blocks,) uint8/int16/int32): k-means of the current weight
-        blocks, rebuilt every ``refresh_every`` training forwards; every block keeps the centroid it
-        was nearest to at the last refresh (the assignment iPQ fine-tuning also keeps fixed)."""
+        blocks, rebuilt every ``refresh_every`` training forwards (``refresh``); every block keeps the
+        centroid it was nearest to at the last refresh (the assignment iPQ fine-tuning also keeps fixed)."""
         cfg = self.qn_cfg
-        stale = self.training and self.qn_step % cfg.refresh_every == 0
-        if self.qn_codebook is None or stale:
+        if self.qn_codebook is None or (self.training and refresh):
             w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
             k = min(cfg.n_centroids, w.shape[0])
             if k < cfg.n_centroids and self.qn_codebook is None:

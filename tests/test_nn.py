@@ -212,14 +212,77 @@ def test_state_dict_keys_and_values_load_both_ways():
 
 
 def test_resume_continues_the_mask_sequence():
+    """Masks are keyed on (update, forward within the update): a run that reports its updates with
+    set_num_updates (fairseq does, before every micro-batch and after loading a checkpoint) replays
+    the same masks after a resume, whatever number of micro-batches per update."""
     x = torch.eye(32)
+
+    def run(layer, updates, micro=2):
+        outs = []
+        for u in updates:
+            layer.set_num_updates(u)
+            outs += [layer(x) for _ in range(micro)]
+        return outs
+
     ran = wrap(nn.Linear(32, 16, bias=False), cfg(scheme="drop", p=0.5))
-    for _ in range(7):
-        ran(x)
+    whole = run(ran, range(5))
     resumed = wrap(nn.Linear(32, 16, bias=False), cfg(scheme="drop", p=0.5))
     resumed.load_state_dict(ran.state_dict())
-    resumed.set_num_updates(7)  # what fairseq's trainer does after loading a checkpoint
-    assert torch.equal(ran(x), resumed(x))
+    resumed.set_num_updates(3)  # what fairseq's trainer does after loading a checkpoint
+    tail = run(resumed, range(3, 5))
+    assert all(torch.equal(a, b) for a, b in zip(whole[6:], tail))
+    assert len({tuple(o.flatten().tolist()) for o in whole}) == len(whole)  # every micro-batch its own mask
+
+
+def test_without_set_num_updates_masks_change_every_training_forward():
+    lin = nn.Linear(32, 16, bias=False)
+    qn = wrap(lin, cfg(scheme="drop", p=0.5))
+    outs = [qn(torch.eye(32)) for _ in range(4)]
+    qn.eval()
+    qn(torch.eye(32))  # eval forwards do not advance the sequence
+    qn.train()
+    outs.append(qn(torch.eye(32)))
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 5
+    again = wrap(lin, cfg(scheme="drop", p=0.5))
+    assert all(torch.equal(a, again(torch.eye(32))) for a in outs)
+
+
+def _two_layer(c, checkpoint=None):
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 32), nn.Linear(32, 8)
+    qa, qb = wrap(a, c, "a"), wrap(b, c, "b")
+
+    def forward(x):
+        block = lambda t: qb(torch.relu(qa(t)))  # noqa: E731
+        return block(x) if checkpoint is None else torch.utils.checkpoint.checkpoint(block, x, use_reentrant=checkpoint)
+
+    return forward, (qa, qb)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(map(str, s.values())))
+def test_activation_checkpointing_recompute_reuses_the_mask(scheme, reentrant):
+    """torch.utils.checkpoint re-runs the forward inside backward: it must see the same masks,
+    so gradients equal those without checkpointing, micro-batch after micro-batch."""
+    c = cfg(**{**scheme, "p": 0.5})
+    x = torch.randn(6, 16, requires_grad=True)
+    grads = []
+    for ckpt in (None, reentrant):
+        forward, layers = _two_layer(c, ckpt)
+        got = []
+        for update in range(2):
+            for m in layers:
+                m.set_num_updates(update)
+            for _ in range(2):  # two micro-batches per update
+                x.grad = None
+                forward(x).pow(2).sum().backward()
+                got.append([x.grad.clone()] + [m.weight.grad.clone() for m in layers])
+                for m in layers:
+                    m.weight.grad = None
+        grads.append(got)
+    plain, ckpt = grads
+    assert all(torch.equal(g, h) for gs, hs in zip(plain, ckpt) for g, h in zip(gs, hs))
+    assert not torch.equal(plain[0][0], plain[1][0])  # the two micro-batches did draw different masks
 
 
 # --------------------------------------------------------- attention with bias_kv (issue 13.13)
