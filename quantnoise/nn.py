@@ -20,6 +20,8 @@ counts the training forwards since that number changed.  So a resumed fairseq ru
 masks whatever ``--update-freq``, and without ``set_num_updates`` every training forward gets a
 new mask.  A forward that activation checkpointing re-runs inside backward replays the keys of the
 forwards since the previous backward, in order, so it sees the masks of the original forward.
+Embedding masks are hashed per (key, row, block) (``functional.hashed_block_mask``), so a
+vocabulary row gets the same mask whichever batch looks it up.
 """
 from __future__ import annotations
 
@@ -176,6 +178,13 @@ class QuantNoiseMixin:
             self._gen = torch.Generator(device=device)
         return self._gen.manual_seed(seed)
 
+    def _block_mask(self, seed: int, n_rows: int, nb: int, p: float, device, rows: Optional[Tensor]) -> Tensor:
+        """(n_rows, nb) bool, True = noise this block."""
+        return QF.block_mask(n_rows, nb, p, self._generator(device, seed), device, out=self.qn_mask)
+
+    def _drop_factors(self, seed: int, n_rows: int, nb: int, p: float, w: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """(n_rows, nb) factors of drop noise: 0 (dropped) or 1/(1-p)."""
+        return QF.drop_factors(n_rows, nb, p, self._generator(w.device, seed), w.device, w.dtype, out=self.qn_mask)
 
     def noisy(self, w: Tensor, p: float, rows: Optional[Tensor] = None) -> Tensor:
         """``w`` (rows of this layer's weight: all of them, or those indexed by ``rows``) with a
@@ -188,17 +197,16 @@ class QuantNoiseMixin:
             refresh = original and self.qn_step % cfg.refresh_every == 0
             seed = self._next_key() if self.training else _mix(cfg.seed, _stable_hash(self.qn_name), self.qn_update,
                                                                self.qn_calls)
-            gen = self._generator(w.device, seed)
             if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p)
-                self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, w.dtype, out=self.qn_mask)
+                self.qn_mask = self._drop_factors(seed, n_rows, nb, p, w, rows)
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
             elif cfg.scheme == "scalar":
-                self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
+                self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
                 scale, zero = self._scalar_qparams(wd, observe=original)
                 out = QF.scalar_blocks(wd, self.qn_mask, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity,
                                        cfg.group_size, bs)
             else:
-                self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
+                self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
                 centroids, codes = self._codebook(refresh)
                 if rows is not None:  # codes of the looked-up rows only
                     codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)
@@ -273,7 +281,17 @@ class QNLinear(QuantNoiseMixin, nn.Linear):
 @register_wrapper(nn.Embedding)
 class QNEmbedding(QuantNoiseMixin, nn.Embedding):
     """Noises only the rows the batch looks up (each distinct row once, so a repeated id sees the
-    same noise); per-tensor scalar scales still come from the whole table."""
+    same noise); per-tensor scalar scales still come from the whole table.  A row's mask is hashed
+    from (seed, layer, update, call, row), so it does not depend on the batch: every rank (and
+    every batch) noises a vocabulary row the same way at the same step."""
+
+    def _block_mask(self, seed: int, n_rows: int, nb: int, p: float, device, rows: Optional[Tensor]) -> Tensor:
+        rows = torch.arange(n_rows, device=device) if rows is None else rows
+        return QF.hashed_block_mask(seed, rows, nb, p)
+
+    def _drop_factors(self, seed: int, n_rows: int, nb: int, p: float, w: Tensor, rows: Optional[Tensor]) -> Tensor:
+        keep = ~self._block_mask(seed, n_rows, nb, p, w.device, rows)
+        return keep.to(w.dtype).mul_(1.0 / (1.0 - p))
 
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         super()._init_noise(cfg, name)

@@ -285,6 +285,79 @@ def test_activation_checkpointing_recompute_reuses_the_mask(scheme, reentrant):
     assert not torch.equal(plain[0][0], plain[1][0])  # the two micro-batches did draw different masks
 
 
+# ------------------------------------------------------------- embedding masks (issue 13.4)
+def test_embedding_row_mask_does_not_depend_on_the_batch():
+    """A vocabulary row's mask is a function of (seed, layer, step, row) only: two batches sharing
+    the row (as two ranks would) noise it identically at the same step, and the whole table agrees."""
+    c = cfg(scheme="drop", p=0.5)
+    emb = nn.Embedding(64, 16)
+    qa, qb, qall = wrap(emb, c, "emb"), wrap(emb, c, "emb"), wrap(emb, c, "emb")
+    a, b = torch.tensor([[40, 3, 9]]), torch.tensor([[1, 2, 5, 7, 9, 11, 40, 63]])
+    seen = []
+    for step in range(4):
+        torch.manual_seed(step)  # the global RNG (different on every rank) must not matter
+        oa, ob, oall = qa(a), qb(b), qall(torch.arange(64))
+        assert torch.equal(oa[0, 0], ob[0, 6]) and torch.equal(oa[0, 2], ob[0, 4])  # rows 40 and 9
+        assert torch.equal(oa[0], oall[a[0]]) and torch.equal(ob[0], oall[b[0]])
+        seen.append(oall)
+    assert not torch.equal(seen[0], seen[1])  # ...and it changes with the step
+    dropped = torch.stack([(QF.blocks(o, 4) == 0).all(-1) for o in seen])  # (4, 64, 4)
+    assert 0.4 < dropped.float().mean() < 0.6
+
+
+def test_embedding_scale_grad_by_freq_uses_the_same_row_masks():
+    c = cfg(scheme="drop", p=0.5)
+    emb = nn.Embedding(64, 16)
+    freq = nn.Embedding(64, 16, scale_grad_by_freq=True)
+    freq.load_state_dict(emb.state_dict())
+    ids = torch.tensor([5, 9, 5, 60])
+    assert torch.equal(wrap(emb, c, "emb")(ids), wrap(freq, c, "emb")(ids))
+
+
+RANK_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from torch import nn
+from quantnoise import QuantNoiseConfig
+from quantnoise.nn import QNEmbedding
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+torch.manual_seed(rank)  # ranks differ in everything but the noise config and the weights
+emb = nn.Embedding(1000, 32)
+with torch.no_grad():
+    emb.weight.copy_(torch.arange(32000.).view(1000, 32))
+qn = QNEmbedding.from_float(emb, QuantNoiseConfig(scheme="drop", p=0.5, block_size=4, seed=7), "embed_tokens")
+shared = torch.tensor([17, 500, 999])
+for step in range(3):
+    own = torch.randint(0, 1000, (2, 50))  # each rank its own batch, holding the shared rows
+    ids = torch.cat([own[:, :20], shared.expand(2, 3), own[:, 20:]], 1)[:, torch.randperm(53)]
+    out = qn(ids)
+    rows = torch.stack([out[ids == r][0] for r in shared])
+    both = [torch.empty_like(rows) for _ in range(2)]
+    dist.all_gather(both, rows)
+    assert torch.equal(both[0], both[1]), f"step {step}: ranks noise shared rows differently"
+    assert (rows == 0).any() and (rows != 0).any()
+print("rank", rank, "ok")
+"""
+
+
+@pytest.mark.slow  # two processes importing torch: seconds on an idle machine, more on a loaded one
+def test_embedding_masks_identical_on_two_gloo_ranks_with_different_batches(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for r in (0, 1)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    assert all(f"rank {r} ok" in log for r, log in enumerate(logs))
+
+
 # --------------------------------------------------------- attention with bias_kv (issue 13.13)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_multihead_attention_with_bias_kv_and_zero_attn(batch_first):
