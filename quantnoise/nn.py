@@ -83,6 +83,13 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _keeps_fused_paths_off(module, args) -> None:
+    """A no-op forward pre-hook on wrappers that quantize in eval: torch's fused encoder kernels
+    (nn.TransformerEncoderLayer / TransformerEncoder in eval under no_grad) read the raw weights,
+    and torch takes the module path instead whenever a submodule has a hook."""
+    return None
+
+
 class QuantNoiseMixin:
     """Shared noise machinery; the subclass supplies ``forward`` and ``_plain_kwargs``."""
 
@@ -98,12 +105,18 @@ class QuantNoiseMixin:
         self.qn_calls = 0  # training forwards since qn_update changed
         self._qn_phase = 0  # qn_calls at the first forward after the last backward that re-ran this layer
         self._qn_replay: Optional[list] = None  # [graph task, next call] while a backward re-runs forwards
+        self._qn_codebook_of = None  # (weight storage, version, qn_step) the training codebook was built on
+        self._qn_eval_of = None  # the same for the eval codebook
         self._gen: Optional[torch.Generator] = None
         self.register_buffer("qn_codebook", None, persistent=False)
         self.register_buffer("qn_codes", None, persistent=False)
         self.register_buffer("qn_mask", None, persistent=False)
         self.register_buffer("qn_lo", None, persistent=False)
         self.register_buffer("qn_hi", None, persistent=False)
+        self.register_buffer("qn_eval_codebook", None, persistent=False)
+        self.register_buffer("qn_eval_codes", None, persistent=False)
+        if cfg.eval_quantized:
+            self.register_forward_pre_hook(_keeps_fused_paths_off)
         row = self.weight[0].numel()
         if row % cfg.block_size:
             raise ValueError(
@@ -148,6 +161,11 @@ class QuantNoiseMixin:
         if num_updates != self.qn_update:
             self.qn_update, self.qn_calls, self._qn_phase, self._qn_replay = num_updates, 0, 0, None
         self.qn_step = max(self.qn_step, num_updates)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # codebooks and observed ranges describe the old weights: rebuild them from the new ones
+        self.qn_codebook = self.qn_codes = self.qn_lo = self.qn_hi = self.qn_eval_codebook = self.qn_eval_codes = None
 
     # ---------------------------------------------------------------- noise
     def _active_p(self) -> float:
@@ -233,20 +251,36 @@ class QuantNoiseMixin:
         return (lo, hi) if self.qn_lo is None else (self.qn_lo, self.qn_hi)
 
     def _codebook(self, refresh: bool = False):
-        """(centroids (k, bs), codes (n_blocks,) uint8/int16/int32): k-means of the current weight
-        blocks, rebuilt every ``refresh_every`` training forwards (``refresh``); every block keeps the
-        centroid it was nearest to at the last refresh (the assignment iPQ fine-tuning also keeps fixed)."""
+        """(centroids (k, bs), codes (n_blocks,) uint8/int16/int32): k-means of the weight blocks.
+
+        Training: rebuilt every ``refresh_every`` training forwards (``refresh``); in between every
+        block keeps the centroid it was nearest to at the last refresh (the assignment iPQ
+        fine-tuning also keeps fixed).  Eval (``eval_quantized``): a codebook of the current
+        weights, rebuilt when they changed since the last one, i.e. when the weight's storage or
+        version counter (bumped by in-place writes to the Parameter: torch optimizers,
+        load_state_dict) or the training forward count (fairseq's optimizers write ``p.data``,
+        after a training forward) moved; it is kept apart, so evaluating never changes training."""
+        stamp = (self.weight.data_ptr(), self.weight._version, self.qn_step)
+        if self.training or self.qn_codebook is not None and stamp == self._qn_codebook_of:
+            if self.qn_codebook is None or (self.training and refresh):
+                self.qn_codebook, self.qn_codes = self._kmeans()
+                self._qn_codebook_of = stamp
+            return self.qn_codebook, self.qn_codes
+        if self.qn_eval_codebook is None or stamp != self._qn_eval_of:
+            self.qn_eval_codebook, self.qn_eval_codes = self._kmeans()
+            self._qn_eval_of = stamp
+        return self.qn_eval_codebook, self.qn_eval_codes
+
+    def _kmeans(self):
         cfg = self.qn_cfg
-        if self.qn_codebook is None or (self.training and refresh):
-            w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
-            k = min(cfg.n_centroids, w.shape[0])
-            if k < cfg.n_centroids and self.qn_codebook is None:
-                logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)
-            seed = cfg.seed + _stable_hash(self.qn_name) + self.qn_step // cfg.refresh_every
-            centroids, codes = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
-            code_dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
-            self.qn_codebook, self.qn_codes = centroids, codes.to(code_dtype)
-        return self.qn_codebook, self.qn_codes
+        w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
+        k = min(cfg.n_centroids, w.shape[0])
+        if k < cfg.n_centroids and self.qn_codebook is None and self.qn_eval_codebook is None:
+            logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)
+        seed = cfg.seed + _stable_hash(self.qn_name) + self.qn_step // cfg.refresh_every
+        centroids, codes = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
+        code_dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
+        return centroids, codes.to(code_dtype)
 
     def extra_repr(self) -> str:
         c = self.qn_cfg
@@ -334,7 +368,9 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
     ``in_proj_weight`` (blocks along E) and, when ``out_proj`` is itself wrapped, asks it for its
     noisy weight, then calls ``F.multi_head_attention_forward`` with both.  Needs q/k/v of the
     same size (kdim = vdim = embed_dim), the packed layout; ``bias_k``/``bias_v`` (add_bias_kv)
-    and ``add_zero_attn`` are carried over."""
+    and ``add_zero_attn`` are carried over.  With ``eval_quantized``, torch's fused encoder path
+    is kept off (see ``_keeps_fused_paths_off``) and the nested tensors nn.TransformerEncoder
+    then hands its layers (eval, padding mask) are run padded."""
 
     @property
     def weight(self) -> nn.Parameter:  # the mixin's "weight": the packed input projection
@@ -373,6 +409,9 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
         if p == 0.0 and out_p == 0.0:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if query.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        average_attn_weights, is_causal)
         in_w = self.noisy(self.in_proj_weight, p) if p > 0.0 else self.in_proj_weight
         out_w = out_proj.noisy(out_proj.weight, out_p) if out_p > 0.0 else out_proj.weight
         swap = self.batch_first and query.dim() == 3
@@ -384,6 +423,21 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal)
         return (out.transpose(0, 1) if swap else out), weights
+
+    def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                        is_causal):
+        """Self-attention on a nested (B, T_i, E) tensor, run padded with the matching key padding
+        mask; returns a nested tensor like torch's fused path does."""
+        if not (query is key is value and key_padding_mask is None and self.batch_first):
+            raise ValueError(f"layer '{self.qn_name}': a nested tensor is accepted only as batch_first self-attention "
+                             f"without key_padding_mask (what nn.TransformerEncoder passes); pass a padded tensor "
+                             f"and key_padding_mask instead")
+        lengths = [t.shape[0] for t in query.unbind()]
+        x = torch.nested.to_padded_tensor(query, 0.0)  # (B, T, E)
+        pad = torch.arange(x.shape[1], device=x.device) >= torch.tensor(lengths, device=x.device).unsqueeze(1)  # (B, T)
+        out, weights = self.forward(x, x, x, key_padding_mask=pad, need_weights=need_weights, attn_mask=attn_mask,
+                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return torch.nested.as_nested_tensor([o[:n] for o, n in zip(out, lengths)]), weights
 
 
 def _mha_kwargs(m: nn.MultiheadAttention) -> dict:

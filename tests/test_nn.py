@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantnoise import QNConv2d, QuantNoiseConfig, quantize_, unquantize_
+from quantnoise.nn import QuantNoiseMixin
 from quantnoise import functional as QF
 
 SCHEMES = [dict(scheme="drop"), dict(scheme="scalar", bits=8), dict(scheme="scalar", bits=4, symmetric=False),
@@ -202,13 +203,18 @@ def test_ema_observer_tracks_range_slowly():
 
 def test_state_dict_keys_and_values_load_both_ways():
     lin = nn.Linear(16, 8)
-    qn = wrap(lin, cfg(scheme="pq", p=0.5, n_centroids=8))
-    qn(torch.randn(2, 16))  # creates the (non-persistent) codebook
+    qn = wrap(lin, cfg(scheme="pq", p=1.0, n_centroids=8))
+    x = torch.randn(2, 16)
+    qn(x)  # creates the (non-persistent) codebook
     assert qn.state_dict().keys() == lin.state_dict().keys()
     fresh = nn.Linear(16, 8)
-    fresh.load_state_dict(qn.state_dict())
-    qn.load_state_dict(nn.Linear(16, 8).state_dict())
-    assert torch.equal(fresh.weight, lin.weight)
+    fresh.load_state_dict(qn.state_dict())  # wrapper -> plain
+    assert all(torch.equal(fresh.state_dict()[k], lin.state_dict()[k]) for k in ("weight", "bias"))
+    other = nn.Linear(16, 8)
+    qn.load_state_dict(other.state_dict())  # plain -> wrapper
+    assert all(torch.equal(qn.state_dict()[k], other.state_dict()[k]) for k in ("weight", "bias"))
+    # ...and the noise follows the loaded weights: p=1 pq is the codebook of *these* weights
+    assert torch.equal(qn(x), wrap(other, cfg(scheme="pq", p=1.0, n_centroids=8))(x))
 
 
 def test_resume_continues_the_mask_sequence():
@@ -283,6 +289,66 @@ def test_activation_checkpointing_recompute_reuses_the_mask(scheme, reentrant):
     plain, ckpt = grads
     assert all(torch.equal(g, h) for gs, hs in zip(plain, ckpt) for g, h in zip(gs, hs))
     assert not torch.equal(plain[0][0], plain[1][0])  # the two micro-batches did draw different masks
+
+
+# ------------------------------------------------------------------ eval_quantized (issue 13.3)
+def test_pq_eval_quantized_uses_a_codebook_of_the_current_weights():
+    """Validation between training steps sees the codebook of the weights it evaluates, whether the
+    optimizer wrote the Parameter (torch optimizers) or its ``.data`` (fairseq's); training keeps its
+    own codebook, so evaluating does not change the training run."""
+    c = cfg(scheme="pq", p=0.5, n_centroids=8, refresh_every=1000, eval_quantized=True)
+    lin, x = nn.Linear(16, 24), torch.randn(5, 16)
+    qn, twin = wrap(lin, c), wrap(lin, c)
+    opt = torch.optim.SGD(qn.parameters(), lr=0.5)
+    for write in ("param", "data"):
+        qn.train()
+        qn(x).pow(2).sum().backward()
+        if write == "param":
+            opt.step()
+        else:
+            with torch.no_grad():
+                qn.weight.data.add_(qn.weight.grad, alpha=-0.5)  # fairseq's optimizers write p.data
+        opt.zero_grad()
+        qn.eval()
+        now = nn.Linear(16, 24)
+        now.load_state_dict(qn.state_dict())
+        assert torch.equal(qn(x), wrap(now, c).eval()(x)), write  # k-means of the current weights
+        assert not torch.equal(qn(x), now(x))
+    qn.train()
+    twin.train()
+    twin.load_state_dict(qn.state_dict())
+    twin.qn_codebook, twin.qn_codes = qn.qn_codebook, qn.qn_codes  # the codebook training built
+    twin.qn_step, twin.qn_calls = qn.qn_step, qn.qn_calls
+    assert torch.equal(qn(x), twin(x))  # evaluating did not replace the training codebook
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # torch's own, from TransformerEncoder
+@pytest.mark.parametrize("include", [None, "linear", "self_attn"])
+def test_eval_quantized_reaches_torch_fused_encoder_fast_path(include):
+    """nn.TransformerEncoderLayer / TransformerEncoder in eval under no_grad run one fused kernel on
+    the raw weights; with eval_quantized the wrappers must still be used (with a padding mask
+    TransformerEncoder hands its layers nested tensors)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    raw = copy.deepcopy(enc)
+    quantize_(enc, QuantNoiseConfig(scheme="scalar", p=0.5, bits=4, block_size=4, eval_quantized=True,
+                                    include=include))
+    ref = copy.deepcopy(raw)  # the plain encoder (fused path) with the selected weights on the int4 grid
+    with torch.no_grad():
+        for n, m in enc.named_modules():
+            if isinstance(m, QuantNoiseMixin):
+                name = "in_proj_weight" if isinstance(m, nn.MultiheadAttention) else "weight"
+                ref.get_submodule(n).get_parameter(name).copy_(ref_channel_int(m.weight, 4))
+    x = torch.randn(3, 6, 32)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:], pad[2, 2:] = True, True
+    with torch.no_grad():
+        got = enc.layers[0](x)
+        torch.testing.assert_close(got, ref.layers[0](x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, raw.layers[0](x), atol=1e-3)  # the quantization is visible
+        got, want = enc(x, src_key_padding_mask=pad), ref(x, src_key_padding_mask=pad)
+        torch.testing.assert_close(got[~pad], want[~pad], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------- embedding masks (issue 13.4)
