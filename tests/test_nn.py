@@ -94,9 +94,11 @@ def test_pq_selected_blocks_lie_on_a_centroid():
 def test_drop_zeroes_blocks_and_rescales_the_rest():
     lin = nn.Linear(32, 16, bias=False)
     qn = wrap(lin, cfg(scheme="drop", p=0.25))
-    w_eff = QF.blocks(qn(torch.eye(32)).t(), 4)
+    w_eff = QF.blocks(qn(torch.eye(32)).t(), 4)  # (16, 8, 4): 128 blocks
     zero = (w_eff == 0).all(-1)
+    assert 0.1 < zero.float().mean() < 0.4  # about p of the blocks dropped: neither none nor all
     assert torch.equal(w_eff[~zero], QF.blocks(lin.weight.detach() * (1 / 0.75), 4)[~zero])
+    assert ((w_eff == 0).any(-1) == zero).all()  # a block is dropped whole or not at all
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(map(str, s.values())))
