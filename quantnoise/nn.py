@@ -159,7 +159,8 @@ class QuantNoiseMixin:
         draws the masks the uninterrupted run drew, whatever its number of micro-batches."""
         num_updates = int(num_updates)
         if num_updates != self.qn_update:
-            self.qn_update, self.qn_calls, self._qn_phase, self._qn_replay = num_updates, 0, 0, None
+            self.qn_update, self.qn_calls = num_updates, 0
+        self._qn_phase, self._qn_replay = self.qn_calls, None  # a new micro-batch starts here
         self.qn_step = max(self.qn_step, num_updates)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
