@@ -53,6 +53,35 @@ def block_mask(n_rows: int, n_blocks: int, p: float, generator: torch.Generator,
     return out.bernoulli_(p, generator=generator)
 
 
+def _int64(v: int) -> int:
+    """The signed int64 with the same 64 bits as ``v``."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GAMMA, _M1, _M2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _splitmix64_(x: Tensor) -> Tensor:
+    """SplitMix64's finalizer, in place on an int64 tensor (wrapping products, logical shifts)."""
+    x.bitwise_xor_(x.bitwise_right_shift(30).bitwise_and_((1 << 34) - 1)).mul_(_M1)
+    x.bitwise_xor_(x.bitwise_right_shift(27).bitwise_and_((1 << 37) - 1)).mul_(_M2)
+    return x.bitwise_xor_(x.bitwise_right_shift(31).bitwise_and_((1 << 33) - 1))
+
+
+def hashed_block_mask(seed: int, rows: Tensor, n_blocks: int, p: float) -> Tensor:
+    """Bernoulli(p) block selection for the given ``rows`` of a table, (len(rows), n_blocks) bool,
+    as a counter-based hash of (seed, row, block): block ``i = row * n_blocks + block`` is selected
+    when SplitMix64(seed + i * gamma), read as a signed int64, is below the p-quantile.  A row's mask
+    does not depend on which other rows are drawn with it (embedding rows looked up by different
+    batches or ranks agree); the cost is ~12 integer ops per drawn block, nothing for other rows."""
+    if p >= 1.0:
+        return torch.ones(rows.shape[0], n_blocks, dtype=torch.bool, device=rows.device)
+    per_block = torch.arange(n_blocks, device=rows.device, dtype=torch.int64).mul_(_GAMMA).add_(_int64(seed))
+    state = (rows.to(torch.int64) * _int64(n_blocks * _GAMMA)).unsqueeze(1) + per_block  # (n, nb)
+    return _splitmix64_(state) < _int64((1 << 63) + round(p * 2.0**64))  # P(uniform int64 < t) = p
+
+
 def replace_blocks(w: Tensor, mask: Tensor, block_size: int, values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """A copy of w whose selected blocks are ``values(flat_blocks (N, bs), selected_index (n,))``,
     shaped (n, bs), in any float dtype (cast back to w's with ``saturate``).  Only the selected blocks

@@ -10,9 +10,18 @@ What a block is, per layer (always ``block_size`` contiguous entries of a row of
     of input channels.
 
 Noise never writes the parameter: each forward builds a new weight tensor (fairseq's hook
-overwrites ``weight.data``).  Masks come from a per-layer generator seeded with
-(cfg.seed, layer name, step), so runs repeat exactly and successive steps differ.  Observer and
-codebook state are non-persistent buffers: state dicts have exactly the plain layer's keys.
+overwrites ``weight.data``).  Observer and codebook state are non-persistent buffers: state dicts
+have exactly the plain layer's keys.
+
+Masks are a function of (cfg.seed, layer name, update, call) only, never of the rank, the batch
+or the global RNG: ``update`` is the last number given to ``set_num_updates`` (fairseq calls it
+before every micro-batch and after loading a checkpoint; 0 when nobody calls it) and ``call``
+counts the training forwards since that number changed.  So a resumed fairseq run replays its
+masks whatever ``--update-freq``, and without ``set_num_updates`` every training forward gets a
+new mask.  A forward that activation checkpointing re-runs inside backward replays the keys of the
+forwards since the previous backward, in order, so it sees the masks of the original forward.
+Embedding masks are hashed per (key, row, block) (``functional.hashed_block_mask``), so a
+vocabulary row gets the same mask whichever batch looks it up.
 
 dtypes: the noised weight has the parameter's dtype (fp32, fp16, bf16); the arithmetic behind it
 (scales, drop factors, k-means) runs in fp32 and is cast back saturating (quantnoise.functional).
@@ -66,6 +75,29 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def _mix(*values: int) -> int:
+    """A 63-bit seed from non-negative ints (splitmix64 chained over the values)."""
+    h = 0
+    for v in values:
+        h = (h ^ v) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
+
+
+def _in_backward() -> bool:
+    """Whether we run inside autograd's backward (where activation checkpointing re-runs forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _keeps_fused_paths_off(module, args) -> None:
+    """A no-op forward pre-hook on wrappers that quantize in eval: torch's fused encoder kernels
+    (nn.TransformerEncoderLayer / TransformerEncoder in eval under no_grad) read the raw weights,
+    and torch takes the module path instead whenever a submodule has a hook."""
+    return None
+
+
 class QuantNoiseMixin:
     """Shared noise machinery; the subclass supplies ``forward`` and ``_plain_kwargs``."""
 
@@ -76,7 +108,13 @@ class QuantNoiseMixin:
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         self.qn_cfg = cfg
         self.qn_name = name
-        self.qn_step = 0  # training forwards seen; drives masks and codebook refreshes
+        self.qn_step = 0  # training forwards seen; drives pq codebook refreshes
+        self.qn_update = 0  # last set_num_updates value: with qn_calls, the key of the masks
+        self.qn_calls = 0  # training forwards since qn_update changed
+        self._qn_phase = 0  # qn_calls at the first forward after the last backward that re-ran this layer
+        self._qn_replay: Optional[list] = None  # [graph task, next call] while a backward re-runs forwards
+        self._qn_codebook_of = None  # (weight storage, version, qn_step) the training codebook was built on
+        self._qn_eval_of = None  # the same for the eval codebook
         self.qn_next_check = 0  # qn_step of the next non-finite weight check (drop/scalar)
         self._gen: Optional[torch.Generator] = None
         self.register_buffer("qn_codebook", None, persistent=False)
@@ -84,6 +122,10 @@ class QuantNoiseMixin:
         self.register_buffer("qn_mask", None, persistent=False)
         self.register_buffer("qn_lo", None, persistent=False)
         self.register_buffer("qn_hi", None, persistent=False)
+        self.register_buffer("qn_eval_codebook", None, persistent=False)
+        self.register_buffer("qn_eval_codes", None, persistent=False)
+        if cfg.eval_quantized:
+            self.register_forward_pre_hook(_keeps_fused_paths_off)
         row = self.weight[0].numel()
         if row % cfg.block_size:
             raise ValueError(
@@ -121,9 +163,19 @@ class QuantNoiseMixin:
         return plain.train(self.training)
 
     def set_num_updates(self, num_updates: int) -> None:
-        """fairseq calls this after every update (and on resume): a resumed run continues the mask
-        sequence instead of replaying it from step 0."""
-        self.qn_step = max(self.qn_step, int(num_updates))
+        """fairseq calls this before every micro-batch with the update number (and after loading a
+        checkpoint): masks are keyed on (update, forward within the update), so a resumed run
+        draws the masks the uninterrupted run drew, whatever its number of micro-batches."""
+        num_updates = int(num_updates)
+        if num_updates != self.qn_update:
+            self.qn_update, self.qn_calls = num_updates, 0
+        self._qn_phase, self._qn_replay = self.qn_calls, None  # a new micro-batch starts here
+        self.qn_step = max(self.qn_step, num_updates)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # codebooks and observed ranges describe the old weights: rebuild them from the new ones
+        self.qn_codebook = self.qn_codes = self.qn_lo = self.qn_hi = self.qn_eval_codebook = self.qn_eval_codes = None
 
     # ---------------------------------------------------------------- noise
     def _active_p(self) -> float:
@@ -131,11 +183,37 @@ class QuantNoiseMixin:
             return self.qn_cfg.p
         return 1.0 if self.qn_cfg.eval_quantized else 0.0
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _next_key(self) -> int:
+        """The mask seed of this training forward, from (cfg.seed, layer, update, call).  A forward
+        run inside backward is activation checkpointing recomputing: it replays, in order, the
+        calls made since the previous backward, instead of drawing new ones."""
+        if not _in_backward():
+            if self._qn_replay is not None:  # first forward after a backward that re-ran this layer
+                self._qn_replay, self._qn_phase = None, self.qn_calls
+            call = self.qn_calls
+            self.qn_calls += 1
+            self.qn_step += 1
+        else:
+            task = torch._C._current_graph_task_id()
+            if self._qn_replay is None or self._qn_replay[0] != task:
+                self._qn_replay = [task, self._qn_phase]
+            call = min(self._qn_replay[1], max(self.qn_calls - 1, 0))
+            self._qn_replay[1] += 1
+        return _mix(self.qn_cfg.seed, _stable_hash(self.qn_name), self.qn_update, call)
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device)
-        seed = (self.qn_cfg.seed * 1_000_003 + _stable_hash(self.qn_name)) * 1_000_033 + self.qn_step
-        return self._gen.manual_seed(seed % (2**63))
+        return self._gen.manual_seed(seed)
+
+    def _block_mask(self, seed: int, n_rows: int, nb: int, p: float, device, rows: Optional[Tensor]) -> Tensor:
+        """(n_rows, nb) bool, True = noise this block."""
+        return QF.block_mask(n_rows, nb, p, self._generator(device, seed), device, out=self.qn_mask)
+
+    def _drop_factors(self, seed: int, n_rows: int, nb: int, p: float, w: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """(n_rows, nb) factors of drop noise: 0 (dropped) or 1/(1-p)."""
+        return QF.drop_factors(n_rows, nb, p, self._generator(w.device, seed), w.device, QF.compute_dtype(w.dtype),
+                               out=self.qn_mask)
 
     def noisy(self, w: Tensor, p: float, rows: Optional[Tensor] = None) -> Tensor:
         """``w`` (rows of this layer's weight: all of them, or those indexed by ``rows``) with a
@@ -143,27 +221,28 @@ class QuantNoiseMixin:
         cfg, bs = self.qn_cfg, self.qn_cfg.block_size
         with torch.no_grad():
             wd = w.detach()
-            n_rows, nb, gen = w.shape[0], w[0].numel() // bs, self._generator(w.device)
-            if self.training and cfg.scheme != "pq" and self.qn_step >= self.qn_next_check:
+            n_rows, nb = w.shape[0], w[0].numel() // bs
+            original = self.training and not _in_backward()  # not a checkpointing recompute
+            refresh = original and self.qn_step % cfg.refresh_every == 0
+            seed = self._next_key() if self.training else _mix(cfg.seed, _stable_hash(self.qn_name), self.qn_update,
+                                                               self.qn_calls)
+            if original and cfg.scheme != "pq" and self.qn_step >= self.qn_next_check:
                 self._check_finite()  # pq checks at its codebook refresh
                 self.qn_next_check = self.qn_step + FINITE_CHECK_EVERY
             if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p), fp32
-                self.qn_mask = QF.drop_factors(n_rows, nb, p, gen, w.device, QF.compute_dtype(w.dtype),
-                                               out=self.qn_mask)
+                self.qn_mask = self._drop_factors(seed, n_rows, nb, p, w, rows)
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
             elif cfg.scheme == "scalar":
-                self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
-                scale, zero = self._scalar_qparams(wd)
+                self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
+                scale, zero = self._scalar_qparams(wd, observe=original)
                 out = QF.scalar_blocks(wd, self.qn_mask, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity,
                                        cfg.group_size, bs)
             else:
-                self.qn_mask = QF.block_mask(n_rows, nb, p, gen, w.device, out=self.qn_mask)
-                centroids, codes = self._codebook()
+                self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
+                centroids, codes = self._codebook(refresh)
                 if rows is not None:  # codes of the looked-up rows only
                     codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)
                 out = QF.pq_blocks(wd, self.qn_mask, centroids.to(wd.dtype), codes, bs)
-        if self.training:
-            self.qn_step += 1
         return QF.straight_through(w, out)
 
     def _check_finite(self) -> None:
@@ -177,18 +256,19 @@ class QuantNoiseMixin:
                 f"{bad} NaN/inf weights at step {self.qn_step}{big}: training diverged; lower the learning rate, "
                 f"clip gradients, or train with bf16/fp32 weights (--bf16, --amp), then resume from a good checkpoint")
 
-    def _scalar_qparams(self, w: Tensor):
+    def _scalar_qparams(self, w: Tensor, observe: bool):
         cfg = self.qn_cfg
         src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
         lo, hi = QF.minmax(src, cfg.granularity, cfg.group_size)
         lo, hi = lo.to(QF.compute_dtype(lo.dtype)), hi.to(QF.compute_dtype(hi.dtype))  # fp32 range and EMA state
         if cfg.observer == "ema":
-            lo, hi = self._ema(lo, hi)
+            lo, hi = self._ema(lo, hi, observe)
         return QF.scalar_qparams(lo, hi, cfg.bits, cfg.symmetric)
 
-    def _ema(self, lo: Tensor, hi: Tensor):
-        """Exponential moving average of the range, updated on training forwards only."""
-        if self.training:
+    def _ema(self, lo: Tensor, hi: Tensor, observe: bool):
+        """Exponential moving average of the range, updated on training forwards only (not when
+        activation checkpointing re-runs one: that forward must see the range the original saw)."""
+        if observe:
             if self.qn_lo is None:
                 self.qn_lo, self.qn_hi = lo.clone(), hi.clone()
             else:
@@ -198,24 +278,39 @@ class QuantNoiseMixin:
                 self.qn_hi.lerp_(hi, self.qn_cfg.ema_momentum)
         return (lo, hi) if self.qn_lo is None else (self.qn_lo, self.qn_hi)
 
-    def _codebook(self):
-        """(centroids (k, bs), codes (n_blocks,) uint8/int16/int32): k-means of the current weight
-        blocks, rebuilt every ``refresh_every`` training forwards; every block keeps the centroid it
-        was nearest to at the last refresh (the assignment iPQ fine-tuning also keeps fixed)."""
+    def _codebook(self, refresh: bool = False):
+        """(centroids (k, bs), codes (n_blocks,) uint8/int16/int32): k-means of the weight blocks.
+
+        Training: rebuilt every ``refresh_every`` training forwards (``refresh``); in between every
+        block keeps the centroid it was nearest to at the last refresh (the assignment iPQ
+        fine-tuning also keeps fixed).  Eval (``eval_quantized``): a codebook of the current
+        weights, rebuilt when they changed since the last one, i.e. when the weight's storage or
+        version counter (bumped by in-place writes to the Parameter: torch optimizers,
+        load_state_dict) or the training forward count (fairseq's optimizers write ``p.data``,
+        after a training forward) moved; it is kept apart, so evaluating never changes training."""
+        stamp = (self.weight.data_ptr(), self.weight._version, self.qn_step)
+        if self.training or self.qn_codebook is not None and stamp == self._qn_codebook_of:
+            if self.qn_codebook is None or (self.training and refresh):
+                self.qn_codebook, self.qn_codes = self._kmeans()
+                self._qn_codebook_of = stamp
+            return self.qn_codebook, self.qn_codes
+        if self.qn_eval_codebook is None or stamp != self._qn_eval_of:
+            self.qn_eval_codebook, self.qn_eval_codes = self._kmeans()
+            self._qn_eval_of = stamp
+        return self.qn_eval_codebook, self.qn_eval_codes
+
+    def _kmeans(self):
         cfg = self.qn_cfg
-        stale = self.training and self.qn_step % cfg.refresh_every == 0
-        if self.qn_codebook is None or stale:
-            if self.training:
-                self._check_finite()
-            w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
-            k = min(cfg.n_centroids, w.shape[0])
-            if k < cfg.n_centroids and self.qn_codebook is None:
-                logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)
-            seed = cfg.seed + _stable_hash(self.qn_name) + self.qn_step // cfg.refresh_every
-            centroids, codes = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
-            code_dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
-            self.qn_codebook, self.qn_codes = centroids, codes.to(code_dtype)
-        return self.qn_codebook, self.qn_codes
+        if self.training:
+            self._check_finite()
+        w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
+        k = min(cfg.n_centroids, w.shape[0])
+        if k < cfg.n_centroids and self.qn_codebook is None and self.qn_eval_codebook is None:
+            logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)
+        seed = cfg.seed + _stable_hash(self.qn_name) + self.qn_step // cfg.refresh_every
+        centroids, codes = kmeans(w, k, niter=cfg.kmeans_iters, seed=seed, name=f"layer '{self.qn_name}'")
+        code_dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
+        return centroids, codes.to(code_dtype)
 
     def extra_repr(self) -> str:
         c = self.qn_cfg
@@ -250,7 +345,17 @@ class QNLinear(QuantNoiseMixin, nn.Linear):
 @register_wrapper(nn.Embedding)
 class QNEmbedding(QuantNoiseMixin, nn.Embedding):
     """Noises only the rows the batch looks up (each distinct row once, so a repeated id sees the
-    same noise); per-tensor scalar scales still come from the whole table."""
+    same noise); per-tensor scalar scales still come from the whole table.  A row's mask is hashed
+    from (seed, layer, update, call, row), so it does not depend on the batch: every rank (and
+    every batch) noises a vocabulary row the same way at the same step."""
+
+    def _block_mask(self, seed: int, n_rows: int, nb: int, p: float, device, rows: Optional[Tensor]) -> Tensor:
+        rows = torch.arange(n_rows, device=device) if rows is None else rows
+        return QF.hashed_block_mask(seed, rows, nb, p)
+
+    def _drop_factors(self, seed: int, n_rows: int, nb: int, p: float, w: Tensor, rows: Optional[Tensor]) -> Tensor:
+        keep = ~self._block_mask(seed, n_rows, nb, p, w.device, rows)
+        return keep.to(QF.compute_dtype(w.dtype)).mul_(1.0 / (1.0 - p))
 
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         super()._init_noise(cfg, name)
@@ -292,7 +397,10 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
     ``out_proj.weight`` directly, so no Linear wrapper would ever run there.  This wrapper noises
     ``in_proj_weight`` (blocks along E) and, when ``out_proj`` is itself wrapped, asks it for its
     noisy weight, then calls ``F.multi_head_attention_forward`` with both.  Needs q/k/v of the
-    same size (kdim = vdim = embed_dim), the packed layout."""
+    same size (kdim = vdim = embed_dim), the packed layout; ``bias_k``/``bias_v`` (add_bias_kv)
+    and ``add_zero_attn`` are carried over.  With ``eval_quantized``, torch's fused encoder path
+    is kept off (see ``_keeps_fused_paths_off``) and the nested tensors nn.TransformerEncoder
+    then hands its layers (eval, padding mask) are run padded."""
 
     @property
     def weight(self) -> nn.Parameter:  # the mixin's "weight": the packed input projection
@@ -303,25 +411,21 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
         if not module._qkv_same_embed_dim:
             raise ValueError(f"layer '{name}' (MultiheadAttention with kdim/vdim != embed_dim): separate q/k/v "
                              f"weights are not supported; exclude it (its out_proj can still be noised)")
-        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
-                  batch_first=module.batch_first, device="meta")
+        new = cls(**_mha_kwargs(module), device="meta")
         for pname, param in module._parameters.items():
             new.register_parameter(pname, param)
         for mname, child in module._modules.items():
             setattr(new, mname, child)
-        new.add_zero_attn = module.add_zero_attn
         new.train(module.training)
         new._init_noise(cfg, name)
         return new
 
     def to_float(self) -> nn.MultiheadAttention:
-        plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout, batch_first=self.batch_first,
-                                      bias=self.in_proj_bias is not None, device="meta")
+        plain = nn.MultiheadAttention(**_mha_kwargs(self), device="meta")
         for pname, param in self._parameters.items():
             plain.register_parameter(pname, param)
         for mname, child in self._modules.items():
             setattr(plain, mname, child)
-        plain.add_zero_attn = self.add_zero_attn
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
@@ -335,13 +439,39 @@ class QNMultiheadAttention(QuantNoiseMixin, nn.MultiheadAttention):
         if p == 0.0 and out_p == 0.0:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if query.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        average_attn_weights, is_causal)
         in_w = self.noisy(self.in_proj_weight, p) if p > 0.0 else self.in_proj_weight
         out_w = out_proj.noisy(out_proj.weight, out_p) if out_p > 0.0 else out_proj.weight
-        if self.batch_first:  # (B, T, E) -> (T, B, E)
+        swap = self.batch_first and query.dim() == 3
+        if swap:  # (B, T, E) -> (T, B, E)
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         out, weights = F.multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, in_w, self.in_proj_bias, self.bias_k, self.bias_v,
             self.add_zero_attn, self.dropout, out_w, out_proj.bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal)
-        return (out.transpose(0, 1) if self.batch_first else out), weights
+        return (out.transpose(0, 1) if swap else out), weights
+
+    def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                        is_causal):
+        """Self-attention on a nested (B, T_i, E) tensor, run padded with the matching key padding
+        mask; returns a nested tensor like torch's fused path does."""
+        if not (query is key is value and key_padding_mask is None and self.batch_first):
+            raise ValueError(f"layer '{self.qn_name}': a nested tensor is accepted only as batch_first self-attention "
+                             f"without key_padding_mask (what nn.TransformerEncoder passes); pass a padded tensor "
+                             f"and key_padding_mask instead")
+        lengths = [t.shape[0] for t in query.unbind()]
+        x = torch.nested.to_padded_tensor(query, 0.0)  # (B, T, E)
+        pad = torch.arange(x.shape[1], device=x.device) >= torch.tensor(lengths, device=x.device).unsqueeze(1)  # (B, T)
+        out, weights = self.forward(x, x, x, key_padding_mask=pad, need_weights=need_weights, attn_mask=attn_mask,
+                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return torch.nested.as_nested_tensor([o[:n] for o, n in zip(out, lengths)]), weights
+
+
+def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
+    """Constructor arguments that rebuild ``m`` (packed q/k/v layout; weights excluded)."""
+    return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
+                add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, batch_first=m.batch_first,
+                dtype=m.in_proj_weight.dtype)

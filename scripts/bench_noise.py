@@ -10,7 +10,7 @@ one forward (torch profiler), minus the plain layer's, as a multiple of the weig
 fairseq's scalar path calls ``.cuda()``; inside this benchmark only, ``Tensor.cuda`` is a no-op so
 it runs on CPU.  fairseq's hook overwrites ``weight.data``; the weight is restored before each call.
 
-    .venv/bin/python scripts/bench_noise.py [--rounds 7] [--iters 3] [--markdown]
+    .venv/bin/python scripts/bench_noise.py [--rounds 7] [--iters 3] [--markdown] [--layer Embedding] [--ours-only]
 """
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def fairseq_int(layer):
     return m
 
 
-def cases(layer):
+def cases(layer, ours_only=False):
+    if ours_only:
+        return {k: v for k, v in cases(layer).items() if not k.startswith("fairseq")}
     return {
         "plain": copy.deepcopy(layer),
         "ours drop": ours(layer, scheme="drop"),
@@ -92,8 +94,8 @@ def bytes_allocated(m, x) -> int:
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
 
-def bench(name, layer, x, rounds, iters):
-    impls = cases(layer)
+def bench(name, layer, x, rounds, iters, ours_only=False):
+    impls = cases(layer, ours_only)
     w0 = {k: (m.weight.detach().clone() if k == "fairseq quant_noise" else None) for k, m in impls.items()}
     for k, m in impls.items():  # warm-up: first pq forward builds the codebook, Int* its scale
         m.train()
@@ -122,16 +124,19 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3, help="calls per implementation per round (min taken)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--layer", default="", help="only the layers whose name contains this text, e.g. Embedding")
+    ap.add_argument("--ours-only", action="store_true", help="skip fairseq's implementations")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     layers = [("Linear(1024,4096)", nn.Linear(1024, 4096), torch.randn(TOKENS, 1024)),
               ("Linear(4096,1024)", nn.Linear(4096, 1024), torch.randn(TOKENS, 4096)),
               ("Embedding(32000,512)", nn.Embedding(32000, 512), torch.randint(0, 32000, (TOKENS,)))]
+    layers = [case for case in layers if a.layer in case[0]]
     rows, plains = [], {}
     with cuda_is_noop():
         for name, layer, x in layers:
-            r, plains[name] = bench(name, layer, x, a.rounds, a.iters)
+            r, plains[name] = bench(name, layer, x, a.rounds, a.iters, a.ours_only)
             rows += r
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
     print(f"date {datetime.date.today()}, {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, "

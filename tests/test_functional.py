@@ -62,6 +62,40 @@ def test_block_mask_rate_and_seed():
     assert torch.equal(m, m2)
 
 
+def test_hashed_block_mask_rate_seed_and_row_independence():
+    rows = torch.arange(4000)
+    m = QF.hashed_block_mask(2**40 + 12345, rows, 64, 0.2)
+    assert m.shape == (4000, 64) and m.dtype == torch.bool
+    assert abs(m.float().mean().item() - 0.2) < 0.005
+    assert abs(m.float().mean(0) - 0.2).max() < 0.03  # no block position is favoured
+    assert abs(m.float().mean(1).std().item() / (0.2 * 0.8 / 64) ** 0.5 - 1) < 0.1  # rows vary as binomials do
+    some = torch.tensor([3999, 7, 7, 1234])  # any subset, any order, repeats: the same rows' masks
+    assert torch.equal(QF.hashed_block_mask(2**40 + 12345, some, 64, 0.2), m[some])
+    other = QF.hashed_block_mask(2**40 + 12346, rows, 64, 0.2)  # a neighbouring seed: an unrelated mask
+    assert abs((m & other).float().mean().item() - 0.04) < 0.005
+    hi = QF.hashed_block_mask(12345, rows, 64, 0.2)  # seeds differing only in the high 32 bits differ too
+    assert abs((m & hi).float().mean().item() - 0.04) < 0.005
+    assert QF.hashed_block_mask(5, rows, 64, 1.0).all() and not QF.hashed_block_mask(5, rows, 64, 0.0).any()
+
+
+def test_hashed_block_mask_is_splitmix64_of_seed_row_and_block():
+    """Against SplitMix64 written with Python ints (pins the wrapping int64 arithmetic)."""
+    u64 = (1 << 64) - 1
+
+    def selected(seed, i, p):
+        z = (seed + i * 0x9E3779B97F4A7C15) & u64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & u64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & u64
+        z ^= z >> 31
+        return (z + (1 << 63)) & u64 < round(p * 2.0**64)  # z read as a signed int64, below the p-quantile
+
+    seed, rows, nb = 2**62 + 987654321, torch.tensor([0, 5, 31999, 2**40]), 8
+    for p in (0.1, 0.5, 0.9):
+        got = QF.hashed_block_mask(seed, rows, nb, p)
+        want = [[selected(seed, r * nb + b, p) for b in range(nb)] for r in rows.tolist()]
+        assert got.tolist() == want
+
+
 def test_drop_blocks_zeroes_selected_and_rescales_rest():
     w = torch.randn(6, 8)
     mask = torch.tensor([[True, False]] * 3 + [[False, True]] * 3)
