@@ -115,7 +115,7 @@ class QuantNoiseMixin:
         self._qn_replay: Optional[list] = None  # [graph task, next call] while a backward re-runs forwards
         self._qn_codebook_of = None  # (weight storage, version, qn_step) the training codebook was built on
         self._qn_eval_of = None  # the same for the eval codebook
-        self.qn_next_check = 0  # qn_step of the next non-finite weight check (drop/scalar)
+        self.qn_next_check = 0  # qn_step of the next non-finite weight check
         self._gen: Optional[torch.Generator] = None
         self.register_buffer("qn_codebook", None, persistent=False)
         self.register_buffer("qn_codes", None, persistent=False)
@@ -224,11 +224,11 @@ class QuantNoiseMixin:
             n_rows, nb = w.shape[0], w[0].numel() // bs
             original = self.training and not _in_backward()  # not a checkpointing recompute
             refresh = original and self.qn_step % cfg.refresh_every == 0
+            if original and self.qn_step >= self.qn_next_check:
+                self._check_finite()  # pq also checks before each k-means
+                self.qn_next_check = self.qn_step + FINITE_CHECK_EVERY
             seed = self._next_key() if self.training else _mix(cfg.seed, _stable_hash(self.qn_name), self.qn_update,
                                                                self.qn_calls)
-            if original and cfg.scheme != "pq" and self.qn_step >= self.qn_next_check:
-                self._check_finite()  # pq checks at its codebook refresh
-                self.qn_next_check = self.qn_step + FINITE_CHECK_EVERY
             if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p), fp32
                 self.qn_mask = self._drop_factors(seed, n_rows, nb, p, w, rows)
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
