@@ -43,15 +43,28 @@ def codes_dtype(k: int) -> torch.dtype:
 def pq_quantize(w: Tensor, block_size: int, n_centroids: int, niter: int = 20, seed: int = 0,
                 name: str = "weight") -> Tuple[Tensor, Tensor]:
     """k-means codebook of w's blocks: (codes (n_blocks,) uint8|int16, centroids (k, block_size) fp32).
-    ``k`` is capped at the number of blocks.  Raises ValueError when block_size does not divide a row."""
+    ``k`` is capped at the number of blocks.  Blocks that are exactly zero (fairseq's padding row of an
+    embedding) all get one extra centroid that is exactly zero, taken from the ``k`` (k-means clusters the
+    other blocks into k-1); PQ fine-tuning keeps it zero while only such blocks use it, as the
+    padding row's gradient is zero.  Raises ValueError when block_size does not divide a row."""
     row = w[0].numel()
     if row % block_size:
         raise ValueError(f"{name} (shape {tuple(w.shape)}): block_size={block_size} does not divide its row "
                          f"length {row}; use a block size that divides {row}, or exclude the layer")
     x = QF.blocks(w.detach().float(), block_size).reshape(-1, block_size)  # (n_blocks, bs)
     k = min(n_centroids, x.shape[0])
-    centroids, codes = kmeans(x, k, niter=niter, seed=seed, name=name)
-    return codes.to(codes_dtype(k)), centroids
+    zero = (x == 0).all(1)  # (n_blocks,) all-zero blocks, e.g. fairseq's padding row: they stay exactly zero
+    if not zero.any() or k < 2:
+        centroids, codes = kmeans(x, k, niter=niter, seed=seed, name=name)
+        return codes.to(codes_dtype(k)), centroids
+    live = x[~zero]  # k-means of the other blocks, with k-1 centroids; the last centroid is exactly 0
+    k_live = min(k - 1, live.shape[0])
+    centroids, codes = (kmeans(live, k_live, niter=niter, seed=seed, name=name) if k_live
+                        else (x.new_zeros(0, block_size), torch.zeros(0, dtype=torch.long)))
+    centroids = torch.cat([centroids, x.new_zeros(1, block_size)])  # (k_live + 1, bs)
+    all_codes = torch.full((x.shape[0],), k_live, dtype=torch.long, device=codes.device)
+    all_codes[~zero] = codes
+    return all_codes.to(codes_dtype(k_live + 1)), centroids
 
 
 def scalar_quantize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
@@ -115,11 +128,29 @@ def register_compressed(base: Type[nn.Module], scheme: str):
 
 
 def compressed_class(module: nn.Module, scheme: str) -> Optional[Type[nn.Module]]:
-    """The pq/scalar class replacing ``module`` (a Linear/Embedding/Conv, or a quant-noise wrapper)."""
+    """The pq/scalar class replacing ``module`` (a Linear/Embedding/Conv, or a quant-noise wrapper).
+    A subclass of those (fairseq's ``LearnedPositionalEmbedding``, whose forward looks up positions
+    and which has ``max_positions``) gets a compressed subclass of its own type: its forward and its
+    attributes are kept, only ``weight`` becomes the decoded one."""
+    if isinstance(module, CompressedMixin):
+        return None
+    kind = getattr(module, "qn_orig_class", type(module))  # a quant-noise wrapper compresses as what it wraps
     for (base, s), cls in COMPRESSED.items():
-        if s == scheme and isinstance(module, base) and not isinstance(module, CompressedMixin):
-            return cls
+        if s == scheme and issubclass(kind, base):
+            return cls if kind is base else _compressed_subclass(cls, kind)
     return None
+
+
+_SUBCLASSES: Dict[Tuple[Type[nn.Module], Type[nn.Module]], Type[nn.Module]] = {}
+
+
+def _compressed_subclass(cls: Type[nn.Module], kind: Type[nn.Module]) -> Type[nn.Module]:
+    """``PQLearnedPositionalEmbedding(PQEmbedding, LearnedPositionalEmbedding)``: the mixin's ``weight``
+    and construction, ``kind``'s forward and methods (MRO: mixin, kind, base)."""
+    if (cls, kind) not in _SUBCLASSES:
+        name = f"{cls.__name__[: -len(cls.base_class.__name__)]}{kind.__name__}"
+        _SUBCLASSES[cls, kind] = type(name, (cls, kind), {"__module__": __name__, "__qualname__": name})
+    return _SUBCLASSES[cls, kind]
 
 
 class CompressedMixin:
@@ -132,6 +163,10 @@ class CompressedMixin:
         nn.Module.__init__(self)
         for name in BASE_ATTRS[self.base_class]:
             setattr(self, name, getattr(like, name))
+        if type(self) is not COMPRESSED[self.base_class, self.scheme]:  # a subclass's own attributes
+            for name, value in vars(like).items():  # (max_positions, onnx_trace, ...), not the wrapper's qn_*
+                if not name.startswith(("_", "qn_")) and name not in ("training", "weight_shape"):
+                    self.__dict__.setdefault(name, value)
         self.weight_shape = tuple(like.weight.shape)
         self.register_buffer("weight_size", torch.tensor(self.weight_shape))  # lets tools rebuild W from a state dict
         self.train(like.training)

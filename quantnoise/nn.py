@@ -149,9 +149,19 @@ class QuantNoiseMixin:
                 if rows is not None:  # codes of the looked-up rows only
                     codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)
                 out = QF.pq_blocks(wd, self.qn_mask, centroids.to(wd.dtype), codes, bs)
+                out = self._keep_padding_row(out, wd, rows)
         if self.training:
             self.qn_step += 1
         return QF.straight_through(w, out)
+
+    def _keep_padding_row(self, out: Tensor, w: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """An embedding's ``padding_idx`` row (all zero in fairseq, never trained) stays as it is:
+        a centroid would make it non-zero."""
+        pad = getattr(self, "padding_idx", None)
+        if pad is None:
+            return out
+        ids = rows if rows is not None else torch.arange(out.shape[0], device=out.device)
+        return torch.where((ids == pad).view(-1, *[1] * (out.dim() - 1)), w, out)
 
     def _scalar_qparams(self, w: Tensor):
         cfg = self.qn_cfg
