@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -323,15 +323,75 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def tied_layers(model: nn.Module) -> List[List[Tuple[str, nn.Module]]]:
+    """Every (name, layer) of ``model`` whose layer owns a ``weight`` Parameter, grouped by that
+    Parameter, in model order.  A group of several names is a tied weight: one module under two
+    names (fairseq's shared encoder/decoder embeddings) or two layers holding one Parameter (an
+    embedding and its output projection)."""
+    groups: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight") if name else None
+        if isinstance(w, nn.Parameter):
+            groups.setdefault(id(w), []).append((name, module))
+    return list(groups.values())
+
+
+def share_codebook(src: nn.Module, like: nn.Module) -> nn.Module:
+    """The compressed layer for ``like``, a layer tied to the one ``src`` replaced, holding ``src``'s
+    own codebook tensors (the same centroids Parameter and codes, or int weights): one codebook, so
+    the layers stay tied while the centroids train."""
+    cls = compressed_class(like, src.scheme)
+    if src.scheme == "scalar":
+        return cls(like, src.qweight, src.qscale, int(src.qbits))
+    new = cls(like, src.codes, src.centroids.detach(), src.block_size)
+    new.centroids = src.centroids
+    return new
+
+
+def compress_tied(members: List[Tuple[str, nn.Module]], rule: LayerRule, seed: int = 0) -> List[Tuple[str, nn.Module]]:
+    """(name, compressed layer) for one group of ``tied_layers``: the first layer is quantized by
+    ``rule``, the others share its codebook (``share_codebook``), as post-hoc quantization of the
+    shared weight gives one codebook.  Layers that cannot be compressed are left out."""
+    made: Dict[int, nn.Module] = {}
+    first = None
+    for name, module in members:
+        if id(module) in made or compressed_class(module, rule.scheme) is None:
+            continue
+        made[id(module)] = compress_module(module, rule, name, seed) if first is None else share_codebook(first, module)
+        first = first if first is not None else made[id(module)]
+    return [(name, made[id(m)]) for name, m in members if id(m) in made]
+
+
+_STATE_KEYS = {"pq": ("codes", "centroids", "weight_size"), "scalar": ("qweight", "qscale", "qbits", "weight_size")}
+
+
 def adopt_state_structure_(model: nn.Module, state: Dict[str, Tensor], prefix: str = "") -> list:
     """Swap in empty compressed layers wherever ``state`` holds codes or int weights, so that
-    ``model.load_state_dict(state)`` then fills them.  Returns the swapped names."""
+    ``model.load_state_dict(state)`` then fills them.  Returns the swapped names.
+
+    Layers of the model that share a weight (``tied_layers``) get one shared codebook.  Where the
+    state holds a tied layer's weight as plain (``quantnoise quantize`` writes the decoded copy under
+    the other name), ``state`` is rewritten in place: that name gets the codebook entries too."""
     swapped = []
-    for name, module in list(model.named_modules()):
-        if not name or isinstance(module, CompressedMixin):
+    for members in tied_layers(model):
+        new = src = None
+        for name, module in members:
+            new = empty_like_state(module, state, f"{prefix}{name}.")
+            if new is not None:
+                src, src_key = module, f"{prefix}{name}."
+                break
+        if new is None:
             continue
-        new = empty_like_state(module, state, f"{prefix}{name}.")
-        if new is not None:
-            set_submodule(model, name, new)
+        made = {id(src): new}
+        for name, module in members:
+            key = f"{prefix}{name}."
+            if id(module) not in made:
+                if compressed_class(module, new.scheme) is None:
+                    continue  # not a Linear/Embedding/Conv: keeps its own Parameter (untied from here on)
+                made[id(module)] = share_codebook(new, module)
+            if key + "weight" in state and key != src_key:  # the decoded tied copy -> the codebook itself
+                del state[key + "weight"]
+                state.update({key + k: state[src_key + k] for k in _STATE_KEYS[new.scheme]})
+            set_submodule(model, name, made[id(module)])
             swapped.append(name)
     return swapped
