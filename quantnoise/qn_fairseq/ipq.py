@@ -82,13 +82,12 @@ class IPQState(nn.Module):
     # ------------------------------------------------------------------------------ stages
     def pending_groups(self, stage: int) -> List[List[Tuple[str, nn.Module]]]:
         """Groups of tied layers (``tied_layers``: one weight Parameter, every name holding it) still in
-        full precision whose stage is ``stage``: the first stage matching any of their names.  A tied
-        weight is quantized once, into one codebook its layers share."""
-        scheme = self.plan.stages[stage].scheme
+        full precision whose stage is ``stage``: the first stage matching any of their Linear / Embedding
+        / Conv names.  A tied weight is quantized once, into one codebook its layers share."""
         todo = []
         for members in tied_layers(self._root()):
-            stages = [i for i in (self.plan.rule_for(n)[0] for n, _ in members) if i >= 0]
-            if stages and min(stages) == stage and any(compressed_class(m, scheme) for _, m in members):
+            stages = [i for i in (self.plan.rule_for(n)[0] for n, m in members if compressed_class(m, "pq")) if i >= 0]
+            if stages and min(stages) == stage:
                 todo.append(members)
         return todo
 
