@@ -158,3 +158,38 @@ def test_step_hook_touches_only_its_models_optimizer_and_holds_no_dropped_weight
     assert isinstance(alone[0], PQLinear) and old() is None
     other.step()  # the hook drops the dead entry
     assert not alone.ipq.pending
+
+
+def test_a_swap_re_lists_legacy_ddp_parameters_and_c10d_is_refused_in_one_line(tmp_path):
+    """In-process, world size 1: the wrapper fairseq builds learns the centroids a stage swap creates
+    (the 2-rank runs in test_ipq_distributed.py show what goes wrong without)."""
+    import torch.distributed as dist
+    from fairseq import models
+    from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
+    from torch.nn.parallel import DistributedDataParallel
+
+    from test_plugin_distributed import free_port
+
+    ipq = plugin()
+    (tmp_path / "plan.yaml").write_text("stages:\n  - {pattern: '^0$', block_size: 4, n_centroids: 4}\n")
+    plan = Namespace(ipq_plan=str(tmp_path / "plan.yaml"))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = ipq.attach_ipq(Chain(nn.Linear(8, 8), nn.Linear(8, 2)), plan)
+        wrapped = models.DistributedFairseqModel(Namespace(tpu=False, ddp_backend="legacy_ddp"), model,
+                                                 dist.group.WORLD, torch.device("cpu"))
+        assert isinstance(wrapped.module, LegacyDistributedDataParallel)
+        wrapped(torch.randn(3, 8))  # the stage swap
+        listed = [p for ps in wrapped.module.per_device_params for p in ps]
+        assert any(p is model[0].centroids for p in listed)
+        assert {id(p) for p in listed} == {id(p) for p in model.parameters()}
+
+        model = ipq.attach_ipq(Chain(nn.Linear(8, 8), nn.Linear(8, 2)), plan)
+        wrapped = ModuleProxyWrapper(DistributedDataParallel(model))  # what --ddp-backend c10d builds (on GPU)
+        model.ipq.wrapper = weakref.ref(wrapped)
+        with pytest.raises(SystemExit, match="use --ddp-backend legacy_ddp") as e:
+            wrapped(torch.randn(3, 8))
+        assert "\n" not in str(e.value) and "DistributedDataParallel" in str(e.value)
+    finally:
+        dist.destroy_process_group()
