@@ -150,6 +150,7 @@ def _compressed_subclass(cls: Type[nn.Module], kind: Type[nn.Module]) -> Type[nn
     if (cls, kind) not in _SUBCLASSES:
         name = f"{cls.__name__[: -len(cls.base_class.__name__)]}{kind.__name__}"
         _SUBCLASSES[cls, kind] = type(name, (cls, kind), {"__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, _SUBCLASSES[cls, kind])  # importable by name: a pickled model loads
     return _SUBCLASSES[cls, kind]
 
 

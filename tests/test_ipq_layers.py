@@ -1,5 +1,7 @@
 """Compressed layers in situations real models create (issue 13): subclasses with their own forward
 (fairseq's positional embeddings), the all-zero padding row, and weights shared by two layers."""
+import pickle
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,8 @@ def test_a_subclass_with_its_own_forward_keeps_it_when_compressed():
         holder.load_state_dict(state)
         assert type(holder[0]) is type(layer) and holder[0].max_positions == 18
         assert torch.equal(holder[0](ids), expected)
+        copy = pickle.loads(pickle.dumps(layer))  # the generated class is importable by its name
+        assert type(copy) is type(layer) and torch.equal(copy(ids), expected)
 
 
 def test_the_padding_row_stays_exactly_zero_under_pq_and_its_fine_tuning():
