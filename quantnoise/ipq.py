@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -48,15 +48,28 @@ def codes_dtype(k: int) -> torch.dtype:
 def pq_quantize(w: Tensor, block_size: int, n_centroids: int, niter: int = 20, seed: int = 0,
                 name: str = "weight") -> Tuple[Tensor, Tensor]:
     """k-means codebook of w's blocks: (codes (n_blocks,) uint8|int16, centroids (k, block_size) fp32).
-    ``k`` is capped at the number of blocks.  Raises ValueError when block_size does not divide a row."""
+    ``k`` is capped at the number of blocks.  Blocks that are exactly zero (fairseq's padding row of an
+    embedding) all get one extra centroid that is exactly zero, taken from the ``k`` (k-means clusters the
+    other blocks into k-1); PQ fine-tuning keeps it zero while only such blocks use it, as the
+    padding row's gradient is zero.  Raises ValueError when block_size does not divide a row."""
     row = w[0].numel()
     if row % block_size:
         raise ValueError(f"{name} (shape {tuple(w.shape)}): block_size={block_size} does not divide its row "
                          f"length {row}; use a block size that divides {row}, or exclude the layer")
     x = QF.blocks(w.detach().float(), block_size).reshape(-1, block_size)  # (n_blocks, bs)
     k = min(n_centroids, x.shape[0])
-    centroids, codes = kmeans(x, k, niter=niter, seed=seed, name=name)
-    return codes.to(codes_dtype(k)), centroids
+    zero = (x == 0).all(1)  # (n_blocks,) all-zero blocks, e.g. fairseq's padding row: they stay exactly zero
+    if not zero.any() or k < 2:
+        centroids, codes = kmeans(x, k, niter=niter, seed=seed, name=name)
+        return codes.to(codes_dtype(k)), centroids
+    live = x[~zero]  # k-means of the other blocks, with k-1 centroids; the last centroid is exactly 0
+    k_live = min(k - 1, live.shape[0])
+    centroids, codes = (kmeans(live, k_live, niter=niter, seed=seed, name=name) if k_live
+                        else (x.new_zeros(0, block_size), torch.zeros(0, dtype=torch.long)))
+    centroids = torch.cat([centroids, x.new_zeros(1, block_size)])  # (k_live + 1, bs)
+    all_codes = torch.full((x.shape[0],), k_live, dtype=torch.long, device=codes.device)
+    all_codes[~zero] = codes
+    return all_codes.to(codes_dtype(k_live + 1)), centroids
 
 
 def scalar_quantize(w: Tensor, bits: int, name: str = "weight") -> Tuple[Tensor, Tensor]:
@@ -126,11 +139,30 @@ def register_compressed(base: Type[nn.Module], scheme: str):
 
 
 def compressed_class(module: nn.Module, scheme: str) -> Optional[Type[nn.Module]]:
-    """The pq/scalar class replacing ``module`` (a Linear/Embedding/Conv, or a quant-noise wrapper)."""
+    """The pq/scalar class replacing ``module`` (a Linear/Embedding/Conv, or a quant-noise wrapper).
+    A subclass of those (fairseq's ``LearnedPositionalEmbedding``, whose forward looks up positions
+    and which has ``max_positions``) gets a compressed subclass of its own type: its forward and its
+    attributes are kept, only ``weight`` becomes the decoded one."""
+    if isinstance(module, CompressedMixin):
+        return None
+    kind = getattr(module, "qn_orig_class", type(module))  # a quant-noise wrapper compresses as what it wraps
     for (base, s), cls in COMPRESSED.items():
-        if s == scheme and isinstance(module, base) and not isinstance(module, CompressedMixin):
-            return cls
+        if s == scheme and issubclass(kind, base):
+            return cls if kind is base else _compressed_subclass(cls, kind)
     return None
+
+
+_SUBCLASSES: Dict[Tuple[Type[nn.Module], Type[nn.Module]], Type[nn.Module]] = {}
+
+
+def _compressed_subclass(cls: Type[nn.Module], kind: Type[nn.Module]) -> Type[nn.Module]:
+    """``PQLearnedPositionalEmbedding(PQEmbedding, LearnedPositionalEmbedding)``: the mixin's ``weight``
+    and construction, ``kind``'s forward and methods (MRO: mixin, kind, base)."""
+    if (cls, kind) not in _SUBCLASSES:
+        name = f"{cls.__name__[: -len(cls.base_class.__name__)]}{kind.__name__}"
+        _SUBCLASSES[cls, kind] = type(name, (cls, kind), {"__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, _SUBCLASSES[cls, kind])  # importable by name: a pickled model loads
+    return _SUBCLASSES[cls, kind]
 
 
 class CompressedMixin:
@@ -143,6 +175,10 @@ class CompressedMixin:
         nn.Module.__init__(self)
         for name in BASE_ATTRS[self.base_class]:
             setattr(self, name, getattr(like, name))
+        if type(self) is not COMPRESSED[self.base_class, self.scheme]:  # a subclass's own attributes
+            for name, value in vars(like).items():  # (max_positions, onnx_trace, ...), not the wrapper's qn_*
+                if not name.startswith(("_", "qn_")) and name not in ("training", "weight_shape"):
+                    self.__dict__.setdefault(name, value)
         self.weight_shape = tuple(like.weight.shape)
         self.register_buffer("weight_size", torch.tensor(self.weight_shape))  # lets tools rebuild W from a state dict
         self.train(like.training)
@@ -315,15 +351,75 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def tied_layers(model: nn.Module) -> List[List[Tuple[str, nn.Module]]]:
+    """Every (name, layer) of ``model`` whose layer owns a ``weight`` Parameter, grouped by that
+    Parameter, in model order.  A group of several names is a tied weight: one module under two
+    names (fairseq's shared encoder/decoder embeddings) or two layers holding one Parameter (an
+    embedding and its output projection)."""
+    groups: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight") if name else None
+        if isinstance(w, nn.Parameter):
+            groups.setdefault(id(w), []).append((name, module))
+    return list(groups.values())
+
+
+def share_codebook(src: nn.Module, like: nn.Module) -> nn.Module:
+    """The compressed layer for ``like``, a layer tied to the one ``src`` replaced, holding ``src``'s
+    own codebook tensors (the same centroids Parameter and codes, or int weights): one codebook, so
+    the layers stay tied while the centroids train."""
+    cls = compressed_class(like, src.scheme)
+    if src.scheme == "scalar":
+        return cls(like, src.qweight, src.qscale, int(src.qbits))
+    new = cls(like, src.codes, src.centroids.detach(), src.block_size)
+    new.centroids = src.centroids
+    return new
+
+
+def compress_tied(members: List[Tuple[str, nn.Module]], rule: LayerRule, seed: int = 0) -> List[Tuple[str, nn.Module]]:
+    """(name, compressed layer) for one group of ``tied_layers``: the first layer is quantized by
+    ``rule``, the others share its codebook (``share_codebook``), as post-hoc quantization of the
+    shared weight gives one codebook.  Layers that cannot be compressed are left out."""
+    made: Dict[int, nn.Module] = {}
+    first = None
+    for name, module in members:
+        if id(module) in made or compressed_class(module, rule.scheme) is None:
+            continue
+        made[id(module)] = compress_module(module, rule, name, seed) if first is None else share_codebook(first, module)
+        first = first if first is not None else made[id(module)]
+    return [(name, made[id(m)]) for name, m in members if id(m) in made]
+
+
+_STATE_KEYS = {"pq": ("codes", "centroids", "weight_size"), "scalar": ("qweight", "qscale", "qbits", "weight_size")}
+
+
 def adopt_state_structure_(model: nn.Module, state: Dict[str, Tensor], prefix: str = "") -> list:
     """Swap in empty compressed layers wherever ``state`` holds codes or int weights, so that
-    ``model.load_state_dict(state)`` then fills them.  Returns the swapped names."""
+    ``model.load_state_dict(state)`` then fills them.  Returns the swapped names.
+
+    Layers of the model that share a weight (``tied_layers``) get one shared codebook.  Where the
+    state holds a tied layer's weight as plain (``quantnoise quantize`` writes the decoded copy under
+    the other name), ``state`` is rewritten in place: that name gets the codebook entries too."""
     swapped = []
-    for name, module in list(model.named_modules()):
-        if not name or isinstance(module, CompressedMixin):
+    for members in tied_layers(model):
+        new = src = None
+        for name, module in members:
+            new = empty_like_state(module, state, f"{prefix}{name}.")
+            if new is not None:
+                src, src_key = module, f"{prefix}{name}."
+                break
+        if new is None:
             continue
-        new = empty_like_state(module, state, f"{prefix}{name}.")
-        if new is not None:
-            set_submodule(model, name, new)
+        made = {id(src): new}
+        for name, module in members:
+            key = f"{prefix}{name}."
+            if id(module) not in made:
+                if compressed_class(module, new.scheme) is None:
+                    continue  # not a Linear/Embedding/Conv: keeps its own Parameter (untied from here on)
+                made[id(module)] = share_codebook(new, module)
+            if key + "weight" in state and key != src_key:  # the decoded tied copy -> the codebook itself
+                del state[key + "weight"]
+                state.update({key + k: state[src_key + k] for k in _STATE_KEYS[new.scheme]})
+            set_submodule(model, name, made[id(module)])
             swapped.append(name)
     return swapped

@@ -243,6 +243,7 @@ class QuantNoiseMixin:
                 if rows is not None:  # codes of the looked-up rows only
                     codes = codes.view(self.weight.shape[0], -1)[rows].reshape(-1)
                 out = QF.pq_blocks(wd, self.qn_mask, centroids.to(wd.dtype), codes, bs)
+                out = self._keep_padding_row(out, wd, rows)
         return QF.straight_through(w, out)
 
     def _check_finite(self) -> None:
@@ -255,6 +256,15 @@ class QuantNoiseMixin:
                 f"layer '{self.qn_name}' ({type(self).base_class.__name__}, weight {tuple(w.shape)} {w.dtype}) has "
                 f"{bad} NaN/inf weights at step {self.qn_step}{big}: training diverged; lower the learning rate, "
                 f"clip gradients, or train with bf16/fp32 weights (--bf16, --amp), then resume from a good checkpoint")
+
+    def _keep_padding_row(self, out: Tensor, w: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """An embedding's ``padding_idx`` row (all zero in fairseq, never trained) stays as it is:
+        a centroid would make it non-zero."""
+        pad = getattr(self, "padding_idx", None)
+        if pad is None:
+            return out
+        ids = rows if rows is not None else torch.arange(out.shape[0], device=out.device)
+        return torch.where((ids == pad).view(-1, *[1] * (out.dim() - 1)), w, out)
 
     def _scalar_qparams(self, w: Tensor, observe: bool):
         cfg = self.qn_cfg

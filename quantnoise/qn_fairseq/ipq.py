@@ -4,7 +4,9 @@ Staged iPQ (Stock et al. 2020, sec. 3.3).  ``--ipq-plan plan.yaml`` (quantnoise.
 stages; stage i is quantized at the first training forward once ``num_updates`` reaches the sum
 of the ``updates`` of the stages before it.  Its layers become PQ layers (codes + trainable
 centroids, mean-gradient rule); already quantized layers train only their centroids; layers of
-later stages keep training in full precision.
+later stages keep training in full precision.  A weight held by several layers (tied embedding and
+output projection) is quantized once, at the first stage matching any of their names, into one
+codebook they share.
 
 How the pieces hook into fairseq, without patching its trainer:
   - ``attach_ipq(model, args)`` (one call in each plugin ``build_model``) adds a child module
@@ -19,7 +21,15 @@ How the pieces hook into fairseq, without patching its trainer:
     new parameters into the optimizer in place of the old ones, in model order (the order fairseq
     uses when it rebuilds the optimizer on resume, so saved optimizer states line up), and drops the
     old ones' state.  On that first step the new centroids' gradient is discarded: it has not been
-    through fairseq's gradient normalisation and clipping, which ran before the hook.
+    through fairseq's gradient normalisation and clipping, which ran before the hook.  The hook
+    looks only at models with a plan and holds replaced weights weakly (no leak when no optimizer
+    holds them).  fairseq's ``FP16Optimizer`` (``--fp16``/``--bf16``) trains fp32 copies it makes at
+    build time and would never see swapped-in centroids: its ``build_optimizer`` is wrapped to
+    refuse it while a plan has stages left (fp32, ``--amp`` and ``--memory-efficient-*`` work).
+  - Distributed: fairseq wraps the model before loading checkpoints, and ``legacy_ddp`` lists the
+    parameters to all-reduce at wrap time.  ``models.DistributedFairseqModel`` is wrapped to remember
+    the wrapper; after every swap ``IPQState.sync_distributed`` gives ``legacy_ddp`` the current
+    parameters (PyTorch's DDP cannot take new ones: refused with one line).
   - ``.qnz`` files: the plugin wraps ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (the one
     function every fairseq loader goes through) so that a path ending in ``.qnz`` is read with
     quantnoise.export (safetensors + JSON, never unpickled) and decoded to the same stock-arch
@@ -37,19 +47,24 @@ from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
 from quantnoise.export import load_qnz
-from quantnoise.ipq import CompressedMixin, adopt_state_structure_, compress_module, compressed_class, set_submodule
+from quantnoise.ipq import adopt_state_structure_, compress_tied, compressed_class, set_submodule, tied_layers
 from quantnoise.ipq_plan import IPQPlan, load_plan
 
 logger = logging.getLogger(__name__)
 
 class IPQState(nn.Module):
-    """The plan and the update counter of one model; no parameters, no buffers."""
+    """The plan, the update counter and the pending optimizer swaps of one model; no parameters,
+    no buffers."""
 
     def __init__(self, model: nn.Module, plan: Optional[IPQPlan]):
         super().__init__()
         self._root = weakref.ref(model)  # not a submodule: no cycle in the module tree
         self.plan = plan
         self.num_updates = 0
+        self.pending: List[_Swap] = []  # stage swaps not yet seen by this model's optimizer
+        self.wrapper: Optional[weakref.ref] = None  # fairseq's distributed wrapper of the model, once built
+        if plan is not None:
+            _PLANNED.add(self)
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
@@ -59,36 +74,77 @@ class IPQState(nn.Module):
         swapped = adopt_state_structure_(self._root(), state_dict, prefix)
         if swapped:
             logger.info("ipq: %d compressed layers in the loaded state: %s", len(swapped), ", ".join(swapped))
+            self.sync_distributed()
 
     def extra_repr(self) -> str:
         return "no plan" if self.plan is None else f"{len(self.plan.stages)} stages starting at {self.plan.stage_starts()}"
 
     # ------------------------------------------------------------------------------ stages
-    def pending_layers(self, stage: int) -> List[Tuple[str, nn.Module]]:
-        model = self._root()
-        return [(n, m) for n, m in model.named_modules()
-                if n and self.plan.rule_for(n)[0] == stage and compressed_class(m, self.plan.stages[stage].scheme)
-                and not isinstance(m, CompressedMixin) and _owns_weight(m)]
+    def pending_groups(self, stage: int) -> List[List[Tuple[str, nn.Module]]]:
+        """Groups of tied layers (``tied_layers``: one weight Parameter, every name holding it) still in
+        full precision whose stage is ``stage``: the first stage matching any of their Linear / Embedding
+        / Conv names.  A tied weight is quantized once, into one codebook its layers share."""
+        todo = []
+        for members in tied_layers(self._root()):
+            stages = [i for i in (self.plan.rule_for(n)[0] for n, m in members if compressed_class(m, "pq")) if i >= 0]
+            if stages and min(stages) == stage:
+                todo.append(members)
+        return todo
+
+    def stages_left(self) -> bool:
+        return self.plan is not None and any(self.pending_groups(i) for i in range(len(self.plan.stages)))
 
     def advance(self) -> None:
         """Quantize every stage whose start update has been reached and is not quantized yet."""
+        swapped = False
         for i, start in enumerate(self.plan.stage_starts()):
             if self.num_updates < start:
                 break
-            todo = self.pending_layers(i)
+            todo = self.pending_groups(i)
             if not todo:
                 continue
             rule, model = self.plan.stages[i], self._root()
-            logger.info("ipq: stage %d (pattern %r) at update %d: quantizing %d layers", i, rule.pattern,
+            logger.info("ipq: stage %d (pattern %r) at update %d: quantizing %d weights", i, rule.pattern,
                         self.num_updates, len(todo))
-            for name, module in todo:
-                new = compress_module(module, rule, name, seed=self.plan.layer_seed(name))
-                set_submodule(model, name, new)
-                _PENDING.append(_Swap(module.weight, new, weakref.ref(model)))
+            for members in todo:
+                old = members[0][1].weight
+                lead = next(n for n, m in members if compressed_class(m, rule.scheme))
+                new = compress_tied(members, rule, seed=self.plan.layer_seed(lead))
+                for name, layer in new:
+                    set_submodule(model, name, layer)
+                kept = [n for n, _ in members if n not in dict(new)]
+                if len(new) > 1 or kept:
+                    logger.info("ipq: tied weight of %s: one shared codebook%s", ", ".join(n for n, _ in new),
+                                f"; {', '.join(kept)} keep(s) a full-precision copy (not a Linear/Embedding/Conv)"
+                                if kept else "")
+                self.pending.append(_Swap(weakref.ref(old), [layer for _, layer in new]))
+                swapped = True
+        if swapped:
+            self.sync_distributed()
 
+    # ------------------------------------------------------------------------------ distributed
+    def sync_distributed(self) -> None:
+        """After a swap, make fairseq's distributed wrapper all-reduce the model's current parameters:
+        ``legacy_ddp`` lists them at wrap time (before checkpoints load, before any stage), so new
+        centroids would never be averaged and ranks would drift.  PyTorch's DDP (``c10d``) fixes its
+        parameters at wrap time too and cannot be told: refused with one line."""
+        wrapper = self.wrapper() if self.wrapper is not None else None
+        if wrapper is None:
+            return
+        from fairseq.distributed import LegacyDistributedDataParallel
 
-def _owns_weight(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "weight", None), nn.Parameter)
+        inner = wrapper
+        while not isinstance(inner, LegacyDistributedDataParallel) and isinstance(getattr(inner, "module", None), nn.Module) \
+                and inner.module is not self._root():
+            inner = inner.module
+        if not isinstance(inner, LegacyDistributedDataParallel):
+            raise SystemExit(f"error: ipq: layers were quantized after fairseq wrapped the model in {type(inner).__name__}, "
+                             f"which cannot take new parameters (the centroids would not be averaged across ranks); "
+                             f"use --ddp-backend legacy_ddp for --ipq-plan and quantized checkpoints")
+        per_device: Dict[torch.device, List[nn.Parameter]] = {}
+        for p in inner.module.parameters():
+            per_device.setdefault(p.device, []).append(p)
+        inner.per_device_params = list(per_device.values())
 
 
 def attach_ipq(model: nn.Module, args) -> nn.Module:
@@ -101,7 +157,7 @@ def attach_ipq(model: nn.Module, args) -> nn.Module:
         raise SystemExit(f"error: --ipq-plan: {e}") from None
     model.ipq = IPQState(model, plan)
     if plan is not None:
-        if not any(model.ipq.pending_layers(i) for i in range(len(plan.stages))):
+        if not model.ipq.stages_left():
             raise SystemExit(f"error: --ipq-plan {path}: no stage pattern matches a Linear/Embedding/Conv layer; "
                              f"fix the patterns (regexes searched in module names)")
         model.register_forward_pre_hook(lambda module, inputs: module.ipq.advance() if module.training else None)
@@ -112,44 +168,96 @@ def attach_ipq(model: nn.Module, args) -> nn.Module:
 # --------------------------------------------------------------------------- the optimizer
 @dataclass
 class _Swap:
-    old: nn.Parameter  # the replaced weight
-    new: nn.Module  # the compressed layer now in its place
-    model: weakref.ref
+    old: weakref.ref  # the replaced weight: dead once nothing (no optimizer) holds it any more
+    new: List[nn.Module]  # the compressed layers now in its place (several when the weight was tied)
 
 
-_PENDING: List[_Swap] = []  # swaps not yet seen by an optimizer step
+_PLANNED: "weakref.WeakSet[IPQState]" = weakref.WeakSet()  # models with a plan: the only ones the hook looks at
 
 
 def _swap_in_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Step pre-hook: in every param group holding a replaced weight, put the new layer's
-    parameters in its place (model order) and drop the old weight and its state."""
-    if not _PENDING:
+    """Step pre-hook: in every param group holding a replaced weight of a planned model, put the
+    new layers' parameters in its place (model order) and drop the old weight and its state.
+    Optimizers holding no replaced weight are not touched."""
+    states = [s for s in list(_PLANNED) if s.pending]
+    if not states:
         return
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    mine = [s for s in _PENDING if id(s.old) in held]
-    if not mine or mine[0].model() is None:
-        return
+    for state in states:
+        state.pending = [s for s in state.pending if s.old() is not None]  # nothing holds it: nothing to swap
+        mine = [s for s in state.pending if id(s.old()) in held]
+        if mine and state._root() is not None:
+            _swap(optimizer, mine, state._root(), held)
+            state.pending = [s for s in state.pending if all(s is not m for m in mine)]
+
+
+def _swap(optimizer: torch.optim.Optimizer, mine: List[_Swap], model: nn.Module, held: set) -> None:
     order: Dict[int, int] = {}
-    for p in mine[0].model().parameters():  # fairseq builds its optimizer in this order
+    for p in model.parameters():  # fairseq builds its optimizer in this order
         order.setdefault(id(p), len(order))
     for group in optimizer.param_groups:
         ids = {id(p) for p in group["params"]}
-        here = [s for s in mine if id(s.old) in ids]
+        here = [s for s in mine if id(s.old()) in ids]
         if not here:
             continue
-        fresh = [p for s in here for p in s.new.parameters(recurse=False) if p.requires_grad and id(p) not in held]
-        olds = {id(s.old) for s in here if id(s.old) not in order}  # a weight still used elsewhere (tied) stays
+        fresh = {id(p): p for s in here for layer in s.new for p in layer.parameters(recurse=False)
+                 if p.requires_grad and id(p) not in held}  # a shared codebook once
+        held.update(fresh)
+        olds = {id(s.old()) for s in here if id(s.old()) not in order}  # a weight still used elsewhere (tied) stays
         kept = [p for p in group["params"] if id(p) not in olds]
-        group["params"] = sorted(kept + fresh, key=lambda p: order.get(id(p), len(order)))
-        for p in fresh:
+        group["params"] = sorted(kept + list(fresh.values()), key=lambda p: order.get(id(p), len(order)))
+        for p in fresh.values():
             p.grad = None  # see the module docstring: not normalised / clipped on this step
     for s in mine:
-        if id(s.old) not in order:
-            optimizer.state.pop(s.old, None)
-    _PENDING[:] = [s for s in _PENDING if all(s is not m for m in mine)]
+        if id(s.old()) not in order:
+            optimizer.state.pop(s.old(), None)
 
 
 register_optimizer_step_pre_hook(_swap_in_optimizer)
+
+
+def _refuse_fp32_copies(params) -> None:
+    """fairseq's FP16Optimizer (``--fp16`` / ``--bf16`` without ``--memory-efficient-*``) steps fp32
+    copies of the parameters it was built with: a stage quantized later would swap in centroids it
+    never sees (they would silently not train).  Stop before training when a planned model has
+    stages left."""
+    ids = {id(p) for p in params if isinstance(p, torch.Tensor)}
+    for state in list(_PLANNED):
+        model = state._root()
+        if model is not None and state.stages_left() and any(id(p) in ids for p in model.parameters()):
+            raise SystemExit("error: --ipq-plan cannot run under fairseq's --fp16/--bf16 optimizer (it trains fp32 "
+                             "copies, so layers quantized mid-run would never train); use fp32, --amp, or "
+                             "--memory-efficient-fp16 / --memory-efficient-bf16")
+
+
+def _install_fairseq_guards() -> None:
+    """Wrap ``fairseq.optim.FP16Optimizer.build_optimizer`` (refuse it for a plan) and
+    ``fairseq.models.DistributedFairseqModel`` (remember the wrapper, for ``sync_distributed``)."""
+    from fairseq import models, optim
+
+    build = optim.FP16Optimizer.build_optimizer
+    if not getattr(build, "quantnoise", False):
+        def build_optimizer(cls, cfg, params, **kwargs):
+            params = list(params)
+            _refuse_fp32_copies(params)
+            return build.__func__(cls, cfg, params, **kwargs)
+
+        build_optimizer.quantnoise = True
+        optim.FP16Optimizer.build_optimizer = classmethod(build_optimizer)
+
+    wrap = models.DistributedFairseqModel
+    if not getattr(wrap, "quantnoise", False):
+        def DistributedFairseqModel(args, model, process_group, device):
+            wrapped = wrap(args, model, process_group, device)
+            if isinstance(getattr(model, "ipq", None), IPQState):
+                model.ipq.wrapper = weakref.ref(wrapped)
+            return wrapped
+
+        DistributedFairseqModel.quantnoise = True
+        models.DistributedFairseqModel = DistributedFairseqModel
+
+
+_install_fairseq_guards()
 
 
 # ------------------------------------------------------------------------------ .qnz paths
