@@ -324,7 +324,7 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
     weights = {f"{name}.weight" for name in layers}
     for key, e in dense.items():
         _need(key not in owned and key not in weights, f"dense tensor {key!r} is also part of a compressed layer")
-        _need(isinstance(e, dict) and e.get("dtype") in DTYPES,
+        _need(isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPES,
               f"dense tensor {key!r} has dtype {e.get('dtype') if isinstance(e, dict) else e!r}; expected one of "
               f"{', '.join(DTYPES)}")
         t = tensors.get(key)
@@ -334,7 +334,7 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
         _need(stored_ok, f"tensor {key!r} is {dtype_name(t.dtype)} but the map says it is a {e['dtype']} tensor")
         owned[key] = key
     for key, target in aliases.items():
-        _need(target in layers and isinstance(target, str),
+        _need(isinstance(target, str) and target in layers,
               f"alias {key!r} points to {target!r}, which is no compressed layer of the file")
         _need(key not in dense and key not in weights, f"alias {key!r} would overwrite a stored weight")
     extra = sorted(set(tensors) - set(owned))
