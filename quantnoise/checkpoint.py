@@ -56,11 +56,9 @@ def _new_file_mode(path: pathlib.Path) -> int:
         return 0o666 & ~mask
 
 
-def atomic_write(path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_name)`` for a temp file in ``path``'s folder, fsync it, then rename it to
-    ``path``.  If anything fails (a full disk, an interrupt), the temp file is removed and ``path`` is
-    untouched.  The file gets the permissions a plain write would give (the umask's, or those of the
-    file it replaces), not mkstemp's 0600."""
+def check_output(path) -> pathlib.Path:
+    """``path`` as a Path; OSError (one line) unless its folder exists and it is not itself a folder.
+    Commands call it before their work, so a typo in ``-o`` costs nothing."""
     path = pathlib.Path(path)
     folder = path.parent
     if not folder.exists():
@@ -69,6 +67,16 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
         raise OSError(f"output folder {folder} is not a folder; choose another output path")
     if path.is_dir():
         raise OSError(f"output {path} is a folder; give a file name inside it")
+    return path
+
+
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_name)`` for a temp file in ``path``'s folder, fsync it, then rename it to
+    ``path``.  If anything fails (a full disk, an interrupt), the temp file is removed and ``path`` is
+    untouched.  The file gets the permissions a plain write would give (the umask's, or those of the
+    file it replaces), not mkstemp's 0600."""
+    path = check_output(path)
+    folder = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:

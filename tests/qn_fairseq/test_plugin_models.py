@@ -78,6 +78,7 @@ BAD = {
     "scheme": (["--quant-noise-scheme", "int3", "--quant-noise-p", "0.1"], "--quant-noise-scheme"),
     "pattern": (["--quant-noise-p", "0.1", "--quant-noise-layers", "no_such_layer"],
                 "--quant-noise-layers='no_such_layer'"),
+    "plan_missing": (["--ipq-plan", "/nonexistent/plan.yaml"], "ipq plan /nonexistent/plan.yaml does not exist"),
 }
 
 
