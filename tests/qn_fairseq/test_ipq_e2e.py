@@ -1,5 +1,6 @@
 """The whole path on a tiny trained LM: quantize -> fine-tune in fairseq-train -> export -> inspect ->
-fairseq-eval-lm on the .qnz (plugin) and on the decompressed checkpoint (stock fairseq, no plugin)."""
+fairseq-eval-lm on the .qnz (plugin) and on the decompressed checkpoint (stock fairseq, no plugin),
+both compared with the fine-tuned checkpoint the .qnz came from (tensor by tensor, and perplexity)."""
 import re
 import shutil
 import sys
@@ -45,9 +46,27 @@ def test_quantize_finetune_export_inspect_eval(tiny_lm_ckpt, lm_data, tmp_path):
     assert "decoder.layers.1.self_attn.q_proj" in report and "compression x" in report
     qn("decompress", tmp_path / "m.qnz", "-o", tmp_path / "d.pt")
 
+    # the .qnz holds the fine-tuned checkpoint it came from: codebook[codes] with the centroids rounded
+    # to fp16, every other tensor rounded to fp16 (the default --rest)
+    from quantnoise.export import load_qnz
+
+    state, meta = load_qnz(tmp_path / "m.qnz")
+    for name, e in meta["layers"].items():
+        want = after[f"{name}.centroids"].half().float()[after[f"{name}.codes"].long()].reshape(e["shape"])
+        assert torch.equal(state[f"{name}.weight"], want), name
+    for key in meta["dense"]:
+        assert torch.equal(state[key], after[key].half().to(after[key].dtype)), key
+    for key, target in meta["aliases"].items():
+        assert state[key] is state[f"{target}.weight"], key
+    assert set(meta["layers"]) == {k[: -len(".codes")] for k in after if k.endswith(".codes")}
+
+    checkpoint = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "ft" / "checkpoint_last.pt", "--user-dir",
+                      USER_DIR, *EVAL])  # the fine-tuned PQ layers themselves (fp32 centroids)
     with_plugin = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "m.qnz", "--user-dir", USER_DIR, *EVAL])
     stock = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "d.pt", *EVAL])  # no --user-dir
     assert perplexity(with_plugin) == perplexity(stock)
+    ppl = [float(re.search(r"Perplexity: ([0-9.]+)", perplexity(p)).group(1)) for p in (checkpoint, with_plugin)]
+    assert abs(ppl[1] - ppl[0]) / ppl[0] < 0.002, ppl  # the file changes the model by fp16 rounding only
 
 
 @pytest.mark.slow
