@@ -89,3 +89,21 @@ def test_a_bad_plan_is_one_line(tmp_path, capsys, ckpt):
     (tmp_path / "plan.yaml").write_text("stages:\n  - {pattern: 123}\n")
     code, err = run_cli(capsys, "quantize", ckpt, "-o", tmp_path / "q.pt", "--config", tmp_path / "plan.yaml")
     assert code == 2 and len(err) == 1 and "pattern=123" in err[0], err
+
+
+def test_quantize_int16_codes_and_decompress_arch(tmp_path, capsys, ckpt):
+    """--centroids > 256 gives int16 codes all the way; decompress --arch writes the name asked for."""
+    code, err = run_cli(capsys, "quantize", ckpt, "-o", tmp_path / "q.pt", "--centroids", "300", "--block-size", "2",
+                        "--include", "embed_tokens")
+    assert code == 0, err
+    q = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert q["model"]["decoder.embed_tokens.codes"].dtype == torch.int16  # 512 blocks, 300 centroids
+    assert q["model"]["decoder.embed_tokens.centroids"].shape == (300, 2)
+    assert run_cli(capsys, "export", tmp_path / "q.pt", "-o", tmp_path / "m.qnz")[0] == 0
+    assert run_cli(capsys, "decompress", tmp_path / "m.qnz", "-o", tmp_path / "d.pt")[0] == 0
+    assert run_cli(capsys, "decompress", tmp_path / "m.qnz", "-o", tmp_path / "big.pt", "--arch", "transformer_lm_big")[0] == 0
+    d, big = (torch.load(tmp_path / n, weights_only=True) for n in ("d.pt", "big.pt"))
+    assert d["cfg"]["model"]["_name"] == "transformer_lm" and big["cfg"]["model"]["_name"] == "transformer_lm_big"
+    want = q["model"]["decoder.embed_tokens.centroids"].half().float()[q["model"]["decoder.embed_tokens.codes"].long()]
+    for out in (d, big):
+        assert torch.equal(out["model"]["decoder.embed_tokens.weight"], want.reshape(64, 16))

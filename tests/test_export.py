@@ -366,3 +366,18 @@ def test_cli_refuses_out_of_range_codes_and_a_map_that_lies_about_sizes(tmp_path
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "is not a valid .qnz file" in r.stderr, r.stderr
     assert not (tmp_path / "d.pt").exists()
+
+
+def test_int16_codes_for_more_than_256_centroids_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(300, 16))
+    ipq.set_submodule(m, "0", ipq.compress_module(m[0], ipq.LayerRule(block_size=8, n_centroids=300), "0"))
+    assert m[0].codes.dtype == torch.int16 and int(m[0].codes.max()) > 255  # 600 blocks, 300 centroids
+    meta = export.save_qnz(tmp_path / "m.qnz", m.state_dict(), {})
+    tensors, _ = export.read_qnz(tmp_path / "m.qnz")
+    assert meta["layers"]["0"]["codes"] == "int16" and tensors["0.codes"].dtype == torch.int16
+    state, _ = export.load_qnz(tmp_path / "m.qnz")
+    want = m[0].centroids.detach().half().float()[m[0].codes.long()].reshape(300, 16)
+    assert torch.equal(state["0.weight"], want)
+    row = export.layer_sizes(tensors, meta)[0]
+    assert row["bytes"] == 600 * 2 + 300 * 8 * 2 and row["bound_bits"] == 600 * 9 + 300 * 8 * 16  # 9-bit codes
