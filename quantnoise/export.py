@@ -272,11 +272,8 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
         _need(is_int(k) and 1 <= k <= 2**15, f"{where} has n_centroids {k!r}; expected an integer in [1, 32768]")
         _need(e["codes"] in ("uint8", "int16", "int32"), f"{where} has codes {e['codes']!r}; expected uint8 or int16")
         _need(e["centroids"] in ("float16", "int8"), f"{where} has centroids {e['centroids']!r}; expected float16 or int8")
-        codes = tensors.get(f"{name}.codes")
-        _need(codes is None or _shape(codes) == [n // bs],
-              f"{where}: its shape {shape} and block_size {bs} give {n // bs} blocks, but tensor '{name}.codes' "
-              f"has shape {_shape(codes) if codes is not None else None}")
-        codes = _tensor(tensors, f"{name}.codes", e["codes"], [n // bs])
+        codes = _tensor(tensors, f"{name}.codes", e["codes"], [n // bs], f" ({where}'s shape {shape} in blocks of "
+                                                                       f"block_size {bs})")
         cents = _tensor(tensors, f"{name}.centroids", e["centroids"], [k, bs], f" (n_centroids {k}, block_size {bs})")
         if codes.numel():
             lo, hi = int(codes.min()), int(codes.max())

@@ -90,8 +90,23 @@ def test_stage_plan_resumes_mid_plan_exactly(tiny_lm_ckpt, lm_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_lm_rejects_a_bad_qnz_in_one_line(lm_data, tmp_path):
+def test_eval_lm_rejects_a_bad_or_forged_qnz_in_one_line(tiny_lm_ckpt, lm_data, tmp_path):
+    from quantnoise import export
+    from quantnoise.checkpoint import load_checkpoint
+    from quantnoise.ipq import LayerRule
+    from quantnoise.ipq_plan import IPQPlan, quantize_state_dict
+    from test_export import write_signed
+
     (tmp_path / "bad.qnz").write_bytes(b"\x00" * 64)
-    out = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "bad.qnz", "--user-dir", USER_DIR, *EVAL], check=False)
-    assert out.returncode != 0 and "is not a valid .qnz file" in out.stderr
-    assert "Traceback" not in out.stderr
+    # checksums valid, codes beyond the 16-centroid codebook (issue 10: an IndexError deep in the decoder)
+    state = load_checkpoint(tiny_lm_ckpt)
+    model, _ = quantize_state_dict(state["model"], IPQPlan([LayerRule(pattern="fc1", block_size=4, n_centroids=16)]))
+    tensors, meta = export.encode(model, {"cfg": state["cfg"], "num_updates": 1}, export.ExportOptions())
+    tensors["decoder.layers.0.fc1.codes"][3] = 200
+    write_signed(tmp_path / "forged.qnz", tensors, meta)
+    # (a missing path is fairseq's own check, for every path: "OSError: Model file not found", with a traceback)
+    for name, words in (("bad.qnz", "is not a valid .qnz file"),
+                        ("forged.qnz", "codes up to 200, but the codebook has 16 centroids")):
+        out = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / name, "--user-dir", USER_DIR, *EVAL], check=False)
+        assert out.returncode != 0 and words in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
