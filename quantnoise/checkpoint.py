@@ -11,6 +11,7 @@ import argparse
 import copy
 import os
 import pathlib
+import stat
 import tempfile
 from typing import Callable
 
@@ -39,19 +40,50 @@ def load_checkpoint(path) -> dict:
                          f"written by fairseq-train or quantnoise quantize") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' entry); pass a checkpoint_*.pt")
+    if not isinstance(state["model"], dict):
+        raise ValueError(f"{path} is not a fairseq checkpoint (its 'model' entry is a {type(state['model']).__name__}, "
+                         f"not a state dict); pass a checkpoint_*.pt")
     return state
+
+
+def _new_file_mode(path: pathlib.Path) -> int:
+    """The permissions ``open(path, "w")`` would give: an existing file's own, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mask = os.umask(0)  # the only portable way to read the umask is to set it
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def check_output(path) -> pathlib.Path:
+    """``path`` as a Path; OSError (one line) unless its folder exists and it is not itself a folder.
+    Commands call it before their work, so a typo in ``-o`` costs nothing."""
+    path = pathlib.Path(path)
+    folder = path.parent
+    if not folder.exists():
+        raise OSError(f"output folder {folder} does not exist; create it first or choose another output path")
+    if not folder.is_dir():
+        raise OSError(f"output folder {folder} is not a folder; choose another output path")
+    if path.is_dir():
+        raise OSError(f"output {path} is a folder; give a file name inside it")
+    return path
 
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_name)`` for a temp file in ``path``'s folder, fsync it, then rename it to
-    ``path``.  If anything fails, the temp file is removed and ``path`` is untouched."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    ``path``.  If anything fails (a full disk, an interrupt), the temp file is removed and ``path`` is
+    untouched.  The file gets the permissions a plain write would give (the umask's, or those of the
+    file it replaces), not mkstemp's 0600."""
+    path = check_output(path)
+    folder = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))  # after the write: a read-only target's mode would block it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

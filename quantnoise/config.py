@@ -4,6 +4,7 @@ config; every field is checked in ``__post_init__`` and a bad value raises ``Val
 field, the value and what is allowed."""
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -11,6 +12,29 @@ from typing import Optional
 SCHEMES = ("drop", "scalar", "pq")
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "ema")
+
+
+def is_int(v) -> bool:
+    """An integer of any integral type, but not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A real number (int, float, numpy scalar) that is not a bool and not NaN."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
+
+
+def regex_error(pattern) -> Optional[str]:
+    """Why ``pattern`` (None or a regex string) is not usable as a layer-name pattern; None if it is."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        return f"use a regular expression as a string, not a {type(pattern).__name__}"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"not a regular expression ({e})"
+    return None
 
 
 @dataclass
@@ -40,40 +64,45 @@ class QuantNoiseConfig:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"quant-noise {name}={getattr(self, name)!r} is invalid: {allowed}")
 
-        if self.scheme not in SCHEMES:
+        if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
             raise bad("scheme", f"choose one of {', '.join(SCHEMES)}")
-        if not isinstance(self.p, (int, float)) or not 0.0 <= float(self.p) <= 1.0:
+        if not is_real(self.p) or not 0.0 <= float(self.p) <= 1.0:
             raise bad("p", "use a probability in [0, 1]")
         if self.scheme == "drop" and self.p >= 1.0:
             raise bad("p", "scheme 'drop' needs p in [0, 1) (p=1 would zero every weight); use scalar or pq for p=1")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+        if not is_int(self.block_size) or self.block_size < 1:
             raise bad("block_size", "use a positive integer that divides each layer's row length")
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not is_int(self.bits) or not 2 <= self.bits <= 8:
             raise bad("bits", "use an integer from 2 to 8")
-        if self.granularity not in GRANULARITIES:
+        if not isinstance(self.symmetric, bool):
+            raise bad("symmetric", "use true or false")
+        if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
             raise bad("granularity", f"choose one of {', '.join(GRANULARITIES)}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if not is_int(self.group_size) or self.group_size < 1:
             raise bad("group_size", "use a positive integer")
-        if self.observer not in OBSERVERS:
+        if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
             raise bad("observer", f"choose one of {', '.join(OBSERVERS)}")
-        if not 0.0 < self.ema_momentum <= 1.0:
-            raise bad("ema_momentum", "use a value in (0, 1]")
-        if not isinstance(self.n_centroids, int) or self.n_centroids < 2:
+        if not is_real(self.ema_momentum) or not 0.0 < float(self.ema_momentum) <= 1.0:
+            raise bad("ema_momentum", "use a number in (0, 1]")
+        if not is_int(self.n_centroids) or self.n_centroids < 2:
             raise bad("n_centroids", "use an integer >= 2 (256 fits codes in one byte)")
-        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+        if not is_int(self.kmeans_iters) or self.kmeans_iters < 1:
             raise bad("kmeans_iters", "use a positive integer")
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+        if not is_int(self.refresh_every) or self.refresh_every < 1:
             raise bad("refresh_every", "use a positive integer")
         for name in ("include", "exclude"):
-            pattern = getattr(self, name)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise bad(name, f"not a regular expression ({e})") from None
+            error = regex_error(getattr(self, name))
+            if error:
+                raise bad(name, error)
+        if not is_int(self.seed):
+            raise bad("seed", "use an integer")
+        if not isinstance(self.eval_quantized, bool):
+            raise bad("eval_quantized", "use true or false")
         if self.eval_quantized and self.scheme == "drop":
             raise bad("eval_quantized", "needs scheme scalar or pq (drop has no quantized weights to evaluate)")
-        self.p = float(self.p)
+        self.p, self.ema_momentum = float(self.p), float(self.ema_momentum)
+        for name in ("block_size", "bits", "group_size", "n_centroids", "kmeans_iters", "refresh_every", "seed"):
+            setattr(self, name, int(getattr(self, name)))  # e.g. a numpy integer from a sweep script
 
     @property
     def qmin(self) -> int:

@@ -12,7 +12,9 @@ and the tensors
                      or 8 bits, little end first), ``L.qscale`` fp32 (out, 1);
   - everything else: fp16 or fp32 (floats; other dtypes as they are).
 Loading reads safetensors and JSON only (never unpickles) and checks format, version and the
-CRC-32 of every tensor: a truncated, damaged or foreign file is one ValueError line.
+CRC-32 of every tensor, then the map against the tensors (``check_map``: shapes, dtypes, sizes,
+code range, pack widths, positive finite scales) before anything uses it: a truncated, damaged,
+forged or foreign file is one ValueError line.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write
+from .config import is_int
 
 FORMAT, VERSION = "quantnoise.qnz", 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -204,21 +207,148 @@ def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
         raise bad("its JSON map fails its CRC-32 check (corrupt header)")
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad(f"its JSON map does not parse ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"its JSON map does not parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"its map is a {type(meta).__name__}, not a JSON object")
     if meta.get("format") != FORMAT:
         raise bad(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != VERSION:
+    if not is_int(meta.get("format_version")) or meta["format_version"] != VERSION:
         raise ValueError(f"{path} has .qnz format version {meta.get('format_version')!r}; this quantnoise reads "
                          f"version {VERSION}: use the quantnoise release that wrote it, or re-export")
-    crc = meta.get("crc32", {})
+    crc = meta.get("crc32")
+    if not isinstance(crc, dict) or not all(is_int(v) for v in crc.values()):
+        raise bad(f"its map's 'crc32' is a {type(crc).__name__}, not an object of integers")
     if set(crc) != set(tensors):
         missing, extra = sorted(set(crc) - set(tensors)), sorted(set(tensors) - set(crc))
         raise bad(f"tensors missing {missing[:3]} / unexpected {extra[:3]}")
     for k, t in tensors.items():
         if _crc(t) != crc[k]:
             raise bad(f"tensor {k!r} fails its CRC-32 check (corrupt data)")
+    try:
+        check_map(tensors, meta)
+    except ValueError as e:
+        raise bad(str(e)) from None
     return tensors, meta
+
+
+# ----------------------------------------------------------------------------- validation
+FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+
+def _shape(t: Tensor) -> List[int]:
+    return list(t.shape)
+
+
+def _need(cond: bool, why: str) -> None:
+    if not cond:
+        raise ValueError(why)
+
+
+def _object(value, what: str) -> dict:
+    _need(isinstance(value, dict), f"its map's {what} is a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _tensor(tensors: Dict[str, Tensor], key: str, dtype: str, shape: List[int], because: str = "") -> Tensor:
+    t = tensors.get(key)
+    _need(t is not None, f"tensor {key!r}, which the map names, is missing")
+    _need(dtype_name(t.dtype) == dtype, f"tensor {key!r} is {dtype_name(t.dtype)}, the map says {dtype}")
+    _need(_shape(t) == shape, f"tensor {key!r} has shape {_shape(t)}, the map implies {shape}{because}")
+    return t
+
+
+def _positive_finite(t: Tensor, key: str) -> None:
+    _need(bool(torch.isfinite(t).all()) and bool((t > 0).all()),
+          f"tensor {key!r} holds zero, negative or non-finite scales")
+
+
+def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
+    """Check one compressed layer's map entry against its tensors; return the tensor keys it owns."""
+    where = f"layer {name!r}"
+    _need(isinstance(e, dict), f"{where} is described by a {type(e).__name__}, not an object")
+    scheme = e.get("scheme")
+    _need(scheme in ("pq", "scalar"), f"{where} has scheme {scheme!r}; expected pq or scalar")
+    keys = ("shape", "block_size", "n_centroids", "codes", "centroids", "dtype") if scheme == "pq" else \
+        ("shape", "bits", "pack_width", "dtype")
+    for key in keys:
+        _need(key in e, f"{where} lacks key {key!r}")
+    shape = e["shape"]
+    _need(isinstance(shape, list) and len(shape) >= 2 and all(is_int(v) and v >= 1 for v in shape),
+          f"{where} has shape {shape!r}; expected a list of 2 or more positive integers")
+    _need(e["dtype"] in FLOATS, f"{where} has dtype {e['dtype']!r}; expected one of {', '.join(FLOATS)}")
+    n, row = math.prod(shape), math.prod(shape[1:])
+    if scheme == "pq":
+        bs, k = e["block_size"], e["n_centroids"]
+        _need(is_int(bs) and bs >= 1 and row % bs == 0,
+              f"{where} has block_size {bs!r}, which does not divide the row length {row} of its shape {shape}")
+        _need(is_int(k) and 1 <= k <= 2**15, f"{where} has n_centroids {k!r}; expected an integer in [1, 32768]")
+        _need(e["codes"] in ("uint8", "int16", "int32"), f"{where} has codes {e['codes']!r}; expected uint8 or int16")
+        _need(e["centroids"] in ("float16", "int8"), f"{where} has centroids {e['centroids']!r}; expected float16 or int8")
+        codes = _tensor(tensors, f"{name}.codes", e["codes"], [n // bs], f" ({where}'s shape {shape} in blocks of "
+                                                                       f"block_size {bs})")
+        cents = _tensor(tensors, f"{name}.centroids", e["centroids"], [k, bs], f" (n_centroids {k}, block_size {bs})")
+        if codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            _need(lo >= 0, f"{where} has a negative code ({lo})")
+            _need(hi < k, f"{where} has codes up to {hi}, but the codebook has {k} centroids")
+        owned = [f"{name}.codes", f"{name}.centroids"]
+        if e["centroids"] == "int8":
+            _positive_finite(_tensor(tensors, f"{name}.centroids_scale", "float32", [1]), f"{name}.centroids_scale")
+            owned.append(f"{name}.centroids_scale")
+        else:
+            _need(bool(torch.isfinite(cents).all()), f"tensor '{name}.centroids' holds non-finite values")
+        return owned
+    bits, width = e["bits"], e["pack_width"]
+    _need(is_int(bits) and 2 <= bits <= 8, f"{where} has bits {bits!r}; expected an integer from 2 to 8")
+    _need(is_int(width) and width == pack_width(bits),
+          f"{where} has pack_width {width!r}; int{bits} values are packed {pack_width(bits)} bits wide")
+    q = _tensor(tensors, f"{name}.qweight", "uint8", [math.ceil(n * width / 8)])
+    _positive_finite(_tensor(tensors, f"{name}.qscale", "float32", [shape[0], 1]), f"{name}.qscale")
+    top = int(unpack(q, width, n).max()) if n else 0
+    _need(top <= 2 * (2 ** (bits - 1) - 1), f"{where} has packed int{bits} values up to {top}, but int{bits} "
+                                            f"stores q + {2 ** (bits - 1) - 1} in [0, {2 * (2 ** (bits - 1) - 1)}]")
+    return [f"{name}.qweight", f"{name}.qscale"]
+
+
+def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
+    """ValueError (why, one line) unless the JSON map describes exactly the stored tensors: every layer's
+    shape, block size, codebook size, bits and pack width agree with its tensors' shapes and dtypes;
+    codes lie in [0, k) and packed int values in the int-N range; scales are positive and finite; every
+    tensor belongs to exactly one layer or dense entry; aliases point at a compressed layer."""
+    layers, dense, aliases = (_object(meta.get(k), repr(k)) for k in ("layers", "dense", "aliases"))
+    fs = meta.get("fairseq")
+    if fs is not None:
+        _object(fs, "'fairseq'")
+        cfg = fs.get("cfg")
+        if cfg is not None:
+            _object(cfg, "fairseq 'cfg'")
+            if cfg.get("model") is not None:
+                _object(cfg["model"], "fairseq cfg 'model'")
+        _need(is_int(fs.get("num_updates", 0)), f"its map's fairseq num_updates is {fs.get('num_updates')!r}, "
+                                                f"not an integer")
+    owned: Dict[str, str] = {}
+    for name, e in layers.items():
+        for key in _check_layer(name, e, tensors):
+            owned[key] = name
+    weights = {f"{name}.weight" for name in layers}
+    for key, e in dense.items():
+        _need(key not in owned and key not in weights, f"dense tensor {key!r} is also part of a compressed layer")
+        _need(isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPES,
+              f"dense tensor {key!r} has dtype {e.get('dtype') if isinstance(e, dict) else e!r}; expected one of "
+              f"{', '.join(DTYPES)}")
+        t = tensors.get(key)
+        _need(t is not None, f"tensor {key!r}, which the map names, is missing")
+        stored_ok = t.dtype in (torch.float16, torch.float32) if DTYPES[e["dtype"]].is_floating_point \
+            else dtype_name(t.dtype) == e["dtype"]
+        _need(stored_ok, f"tensor {key!r} is {dtype_name(t.dtype)} but the map says it is a {e['dtype']} tensor")
+        owned[key] = key
+    for key, target in aliases.items():
+        _need(isinstance(target, str) and target in layers,
+              f"alias {key!r} points to {target!r}, which is no compressed layer of the file")
+        _need(key not in dense and key not in weights, f"alias {key!r} would overwrite a stored weight")
+    extra = sorted(set(tensors) - set(owned))
+    _need(not extra, f"tensors {extra[:3]} belong to no layer of its map")
 
 
 def decode(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, Tensor]:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as QF
+from .config import is_int, regex_error
 from .kmeans import kmeans
 
 logger = logging.getLogger(__name__)
@@ -282,22 +283,23 @@ class LayerRule:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"ipq {name}={getattr(self, name)!r} (rule {self.pattern!r}) is invalid: {allowed}")
 
-        if self.scheme not in ("pq", "scalar"):
+        if not isinstance(self.scheme, str) or self.scheme not in ("pq", "scalar"):
             raise bad("scheme", "choose pq or scalar")
+        if not isinstance(self.pattern, str):
+            raise bad("pattern", f"use a regular expression as a string, not a {type(self.pattern).__name__}")
         for name in ("pattern", "exclude"):
-            try:
-                re.compile(getattr(self, name) or "")
-            except re.error as e:
-                raise bad(name, f"not a regular expression ({e})") from None
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+            error = regex_error(getattr(self, name))
+            if error:
+                raise bad(name, error)
+        if not is_int(self.block_size) or self.block_size < 1:
             raise bad("block_size", "use a positive integer that divides the layer's row length")
-        if not isinstance(self.n_centroids, int) or not 2 <= self.n_centroids <= 2**15:
+        if not is_int(self.n_centroids) or not 2 <= self.n_centroids <= 2**15:
             raise bad("n_centroids", "use an integer in [2, 32768] (256 fits codes in one byte)")
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not is_int(self.bits) or not 2 <= self.bits <= 8:
             raise bad("bits", "use an integer from 2 to 8")
-        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+        if not is_int(self.kmeans_iters) or self.kmeans_iters < 1:
             raise bad("kmeans_iters", "use a positive integer")
-        if not isinstance(self.updates, int) or self.updates < 0:
+        if not is_int(self.updates) or self.updates < 0:
             raise bad("updates", "use a non-negative integer")
 
     def matches(self, name: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .config import is_int
 from .ipq import LayerRule, pq_quantize, scalar_quantize
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,13 @@ class IPQPlan:
     seed: int = field(default=0, metadata={"help": "base seed of every layer's k-means (plus a hash of its name)"})
 
     def __post_init__(self) -> None:
-        if not self.stages:
+        if not isinstance(self.stages, (list, tuple)) or not self.stages:
             raise ValueError("ipq plan has no stages: give at least one {pattern: ...} entry under 'stages'")
+        for i, rule in enumerate(self.stages):
+            if not isinstance(rule, LayerRule):
+                raise ValueError(f"ipq plan stage {i} is {rule!r}, not a LayerRule")
+        if not is_int(self.seed):
+            raise ValueError(f"ipq seed={self.seed!r} is invalid: use an integer")
 
     def rule_for(self, name: str) -> Tuple[int, Optional[LayerRule]]:
         """(stage index, rule) of the first stage matching ``name``; (-1, None) when none does."""
@@ -61,26 +67,38 @@ def load_plan(path) -> IPQPlan:
     import yaml
 
     path = pathlib.Path(path)
+    if not path.exists():
+        raise OSError(f"ipq plan {path} does not exist; pass the path of a plan YAML file")
+    if path.is_dir():
+        raise OSError(f"ipq plan {path} is a folder, not a plan file; pass the path of a plan YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"ipq plan {path} is not UTF-8 text; pass a plan YAML file") from None
     except yaml.YAMLError as e:
         raise ValueError(f"ipq plan {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):
         raise ValueError(f"ipq plan {path} needs a top-level 'stages:' list of {{pattern: ..., ...}} entries")
+    extra = set(raw) - {"stages", "seed"}
+    if extra:
+        raise ValueError(f"ipq plan {path}: unknown top-level keys {sorted(map(str, extra))}; allowed: stages, seed")
     known = {f.name for f in dataclasses.fields(LayerRule)}
     stages = []
     for i, entry in enumerate(raw["stages"]):
-        if not isinstance(entry, dict) or set(entry) - known:
-            unknown = sorted(set(entry) - known) if isinstance(entry, dict) else entry
-            raise ValueError(f"ipq plan {path}: stage {i} has unknown keys {unknown}; allowed: {', '.join(sorted(known))}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"ipq plan {path}: stage {i} is {entry!r}, not a mapping; write it as "
+                             f"{{pattern: ..., block_size: ..., ...}}")
+        if set(entry) - known:
+            raise ValueError(f"ipq plan {path}: stage {i} has unknown keys {sorted(map(str, set(entry) - known))}; "
+                             f"allowed: {', '.join(sorted(known))}")
         try:
             stages.append(LayerRule(**entry))
         except ValueError as e:
             raise ValueError(f"ipq plan {path}: stage {i}: {e}") from None
-    extra = set(raw) - {"stages", "seed"}
-    if extra:
-        raise ValueError(f"ipq plan {path}: unknown top-level keys {sorted(extra)}; allowed: stages, seed")
-    return IPQPlan(stages=stages, seed=int(raw.get("seed", 0)))
+    try:
+        return IPQPlan(stages=stages, seed=raw.get("seed", 0))
+    except ValueError as e:
+        raise ValueError(f"ipq plan {path}: {e}") from None
 
 
 def _storage_key(t: Tensor) -> tuple:

@@ -38,3 +38,27 @@ def test_is_a_hydra_structured_config():
     cfg = OmegaConf.structured(QuantNoiseConfig)
     merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["scheme=scalar", "bits=4"]))
     assert QuantNoiseConfig(**OmegaConf.to_container(merged)).bits == 4
+
+
+# every field's type is checked (bool is an int subclass in Python, but True is not a block size)
+@pytest.mark.parametrize("field,value", [
+    ("scheme", 1), ("scheme", None), ("p", "0.1"), ("p", True), ("p", float("nan")), ("block_size", True),
+    ("block_size", 8.0), ("block_size", "8"), ("bits", False), ("bits", 4.0), ("symmetric", "no"), ("symmetric", 1),
+    ("granularity", ["channel"]), ("group_size", True), ("group_size", 64.5), ("observer", 0),
+    ("ema_momentum", "0.1"), ("ema_momentum", True), ("ema_momentum", float("nan")), ("n_centroids", True),
+    ("n_centroids", 16.0), ("kmeans_iters", "20"), ("refresh_every", 1.5), ("include", 123), ("exclude", ["fc"]),
+    ("seed", "0"), ("seed", 1.5), ("seed", True), ("eval_quantized", "yes"), ("eval_quantized", 1),
+])
+def test_wrong_type_is_one_line_value_error_naming_field_and_value(field, value):
+    kw = {"scheme": "scalar"} if field == "eval_quantized" else {}
+    with pytest.raises(ValueError) as e:
+        QuantNoiseConfig(**{**kw, field: value})
+    msg = str(e.value)
+    assert f"{field}={value!r}" in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_numbers_of_any_integral_or_real_type_are_accepted():
+    import numpy as np
+
+    cfg = QuantNoiseConfig(p=np.float32(0.25), block_size=np.int64(4), ema_momentum=1, seed=np.int32(3))
+    assert (cfg.p, cfg.block_size, cfg.seed) == (0.25, 4, 3) and type(cfg.p) is float and type(cfg.block_size) is int

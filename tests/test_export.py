@@ -199,3 +199,185 @@ def test_stock_cfg_drops_the_plugin():
     s = stock_cfg(cfg)
     assert s["model"] == {"_name": "transformer_lm", "quant_noise_pq": 0.0, "decoder_layers": 2}
     assert s["common"]["user_dir"] is None and cfg["model"]["_name"] == "qn_transformer_lm"
+
+
+# ------------------------------------------------- hand-made files whose checksums are valid
+def write_signed(path, tensors, meta):
+    """A .qnz of these tensors and this map, with every CRC recomputed (as a forger would)."""
+    import json
+    import zlib
+
+    from safetensors.torch import save
+
+    if isinstance(meta, dict) and isinstance(meta.get("crc32"), dict):
+        meta["crc32"] = {k: export._crc(t) for k, t in tensors.items()}
+    text = json.dumps(meta)
+    path.write_bytes(save(tensors, metadata={"qnz": text, "qnz_crc32": str(zlib.crc32(text.encode()))}))
+    return path
+
+
+def good_parts(centroids="float16"):
+    _, state = compressed_state()  # "0": pq k=256 b=8 (300x16), "1": int4 (24x16), "3": pq k=16 b=9 (8x4x3x3)
+    return export.encode(state, {"cfg": {"model": {"_name": "qn_transformer_lm"}}, "num_updates": 3},
+                         export.ExportOptions(centroids_dtype=centroids))
+
+
+def set_in(obj, path, value):
+    for key in path[:-1]:
+        obj = obj[key]
+    if value is DELETE:
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
+
+
+DELETE = object()
+BAD_MAPS = {  # name: (path in the map, new value, words the one-line error must contain)
+    "map is a list": ((), ["layers"], "map is a list, not a JSON object"),
+    "layers is a list": (("layers",), [], "'layers' is a list"),
+    "crc32 is a list": (("crc32",), [], "'crc32' is a list"),
+    "format_version true": (("format_version",), True, "format version True"),
+    "pack_width 3": (("layers", "1", "pack_width"), 3, "pack_width 3"),
+    "pack_width 2 for int4": (("layers", "1", "pack_width"), 2, "pack_width 2"),
+    "pack_width 8 for int4": (("layers", "1", "pack_width"), 8, "pack_width 8"),
+    "bits 9": (("layers", "1", "bits"), 9, "bits 9"),
+    "bits true": (("layers", "1", "bits"), True, "bits True"),
+    "shape 1e12 weights": (("layers", "0", "shape"), [10**6, 10**6], "shape [1000000, 1000000]"),
+    "shape numel mismatch": (("layers", "3", "shape"), [8, 4, 3, 6], "shape [8, 4, 3, 6]"),
+    "shape row not divisible": (("layers", "0", "shape"), [960, 5], "block_size 8"),
+    "shape negative": (("layers", "1", "shape"), [-24, -16], "shape [-24, -16]"),
+    "shape floats": (("layers", "1", "shape"), [24.0, 16], "shape [24.0, 16]"),
+    "shape 1-d": (("layers", "1", "shape"), [384], "shape [384]"),
+    "scalar rows mismatch": (("layers", "1", "shape"), [16, 24], "qscale"),
+    "no shape": (("layers", "0", "shape"), DELETE, "'shape'"),
+    "scheme unknown": (("layers", "0", "scheme"), "vq", "scheme 'vq'"),
+    "layer entry a string": (("layers", "0"), "pq", "layer '0'"),
+    "n_centroids too small": (("layers", "3", "n_centroids"), 8, "n_centroids 8"),
+    "n_centroids string": (("layers", "3", "n_centroids"), "16", "n_centroids '16'"),
+    "block_size mismatch": (("layers", "3", "block_size"), 3, "block_size 3"),
+    "codes dtype": (("layers", "0", "codes"), "int16", "codes"),
+    "centroids dtype": (("layers", "0", "centroids"), "int8", "centroids"),
+    "layer dtype": (("layers", "0", "dtype"), "complex64", "dtype 'complex64'"),
+    "dense dtype": (("dense", "2.bias"), {"dtype": "complex64"}, "dtype 'complex64'"),
+    "dense entry not a dict": (("dense", "2.bias"), "float32", "'2.bias'"),
+    "alias to nothing": (("aliases", "head.weight"), "nope", "alias 'head.weight'"),
+    "alias onto a layer weight": (("aliases", "1.weight"), "0", "alias '1.weight'"),
+    "fairseq a string": (("fairseq",), "cfg", "'fairseq'"),
+    "cfg model a list": (("fairseq", "cfg", "model"), [], "'model'"),
+    "num_updates string": (("fairseq", "num_updates"), "x", "num_updates"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MAPS)
+def test_signed_file_whose_map_does_not_match_its_tensors_is_one_line(tmp_path, case):
+    where, value, words = BAD_MAPS[case]
+    tensors, meta = good_parts()
+    if where == ():
+        meta = value
+    else:
+        set_in(meta, where, value)
+    path = write_signed(tmp_path / "m.qnz", tensors, meta)
+    with pytest.raises(ValueError) as e:
+        export.load_qnz(path)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "is not a valid .qnz file" in msg or "format version" in msg, msg
+    assert words in msg, msg
+
+
+def pq_codes_255(tensors, meta):  # codes of 255 in the 16-centroid layer
+    tensors["3.codes"] = tensors["3.codes"].clone()
+    tensors["3.codes"][5] = 255
+
+
+def int4_nibble_15(tensors, meta):  # int4 values are q + 7 in [0, 14]: 15 is no int4 weight
+    tensors["1.qweight"] = tensors["1.qweight"].clone()
+    tensors["1.qweight"][0] = 0xF0 | (tensors["1.qweight"][0] & 0x0F)
+
+
+def set_tensor(key, value):
+    def f(tensors, meta):
+        tensors[key] = value(tensors[key].clone())
+    return f
+
+
+def drop_tensor(key):
+    def f(tensors, meta):
+        del tensors[key]
+    return f
+
+
+def extra_tensor(tensors, meta):
+    tensors["stowaway"] = torch.zeros(3)
+
+
+BAD_TENSORS = {  # name: (change to the tensors, words of the error, centroids option)
+    "codes out of range": (pq_codes_255, "codes up to 255, but the codebook has 16 centroids", "float16"),
+    "int4 value out of range": (int4_nibble_15, "15", "float16"),
+    "qscale zero": (set_tensor("1.qscale", lambda t: t.index_fill_(0, torch.tensor([3]), 0.0)), "qscale", "float16"),
+    "qscale nan": (set_tensor("1.qscale", lambda t: t.index_fill_(0, torch.tensor([3]), float("nan"))), "qscale",
+                   "float16"),
+    "qscale negative": (set_tensor("1.qscale", lambda t: -t), "qscale", "float16"),
+    "centroid scale zero": (set_tensor("0.centroids_scale", lambda t: t * 0), "centroids_scale", "int8"),
+    "centroid scale inf": (set_tensor("0.centroids_scale", lambda t: t / 0), "centroids_scale", "int8"),
+    "centroid nan": (set_tensor("3.centroids", lambda t: t.index_fill_(0, torch.tensor([2]), float("nan"))),
+                     "centroids", "float16"),
+    "codes short": (set_tensor("0.codes", lambda t: t[:-1]), "'0.codes'", "float16"),
+    "codes 2-d": (set_tensor("0.codes", lambda t: t.reshape(300, 2)), "'0.codes'", "float16"),
+    "codes int16": (set_tensor("0.codes", lambda t: t.to(torch.int16)), "'0.codes'", "float16"),
+    "centroids fp32": (set_tensor("0.centroids", lambda t: t.float()), "'0.centroids'", "float16"),
+    "centroids rows": (set_tensor("3.centroids", lambda t: t[:8]), "'3.centroids'", "float16"),
+    "qweight short": (set_tensor("1.qweight", lambda t: t[:10]), "'1.qweight'", "float16"),
+    "qscale shape": (set_tensor("1.qscale", lambda t: t.reshape(-1)), "'1.qscale'", "float16"),
+    "dense int retyped": (set_tensor("2.bias", lambda t: t.to(torch.int32)), "'2.bias'", "float16"),
+    "missing tensor": (drop_tensor("3.centroids"), "3.centroids", "float16"),
+    "unexpected tensor": (extra_tensor, "stowaway", "float16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TENSORS)
+def test_signed_file_with_bad_tensors_is_one_line(tmp_path, case):
+    change, words, centroids = BAD_TENSORS[case]
+    tensors, meta = good_parts(centroids)
+    change(tensors, meta)
+    path = write_signed(tmp_path / "m.qnz", tensors, meta)
+    with pytest.raises(ValueError) as e:
+        export.load_qnz(path)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "is not a valid .qnz file" in msg and words in msg, msg
+
+
+def test_signed_good_file_still_loads(tmp_path):
+    tensors, meta = good_parts("int8")
+    expected = export.decode(tensors, meta)
+    state, _ = export.load_qnz(write_signed(tmp_path / "m.qnz", tensors, meta))
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_cli_refuses_out_of_range_codes_and_a_map_that_lies_about_sizes(tmp_path):
+    """The two files of issue 10: decompress died with IndexError, inspect reported 10^12 weights."""
+    tensors, meta = good_parts()
+    pq_codes_255(tensors, meta)
+    write_signed(tmp_path / "codes.qnz", tensors, meta)
+    tensors, meta = good_parts()
+    meta["layers"]["0"]["shape"] = [10**6, 10**6]
+    write_signed(tmp_path / "huge.qnz", tensors, meta)
+    for args in (("decompress", tmp_path / "codes.qnz", "-o", tmp_path / "d.pt"), ("inspect", tmp_path / "huge.qnz")):
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "is not a valid .qnz file" in r.stderr, r.stderr
+    assert not (tmp_path / "d.pt").exists()
+
+
+def test_int16_codes_for_more_than_256_centroids_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(300, 16))
+    ipq.set_submodule(m, "0", ipq.compress_module(m[0], ipq.LayerRule(block_size=8, n_centroids=300), "0"))
+    assert m[0].codes.dtype == torch.int16 and int(m[0].codes.max()) > 255  # 600 blocks, 300 centroids
+    meta = export.save_qnz(tmp_path / "m.qnz", m.state_dict(), {})
+    tensors, _ = export.read_qnz(tmp_path / "m.qnz")
+    assert meta["layers"]["0"]["codes"] == "int16" and tensors["0.codes"].dtype == torch.int16
+    state, _ = export.load_qnz(tmp_path / "m.qnz")
+    want = m[0].centroids.detach().half().float()[m[0].codes.long()].reshape(300, 16)
+    assert torch.equal(state["0.weight"], want)
+    row = export.layer_sizes(tensors, meta)[0]
+    assert row["bytes"] == 600 * 2 + 300 * 8 * 2 and row["bound_bits"] == 600 * 9 + 300 * 8 * 16  # 9-bit codes

@@ -17,3 +17,13 @@ def test_bad_corpus_is_one_line_error(tmp_path):
     proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "o", "--text", tmp_path / "missing.txt"],
                check=False)
     assert proc.returncode == 2 and "is not a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_or_too_small_corpus_is_one_line_error_and_writes_nothing(tmp_path):
+    for name, text in (("empty.txt", ""), ("blank.txt", "\n \n\t\n"), ("short.txt", "a b c\n" * 5)):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "out", "--text", tmp_path / name],
+                   check=False)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and "usable lines" in err[0], proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@
 Weights are codebook[codes] (pq) or q * scale (int-N) exactly, in fp32; the arch is the stock one
 (qn_transformer_lm -> transformer_lm, ...), so fairseq-eval-lm / fairseq-generate /
 ``from_pretrained`` load it without ``--user-dir``."""
-from ..checkpoint import save_checkpoint, stock_checkpoint
+from ..checkpoint import check_output, save_checkpoint, stock_checkpoint
 from ..export import load_qnz
 
 
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    check_output(args.output)
     state, meta = load_qnz(args.model)
     save_checkpoint(stock_checkpoint(state, meta, arch=args.arch), args.output)
     print(f"wrote {args.output}")

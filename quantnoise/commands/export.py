@@ -1,5 +1,5 @@
 """``quantnoise export CKPT -o MODEL.qnz``: write the compressed model (see quantnoise/export.py)."""
-from ..checkpoint import load_checkpoint
+from ..checkpoint import check_output, load_checkpoint
 from ..export import ExportOptions, save_qnz
 
 
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if not str(args.output).endswith(".qnz"):
         raise ValueError(f"output {args.output!r} must end in .qnz (the suffix the plugin loads by)")
+    check_output(args.output)
     state = load_checkpoint(args.checkpoint)
     hist = state.get("optimizer_history") or [{}]
     fairseq = {"cfg": state.get("cfg"), "num_updates": int(hist[-1].get("num_updates", 0))}

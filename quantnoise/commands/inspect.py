@@ -1,6 +1,7 @@
 """``quantnoise inspect MODEL.qnz``: per-layer scheme, shape, bits per weight, bytes; then totals."""
 import os
 
+from ..checkpoint import model_name
 from ..export import layer_sizes, read_qnz
 
 
@@ -20,7 +21,7 @@ def run(args) -> int:
     rows = layer_sizes(tensors, meta)
     size = os.path.getsize(args.model)
     print(f"{args.model}: quantnoise.qnz v{meta['format_version']}, "
-          f"model {((meta.get('fairseq') or {}).get('cfg') or {}).get('model', {}).get('_name', '?')}")
+          f"model {model_name((meta.get('fairseq') or {}).get('cfg')) or '?'}")
     print(f"{'layer':48s} {'scheme':24s} {'shape':>16s} {'bits/w':>7s} {'bytes':>12s}")
     dense = [r for r in rows if r["name"] not in meta["layers"] and r["name"] not in meta["aliases"]]
     for r in rows:
@@ -37,6 +38,6 @@ def run(args) -> int:
     bound = sum(r["bound_bits"] for r in rows) / 8
     print(f"file size     {size:12d} bytes ({_mib(size)})")
     print(f"fp32 size     {fp32:12d} bytes ({_mib(fp32)})  compression x{fp32 / size:.2f}")
-    print(f"bound         {int(bound):12d} bytes ({_mib(bound)})  {8 * bound / n:.3f} bits/weight; "
-          f"file is {100 * (size / bound - 1):+.2f}% over it, {8 * size / n:.3f} bits/weight")
+    print(f"bound         {int(bound):12d} bytes ({_mib(bound)})  {8 * bound / max(n, 1):.3f} bits/weight; "
+          f"file is {100 * (size / max(bound, 1) - 1):+.2f}% over it, {8 * size / max(n, 1):.3f} bits/weight")
     return 0

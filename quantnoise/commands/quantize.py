@@ -10,7 +10,7 @@ import logging
 
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, model_name, plugin_arch, save_checkpoint, set_model_name
+from ..checkpoint import check_output, load_checkpoint, model_name, plugin_arch, save_checkpoint, set_model_name
 from ..ipq import LayerRule
 from ..ipq_plan import IPQPlan, load_plan, quantize_state_dict
 
@@ -45,8 +45,10 @@ def plan_from_args(args) -> IPQPlan:
 
 def run(args) -> int:
     plan = plan_from_args(args)
+    check_output(args.output)
     state = load_checkpoint(args.checkpoint)
-    bar = lambda it: tqdm(list(it), desc="quantize", unit="layer", leave=False)  # noqa: E731
+    # a progress bar on a terminal only (disable=None): logs and pipes get no bar fragments
+    bar = lambda it: tqdm(list(it), desc="quantize", unit="layer", leave=False, disable=None)  # noqa: E731
     state["model"], names = quantize_state_dict(state["model"], plan, progress=bar)
     state.pop("last_optimizer_state", None)
     if state.get("cfg"):

@@ -277,7 +277,7 @@ def _install_qnz_loader() -> None:
         try:
             model_state, meta = load_qnz(path)
             state = stock_checkpoint(model_state, meta)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # a bad, forged or missing .qnz: one line, no traceback
             raise SystemExit(f"error: {e}") from None
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
         if arg_overrides is not None:

@@ -1,5 +1,6 @@
 """decompress gives checkpoints that *stock* fairseq loads without the plugin: translation through
-fairseq-generate and RoBERTa through RobertaModel.from_pretrained (the LM path is in test_ipq_e2e)."""
+fairseq-generate and RoBERTa through RobertaModel.from_pretrained (the LM path is in test_ipq_e2e);
+with the plugin, the same tools take the .qnz itself and give the same outputs."""
 import subprocess
 import sys
 
@@ -28,9 +29,13 @@ def test_translation_decompressed_runs_in_stock_generate(tmp_path):
          "--share-all-embeddings", "--criterion", "label_smoothed_cross_entropy", "--max-tokens", "1024",
          *COMMON, "--max-update", "8", "--save-dir", tmp_path / "ck"])
     plain = compress_and_decompress(tmp_path / "ck" / "checkpoint_last.pt", tmp_path)
-    gen = run(["fairseq-generate", data, "--path", plain, "--beam", "2", "--max-len-a", "1", "--max-len-b", "2",
-               "--max-tokens", "1024", "--num-workers", "0"])  # no --user-dir
-    assert len([l for l in gen.stdout.splitlines() if l.startswith("H-")]) == 16
+    gen = ["fairseq-generate", data, "--beam", "2", "--max-len-a", "1", "--max-len-b", "2", "--max-tokens", "1024",
+           "--num-workers", "0"]
+    stock = run([*gen, "--path", plain])  # no --user-dir
+    hyps = sorted(l for l in stock.stdout.splitlines() if l.startswith(("H-", "P-")))
+    assert len([l for l in hyps if l.startswith("H-")]) == 16
+    qnz = run([*gen, "--path", tmp_path / "m.qnz", "--user-dir", USER_DIR])
+    assert sorted(l for l in qnz.stdout.splitlines() if l.startswith(("H-", "P-"))) == hyps  # same words, same scores
 
 
 def test_roberta_decompressed_loads_in_stock_from_pretrained(lm_data, tmp_path):
@@ -38,13 +43,23 @@ def test_roberta_decompressed_loads_in_stock_from_pretrained(lm_data, tmp_path):
          "--arch", "qn_roberta_tiny", "--tokens-per-sample", "32", "--max-tokens", "512", *COMMON,
          "--max-update", "6", "--save-dir", tmp_path / "ck"])
     plain = compress_and_decompress(tmp_path / "ck" / "checkpoint_last.pt", tmp_path)
+    import shutil
+
+    shutil.copy(tmp_path / "m.qnz", plain.parent / "model.qnz")
     code = (
         "import sys, torch\n"
         "from fairseq.models.roberta import RobertaModel\n"
         "hub = RobertaModel.from_pretrained(sys.argv[1], 'checkpoint_last.pt', sys.argv[2], bpe=None)\n"
+        "hub.eval()  # from_pretrained leaves RoBERTa in training mode (dropout on)\n"
         "f = hub.extract_features(torch.tensor([[0, 10, 11, 12, 2]]))\n"
         "assert type(hub.model).__name__ == 'RobertaModel' and torch.isfinite(f).all(), f\n"
         "print('ok', tuple(f.shape))\n"
+        "# then, with the plugin, the .qnz itself\n"
+        "q = RobertaModel.from_pretrained(sys.argv[1], 'model.qnz', sys.argv[2], bpe=None, user_dir=sys.argv[3])\n"
+        "q.eval()\n"
+        "assert torch.equal(q.extract_features(torch.tensor([[0, 10, 11, 12, 2]])), f)\n"
+        "print('qnz equal')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(plain.parent), str(lm_data)], capture_output=True, text=True)
-    assert out.returncode == 0 and "ok (1, 5, 64)" in out.stdout, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-c", code, str(plain.parent), str(lm_data), USER_DIR],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "ok (1, 5, 64)" in out.stdout and "qnz equal" in out.stdout, out.stderr[-3000:]

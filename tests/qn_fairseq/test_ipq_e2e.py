@@ -1,5 +1,6 @@
 """The whole path on a tiny trained LM: quantize -> fine-tune in fairseq-train -> export -> inspect ->
-fairseq-eval-lm on the .qnz (plugin) and on the decompressed checkpoint (stock fairseq, no plugin)."""
+fairseq-eval-lm on the .qnz (plugin) and on the decompressed checkpoint (stock fairseq, no plugin),
+both compared with the fine-tuned checkpoint the .qnz came from (tensor by tensor, and perplexity)."""
 import re
 import shutil
 import sys
@@ -45,9 +46,27 @@ def test_quantize_finetune_export_inspect_eval(tiny_lm_ckpt, lm_data, tmp_path):
     assert "decoder.layers.1.self_attn.q_proj" in report and "compression x" in report
     qn("decompress", tmp_path / "m.qnz", "-o", tmp_path / "d.pt")
 
+    # the .qnz holds the fine-tuned checkpoint it came from: codebook[codes] with the centroids rounded
+    # to fp16, every other tensor rounded to fp16 (the default --rest)
+    from quantnoise.export import load_qnz
+
+    state, meta = load_qnz(tmp_path / "m.qnz")
+    for name, e in meta["layers"].items():
+        want = after[f"{name}.centroids"].half().float()[after[f"{name}.codes"].long()].reshape(e["shape"])
+        assert torch.equal(state[f"{name}.weight"], want), name
+    for key in meta["dense"]:
+        assert torch.equal(state[key], after[key].half().to(after[key].dtype)), key
+    for key, target in meta["aliases"].items():
+        assert state[key] is state[f"{target}.weight"], key
+    assert set(meta["layers"]) == {k[: -len(".codes")] for k in after if k.endswith(".codes")}
+
+    checkpoint = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "ft" / "checkpoint_last.pt", "--user-dir",
+                      USER_DIR, *EVAL])  # the fine-tuned PQ layers themselves (fp32 centroids)
     with_plugin = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "m.qnz", "--user-dir", USER_DIR, *EVAL])
     stock = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "d.pt", *EVAL])  # no --user-dir
     assert perplexity(with_plugin) == perplexity(stock)
+    ppl = [float(re.search(r"Perplexity: ([0-9.]+)", perplexity(p)).group(1)) for p in (checkpoint, with_plugin)]
+    assert abs(ppl[1] - ppl[0]) / ppl[0] < 0.002, ppl  # the file changes the model by fp16 rounding only
 
 
 @pytest.mark.slow
@@ -71,8 +90,23 @@ def test_stage_plan_resumes_mid_plan_exactly(tiny_lm_ckpt, lm_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_lm_rejects_a_bad_qnz_in_one_line(lm_data, tmp_path):
+def test_eval_lm_rejects_a_bad_or_forged_qnz_in_one_line(tiny_lm_ckpt, lm_data, tmp_path):
+    from quantnoise import export
+    from quantnoise.checkpoint import load_checkpoint
+    from quantnoise.ipq import LayerRule
+    from quantnoise.ipq_plan import IPQPlan, quantize_state_dict
+    from test_export import write_signed
+
     (tmp_path / "bad.qnz").write_bytes(b"\x00" * 64)
-    out = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "bad.qnz", "--user-dir", USER_DIR, *EVAL], check=False)
-    assert out.returncode != 0 and "is not a valid .qnz file" in out.stderr
-    assert "Traceback" not in out.stderr
+    # checksums valid, codes beyond the 16-centroid codebook (issue 10: an IndexError deep in the decoder)
+    state = load_checkpoint(tiny_lm_ckpt)
+    model, _ = quantize_state_dict(state["model"], IPQPlan([LayerRule(pattern="fc1", block_size=4, n_centroids=16)]))
+    tensors, meta = export.encode(model, {"cfg": state["cfg"], "num_updates": 1}, export.ExportOptions())
+    tensors["decoder.layers.0.fc1.codes"][3] = 200
+    write_signed(tmp_path / "forged.qnz", tensors, meta)
+    # (a missing path is fairseq's own check, for every path: "OSError: Model file not found", with a traceback)
+    for name, words in (("bad.qnz", "is not a valid .qnz file"),
+                        ("forged.qnz", "codes up to 200, but the codebook has 16 centroids")):
+        out = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / name, "--user-dir", USER_DIR, *EVAL], check=False)
+        assert out.returncode != 0 and words in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]

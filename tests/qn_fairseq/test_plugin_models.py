@@ -52,7 +52,12 @@ def test_lm_trains_loss_falls_and_evaluates(scheme, lm_data, tmp_path):
     ev = run(["fairseq-eval-lm", lm_data, "--path", tmp_path / "checkpoint_last.pt", "--user-dir", USER_DIR,
               "--tokens-per-sample", "32", "--max-tokens", "512", "--num-workers", "0", "--gen-subset", "valid"])
     ppl = float(re.search(r"Perplexity: " + FLOAT, ev.stdout + ev.stderr).group(1))
-    assert math.isfinite(ppl) and ppl < 2 * math.exp(losses[0] * math.log(2))  # better than at start
+    # fairseq's losses are base 2.  Measured (seed 1, 30 updates): train loss 10.5 -> 8.0, valid 7.6-7.7 bits
+    # for every scheme.  The evaluated model must have learnt (>= 2 bits, 4x in perplexity, below the
+    # start) and evaluate like the model that trained (noise off in eval: not worse than the last
+    # training loss, which was measured with noise on, plus half a bit)
+    assert math.isfinite(ppl) and math.log2(ppl) < losses[0] - 2.0, (ppl, losses)
+    assert math.log2(ppl) < losses[-1] + 0.5, (ppl, losses)
     load_into_plain(tmp_path / "checkpoint_last.pt", "transformer_lm")
 
 
@@ -78,6 +83,7 @@ BAD = {
     "scheme": (["--quant-noise-scheme", "int3", "--quant-noise-p", "0.1"], "--quant-noise-scheme"),
     "pattern": (["--quant-noise-p", "0.1", "--quant-noise-layers", "no_such_layer"],
                 "--quant-noise-layers='no_such_layer'"),
+    "plan_missing": (["--ipq-plan", "/nonexistent/plan.yaml"], "ipq plan /nonexistent/plan.yaml does not exist"),
 }
 
 

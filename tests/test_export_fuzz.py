@@ -1,0 +1,211 @@
+"""Fuzzing the .qnz reader: a small valid file, mutated hundreds of ways (seeded).
+
+Raw byte mutations (flips, overwrites, truncations, insertions, deletions; mostly in the header,
+where a checksum catches less): every case loads to exactly the original model or is refused with
+a one-line ValueError.  Re-signed mutations (the JSON map's fields and the tensors' values, shapes
+and dtypes changed, then every CRC recomputed, so only ``check_map`` stands between the file and
+the decoder): every case is refused with a one-line ValueError or loads to a model that agrees with
+its map (each weight has the map's shape and dtype, finite values).  A sample of cases also goes
+through the ``quantnoise inspect`` / ``decompress`` commands, in process: exit 0, or 2 with one line."""
+import copy
+import json
+import random
+import struct
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from quantnoise import cli, export
+from test_export import compressed_state
+
+N_RAW, N_SIGNED = 400, 300
+
+
+@pytest.fixture(scope="module", params=["float16", "int8"])
+def base(request, tmp_path_factory):
+    """(file bytes, tensors, map, decoded state) of a valid .qnz: pq k=256 (uint8), int4, pq k=16 conv,
+    a dense layer, a tied alias; fp16 or int8 codebooks."""
+    m, state = compressed_state()
+    state["head.weight"] = m[0].weight.detach().clone()
+    path = tmp_path_factory.mktemp("fuzz") / "m.qnz"
+    export.save_qnz(path, state, {"cfg": {"model": {"_name": "qn_transformer_lm_tiny"}}, "num_updates": 5},
+                    export.ExportOptions(centroids_dtype=request.param))
+    tensors, meta = export.read_qnz(path)
+    assert meta["aliases"] == {"head.weight": "0"}
+    return path.read_bytes(), tensors, meta, export.decode(tensors, meta)
+
+
+def outcome(path, tmp_path, capsys, use_cli):
+    """('ok', state, meta) or ('refused', message); anything else raised fails the test."""
+    try:
+        state, meta = export.load_qnz(path)
+    except ValueError as e:
+        msg = str(e)
+        assert len(msg.splitlines()) == 1 and str(path) in msg, msg
+        result = ("refused", msg)
+    else:
+        result = ("ok", state, meta)
+    if use_cli:
+        for args in (["inspect", str(path), "--all"], ["decompress", str(path), "-o", str(tmp_path / "d.pt")]):
+            code = cli.main(args)
+            err = capsys.readouterr().err.strip()
+            assert code in (0, 2), (args, code)
+            if code == 2:
+                assert len(err.splitlines()) == 1 and err.startswith(f"quantnoise {args[0]}: error:"), err
+                assert result[0] == "refused" or "holds no fairseq config" in err, err
+            else:
+                assert result[0] == "ok", (args, result)
+    return result
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    n = struct.unpack("<Q", data[:8])[0]
+    b = bytearray(data)
+    pos = rng.randrange(8 + n) if rng.random() < 0.7 else rng.randrange(len(b))  # mostly the header
+    kind = rng.choice(["flip", "set", "truncate", "insert", "delete", "length"])
+    if kind == "flip":
+        b[pos] ^= 1 << rng.randrange(8)
+    elif kind == "set":
+        b[pos] = rng.choice([0, 0x20, 0x22, 0x2C, 0x30, 0x39, 0x5B, 0x7B, 0x7D, 0xFF, rng.randrange(256)])
+    elif kind == "truncate":
+        del b[pos:]
+    elif kind == "insert":
+        b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    elif kind == "delete":
+        del b[pos:pos + rng.randint(1, 64)]
+    else:
+        b[:8] = struct.pack("<Q", rng.choice([0, n - 1, n + 1, n + 8, 2**40, 2**64 - 1, rng.randrange(2**20)]))
+    return bytes(b)
+
+
+def test_raw_byte_mutations_load_identically_or_are_refused(base, tmp_path, capsys):
+    data, _, _, reference = base
+    rng = random.Random(1234)
+    counts = {"ok": 0, "refused": 0}
+    for case in range(N_RAW):
+        path = tmp_path / "m.qnz"
+        path.write_bytes(mutate_bytes(data, rng))
+        result = outcome(path, tmp_path, capsys, use_cli=case % 10 == 0)
+        counts[result[0]] += 1
+        if result[0] == "ok":
+            state = result[1]
+            assert state.keys() == reference.keys(), case
+            for k in state:
+                assert state[k].dtype == reference[k].dtype and torch.equal(state[k], reference[k]), (case, k)
+    assert counts["refused"] > N_RAW // 2, counts  # the mutations do break most files
+
+
+# ------------------------------------------------------------------------------ re-signed
+def paths_of(obj, prefix=()):
+    """Every (path, value) in a JSON tree, except the CRCs (recomputed anyway)."""
+    out = [(prefix, obj)]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if prefix == () and k == "crc32":
+                continue
+            out += paths_of(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += paths_of(v, prefix + (i,))
+    return out
+
+
+def new_value(old, rng: random.Random, pool):
+    choices = [0, 1, -1, 2, 3, 7, 8, 9, 15, 16, 255, 256, 2**15 + 1, 10**12, -(10**6), 0.5, 8.0, True, False, None,
+               "", "pq", "scalar", "uint8", "int16", "int8", "float16", "float32", "complex64", [], {}, [1], {"a": 1},
+               rng.choice(pool)]
+    if isinstance(old, bool) or not isinstance(old, (int, float)):
+        return rng.choice(choices)
+    return rng.choice(choices + [old + 1, old - 1, old * 2, old // 2 if isinstance(old, int) else old / 2])
+
+
+def mutate_map(meta: dict, rng: random.Random) -> dict:
+    meta = copy.deepcopy(meta)
+    paths = paths_of(meta)
+    pool = [v for _, v in paths if not isinstance(v, (dict, list))]
+    path, old = rng.choice(paths[1:])
+    parent = meta
+    for key in path[:-1]:
+        parent = parent[key]
+    action = rng.random()
+    if action < 0.15 and isinstance(parent, dict):
+        del parent[path[-1]]
+    elif action < 0.25 and isinstance(parent, dict):  # rename a key (a layer, a dense tensor, a field)
+        parent[str(rng.choice(pool)) + rng.choice(["", ".weight", "x"])] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = new_value(old, rng, pool)
+    return meta
+
+
+def mutate_tensors(tensors: dict, rng: random.Random) -> dict:
+    tensors = dict(tensors)
+    key = rng.choice(sorted(tensors))
+    t = tensors[key].clone()
+    kind = rng.choice(["value", "value", "value", "shorten", "reshape", "dtype", "drop", "add", "empty"])
+    if kind == "value" and t.numel():
+        i = rng.randrange(t.numel())
+        if t.dtype.is_floating_point:
+            v = rng.choice([0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-30, 65504.0, rng.gauss(0, 1)])
+        else:
+            info = torch.iinfo(t.dtype)
+            v = min(info.max, rng.choice([info.min, info.max, 0, 1, 15, 16, 254, 255, rng.randint(info.min, info.max)]))
+        t.view(-1)[i] = v
+    elif kind == "shorten" and t.numel():
+        t = t.reshape(-1)[: rng.randrange(t.numel())].clone()
+    elif kind == "reshape" and t.numel() % 2 == 0:
+        t = t.reshape(2, -1).clone()
+    elif kind == "dtype":
+        t = t.to(rng.choice([torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.float32]))
+    elif kind == "drop":
+        del tensors[key]
+        return tensors
+    elif kind == "add":
+        tensors[key + "_extra"] = t
+        return tensors
+    elif kind == "empty":
+        t = t.reshape(-1)[:0].clone()
+    tensors[key] = t
+    return tensors
+
+
+def signed(tensors: dict, meta) -> bytes:
+    if isinstance(meta, dict):
+        meta["crc32"] = {k: export._crc(t) for k, t in tensors.items()}
+    text = json.dumps(meta)
+    return save(tensors, metadata={"qnz": text, "qnz_crc32": str(zlib.crc32(text.encode()))})
+
+
+def agrees_with_its_map(state: dict, meta: dict) -> None:
+    weights = {f"{n}.weight" for n in meta["layers"]}
+    assert state.keys() == weights | set(meta["dense"]) | set(meta["aliases"])
+    for name, e in meta["layers"].items():
+        w = state[f"{name}.weight"]
+        assert list(w.shape) == e["shape"] and w.dtype == export.DTYPES[e["dtype"]], name
+        assert torch.isfinite(w).all(), name
+    for key, target in meta["aliases"].items():
+        assert state[key] is state[f"{target}.weight"]
+
+
+def test_resigned_map_and_tensor_mutations_are_refused_or_consistent(base, tmp_path, capsys):
+    _, tensors, meta, _ = base
+    rng = random.Random(99)
+    counts = {"ok": 0, "refused": 0}
+    for case in range(N_SIGNED):
+        t, m = dict(tensors), copy.deepcopy(meta)
+        for _ in range(rng.choice([1, 1, 2])):
+            if rng.random() < 0.5:
+                m = mutate_map(m, rng)
+            else:
+                t = mutate_tensors(t, rng)
+        path = tmp_path / "m.qnz"
+        path.write_bytes(signed(t, m))
+        result = outcome(path, tmp_path, capsys, use_cli=case % 10 == 0)
+        counts[result[0]] += 1
+        if result[0] == "ok":
+            state, read_meta = result[1], result[2]
+            agrees_with_its_map(state, read_meta)
+            rows = export.layer_sizes(*export.read_qnz(path))
+            assert all(r["numel"] >= 0 and r["bytes"] >= 0 for r in rows)
+    assert counts["refused"] > N_SIGNED // 4 and counts["ok"] > 10, counts  # both outcomes exercised
