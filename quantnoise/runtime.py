@@ -384,7 +384,18 @@ def load_qnz(path, data: Optional[str] = None, decoded: bool = False):
     """The fairseq model of a ``.qnz``, running compressed: built on the ``meta`` device and filled with
     runtime layers, so no fp32 copy of a compressed weight is made (``decoded=True``: the plain fp32
     model instead, as ``quantnoise decompress`` + fairseq would load it).  ``data``: the folder holding
-    the model's dictionary (default: the training data path stored in the file).  Returns (model, task)."""
-    from .qn_fairseq.runtime import load_model
+    the model's dictionary (default: the training data path stored in the file).  Returns (model, cfg, task)."""
+    return _plugin().load_model(path, data=data, decoded=decoded)
 
-    return load_model(path, data=data, decoded=decoded)
+
+def _plugin():
+    """quantnoise/qn_fairseq/runtime.py, imported as fairseq's ``--user-dir`` imports the plugin (top-level
+    ``qn_fairseq``), so its models are registered once whichever way a process imports it first."""
+    import importlib
+    import sys
+
+    from .commands.user_dir import plugin_dir
+
+    if "qn_fairseq" not in sys.modules:
+        sys.path.insert(0, str(plugin_dir().parent))
+    return importlib.import_module("qn_fairseq.runtime")
