@@ -33,11 +33,11 @@ from .export import DTYPES, decode
 
 logger = logging.getLogger(__name__)
 
-# Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call:
-# `python scripts/bench_infer.py --kernels` on the 6x512 LM shapes (512x512, 2048x512, 512x2048, b=8,
-# k=256), 1 thread, shared 2-core Xeon: the table wins up to 32 tokens (T=32: 0.5-0.8x the time of
-# decode + matmul), decode wins from 64 on (T=64: table 1.1-1.6x, T=256: 2-3x).  See BENCHMARKS.md.
-LUT_MAX_TOKENS = 48
+# Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
+# from `python scripts/bench_infer.py WORK --kernels` (the 6x512 LM's shapes 512x512, 2048x512,
+# 512x2048; b=8, k=256; 1 thread; shared 2-core machine under load 8-14, so +-50% noise): at 4 tokens the
+# table takes 0.3-0.6x the time of decode + matmul on every shape, at 16 tokens 0.4-3x, from 32 on 1.4-10x.
+LUT_MAX_TOKENS = 8
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
 
@@ -51,14 +51,14 @@ def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
 def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
     """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype."""
     T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
-    table = torch.matmul(x.reshape(T, m, bs).transpose(0, 1), centroids.to(x.dtype).t())  # (m, T, k)
+    table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
     offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
     rows = max(1, LUT_CHUNK_CODES // m)
     if T == 1:
         flat = table.reshape(m * k)
         y = torch.cat([flat.take(codes[s:s + rows].long() + offs).sum(1) for s in range(0, out, rows)])
         return y.unsqueeze(0)  # (1, out)
-    flat = table.transpose(1, 2).reshape(m * k, T)  # (m*k, T): one table entry per row
+    flat = table.reshape(T, m * k).t().contiguous()  # (m*k, T): one table entry per row
     y = torch.cat([F.embedding_bag(codes[s:s + rows].long() + offs, flat, mode="sum") for s in range(0, out, rows)])
     return y.t()  # (T, out)
 
@@ -320,6 +320,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
     its compressed Linear / Embedding layers, its other tensors as they are (in their original dtype), and
     a tied copy of a compressed weight (``aliases``) as a runtime Linear sharing the same codes.  Layers of
     other kinds (Conv) are decoded, alone.  Raises ValueError naming any parameter or buffer left unfilled.
+    The tensors it takes are removed from ``tensors`` as it goes (peak memory: pass a copy to keep them).
     ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward)."""
     built = {}
     for name, e in meta["layers"].items():
@@ -333,6 +334,10 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             continue
         built[name] = new
         _set_submodule(model, name, new)
+        for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
+            tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
+        if pack and isinstance(new, IntLinear):
+            new.pack_()
     for key, target in meta["aliases"].items():
         owner, _, attr = key.rpartition(".")
         like, src = model.get_submodule(owner), built.get(target)
@@ -340,19 +345,17 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             new = _alias_linear(like, src)
             _set_submodule(model, owner, new)
             built[owner] = new
+            if pack and isinstance(new, IntLinear):
+                new.pack_()  # a second (packed) copy of a tied int8 weight: fbgemm needs its own layout
         else:  # e.g. RoBERTa's lm_head.weight, a bare Parameter read by F.linear
             logger.warning("runtime: %s is a tied copy of %s that is not a Linear layer; decoding it", key, target)
             _set_tensor(model, key, built[target].weight if target in built else model.get_submodule(target).weight)
     for key, e in meta["dense"].items():
-        _set_tensor(model, key, tensors[key].to(DTYPES[e["dtype"]]))
+        _set_tensor(model, key, tensors.pop(key).to(DTYPES[e["dtype"]]))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"the .qnz does not fill {len(left)} tensors of the model ({', '.join(left[:4])}); "
                          f"the file does not belong to this architecture")
-    if pack:
-        for m in built.values():
-            if isinstance(m, IntLinear):
-                m.pack_()
     return model.eval()
 
 
