@@ -15,88 +15,22 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
     ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA) and int2/int4: decode a chunk
     of rows at a time and matmul.
   - Embeddings decode only the looked-up rows.
-Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
+The arithmetic is in quantnoise/runtime_kernels.py.  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
 device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way (``load_qnz`` below).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import runtime_kernels as K
 from .export import DTYPES, decode
 
 logger = logging.getLogger(__name__)
-
-# Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
-# from `python scripts/bench_infer.py WORK --kernels` (the 6x512 LM's shapes 512x512, 2048x512,
-# 512x2048; b=8, k=256; 1 thread; shared 2-core machine under load 8-14, so +-50% noise): at 4 tokens the
-# table takes 0.3-0.6x the time of decode + matmul on every shape, at 16 tokens 0.4-3x, from 32 on 1.4-10x.
-LUT_MAX_TOKENS = 8
-DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
-LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
-
-
-# ------------------------------------------------------------------------------ pure functions
-def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Decoded rows (n, in) of codes (n, m): centroids[codes], in ``dtype``."""
-    return centroids.to(dtype)[codes.long()].reshape(codes.shape[0], -1)
-
-
-def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype."""
-    T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
-    table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
-    offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
-    rows = max(1, LUT_CHUNK_CODES // m)
-    if T == 1:
-        flat = table.reshape(m * k)
-        y = torch.cat([flat.take(codes[s:s + rows].long() + offs).sum(1) for s in range(0, out, rows)])
-        return y.unsqueeze(0)  # (1, out)
-    flat = table.reshape(T, m * k).t().contiguous()  # (m*k, T): one table entry per row
-    y = torch.cat([F.embedding_bag(codes[s:s + rows].long() + offs, flat, mode="sum") for s in range(0, out, rows)])
-    return y.t()  # (T, out)
-
-
-def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T, decoding ``DECODE_ROWS_ELEMS`` weights at a time."""
-    out, m = codes.shape
-    rows = max(1, DECODE_ROWS_ELEMS // (m * centroids.shape[1]))
-    return torch.cat([x @ pq_rows(codes[s:s + rows], centroids, x.dtype).t() for s in range(0, out, rows)], -1)
-
-
-def unpack_at(packed: Tensor, width: int, idx: Tensor) -> Tensor:
-    """The values (uint8) at flat element indices ``idx`` of ``packed`` (quantnoise.export.pack layout:
-    8 / width values per byte, the earliest in the low bits)."""
-    bit = idx * width
-    return (packed[bit // 8] >> (bit % 8).to(torch.uint8)) & (2**width - 1)
-
-
-def int_rows(packed: Tensor, scale: Tensor, width: int, bits: int, rows: Tensor, cols: int, dtype) -> Tensor:
-    """Decoded rows (n, cols) of a packed int-N weight: (u - qmax) * scale[rows]."""
-    idx = rows.long().unsqueeze(1) * cols + torch.arange(cols, device=packed.device)  # (n, cols)
-    q = unpack_at(packed, width, idx).to(torch.int16) - (2 ** (bits - 1) - 1)
-    return q.to(dtype) * scale[rows.long()].to(dtype)
-
-
-@functools.lru_cache(None)
-def _fbgemm_reduce_range() -> bool:
-    """fbgemm without VNNI adds u8 x s8 pairs in int16, which can saturate: quantize activations to 7
-    bits there (what torch.ao's dynamic quantization does on x86); 8 bits where VNNI is present."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 # ---------------------------------------------------------------------------------- layers
@@ -125,7 +59,7 @@ class _PQ(RuntimeMixin):
         return self.centroids
 
     def decode_rows(self, rows: Tensor, dtype=None) -> Tensor:
-        return pq_rows(self.codes[rows], self.centroids, dtype or self.centroids.dtype)
+        return K.pq_rows(self.codes[rows], self.centroids, dtype or self.centroids.dtype)
 
 
 class CodesLinear(_PQ, nn.Linear):
@@ -139,8 +73,8 @@ class CodesLinear(_PQ, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        lut = self.kernel == "lut" or (self.kernel == "auto" and x2.shape[0] <= LUT_MAX_TOKENS)
-        y = (pq_linear_lut if lut else pq_linear_decode)(x2, self.codes, self.centroids)
+        lut = self.kernel == "lut" or (self.kernel == "auto" and x2.shape[0] <= K.LUT_MAX_TOKENS)
+        y = (K.pq_linear_lut if lut else K.pq_linear_decode)(x2, self.codes, self.centroids)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -186,7 +120,7 @@ class _Int(RuntimeMixin):
         if self.width == 8:
             q = self.int8_weight() if self._packed is not None else self.qweight
             return q[rows].to(dtype) * self.qscale[rows].to(dtype)
-        return int_rows(self.qweight, self.qscale, self.width, self.bits, rows, self.weight_shape[1], dtype)
+        return K.int_rows(self.qweight, self.qscale, self.width, self.bits, rows, self.weight_shape[1], dtype)
 
 
 class IntLinear(_Int, nn.Linear):
@@ -203,7 +137,7 @@ class IntLinear(_Int, nn.Linear):
 
     def pack_(self) -> "IntLinear":
         """Replace the int8 weight by fbgemm's packed copy (same bytes; CPU only).  Undone by ``.to()``."""
-        if self._packed is None and self.width == 8 and self.qweight.device.type == "cpu" and fbgemm_available():
+        if self._packed is None and self.width == 8 and self.qweight.device.type == "cpu" and K.fbgemm_available():
             scale = self.qscale.reshape(-1).double()
             with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; fbgemm needs one here
                 warnings.simplefilter("ignore", UserWarning)
@@ -230,20 +164,20 @@ class IntLinear(_Int, nn.Linear):
             return self.kernel
         if self.width != 8 or x.device.type != "cpu":
             return "decode"
-        return "fbgemm" if self._packed is not None or fbgemm_available() else "int_mm"
+        return "fbgemm" if self._packed is not None or K.fbgemm_available() else "int_mm"
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = self.choose_kernel(x2)
         if kernel == "fbgemm":
             self.pack_()
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, _fbgemm_reduce_range()).to(x.dtype)
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, K.fbgemm_reduce_range()).to(x.dtype)
         elif kernel == "int_mm":
             xs = x2.float().abs().amax(1, keepdim=True).clamp_min(1e-30) / 127  # (T, 1) per-token scale
             xq = torch.round(x2.float() / xs).to(torch.int8)
             y = (torch._int_mm(xq, self.int8_weight().t()).float() * xs * self.qscale.t()).to(x.dtype)
         else:
-            rows = max(1, DECODE_ROWS_ELEMS // self.in_features)
+            rows = max(1, K.DECODE_ROWS_ELEMS // self.in_features)
             idx = torch.arange(self.out_features, device=x.device)
             y = torch.cat([x2 @ self.decode_rows(idx[s:s + rows], x.dtype).t()
                            for s in range(0, self.out_features, rows)], -1)

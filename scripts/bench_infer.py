@@ -12,8 +12,9 @@ Cases, each in its own process (``--worker``), interleaved in a shuffled order e
   fp32         the fairseq checkpoint, stock loader;
   decoded-pq   pq.qnz with QUANTNOISE_QNZ_DECODE=1 (decoded to fp32 when loaded, the pre-runtime path);
   pq/int8/int4 the .qnz through the plugin, compressed runtime layers.
-Per case: RSS (psutil) and peak RSS (getrusage ru_maxrss) before loading (imports + the task's dictionary:
-the process' fixed overhead), after loading and after generating; batch-1 greedy generation, tokens/s
+Per case: RSS (psutil) and peak RSS (getrusage ru_maxrss) before loading (imports, the task's dictionary and
+one build of the architecture on the meta device, which imports ~70 MiB of modules: the process' fixed
+overhead), after loading and after generating; batch-1 greedy generation, tokens/s
 (one new token per forward through fairseq's incremental state, 4 warm-up tokens not timed); and
 ``fairseq-eval-lm`` on the valid split (a real corpus; 512-token blocks), tokens/s from its log and its
 peak RSS.  Ratios are taken against fp32 within each round and thread count; the table gives medians.
@@ -78,7 +79,8 @@ def _mib(n):
 
 def kernels_used(model, tokens: int) -> str:
     import torch
-    from quantnoise.runtime import CodesLinear, IntLinear, LUT_MAX_TOKENS
+    from quantnoise.runtime import CodesLinear, IntLinear
+    from quantnoise.runtime_kernels import LUT_MAX_TOKENS
 
     used = set()
     for m in model.modules():
@@ -101,8 +103,11 @@ def worker(args) -> None:
 
     utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
     proc = psutil.Process()
-    cfg = convert_namespace_to_omegaconf(argparse.Namespace(task="language_modeling", data=str(args.data)))
-    tasks.setup_task(cfg.task)  # the dictionary: part of the fixed overhead
+    cfg = convert_namespace_to_omegaconf(argparse.Namespace(task="language_modeling", arch="transformer_lm",
+                                                            data=str(args.data)))
+    task = tasks.setup_task(cfg.task)  # the dictionary: part of the fixed overhead
+    with torch.device("meta"):  # so is what fairseq imports while building its first model (~70 MiB: sympy, ...)
+        task.build_model(cfg.model)
     fixed_rss, fixed_peak = proc.memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], arg_overrides={"data": str(args.data)})
@@ -132,11 +137,11 @@ def worker(args) -> None:
     ev = subprocess.run([str(BIN / "fairseq-eval-lm"), str(args.data), "--path", str(args.path), "--user-dir",
                          str(USER_DIR), "--tokens-per-sample", "512", "--max-tokens", "2048", "--num-workers", "0",
                          "--gen-subset", "valid"], capture_output=True, text=True, env=env)
-    m = re.search(r"Evaluated ([0-9]+) tokens in ([0-9.]+)s \(([0-9.]+) tokens/s\)", ev.stderr + ev.stdout)
+    m = re.search(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tokens/s\)", ev.stderr + ev.stdout)
     if not m:
         raise SystemExit(f"fairseq-eval-lm failed:\n{ev.stderr[-3000:]}")
     ppl = re.search(r"Perplexity: ([0-9.]+)", ev.stderr + ev.stdout)
-    res.update(eval_tokens=int(m.group(1)), eval_tok_s=float(m.group(3)), eval_ppl=float(ppl.group(1)),
+    res.update(eval_tokens=int(m.group(1).replace(",", "")), eval_tok_s=float(m.group(3)), eval_ppl=float(ppl.group(1)),
                eval_peak=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
     print("RESULT " + json.dumps(res))
 
@@ -147,7 +152,7 @@ def bench_kernels(threads: int, rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from quantnoise.runtime import pq_linear_decode, pq_linear_lut
+    from quantnoise.runtime_kernels import pq_linear_decode, pq_linear_lut
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -187,6 +192,7 @@ def main() -> None:
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
+        args.threads = args.threads[0]
         return worker(args)
     if args.kernels:
         for th in args.threads:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from quantnoise import runtime as R
+from quantnoise import runtime_kernels as K
 from quantnoise.export import ExportOptions, decode, encode, pack, unpack
 from quantnoise.ipq import scalar_quantize
 
@@ -93,7 +94,7 @@ def test_pq_linear_int16_codes_and_int8_centroids():
 @pytest.mark.parametrize("kernel", ["fbgemm", "int_mm", "decode"])
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_int8_linear_within_activation_quantization_error(out, inn, kernel, tokens):
-    if kernel == "fbgemm" and not R.fbgemm_available():
+    if kernel == "fbgemm" and not K.fbgemm_available():
         pytest.skip("no fbgemm engine in this torch")
     layer, plain = runtime_linear(int_state("lin", out, inn, 8))
     assert isinstance(layer, R.IntLinear) and layer.int8_weight().dtype == torch.int8
@@ -124,7 +125,7 @@ def test_packed_int_linear_equals_decoded_layer(bits, dtype):
 
 def test_int8_linear_packed_state_dict_and_move_keep_the_weight():
     layer, plain = runtime_linear(int_state("lin", 40, 24, 8))
-    if not R.fbgemm_available():
+    if not K.fbgemm_available():
         pytest.skip("no fbgemm engine in this torch")
     assert layer._packed is not None and "qweight" not in layer._buffers
     q = layer.state_dict()["qweight"]
@@ -146,11 +147,11 @@ def test_embedding_decodes_only_looked_up_rows(scheme, monkeypatch):
     got = model.emb(ids)
     torch.testing.assert_close(got, ref["emb.weight"][ids], atol=0, rtol=0)
     seen = []  # the decoder is asked for the looked-up rows only
-    real = R.pq_rows if scheme == "pq" else R.int_rows
+    real = K.pq_rows if scheme == "pq" else K.int_rows
     if scheme == "pq":
-        monkeypatch.setattr(R, "pq_rows", lambda codes, *a: seen.append(codes.shape[0]) or real(codes, *a))
+        monkeypatch.setattr(K, "pq_rows", lambda codes, *a: seen.append(codes.shape[0]) or real(codes, *a))
     elif scheme == "int4":
-        monkeypatch.setattr(R, "int_rows", lambda p, s, w, b, rows, *a: seen.append(rows.numel()) or real(p, s, w, b, rows, *a))
+        monkeypatch.setattr(K, "int_rows", lambda p, s, w, b, rows, *a: seen.append(rows.numel()) or real(p, s, w, b, rows, *a))
     else:
         seen.append(ids.numel())
     model.emb(ids)
@@ -185,7 +186,7 @@ def test_unpack_at_matches_unpack():
         u = torch.randint(0, 2**width, (101,), generator=g).to(torch.uint8)
         packed = pack(u, width)
         idx = torch.randint(0, 101, (50,), generator=g)
-        assert torch.equal(R.unpack_at(packed, width, idx), unpack(packed, width, 101)[idx])
+        assert torch.equal(K.unpack_at(packed, width, idx), unpack(packed, width, 101)[idx])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

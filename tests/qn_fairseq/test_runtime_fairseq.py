@@ -1,7 +1,6 @@
 """A .qnz of a real fairseq LM runs compressed (quantnoise.runtime.load_qnz, fairseq-eval-lm --path m.qnz)
 and computes what the decoded model computes."""
 import re
-import sys
 
 import pytest
 import torch
@@ -16,10 +15,12 @@ SCHEMES = {"pq": ["--scheme", "pq", "--centroids", "64"], "int8": ["--scheme", "
 @pytest.fixture(scope="module")
 def qnz(tiny_lm_ckpt, tmp_path_factory):
     """{scheme: .qnz path} of the tiny trained LM."""
+    from quantnoise.cli import main
+
     d, out = tmp_path_factory.mktemp("qnz"), {}
-    for scheme, flags in SCHEMES.items():
-        run([sys.executable, "-m", "quantnoise.cli", "quantize", tiny_lm_ckpt, "-o", d / f"{scheme}.pt", *flags])
-        run([sys.executable, "-m", "quantnoise.cli", "export", d / f"{scheme}.pt", "-o", d / f"{scheme}.qnz"])
+    for scheme, flags in SCHEMES.items():  # the real commands, in this process (no interpreter start-ups)
+        assert main(["quantize", str(tiny_lm_ckpt), "-o", str(d / f"{scheme}.pt"), *flags]) == 0
+        assert main(["export", str(d / f"{scheme}.pt"), "-o", str(d / f"{scheme}.qnz")]) == 0
         out[scheme] = d / f"{scheme}.qnz"
     return out
 
