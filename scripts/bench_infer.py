@@ -187,6 +187,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     p.add_argument("--kernels", action="store_true", help="only the pq Linear kernel crossover table")
+    p.add_argument("--report", action="store_true", help="only print the table of WORKDIR/results.jsonl")
     p.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -198,9 +199,15 @@ def main() -> None:
         for th in args.threads:
             bench_kernels(th, args.rounds)
         return
+    if args.report:
+        rows = [json.loads(line) for line in open(args.workdir / "results.jsonl")]
+        args.threads = sorted({x["threads"] for x in rows})
+        args.rounds = len({x["round"] for x in rows})
+        return report(rows, setup(args.workdir), args, os.getloadavg())
     s = setup(args.workdir)
     load = os.getloadavg()
     rng, rows = random.Random(0), []
+    log = open(args.workdir / "results.jsonl", "w")  # every result as it comes (a cut-short run still reports)
     for r in range(args.rounds):
         for th in args.threads:
             order = list(args.cases)
@@ -212,6 +219,8 @@ def main() -> None:
                 res = json.loads(out.stdout.split("RESULT ", 1)[1])
                 res["round"] = r
                 rows.append(res)
+                log.write(json.dumps(res) + "\n")
+                log.flush()
                 print(f"round {r} threads {th} {case}: gen {res['gen_tok_s']:.1f} tok/s, eval {res['eval_tok_s']:.0f} "
                       f"tok/s, peak +{_mib(res['peak'] - res['fixed_peak']):.1f} MiB", file=sys.stderr, flush=True)
     report(rows, s, args, load)
