@@ -9,11 +9,13 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
   - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
     many tokens: decode ``DECODE_ROWS_ELEMS`` weights of rows at a time and matmul.
+  - int4 / int2 Linear: a packed row's bytes are pq codes over the fixed codebook of the 256 byte values, so
+    the pq kernels run them (then the row scales).
   - int8 Linear on CPU: fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic``, the kernel of
     ``torch.ao.quantization.quantize_dynamic``) on a packed copy of the int8 weight; the activations are
     quantized on the fly, one scale per call (per token in batch-1 generation).  Without fbgemm:
-    ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA) and int2/int4: decode a chunk
-    of rows at a time and matmul.
+    ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA): decode a chunk of rows at a
+    time and matmul.
   - Embeddings decode only the looked-up rows.
 The arithmetic is in quantnoise/runtime_kernels.py.  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
 device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way (``load_qnz`` below).
@@ -125,7 +127,9 @@ class _Int(RuntimeMixin):
 
 class IntLinear(_Int, nn.Linear):
     """int-N Linear.  8 bits on CPU: fbgemm's int8 GEMM (``kernel="fbgemm"``, the weight packed once) or
-    ``torch._int_mm`` (``"int_mm"``); otherwise chunks of rows decoded then matmul (``"decode"``)."""
+    ``torch._int_mm`` (``"int_mm"``).  2 / 4 bits: the packed bytes as pq codes over a fixed 256-entry
+    codebook (``"lut"`` for few tokens, ``"bytes"``: decode + matmul).  Otherwise (CUDA int8, rows not
+    byte-aligned) chunks of rows decoded then matmul (``"decode"``)."""
 
     def __init__(self, in_features: int, out_features: int, qweight: Tensor, qscale: Tensor, bits: int,
                  width: int, bias: Optional[Tensor]):
@@ -134,6 +138,8 @@ class IntLinear(_Int, nn.Linear):
         self._init_int(qweight, qscale, bits, width, (out_features, in_features))
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         self.kernel = "auto"
+        aligned = width < 8 and in_features * width % 8 == 0  # each row starts on a byte: its bytes are pq codes
+        self.register_buffer("book", K.byte_codebook(width, bits).clone() if aligned else None, persistent=False)
 
     def pack_(self) -> "IntLinear":
         """Replace the int8 weight by fbgemm's packed copy (same bytes; CPU only).  Undone by ``.to()``."""
@@ -162,7 +168,9 @@ class IntLinear(_Int, nn.Linear):
     def choose_kernel(self, x: Tensor) -> str:
         if self.kernel != "auto":
             return self.kernel
-        if self.width != 8 or x.device.type != "cpu":
+        if self.width < 8:
+            return "decode" if self.book is None else "lut" if x.shape[0] <= K.LUT_MAX_TOKENS else "bytes"
+        if x.device.type != "cpu":
             return "decode"
         return "fbgemm" if self._packed is not None or K.fbgemm_available() else "int_mm"
 
@@ -172,6 +180,10 @@ class IntLinear(_Int, nn.Linear):
         if kernel == "fbgemm":
             self.pack_()
             y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, K.fbgemm_reduce_range()).to(x.dtype)
+        elif kernel in ("lut", "bytes"):  # packed bytes = pq codes over byte_codebook; then the row scales
+            codes = self.qweight.view(self.out_features, -1)
+            y = (K.pq_linear_lut if kernel == "lut" else K.pq_linear_decode)(x2, codes, self.book)
+            y = y * self.qscale.t().to(y.dtype)
         elif kernel == "int_mm":
             xs = x2.float().abs().amax(1, keepdim=True).clamp_min(1e-30) / 127  # (T, 1) per-token scale
             xq = torch.round(x2.float() / xs).to(torch.int8)

@@ -78,3 +78,13 @@ def fbgemm_reduce_range() -> bool:
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.lru_cache(None)
+def byte_codebook(width: int, bits: int) -> Tensor:
+    """(256, 8 / width) fp32: the integer values q held by each possible byte of a packed int-N weight.  A
+    byte-aligned packed row is then pq codes (its bytes) over this fixed codebook, so int4 / int2 layers
+    run on the pq kernels above (look-up table for few tokens, decode + matmul for many), scaled per row."""
+    b = torch.arange(256, dtype=torch.int16).unsqueeze(1)
+    q = (b >> torch.arange(0, 8, width, dtype=torch.int16)) & (2**width - 1)
+    return (q - (2 ** (bits - 1) - 1)).float()

@@ -87,7 +87,7 @@ def kernels_used(model, tokens: int) -> str:
         if isinstance(m, CodesLinear):
             used.add("pq-lut" if m.kernel == "lut" or (m.kernel == "auto" and tokens <= LUT_MAX_TOKENS) else "pq-decode")
         elif isinstance(m, IntLinear):
-            used.add(f"int{m.bits}-{m.choose_kernel(torch.empty(0))}")  # by device and width, not tokens
+            used.add(f"int{m.bits}-{m.choose_kernel(torch.empty(tokens, 1))}")
     return "+".join(sorted(used)) or "fp32 (MKL)"
 
 

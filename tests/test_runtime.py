@@ -118,9 +118,14 @@ def test_int8_linear_within_activation_quantization_error(out, inn, kernel, toke
 def test_packed_int_linear_equals_decoded_layer(bits, dtype):
     layer, plain = runtime_linear(int_state("lin", 33, 30, bits))  # 30 * 4 bits: rows not byte-aligned for int2
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == -(-33 * 30 * layer.width // 8)
-    x = torch.randn(5, 30).to(dtype)
+    assert (layer.book is None) == (bits == 2)  # 30 two-bit values: 7.5 bytes, rows not byte-aligned
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    torch.testing.assert_close(layer(x), plain.to(dtype)(x), **tol)
+    for tokens in (1, 5, 40):
+        x = torch.randn(tokens, 30).to(dtype)
+        want = plain.to(dtype)(x)
+        for kernel in ("auto", "decode") if bits == 2 else ("auto", "lut", "bytes", "decode"):
+            layer.kernel = kernel
+            torch.testing.assert_close(layer(x), want, **tol)
 
 
 def test_int8_linear_packed_state_dict_and_move_keep_the_weight():
