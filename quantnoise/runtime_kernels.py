@@ -16,8 +16,9 @@ from torch import Tensor
 
 # Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
 # from `python scripts/bench_infer.py WORK --kernels` (the 6x512 LM's shapes 512x512, 2048x512,
-# 512x2048; b=8, k=256; 1 thread; shared 2-core machine under load 8-14, so +-50% noise): at 4 tokens the
-# table takes 0.3-0.6x the time of decode + matmul on every shape, at 16 tokens 0.4-3x, from 32 on 1.4-10x.
+# 512x2048; b=8, k=256; 1 thread; shared 2-core machine under load ~15, so noisy; BENCHMARKS.md):
+# table time / decode time is 0.23-0.30 at 1 token, 0.28-0.58 at 4, 0.32-1.09 at 16, 0.50-1.79 at 32,
+# 0.65-7 at 64 and 1.7-16 from 128 on.
 LUT_MAX_TOKENS = 8
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
