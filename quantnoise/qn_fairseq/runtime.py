@@ -1,0 +1,127 @@
+"""fairseq models of a ``.qnz`` that run compressed (quantnoise.runtime's layers).
+
+``load_model(path)`` builds the model with fairseq's own ``task.build_model`` on the ``meta`` device (no
+memory, no random init), then fills it with the file's codes / int weights as runtime layers and its
+other tensors as they are: no fp32 copy of a compressed weight is made.
+
+With the plugin, ``fairseq.checkpoint_utils.load_model_ensemble_and_task`` (what ``fairseq-eval-lm``,
+``fairseq-generate``, ``fairseq-interactive`` and ``from_pretrained`` call) loads ``.qnz`` paths this way;
+other paths go to fairseq's function unchanged.  ``QUANTNOISE_QNZ_DECODE=1`` in the environment turns
+this off: the ``.qnz`` is then decoded into an ordinary fp32 model (the path quantnoise/qn_fairseq/ipq.py
+installs, also used by ``--restore-file``).
+"""
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from quantnoise.checkpoint import stock_checkpoint
+from quantnoise.export import read_qnz
+from quantnoise.runtime import RuntimeMixin, fill_model_, runtime_summary
+
+logger = logging.getLogger(__name__)
+DECODE_ENV = "QUANTNOISE_QNZ_DECODE"
+
+
+def qnz_config(meta: dict, arg_overrides: Optional[dict] = None):
+    """The OmegaConf config of a .qnz (stock arch), with fairseq's overrides and upgrades applied."""
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.utils import overwrite_args_by_name
+    from omegaconf import OmegaConf
+
+    state = stock_checkpoint({}, meta)
+    state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+    if arg_overrides is not None:
+        overwrite_args_by_name(state["cfg"], arg_overrides)
+    return checkpoint_utils._upgrade_state_dict(state)["cfg"]
+
+
+def _setup_task(cfg):
+    from fairseq import tasks
+
+    try:
+        return tasks.setup_task(cfg.task, from_checkpoint=True)
+    except (FileNotFoundError, OSError) as e:
+        raise ValueError(f"cannot set up the model's task from data {getattr(cfg.task, 'data', None)!r} ({e}); "
+                         f"pass the folder holding the dictionary the model was trained with (data=... / "
+                         f"fairseq's DATA argument)") from None
+
+
+def _fix_non_state(model: nn.Module) -> None:
+    """Tensors the build made on ``meta`` that no state dict holds, and attention routing."""
+    from fairseq.modules import MultiheadAttention, SinusoidalPositionalEmbedding
+
+    for m in model.modules():
+        if isinstance(m, SinusoidalPositionalEmbedding) and m.weights.is_meta:
+            m.weights = m.get_embedding(m.weights.shape[0], m.embedding_dim, m.padding_idx)
+        if isinstance(m, MultiheadAttention) and any(
+            isinstance(getattr(m, p, None), RuntimeMixin) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ):
+            m._set_skip_embed_dim_check()  # call the projection modules, not F.multi_head_attention_forward
+
+
+def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_overrides: Optional[dict] = None,
+               task=None):
+    """(model, cfg, task) of a .qnz: compressed runtime layers, or (``decoded``) the plain fp32 model."""
+    overrides = dict(arg_overrides or {})
+    if data is not None:
+        overrides["data"] = str(data)
+    if decoded:
+        models, cfg, task = _original()([str(path)], arg_overrides=overrides, task=task)
+        return models[0].eval(), cfg, task
+    try:
+        tensors, meta = read_qnz(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = qnz_config(meta, overrides)
+    task = task or _setup_task(cfg)
+    with torch.device("meta"):
+        model = task.build_model(cfg.model, from_checkpoint=True)
+    _fix_non_state(model)
+    try:
+        fill_model_(model, tensors, meta)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    _fix_non_state(model)
+    model.set_num_updates(int((meta.get("fairseq") or {}).get("num_updates", 0)))
+    logger.info("loaded %s compressed: %s", path, runtime_summary(model))
+    return model, cfg, task
+
+
+def _original():
+    from fairseq import checkpoint_utils
+
+    fn = checkpoint_utils.load_model_ensemble_and_task
+    return getattr(fn, "quantnoise_original", fn)
+
+
+def _install() -> None:
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_model_ensemble_and_task
+    if getattr(original, "quantnoise_original", None):
+        return
+
+    def load_model_ensemble_and_task(filenames, arg_overrides=None, task=None, strict=True, suffix="",
+                                     num_shards=1, state=None):
+        if state is not None or os.environ.get(DECODE_ENV) or not any(str(f).endswith(".qnz") for f in filenames):
+            return original(filenames, arg_overrides, task, strict, suffix, num_shards, state)
+        ensemble, cfg = [], None
+        for f in filenames:
+            if str(f).endswith(".qnz"):
+                if not os.path.isfile(str(f)):
+                    raise IOError(f"Model file not found: {f}")
+                model, cfg, task = load_model(f, arg_overrides=arg_overrides, task=task)
+                ensemble.append(model)
+            else:
+                models, cfg, task = original([f], arg_overrides, task, strict, suffix, num_shards)
+                ensemble.extend(models)
+        return ensemble, cfg, task
+
+    load_model_ensemble_and_task.quantnoise_original = original
+    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task
+
+
+_install()

@@ -1,0 +1,91 @@
+"""The arithmetic of quantnoise.runtime's compressed layers: short pure functions of tensors.
+
+- pq Linear by look-up table (Jegou et al. 2011's asymmetric distance computation; AQLM's LUT GEMM):
+  table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
+- pq Linear by chunked decode: C[codes] for ``DECODE_ROWS_ELEMS`` weights of rows at a time, then matmul;
+- int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
+Pure PyTorch; device and dtype follow the input.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
+# from `python scripts/bench_infer.py WORK --kernels` (the 6x512 LM's shapes 512x512, 2048x512,
+# 512x2048; b=8, k=256; 1 thread; shared 2-core machine under load ~15, so noisy; BENCHMARKS.md):
+# table time / decode time is 0.23-0.30 at 1 token, 0.28-0.58 at 4, 0.32-1.09 at 16, 0.50-1.79 at 32,
+# 0.65-7 at 64 and 1.7-16 from 128 on.
+LUT_MAX_TOKENS = 8
+DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
+LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
+
+
+# ------------------------------------------------------------------------------ pure functions
+def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Decoded rows (n, in) of codes (n, m): centroids[codes], in ``dtype``."""
+    return centroids.to(dtype)[codes.long()].reshape(codes.shape[0], -1)
+
+
+def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
+    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype."""
+    T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
+    table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
+    offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
+    rows = max(1, LUT_CHUNK_CODES // m)
+    if T == 1:
+        flat = table.reshape(m * k)
+        y = torch.cat([flat.take(codes[s:s + rows].long() + offs).sum(1) for s in range(0, out, rows)])
+        return y.unsqueeze(0)  # (1, out)
+    flat = table.reshape(T, m * k).t().contiguous()  # (m*k, T): one table entry per row
+    y = torch.cat([F.embedding_bag(codes[s:s + rows].long() + offs, flat, mode="sum") for s in range(0, out, rows)])
+    return y.t()  # (T, out)
+
+
+def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
+    """x (T, in) @ decode(codes, centroids).T, decoding ``DECODE_ROWS_ELEMS`` weights at a time."""
+    out, m = codes.shape
+    rows = max(1, DECODE_ROWS_ELEMS // (m * centroids.shape[1]))
+    return torch.cat([x @ pq_rows(codes[s:s + rows], centroids, x.dtype).t() for s in range(0, out, rows)], -1)
+
+
+def unpack_at(packed: Tensor, width: int, idx: Tensor) -> Tensor:
+    """The values (uint8) at flat element indices ``idx`` of ``packed`` (quantnoise.export.pack layout:
+    8 / width values per byte, the earliest in the low bits)."""
+    bit = idx * width
+    return (packed[bit // 8] >> (bit % 8).to(torch.uint8)) & (2**width - 1)
+
+
+def int_rows(packed: Tensor, scale: Tensor, width: int, bits: int, rows: Tensor, cols: int, dtype) -> Tensor:
+    """Decoded rows (n, cols) of a packed int-N weight: (u - qmax) * scale[rows]."""
+    idx = rows.long().unsqueeze(1) * cols + torch.arange(cols, device=packed.device)  # (n, cols)
+    q = unpack_at(packed, width, idx).to(torch.int16) - (2 ** (bits - 1) - 1)
+    return q.to(dtype) * scale[rows.long()].to(dtype)
+
+
+@functools.lru_cache(None)
+def fbgemm_reduce_range() -> bool:
+    """fbgemm without VNNI adds u8 x s8 pairs in int16, which can saturate: quantize activations to 7
+    bits there (what torch.ao's dynamic quantization does on x86); 8 bits where VNNI is present."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.lru_cache(None)
+def byte_codebook(width: int, bits: int) -> Tensor:
+    """(256, 8 / width) fp32: the integer values q held by each possible byte of a packed int-N weight.  A
+    byte-aligned packed row is then pq codes (its bytes) over this fixed codebook, so int4 / int2 layers
+    run on the pq kernels above (look-up table for few tokens, decode + matmul for many), scaled per row."""
+    b = torch.arange(256, dtype=torch.int16).unsqueeze(1)
+    q = (b >> torch.arange(0, 8, width, dtype=torch.int16)) & (2**width - 1)
+    return (q - (2 ** (bits - 1) - 1)).float()

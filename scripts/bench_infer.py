@@ -1,0 +1,261 @@
+"""Inference of a .qnz run compressed (quantnoise.runtime) against fp32 and the decoded model.
+
+    python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
+    python scripts/bench_infer.py WORKDIR --kernels      # pq Linear: look-up table vs decode crossover
+
+Setup (cached in WORKDIR, not committed): the generated stdlib-docstring corpus (scripts/make_corpus.py),
+binarised; a 6x512 ``transformer_lm`` (FFN 2048, 8 heads, tied input/output embedding) trained for 1
+update by ``fairseq-train`` (speed and memory do not depend on training); ``quantnoise quantize`` pq
+(b=8, k=256, 4 k-means iterations), int8 and int4 of every Linear/Embedding; ``quantnoise export``.
+
+Cases, each in its own process (``--worker``), interleaved in a shuffled order every round:
+  fp32         the fairseq checkpoint, stock loader;
+  decoded-pq   pq.qnz with QUANTNOISE_QNZ_DECODE=1 (decoded to fp32 when loaded, the pre-runtime path);
+  pq/int8/int4 the .qnz through the plugin, compressed runtime layers.
+Per case: RSS (psutil) and peak RSS (getrusage ru_maxrss) before loading (imports, the task's dictionary and
+one build of the architecture on the meta device, which imports ~70 MiB of modules: the process' fixed
+overhead), after loading and after generating; batch-1 greedy generation, tokens/s
+(one new token per forward through fairseq's incremental state, 4 warm-up tokens not timed); and
+``fairseq-eval-lm`` on the valid split (a real corpus; 512-token blocks), tokens/s from its log and its
+peak RSS.  Ratios are taken against fp32 within each round and thread count; the table gives medians.
+"""
+import argparse
+import json
+import os
+import pathlib
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(sys.executable).parent
+USER_DIR = ROOT / "quantnoise" / "qn_fairseq"
+CASES = ["fp32", "decoded-pq", "pq", "int8", "int4"]
+QUANT = {"pq": ["--scheme", "pq", "--block-size", "8", "--centroids", "256", "--iters", "4"],
+         "int8": ["--scheme", "scalar", "--bits", "8"], "int4": ["--scheme", "scalar", "--bits", "4"]}
+
+
+def sh(cmd, env=None, **kw):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, **kw)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr[-3000:]}")
+    return out
+
+
+def setup(work: pathlib.Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "bin"
+    if not (data / "dict.txt").exists():
+        sh([sys.executable, ROOT / "scripts" / "make_corpus.py", work / "txt", "--max-lines", "6000"])
+        sh([BIN / "fairseq-preprocess", "--only-source", "--trainpref", work / "txt" / "train.txt", "--validpref",
+            work / "txt" / "valid.txt", "--destdir", data, "--workers", "1", "--thresholdsrc", "2"])
+    ckpt = work / "fp32" / "checkpoint_last.pt"
+    if not ckpt.exists():
+        sh([BIN / "fairseq-train", data, "--task", "language_modeling", "--arch", "transformer_lm",
+            "--share-decoder-input-output-embed", "--tokens-per-sample", "512", "--max-tokens", "2048",
+            "--optimizer", "adam", "--lr", "0.0005", "--max-update", "1", "--save-dir", work / "fp32",
+            "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0", "--seed", "1"],
+           env={"OMP_NUM_THREADS": "2"})
+    paths = {"fp32": ckpt}
+    for scheme, flags in QUANT.items():
+        qnz = work / f"{scheme}.qnz"
+        if not qnz.exists():
+            sh([sys.executable, "-m", "quantnoise.cli", "quantize", ckpt, "-o", work / f"{scheme}.pt", *flags])
+            sh([sys.executable, "-m", "quantnoise.cli", "export", work / f"{scheme}.pt", "-o", qnz])
+        paths[scheme] = qnz
+    paths["decoded-pq"] = paths["pq"]
+    return {"data": data, "paths": paths}
+
+
+# ------------------------------------------------------------------------------------ worker
+def _mib(n):
+    return n / 2**20
+
+
+def kernels_used(model, tokens: int) -> str:
+    import torch
+    from quantnoise.runtime import CodesLinear, IntLinear
+    from quantnoise.runtime_kernels import LUT_MAX_TOKENS
+
+    used = set()
+    for m in model.modules():
+        if isinstance(m, CodesLinear):
+            used.add("pq-lut" if m.kernel == "lut" or (m.kernel == "auto" and tokens <= LUT_MAX_TOKENS) else "pq-decode")
+        elif isinstance(m, IntLinear):
+            used.add(f"int{m.bits}-{m.choose_kernel(torch.empty(tokens, 1))}")
+    return "+".join(sorted(used)) or "fp32 (MKL)"
+
+
+def worker(args) -> None:
+    import psutil
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker == "decoded-pq":
+        os.environ["QUANTNOISE_QNZ_DECODE"] = "1"
+    from fairseq import checkpoint_utils, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
+    proc = psutil.Process()
+    cfg = convert_namespace_to_omegaconf(argparse.Namespace(task="language_modeling", arch="transformer_lm",
+                                                            data=str(args.data)))
+    task = tasks.setup_task(cfg.task)  # the dictionary: part of the fixed overhead
+    with torch.device("meta"):  # so is what fairseq imports while building its first model (~70 MiB: sympy, ...)
+        task.build_model(cfg.model)
+    fixed_rss, fixed_peak = proc.memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], arg_overrides={"data": str(args.data)})
+    model = models[0].eval()
+    load_s = time.perf_counter() - t
+    load_rss = proc.memory_info().rss
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(4, len(task.dictionary), (1, 8), generator=g)
+    with torch.inference_mode():
+        state = {}
+        out = model(toks, incremental_state=state)[0]
+        n, t = 0, None
+        for i in range(4 + args.gen_tokens):
+            if i == 4:
+                t = time.perf_counter()
+            nxt = out[:, -1].argmax(-1, keepdim=True)
+            toks = torch.cat([toks, nxt], 1)
+            out = model(toks, incremental_state=state)[0]
+            n += i >= 4
+        gen = n / (time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res = {"case": args.worker, "threads": args.threads, "fixed_rss": fixed_rss, "fixed_peak": fixed_peak,
+           "load_rss": load_rss, "peak": peak, "load_s": load_s, "gen_tok_s": gen,
+           "gen_kernels": kernels_used(model, 1), "eval_kernels": kernels_used(model, 512)}
+    del model, models
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    ev = subprocess.run([str(BIN / "fairseq-eval-lm"), str(args.data), "--path", str(args.path), "--user-dir",
+                         str(USER_DIR), "--tokens-per-sample", "512", "--max-tokens", "2048", "--num-workers", "0",
+                         "--gen-subset", "valid"], capture_output=True, text=True, env=env)
+    m = re.search(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tokens/s\)", ev.stderr + ev.stdout)
+    if not m:
+        raise SystemExit(f"fairseq-eval-lm failed:\n{ev.stderr[-3000:]}")
+    ppl = re.search(r"Perplexity: ([0-9.]+)", ev.stderr + ev.stdout)
+    res.update(eval_tokens=int(m.group(1).replace(",", "")), eval_tok_s=float(m.group(3)), eval_ppl=float(ppl.group(1)),
+               eval_peak=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    print("RESULT " + json.dumps(res))
+
+
+# --------------------------------------------------------------------------------- kernels
+def bench_kernels(threads: int, rounds: int) -> None:
+    """pq Linear at the 6x512 LM's shapes: look-up table vs chunked decode vs fp32, per token count."""
+    import torch
+    import torch.nn.functional as F
+
+    from quantnoise.runtime_kernels import pq_linear_decode, pq_linear_lut
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    print(f"\n### pq Linear kernels, b=8 k=256, {threads} thread(s): median us per call ({rounds} rounds)\n")
+    print("| out x in | tokens | fp32 | table | decode+matmul | table / decode |\n|---|---|---|---|---|---|")
+    for out, inn in ((512, 512), (2048, 512), (512, 2048)):
+        codes = torch.randint(0, 256, (out, inn // 8), generator=g).to(torch.uint8)
+        cents = torch.randn(256, 8, generator=g)
+        w = cents[codes.long()].reshape(out, inn)
+        for tokens in (1, 4, 16, 32, 48, 64, 128, 256):
+            x = torch.randn(tokens, inn, generator=g)
+            fns = [lambda: F.linear(x, w), lambda: pq_linear_lut(x, codes, cents), lambda: pq_linear_decode(x, codes, cents)]
+            times = [[] for _ in fns]
+            reps = max(3, 200 // tokens)
+            for _ in range(rounds):
+                for i, f in enumerate(fns):
+                    f()
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        f()
+                    times[i].append((time.perf_counter() - t) / reps * 1e6)
+            med = [statistics.median(ts) for ts in times]
+            print(f"| {out}x{inn} | {tokens} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} | {med[1] / med[2]:.2f} |")
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workdir", type=pathlib.Path)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gen-tokens", type=int, default=48)
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--kernels", action="store_true", help="only the pq Linear kernel crossover table")
+    p.add_argument("--report", action="store_true", help="only print the table of WORKDIR/results.jsonl")
+    p.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.threads = args.threads[0]
+        return worker(args)
+    if args.kernels:
+        for th in args.threads:
+            bench_kernels(th, args.rounds)
+        return
+    if args.report:
+        rows = [json.loads(line) for line in open(args.workdir / "results.jsonl")]
+        args.threads = sorted({x["threads"] for x in rows})
+        args.rounds = len({x["round"] for x in rows})
+        return report(rows, setup(args.workdir), args, os.getloadavg())
+    s = setup(args.workdir)
+    load = os.getloadavg()
+    rng, rows = random.Random(0), []
+    log = open(args.workdir / "results.jsonl", "w")  # every result as it comes (a cut-short run still reports)
+    for r in range(args.rounds):
+        for th in args.threads:
+            order = list(args.cases)
+            rng.shuffle(order)
+            for case in order:
+                out = sh([sys.executable, __file__, args.workdir, "--worker", case, "--path", s["paths"][case],
+                          "--data", s["data"], "--threads", th, "--gen-tokens", args.gen_tokens],
+                         env={"OMP_NUM_THREADS": str(th)})
+                res = json.loads(out.stdout.split("RESULT ", 1)[1])
+                res["round"] = r
+                rows.append(res)
+                log.write(json.dumps(res) + "\n")
+                log.flush()
+                print(f"round {r} threads {th} {case}: gen {res['gen_tok_s']:.1f} tok/s, eval {res['eval_tok_s']:.0f} "
+                      f"tok/s, peak +{_mib(res['peak'] - res['fixed_peak']):.1f} MiB", file=sys.stderr, flush=True)
+    report(rows, s, args, load)
+
+
+def report(rows, s, args, load) -> None:
+    sizes = {c: pathlib.Path(s["paths"][c]).stat().st_size for c in args.cases}
+    print(f"\nMachine: {os.cpu_count()} CPUs, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+          f"{args.rounds} rounds, {args.gen_tokens} generated tokens, eval-lm on the valid split "
+          f"({rows[0]['eval_tokens']} tokens).\n")
+    print("| case | threads | file MiB | fixed RSS MiB | load RSS growth MiB | peak RSS growth MiB | growth / file "
+          "| gen tok/s | gen x fp32 | eval-lm tok/s | eval x fp32 | eval-lm peak RSS MiB | ppl | kernels (gen; eval) |")
+    print("|---" * 14 + "|")
+    for th in args.threads:
+        for case in args.cases:
+            mine = [x for x in rows if x["case"] == case and x["threads"] == th]
+            if not mine:
+                continue
+            base = {x["round"]: x for x in rows if x["case"] == "fp32" and x["threads"] == th}
+
+            def med(f):
+                return statistics.median(f(x) for x in mine)
+
+            def ratio(key):
+                rs = [x[key] / base[x["round"]][key] for x in mine if x["round"] in base]
+                return f"{statistics.median(rs):.2f}" if rs else "-"
+
+            growth = med(lambda x: x["load_rss"] - x["fixed_rss"])
+            peak = med(lambda x: x["peak"] - x["fixed_peak"])
+            print(f"| {case} | {th} | {_mib(sizes[case]):.1f} | {_mib(med(lambda x: x['fixed_rss'])):.0f} | "
+                  f"{_mib(growth):.1f} | {_mib(peak):.1f} | {peak / sizes[case]:.2f} | {med(lambda x: x['gen_tok_s']):.1f} | "
+                  f"{ratio('gen_tok_s')} | {med(lambda x: x['eval_tok_s']):.0f} | {ratio('eval_tok_s')} | "
+                  f"{_mib(med(lambda x: x['eval_peak'])):.0f} | {mine[0]['eval_ppl']:.2f} | "
+                  f"{mine[0]['gen_kernels']}; {mine[0]['eval_kernels']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""A .qnz of a real fairseq LM runs compressed (quantnoise.runtime.load_qnz, fairseq-eval-lm --path m.qnz)
+and computes what the decoded model computes."""
+import re
+
+import pytest
+import torch
+
+from conftest import USER_DIR, run
+
+EVAL = ["--tokens-per-sample", "32", "--max-tokens", "512", "--num-workers", "0"]
+SCHEMES = {"pq": ["--scheme", "pq", "--centroids", "64"], "int8": ["--scheme", "scalar", "--bits", "8"],
+           "int4": ["--scheme", "scalar", "--bits", "4"]}
+
+
+@pytest.fixture(scope="module")
+def qnz(tiny_lm_ckpt, tmp_path_factory):
+    """{scheme: .qnz path} of the tiny trained LM."""
+    from quantnoise.cli import main
+
+    d, out = tmp_path_factory.mktemp("qnz"), {}
+    for scheme, flags in SCHEMES.items():  # the real commands, in this process (no interpreter start-ups)
+        assert main(["quantize", str(tiny_lm_ckpt), "-o", str(d / f"{scheme}.pt"), *flags]) == 0
+        assert main(["export", str(d / f"{scheme}.pt"), "-o", str(d / f"{scheme}.qnz")]) == 0
+        out[scheme] = d / f"{scheme}.qnz"
+    return out
+
+
+def stored_bytes(model) -> int:
+    seen, total = set(), 0
+    for m in model.modules():
+        tensors = list(m.named_parameters(recurse=False)) + [(n, b) for n, b in m.named_buffers(recurse=False)
+                                                             if n not in m._non_persistent_buffers_set]
+        if getattr(m, "_packed", None) is not None:
+            tensors.append(("qweight", m.int8_weight()))
+        for _, t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.dtype) if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_runtime_model_equals_decoded_model_and_stays_small(qnz, lm_data, scheme, monkeypatch):
+    from quantnoise import export, runtime
+
+    def no_decode(*a, **k):
+        raise AssertionError("a compressed layer was decoded whole while loading")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(export, "decode", no_decode)
+        mp.setattr(runtime, "decode", no_decode)
+        model, _, task = runtime.load_qnz(qnz[scheme], data=lm_data)
+    plain, _, _ = runtime.load_qnz(qnz[scheme], data=lm_data, decoded=True)
+    summary = runtime.runtime_summary(model)
+    assert sum(summary.values()) == 14, summary  # 2 layers x 6 Linear, the embedding, the output projection
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert stored_bytes(model) <= 1.3 * qnz[scheme].stat().st_size, (stored_bytes(model), qnz[scheme].stat().st_size)
+    assert stored_bytes(plain) > 2 * stored_bytes(model)
+
+    toks = torch.randint(4, len(task.dictionary), (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(toks)[0], plain(toks)[0]
+        if scheme == "int8":  # activations quantized on the fly: close, not equal
+            assert (got - want).abs().max() < 0.02 * want.abs().max()
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+        else:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # incremental (generation) decoding through fairseq's incremental state equals the full forward
+        state, steps = {}, []
+        for t in range(toks.shape[1]):
+            steps.append(model(toks[:, : t + 1], incremental_state=state)[0][:, -1])
+        tol = 0.02 * got.abs().max().item() if scheme == "int8" else 1e-4
+        torch.testing.assert_close(torch.stack(steps, 1), got, atol=tol, rtol=1e-4)
+
+
+def perplexity(out) -> float:
+    m = re.search(r"Perplexity: ([0-9.]+)", out.stderr + out.stdout)
+    assert m, out.stderr[-2000:]
+    return float(m.group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["pq", "int8"])
+def test_eval_lm_of_a_qnz_runs_compressed_with_the_decoded_perplexity(qnz, lm_data, scheme):
+    cmd = ["fairseq-eval-lm", lm_data, "--path", qnz[scheme], "--user-dir", USER_DIR, *EVAL]
+    compressed = run(cmd)
+    assert "loaded" in compressed.stderr and "compressed" in compressed.stderr
+    decoded = run(cmd, env={"QUANTNOISE_QNZ_DECODE": "1"})
+    assert "compressed:" not in decoded.stderr
+    a, b = perplexity(compressed), perplexity(decoded)
+    assert abs(a - b) <= 1e-3 * b, (a, b)

@@ -1,0 +1,204 @@
+"""quantnoise.runtime: each compressed layer computes what the decoded fp32 layer computes."""
+import pytest
+import torch
+from torch import nn
+
+from quantnoise import runtime as R
+from quantnoise import runtime_kernels as K
+from quantnoise.export import ExportOptions, decode, encode, pack, unpack
+from quantnoise.ipq import scalar_quantize
+
+
+def pq_state(name, out, inn, bs=8, k=256, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, out * inn // bs)
+    state = {f"{name}.codes": torch.randint(0, k, (out * inn // bs,), generator=g).to(torch.uint8 if k <= 256 else torch.int16),
+             f"{name}.centroids": torch.randn(k, bs, generator=g),
+             f"{name}.weight_size": torch.tensor([out, inn])}
+    if bias:
+        state[f"{name}.bias"] = torch.randn(out, generator=g)
+    return state
+
+
+def int_state(name, out, inn, bits, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = scalar_quantize(torch.randn(out, inn, generator=g), bits)
+    state = {f"{name}.qweight": q, f"{name}.qscale": scale, f"{name}.qbits": torch.tensor(bits),
+             f"{name}.weight_size": torch.tensor([out, inn])}
+    if bias:
+        state[f"{name}.bias"] = torch.randn(out, generator=g)
+    return state
+
+
+def compressed(state):
+    """(stored tensors, map, decoded fp32 state) of a state dict, through the .qnz encoder."""
+    tensors, meta = encode(state, {}, ExportOptions(rest_dtype="float32"))
+    return tensors, meta, decode(tensors, meta)
+
+
+def runtime_linear(state, name="lin"):
+    tensors, meta, ref = compressed(state)
+    out, inn = meta["layers"][name]["shape"]
+    like = nn.Linear(inn, out, bias=f"{name}.bias" in state, device="meta")
+    model = nn.Module()
+    model.add_module(name, like)
+    R.fill_model_(model, tensors, meta)
+    plain = nn.Linear(inn, out, bias=f"{name}.bias" in state)
+    plain.load_state_dict({k[len(name) + 1:]: v for k, v in ref.items()})
+    return getattr(model, name), plain
+
+
+SHAPES = [(64, 32), (48, 64), (256, 128)]
+
+
+@pytest.mark.parametrize("out,inn", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 40, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pq_linear_equals_decoded_layer(out, inn, tokens, dtype):
+    layer, plain = runtime_linear(pq_state("lin", out, inn, k=64 if out * inn < 4096 else 256))
+    x = torch.randn(2, tokens, inn).to(dtype)
+    want = plain.to(dtype)(x)
+    got = layer(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.15, rtol=0.05)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_pq_linear_table_and_decode_paths_agree(tokens):
+    layer, _ = runtime_linear(pq_state("lin", 96, 64, bs=4, k=32, seed=3))
+    x = torch.randn(tokens, 64)
+    layer.kernel = "lut"
+    a = layer(x)
+    layer.kernel = "decode"
+    b = layer(x)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_pq_linear_int16_codes_and_int8_centroids():
+    state = pq_state("lin", 64, 512, bs=4, k=1024, bias=False)
+    tensors, meta = encode(state, {}, ExportOptions(rest_dtype="float32", centroids_dtype="int8"))
+    ref = decode(tensors, meta)["lin.weight"]
+    model = nn.Module()
+    model.lin = nn.Linear(512, 64, bias=False, device="meta")
+    R.fill_model_(model, tensors, meta)
+    assert model.lin.codes.dtype == torch.int16
+    x = torch.randn(7, 512)
+    for kernel in ("lut", "decode"):
+        model.lin.kernel = kernel
+        torch.testing.assert_close(model.lin(x), x @ ref.t(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("out,inn", SHAPES)
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm", "decode"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_int8_linear_within_activation_quantization_error(out, inn, kernel, tokens):
+    if kernel == "fbgemm" and not K.fbgemm_available():
+        pytest.skip("no fbgemm engine in this torch")
+    layer, plain = runtime_linear(int_state("lin", out, inn, 8))
+    assert isinstance(layer, R.IntLinear) and layer.int8_weight().dtype == torch.int8
+    layer.kernel = kernel
+    x = torch.randn(tokens, inn)
+    want, got = plain(x), layer(x)
+    if kernel == "decode":
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        return
+    # each activation is off by at most half its quantization step (7 or 8 bits, per call or per token):
+    # |dy_o| <= step / 2 * sum_i |W_oi|
+    step = (x.max().clamp_min(0) - x.min().clamp_max(0)) / 127
+    bound = step / 2 * plain.weight.abs().sum(1) * 1.01 + 1e-4
+    err = (got - want).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert err.max() > 0  # really quantized activations
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int_linear_equals_decoded_layer(bits, dtype):
+    layer, plain = runtime_linear(int_state("lin", 33, 30, bits))  # 30 * 4 bits: rows not byte-aligned for int2
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == -(-33 * 30 * layer.width // 8)
+    assert (layer.book is None) == (bits == 2)  # 30 two-bit values: 7.5 bytes, rows not byte-aligned
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for tokens in (1, 5, 40):
+        x = torch.randn(tokens, 30).to(dtype)
+        want = plain.to(dtype)(x)
+        for kernel in ("auto", "decode") if bits == 2 else ("auto", "lut", "bytes", "decode"):
+            layer.kernel = kernel
+            torch.testing.assert_close(layer(x), want, **tol)
+
+
+def test_int8_linear_packed_state_dict_and_move_keep_the_weight():
+    layer, plain = runtime_linear(int_state("lin", 40, 24, 8))
+    if not K.fbgemm_available():
+        pytest.skip("no fbgemm engine in this torch")
+    assert layer._packed is not None and "qweight" not in layer._buffers
+    q = layer.state_dict()["qweight"]
+    torch.testing.assert_close(q.float() * layer.qscale, plain.weight, atol=0, rtol=0)
+    layer.double().float()  # an _apply: unpacks, moves, repacks
+    assert layer._packed is not None
+    torch.testing.assert_close(layer.weight, plain.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["pq", "int8", "int4"])
+def test_embedding_decodes_only_looked_up_rows(scheme, monkeypatch):
+    vocab, dim = 500, 32
+    state = pq_state("emb", vocab, dim, bias=False) if scheme == "pq" else int_state("emb", vocab, dim, int(scheme[3:]), bias=False)
+    tensors, meta, ref = compressed(state)
+    model = nn.Module()
+    model.emb = nn.Embedding(vocab, dim, padding_idx=1, device="meta")
+    R.fill_model_(model, tensors, meta)
+    ids = torch.tensor([[3, 1, 499], [0, 3, 42]])
+    got = model.emb(ids)
+    torch.testing.assert_close(got, ref["emb.weight"][ids], atol=0, rtol=0)
+    seen = []  # the decoder is asked for the looked-up rows only
+    real = K.pq_rows if scheme == "pq" else K.int_rows
+    if scheme == "pq":
+        monkeypatch.setattr(K, "pq_rows", lambda codes, *a: seen.append(codes.shape[0]) or real(codes, *a))
+    elif scheme == "int4":
+        monkeypatch.setattr(K, "int_rows", lambda p, s, w, b, rows, *a: seen.append(rows.numel()) or real(p, s, w, b, rows, *a))
+    else:
+        seen.append(ids.numel())
+    model.emb(ids)
+    assert seen == [ids.numel()]
+
+
+def test_tied_output_projection_shares_the_embedding_codes():
+    state = pq_state("emb", 100, 16, bias=False)
+    state["out.weight"] = state["emb.centroids"][state["emb.codes"].long()].reshape(100, 16)  # a tied head
+    tensors, meta, ref = compressed(state)
+    ref = ref["emb.weight"]
+    assert meta["aliases"] == {"out.weight": "emb"}
+    model = nn.Module()
+    model.emb, model.out = nn.Embedding(100, 16, device="meta"), nn.Linear(16, 100, bias=False, device="meta")
+    R.fill_model_(model, tensors, meta)
+    assert isinstance(model.out, R.CodesLinear) and model.out.codes.data_ptr() == model.emb.codes.data_ptr()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model.out(x), x @ ref.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_fill_refuses_a_model_of_another_shape():
+    tensors, meta, _ = compressed(pq_state("lin", 64, 32))
+    model = nn.Module()
+    model.lin = nn.Linear(16, 64, device="meta")
+    with pytest.raises(ValueError, match="stores shape"):
+        R.fill_model_(model, tensors, meta)
+
+
+def test_unpack_at_matches_unpack():
+    g = torch.Generator().manual_seed(0)
+    for width in (2, 4, 8):
+        u = torch.randint(0, 2**width, (101,), generator=g).to(torch.uint8)
+        packed = pack(u, width)
+        idx = torch.randint(0, 101, (50,), generator=g)
+        assert torch.equal(K.unpack_at(packed, width, idx), unpack(packed, width, 101)[idx])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_follow_a_cuda_input():
+    for state in (pq_state("lin", 64, 32), int_state("lin", 64, 32, 8), int_state("lin", 64, 32, 4)):
+        layer, plain = runtime_linear(state)
+        layer, plain = layer.cuda(), plain.cuda()
+        for tokens in (1, 100):
+            x = torch.randn(tokens, 32, device="cuda")
+            torch.testing.assert_close(layer(x), plain(x), atol=1e-3, rtol=1e-3)
