@@ -36,7 +36,8 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5),
 }
 PTQ_CANDIDATES = [("minmax", 100.0), ("percentile", 99.99), ("percentile", 99.9)]
-ORDER = ["fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"]
+ORDER = ["fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"]  # rows of the table
+STAGES = ["fp32", "dq", "ptq", "int4_posthoc", "int8_qat", "qn_int4"]  # run order: the cheap post-training rows first
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -96,6 +97,7 @@ class Run:
         log.info("data: %d train / %d dev / %d test lines, %d labels, size=%s %s", len(xtr), len(xdev), len(xte),
                  len(self.labels), args.size, c)
         self._fp32 = None
+        self.n_params = hf.n_params(self.new_model())
 
     # ------------------------------------------------------------------ helpers
     def stage(self, name: str, fn):
@@ -125,14 +127,12 @@ class Run:
             self._fp32 = model.eval()
         return self._fp32
 
-    def fp32_test_emb(self) -> torch.Tensor:
-        return torch.load(self.out / "ckpt" / "fp32_test_emb.pt", weights_only=True)
-
-    def score(self, model: nn.Module, nbytes: int, dev: bool = False) -> dict:
+    def score(self, name: str, model: nn.Module, nbytes: int, dev: bool = False) -> dict:
+        """TEST accuracy, bytes, bits per parameter (of the fp32 model's count); the TEST sentence
+        embeddings are saved for the cosine to fp32, computed in ``report`` (stages may run in parallel)."""
         pred, emb = hf.predict(model, self.test)
-        res = {"acc": hf.accuracy(pred, self.yte), "bytes": nbytes,
-               "avg_bits": round(hf.bits_per_param(nbytes, self.fp32()), 3),
-               "cos": round(hf.cosine(emb, self.fp32_test_emb()), 5)}
+        atomic_write(str(self.out / "ckpt" / f"{name}_test_emb.pt"), lambda tmp: torch.save(emb, tmp))
+        res = {"acc": hf.accuracy(pred, self.yte), "bytes": nbytes, "avg_bits": round(8.0 * nbytes / self.n_params, 3)}
         if dev:
             res["dev_acc"] = hf.accuracy(hf.predict(model, self.dev)[0], self.ydev)
         return res
@@ -144,24 +144,20 @@ class Run:
             model = self.new_model()
             self.finetune(model, "fp32")
             atomic_write(str(ck), lambda tmp: torch.save(model.state_dict(), tmp))
-        pred, emb = hf.predict(self.fp32(), self.test)
-        atomic_write(str(self.out / "ckpt" / "fp32_test_emb.pt"), lambda tmp: torch.save(emb, tmp))
-        nbytes = qnz_bytes(self.fp32(), self.out / "ckpt" / "fp32.qnz")
-        return {"acc": hf.accuracy(pred, self.yte), "bytes": nbytes, "avg_bits": 32.0, "cos": 1.0,
-                "dev_acc": hf.accuracy(hf.predict(self.fp32(), self.dev)[0], self.ydev)}
+        return self.score("fp32", self.fp32(), qnz_bytes(self.fp32(), self.out / "ckpt" / "fp32.qnz"), dev=True)
 
     def run_int8_qat(self) -> dict:
         model = self.new_model()
         quantize_(model, q8bert(seed=self.args.seed))
         self.finetune(model, "int8_qat")
-        res = self.score(model, qnz_bytes(compressed(model, 8), self.out / "ckpt" / "int8.qnz"), dev=True)
+        res = self.score("int8_qat", model, qnz_bytes(compressed(model, 8), self.out / "ckpt" / "int8.qnz"), dev=True)
         res["note"] = "Q8BERT fake quant (int8 weights + int8 Linear inputs, EMA ranges) evaluated; bytes of its int8 .qnz"
         return res
 
     def run_dq(self) -> dict:
         base = self.fp32()
         dq = ptq.dynamic_int8(base)
-        res = self.score(dq, torch_save_bytes(dq))
+        res = self.score("dq", dq, torch_save_bytes(dq))
         res["note"] = "torch.ao quantize_dynamic (real int8 kernels); bytes = torch.save of its state dict"
         threads0, speed = torch.get_num_threads(), {}
         data = self.test[: min(len(self.test), 8)]
@@ -188,14 +184,14 @@ class Run:
             if best is None or dev > best[0]:
                 best = (dev, method, pct, model)
         dev, method, pct, model = best
-        res = self.score(model, qnz_bytes(compressed(model, 8), self.out / "ckpt" / "ptq.qnz"))
+        res = self.score("ptq", model, qnz_bytes(compressed(model, 8), self.out / "ckpt" / "ptq.qnz"))
         res.update(dev_acc=dev, method=method, percentile=pct, calib_batches=len(calib),
                    note="static calibration (fake quant: int8 weights + int8 Linear inputs); method chosen on DEV")
         return res
 
     def run_int4_posthoc(self) -> dict:
         model = compressed(self.fp32(), 4)
-        res = self.score(model, qnz_bytes(model, self.out / "ckpt" / "int4_posthoc.qnz"))
+        res = self.score("int4_posthoc", model, qnz_bytes(model, self.out / "ckpt" / "int4_posthoc.qnz"))
         res["note"] = "round-to-nearest int4, one scale per row, Q8BERT layers of the fp32 model"
         return res
 
@@ -204,7 +200,7 @@ class Run:
         quantize_(model, qn_int4(self.cfg["qn_p"], seed=self.args.seed))
         self.finetune(model, "qn_int4")
         model = compressed(model, 4)
-        res = self.score(model, qnz_bytes(model, self.out / "ckpt" / "qn_int4.qnz"), dev=True)
+        res = self.score("qn_int4", model, qnz_bytes(model, self.out / "ckpt" / "qn_int4.qnz"), dev=True)
         res["note"] = f"Quant-Noise scalar int4 p={self.cfg['qn_p']} fine-tune, then the int4 model"
         return res
 
@@ -231,8 +227,11 @@ class Run:
 
     def report(self, results: dict, cos: dict) -> None:
         fp = results["fp32"]["acc"]
-        for r in results.values():
+        ref = torch.load(self.out / "ckpt" / "fp32_test_emb.pt", weights_only=True)
+        for name, r in results.items():
             r["rel_err"] = round((fp - r["acc"]) / fp, 5) if fp else None
+            emb = torch.load(self.out / "ckpt" / f"{name}_test_emb.pt", weights_only=True)
+            r["cos"] = round(hf.cosine(emb, ref), 5)
         write_json(self.out / "results.json", results)
         rows = ["| scheme | test acc | rel. error vs fp32 | bytes | avg bits/param | emb. cosine to fp32 | note |",
                 "|---|---|---|---|---|---|---|"]
@@ -255,9 +254,11 @@ class Run:
 
     def main(self) -> dict:
         results = {}
-        for name in ORDER:
+        for name in self.args.stages or STAGES + ["pretrained_cosine"]:
             results[name] = self.stage(name, getattr(self, f"run_{name}"))
-        cos = self.stage("pretrained_cosine", self.run_pretrained_cosine)
+        if self.args.stages:  # a partial run (e.g. stages in parallel processes): the report comes with a full one
+            return results
+        cos = results.pop("pretrained_cosine")
         self.report(results, cos)
         log.info("wrote %s and %s", self.out / "results.md", self.out / "results.json")
         return results
@@ -271,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("outdir")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--stages", type=lambda v: v.split(","), default=None,
+                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine to run now (no report); "
+                         f"stages after fp32 need fp32 done, except int8_qat and qn_int4, which can run beside it")
     args = ap.parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
