@@ -160,7 +160,7 @@ class Run:
         res = self.score("dq", dq, torch_save_bytes(dq))
         res["note"] = "torch.ao quantize_dynamic (real int8 kernels); bytes = torch.save of its state dict"
         threads0, speed = torch.get_num_threads(), {}
-        data = self.test[: min(len(self.test), 8)]
+        data = self.test[: min(len(self.test), 4)]
         for threads in (1, 2):
             t_fp, t_dq = [], []
             for _ in range(3):  # interleaved, best of 3
@@ -249,7 +249,7 @@ class Run:
                 f"torch {torch.__version__}, {os.cpu_count()} CPUs\n\n" + "\n".join(rows) +
                 "\n\nSentence embeddings of the pretrained all-MiniLM-L6-v2 (no fine-tuning), mean cosine to fp32 on the TEST "
                 f"sentences: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items() if k != "seconds") +
-                f"\n\nDQ forward time on {min(len(self.test), 8)} test batches (best of 3, interleaved): {speed}\n")
+                f"\n\nDQ forward time on {min(len(self.test), 4)} test batches (best of 3, interleaved): {speed}\n")
         atomic_write(str(self.out / "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
 
     def main(self) -> dict:
