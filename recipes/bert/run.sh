@@ -4,7 +4,7 @@
 # post-hoc and Quant-Noise int4; TEST accuracy, relative error, exported bytes and sentence-embedding
 # cosine to fp32 for each.  Resumable: rerun the same command after a stop.
 #
-#   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size small|base] [--seed N]
+#   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size small|base] [--seed N] [--epochs N] [--lr X] [--stages a,b]
 #
 # Input: one `label<TAB>text` per line, any number of labels (scripts/make_fortunes_task.py builds
 # one from Debian's fortunes package).  Output: OUTDIR/results.md, OUTDIR/results.json, OUTDIR/log.txt.

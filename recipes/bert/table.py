@@ -79,7 +79,8 @@ def timed(model: nn.Module, data, threads: int) -> float:
 
 class Run:
     def __init__(self, args):
-        self.args, self.cfg = args, SIZES[args.size]
+        self.args, self.cfg = args, dict(SIZES[args.size])
+        self.cfg.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
         self.out = pathlib.Path(args.outdir)
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
         (self.out / "ckpt").mkdir(exist_ok=True)
@@ -272,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("outdir")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=None, help="override the size's fine-tune epochs")
+    ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     ap.add_argument("--stages", type=lambda v: v.split(","), default=None,
                     help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine to run now (no report); "
                          f"stages after fp32 need fp32 done, except int8_qat and qn_int4, which can run beside it")
