@@ -41,6 +41,9 @@ def quantize_(model: nn.Module, cfg: QuantNoiseConfig,
             f"{type(model).__name__} (supported: {kinds}; first candidate names: {sample}); "
             f"fix the pattern (a regex searched in model.named_modules() names)"
         )
+    if cfg.act_bits is not None and not any(isinstance(m, nn.Linear) for _, m in chosen):
+        raise ValueError(f"quant-noise act_bits={cfg.act_bits} quantizes the inputs of Linear layers, but the layers "
+                         f"selected in {type(model).__name__} include no Linear; set act_bits=None or select Linears")
     wrapped = [(m, wrapper_for(m).from_float(m, cfg, n)) for n, m in chosen]  # may raise: nothing swapped yet
     names = {}  # a module registered under several names (tied embeddings) gets one shared wrapper
     for n, m in model.named_modules(remove_duplicate=False):

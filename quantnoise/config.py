@@ -59,6 +59,10 @@ class QuantNoiseConfig:
     # behaviour
     seed: int = field(default=0, metadata={"help": "seed of the block masks and k-means; same seed, same masks"})
     eval_quantized: bool = field(default=False, metadata={"help": "in eval mode quantize every block (scalar/pq) instead of none"})
+    # activations (Q8BERT, Zafrir et al. 2019): inputs of every wrapped Linear, always fake-quantized
+    act_bits: Optional[int] = field(default=None, metadata={"help": "Linear input activations: integer bits 2..16; None = not quantized"})
+    act_ema_momentum: float = field(default=0.01, metadata={"help": "activations: weight of the newest batch in the EMA of their range (training only)"})
+    act_symmetric: bool = field(default=True, metadata={"help": "activations: symmetric grid on the EMA of max|x| (Q8BERT) | affine on EMA min/max"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -100,9 +104,18 @@ class QuantNoiseConfig:
             raise bad("eval_quantized", "use true or false")
         if self.eval_quantized and self.scheme == "drop":
             raise bad("eval_quantized", "needs scheme scalar or pq (drop has no quantized weights to evaluate)")
+        if self.act_bits is not None and (not is_int(self.act_bits) or not 2 <= self.act_bits <= 16):
+            raise bad("act_bits", "use an integer from 2 to 16 (8 for Q8BERT), or None to leave activations in float")
+        if not is_real(self.act_ema_momentum) or not 0.0 < float(self.act_ema_momentum) <= 1.0:
+            raise bad("act_ema_momentum", "use a number in (0, 1]")
+        if not isinstance(self.act_symmetric, bool):
+            raise bad("act_symmetric", "use true or false")
         self.p, self.ema_momentum = float(self.p), float(self.ema_momentum)
+        self.act_ema_momentum = float(self.act_ema_momentum)
         for name in ("block_size", "bits", "group_size", "n_centroids", "kmeans_iters", "refresh_every", "seed"):
             setattr(self, name, int(getattr(self, name)))  # e.g. a numpy integer from a sweep script
+        if self.act_bits is not None:
+            self.act_bits = int(self.act_bits)
 
     @property
     def qmin(self) -> int:
@@ -111,3 +124,11 @@ class QuantNoiseConfig:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def act_qmin(self) -> int:
+        return -(2 ** (self.act_bits - 1) - 1) if self.act_symmetric else 0
+
+    @property
+    def act_qmax(self) -> int:
+        return 2 ** (self.act_bits - 1) - 1 if self.act_symmetric else 2**self.act_bits - 1

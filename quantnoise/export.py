@@ -413,3 +413,16 @@ def layer_sizes(tensors: Dict[str, Tensor], meta: dict) -> List[dict]:
         rows.append({"name": key, "scheme": f"alias of {target}", "shape": shape, "numel": math.prod(shape),
                      "bytes": 0, "bound_bits": 0, "fp32_bytes": 0})  # a tied tensor is stored once in fp32 too
     return rows
+
+
+# ------------------------------------------------------------------- any PyTorch state dict
+def save_state_dict(path, state: Dict[str, Tensor], opts: ExportOptions = ExportOptions()) -> dict:
+    """Any model's state dict (a Hugging Face model's included) as a .qnz: layers compressed by
+    quantnoise.ipq (``codes``/``qweight`` entries) stored compactly, every other tensor dense."""
+    return save_qnz(path, state, {}, opts)
+
+
+def load_state_dict(path) -> Dict[str, Tensor]:
+    """The ordinary state dict of a .qnz written by ``save_state_dict`` (or ``save_qnz``), for
+    ``model.load_state_dict``; compressed layers come back decoded."""
+    return load_qnz(path)[0]

@@ -177,6 +177,16 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
     return saturate(fake_quantize_values(g, scale, zero, qmin, qmax), w.dtype).view_as(w)
 
 
+def activation_range(x: Tensor, symmetric: bool) -> Tuple[Tensor, Tensor]:
+    """Per-tensor range of an activation, 0-d (lo, hi): (-max|x|, max|x|) for the symmetric grid
+    (Q8BERT's EMA tracks max|x|), (min x, max x) for the affine one."""
+    lo, hi = torch.aminmax(x.detach())
+    if symmetric:
+        a = torch.maximum(-lo, hi)
+        return -a, a
+    return lo, hi
+
+
 def block_qparams(scale: Tensor, zero: Tensor, idx: Tensor, blocks_per_row: int, block_size: int,
                   granularity: str, group_size: int) -> Tuple[Tensor, Tensor]:
     """Scale/zero for the blocks with flat index ``idx``, broadcastable to (n, block_size)."""

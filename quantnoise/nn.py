@@ -346,10 +346,40 @@ def module_kwargs(m: nn.Module) -> dict:
 
 @register_wrapper(nn.Linear)
 class QNLinear(QuantNoiseMixin, nn.Linear):
+    """With ``cfg.act_bits`` set, the input is also fake-quantized (Q8BERT, Zafrir et al. 2019): one
+    per-tensor scale from an EMA of its range, updated on training forwards and frozen in eval, the
+    gradient passed straight through; independent of the weight noise (activations always quantized)."""
+
+    def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
+        super()._init_noise(cfg, name)
+        self.register_buffer("qn_act_lo", None, persistent=False)  # 0-d EMA of the input range
+        self.register_buffer("qn_act_hi", None, persistent=False)
+
     def forward(self, x: Tensor) -> Tensor:
         p = self._active_p()
         w = self.weight if p == 0.0 else self.noisy(self.weight, p)
+        if self.qn_cfg.act_bits is not None:
+            x = self.quantize_input(x)
         return F.linear(x, w, self.bias)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """x on the act_bits grid.  Training: the EMA range is updated by this batch first (the first
+        batch sets it), then used; eval: the frozen range (this batch's own if none was ever set)."""
+        cfg = self.qn_cfg
+        with torch.no_grad():
+            if self.training or self.qn_act_lo is None:
+                lo, hi = QF.activation_range(x, cfg.act_symmetric)
+            if self.training:
+                if self.qn_act_lo is None:
+                    self.qn_act_lo, self.qn_act_hi = lo.float(), hi.float()
+                else:
+                    self.qn_act_lo.lerp_(lo.float(), cfg.act_ema_momentum)
+                    self.qn_act_hi.lerp_(hi.float(), cfg.act_ema_momentum)
+            if self.qn_act_lo is not None:
+                lo, hi = self.qn_act_lo, self.qn_act_hi
+            scale, zero = QF.scalar_qparams(lo.float(), hi.float(), cfg.act_bits, cfg.act_symmetric)
+            q = QF.fake_quantize_values(x.detach(), scale.to(x.dtype), zero.to(x.dtype), cfg.act_qmin, cfg.act_qmax)
+        return QF.straight_through(x, q)
 
 
 @register_wrapper(nn.Embedding)

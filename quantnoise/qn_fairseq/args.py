@@ -28,6 +28,8 @@ FLAGS = {
     "exclude": "--quant-noise-exclude", "eval_quantized": "--quant-noise-eval-quantized",
     "seed": "--quant-noise-seed", "granularity": "--quant-noise-granularity",
     "refresh_every": "--quant-noise-refresh-every",
+    "act_bits": "--quant-noise-act-bits", "act_ema_momentum": "--quant-noise-act-ema-momentum",
+    "act_symmetric": "--quant-noise-act-symmetric",
 }
 
 
@@ -44,6 +46,9 @@ class QuantNoiseArgs:
     quant_noise_exclude: Optional[str] = field(default=None, metadata={"help": "regex of module names to leave alone"})
     quant_noise_eval_quantized: bool = field(default=False, metadata={"help": "evaluate with every block quantized (scalar/pq)"})
     quant_noise_seed: int = field(default=1, metadata={"help": "seed of noise masks and k-means (same on every rank)"})
+    quant_noise_act_bits: Optional[int] = field(default=None, metadata={"help": "fake-quantize the input activations of noised Linear layers to N bits (Q8BERT: 8), EMA range; default: float"})
+    quant_noise_act_ema_momentum: float = field(default=0.01, metadata={"help": "activations: weight of the newest batch in the EMA of their range"})
+    quant_noise_act_symmetric: bool = field(default=True, metadata={"help": "activations: symmetric grid on max|x| (Q8BERT) instead of affine min/max"})
     ipq_plan: Optional[str] = field(default=None, metadata={"help": "iPQ stage plan YAML: quantize layers stage by stage and fine-tune their centroids (docs/ipq_export.md)"})
 
 
@@ -67,7 +72,9 @@ def noise_config(args) -> Optional[QuantNoiseConfig]:
               bits=int(args.quant_noise_bits), granularity=str(args.quant_noise_granularity),
               n_centroids=int(args.quant_noise_centroids), refresh_every=int(args.quant_noise_refresh_every),
               include=args.quant_noise_layers or None, exclude=args.quant_noise_exclude or None,
-              eval_quantized=bool(args.quant_noise_eval_quantized), seed=int(args.quant_noise_seed))
+              eval_quantized=bool(args.quant_noise_eval_quantized), seed=int(args.quant_noise_seed),
+              act_bits=None if args.quant_noise_act_bits is None else int(args.quant_noise_act_bits),
+              act_ema_momentum=float(args.quant_noise_act_ema_momentum), act_symmetric=bool(args.quant_noise_act_symmetric))
     if fs_pq > 0:
         kw.update(scheme="drop", p=fs_pq, block_size=int(getattr(args, "quant_noise_pq_block_size", 8)))
     elif fs_scalar > 0:
@@ -77,7 +84,7 @@ def noise_config(args) -> Optional[QuantNoiseConfig]:
         cfg = QuantNoiseConfig(**kw)
     except ValueError as e:
         raise SystemExit(f"error: {flag_message(str(e))}") from None
-    if cfg.p == 0.0 and not cfg.eval_quantized:
+    if cfg.p == 0.0 and not cfg.eval_quantized and cfg.act_bits is None:
         return None
     return cfg
 

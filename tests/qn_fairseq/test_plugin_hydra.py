@@ -14,7 +14,7 @@ EXPERIMENTS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 NOISE = sorted(p.stem for p in (CONFIGS / "quant_noise").glob("*.yaml"))
 # what each quant_noise option must become in the core QuantNoiseConfig (None = no noise)
 EXPECTED = {"none": None, "drop": ("drop", 0.1, 8), "scalar_int8": ("scalar", 0.1, 8),
-            "scalar_int4": ("scalar", 0.5, 4), "pq": ("pq", 0.1, 8)}
+            "scalar_int4": ("scalar", 0.5, 4), "pq": ("pq", 0.1, 8), "q8bert": ("scalar", 1.0, 8)}
 
 
 def compose(name: str, overrides=(), hydra_cfg=False):
@@ -56,6 +56,10 @@ def test_experiment_composes_with_each_noise_option(experiment, noise):
         assert core is None
     else:
         assert (core.scheme, core.p, core.bits if core.scheme == "scalar" else core.block_size) == EXPECTED[noise]
+    if noise == "q8bert":  # the Hydra option is exactly the Python preset
+        from quantnoise.presets import q8bert
+
+        assert core == q8bert(seed=core.seed)
 
 
 def test_lm_model_node_validates_against_the_plugin_dataclass():

@@ -1,0 +1,112 @@
+"""Activation fake quantization of QNLinear (Q8BERT): the EMA observer, the frozen eval range and the
+straight-through gradient, each against a hand-written reference."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantnoise import QNLinear, QuantNoiseConfig, quantize_
+
+
+def qlinear(**kw):
+    torch.manual_seed(0)
+    base = dict(scheme="scalar", p=0.0, block_size=4, act_bits=8, act_ema_momentum=0.25)
+    lin = nn.Linear(16, 8)
+    return lin, QNLinear.from_float(copy.deepcopy(lin), QuantNoiseConfig(**{**base, **kw}), "fc")
+
+
+def ref_sym(x, a, bits=8):
+    """round-to-nearest on the symmetric grid of [-a, a], written out."""
+    qmax = 2 ** (bits - 1) - 1
+    s = a / qmax
+    return torch.clamp(torch.round(x / s), -qmax, qmax) * s
+
+
+def test_ema_update_then_use_in_training():
+    lin, qn = qlinear()
+    x1, x2 = torch.randn(4, 16), 3 * torch.randn(4, 16)
+    qn.train()
+    y1 = qn(x1)
+    a1 = x1.abs().max()
+    assert torch.equal(qn.qn_act_hi, a1) and torch.equal(qn.qn_act_lo, -a1)  # first batch sets the range
+    assert torch.equal(y1, F.linear(ref_sym(x1, a1), lin.weight, lin.bias))
+    y2 = qn(x2)
+    a2 = a1 + 0.25 * (x2.abs().max() - a1)  # EMA: the newest batch weighs act_ema_momentum
+    torch.testing.assert_close(qn.qn_act_hi, a2, rtol=0, atol=1e-6)
+    assert torch.equal(y2, F.linear(ref_sym(x2, qn.qn_act_hi), lin.weight, lin.bias))  # updated range, then used
+
+
+def test_range_frozen_in_eval_and_values_clamped():
+    lin, qn = qlinear()
+    qn.train()
+    qn(torch.randn(4, 16))
+    hi = qn.qn_act_hi.clone()
+    qn.eval()
+    x = 10 * torch.randn(4, 16)  # far outside the trained range
+    y = qn(x)
+    assert torch.equal(qn.qn_act_hi, hi)
+    assert torch.equal(y, F.linear(ref_sym(x, hi), lin.weight, lin.bias))
+    assert ref_sym(x, hi).abs().max() <= hi + 1e-6
+
+
+def test_eval_without_a_trained_range_uses_the_batch_range_and_sets_nothing():
+    lin, qn = qlinear()
+    qn.eval()
+    x = torch.randn(3, 16)
+    assert torch.equal(qn(x), F.linear(ref_sym(x, x.abs().max()), lin.weight, lin.bias))
+    assert qn.qn_act_hi is None
+
+
+def test_straight_through_gradient():
+    lin, qn = qlinear()
+    qn.train()
+    x = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(5, 8)
+    qn(x).backward(g)
+    xq = ref_sym(x.detach(), x.detach().abs().max())
+    assert torch.equal(x.grad, g @ lin.weight.detach())  # d xq / d x = identity (STE)
+    torch.testing.assert_close(qn.weight.grad, g.t() @ xq, rtol=0, atol=0)
+
+
+def test_asymmetric_grid_uses_ema_min_max_and_zero_point():
+    lin, qn = qlinear(act_symmetric=False, act_bits=4)
+    qn.train()
+    x = torch.rand(6, 16) * 2 - 0.5
+    y = qn(x)
+    lo, hi = x.min(), x.max()
+    assert torch.equal(qn.qn_act_lo, lo) and torch.equal(qn.qn_act_hi, hi)
+    s = (hi - lo) / 15
+    z = torch.round(-lo / s)
+    xq = (torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s
+    assert torch.equal(y, F.linear(xq, lin.weight, lin.bias))
+
+
+def test_combined_with_weight_noise_p1():
+    lin, qn = qlinear(p=1.0, bits=8, granularity="tensor")
+    qn.train()
+    x = torch.randn(4, 16)
+    w = lin.weight.detach()
+    assert torch.equal(qn(x), F.linear(ref_sym(x, x.abs().max()), ref_sym(w, w.abs().max()), lin.bias))
+
+
+def test_state_dict_keys_unchanged_and_no_act_quant_without_act_bits():
+    lin, qn = qlinear()
+    assert set(qn.state_dict()) == set(lin.state_dict())
+    _, plain = qlinear(act_bits=None)
+    x = torch.randn(2, 16)
+    assert torch.equal(plain(x), lin(x))
+
+
+@pytest.mark.parametrize("field,value", [("act_bits", 1), ("act_bits", 17), ("act_bits", 8.0), ("act_bits", True),
+                                         ("act_ema_momentum", 0.0), ("act_ema_momentum", 1.5)])
+def test_bad_activation_settings(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        QuantNoiseConfig(**{field: value})
+
+
+def test_act_bits_on_a_model_without_linear_layers_is_an_error():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Conv1d(8, 8, 1))
+    with pytest.raises(ValueError, match="act_bits=8.*no Linear"):
+        quantize_(model, QuantNoiseConfig(scheme="scalar", p=1.0, block_size=1, act_bits=8))

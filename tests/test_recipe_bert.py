@@ -1,0 +1,71 @@
+"""recipes/bert/run.sh: bad input is one clear error line; a tiny end-to-end run (slow) writes the
+table and resumes."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+RUN = ROOT / "recipes" / "bert" / "run.sh"
+SENTENCES = {  # tiny hand-written data, only to exercise the pipeline
+    "tech": ["The compiler rejected the program.", "Reboot the server after the kernel update.",
+             "This laptop has a fast processor.", "The database query timed out.", "Install the package first."],
+    "food": ["The soup needs more salt.", "Fresh bread smells wonderful.", "We cooked pasta for dinner.",
+             "This cake is far too sweet.", "Add garlic to the sauce."],
+}
+
+
+def tsv(path, rows):
+    path.write_text("".join(f"{y}\t{x}\n" for y, x in rows), encoding="utf-8")
+    return path
+
+
+def run(*args, timeout=1800):
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", __import__("sys").executable), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(["bash", str(RUN), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [(y, x) for y, xs in SENTENCES.items() for x in xs]
+    return tsv(tmp_path / "train.tsv", rows[:3] + rows[5:8]), tsv(tmp_path / "dev.tsv", rows[3:4] + rows[8:9]), \
+        tsv(tmp_path / "test.tsv", rows[4:5] + rows[9:10])
+
+
+@pytest.mark.parametrize("which,text,match", [
+    ("train", "tech\tok\nno tab\n", "train.tsv:2: no tab"),
+    ("dev", "sport\tA goal in the last minute.\n", "dev.tsv:1: label 'sport' does not occur in the training file"),
+    ("test", "", "test.tsv is empty"),
+])
+def test_bad_input_is_one_line_error(data, which, text, match):
+    paths = dict(zip(("train", "dev", "test"), data))
+    paths[which].write_text(text, encoding="utf-8")
+    p = run(paths["train"], paths["dev"], paths["test"], data[0].parent / "out")
+    assert p.returncode == 2, p.stderr
+    assert match in p.stderr and "Traceback" not in p.stderr
+    assert not (data[0].parent / "out" / "results.json").exists()
+
+
+def test_usage_error():
+    p = run("only-one-arg")
+    assert p.returncode == 2 and "usage:" in p.stderr
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_and_resume(data, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    p = run(*data, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"}
+    for r in res.values():
+        assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
+    assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
+    assert 7.5 < res["int8_qat"]["avg_bits"] < 9 and 3.5 < res["qn_int4"]["avg_bits"] < 5
+    assert "| int8_qat |" in (out / "results.md").read_text()
+    p2 = run(*data, out)  # every stage done: skipped, same table
+    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 7
+    assert json.loads((out / "results.json").read_text()) == res
