@@ -369,7 +369,7 @@ class QNLinear(QuantNoiseMixin, nn.Linear):
         with torch.no_grad():
             if self.training or self.qn_act_lo is None:
                 lo, hi = QF.activation_range(x, cfg.act_symmetric)
-            if self.training:
+            if self.training and not _in_backward():  # not an activation-checkpointing recompute
                 if self.qn_act_lo is None:
                     self.qn_act_lo, self.qn_act_hi = lo.float(), hi.float()
                 else:
@@ -378,7 +378,7 @@ class QNLinear(QuantNoiseMixin, nn.Linear):
             if self.qn_act_lo is not None:
                 lo, hi = self.qn_act_lo, self.qn_act_hi
             scale, zero = QF.scalar_qparams(lo.float(), hi.float(), cfg.act_bits, cfg.act_symmetric)
-            q = QF.fake_quantize_values(x.detach(), scale.to(x.dtype), zero.to(x.dtype), cfg.act_qmin, cfg.act_qmax)
+            q = QF.saturate(QF.fake_quantize_values(x.detach(), scale, zero, cfg.act_qmin, cfg.act_qmax), x.dtype)
         return QF.straight_through(x, q)
 
 

@@ -110,3 +110,19 @@ def test_act_bits_on_a_model_without_linear_layers_is_an_error():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Conv1d(8, 8, 1))
     with pytest.raises(ValueError, match="act_bits=8.*no Linear"):
         quantize_(model, QuantNoiseConfig(scheme="scalar", p=1.0, block_size=1, act_bits=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_activation_quantization_keeps_half_precision_dtype_and_matches_fp32(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    outs = {}
+    for dt in (torch.float32, dtype):
+        m = nn.Sequential(copy.deepcopy(base).to(dt))
+        quantize_(m, QuantNoiseConfig(scheme="scalar", p=0.0, bits=8, block_size=8, act_bits=8))
+        m.train()
+        y = m(x.to(dt))
+        assert y.dtype == dt and torch.isfinite(y).all()
+        outs[dt] = y.float()
+    torch.testing.assert_close(outs[dtype], outs[torch.float32], atol=0.05, rtol=0.05)
