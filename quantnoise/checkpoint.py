@@ -8,6 +8,7 @@ containers, so ``torch.load(weights_only=True)`` reads it without running pickle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import pathlib
@@ -32,7 +33,10 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise OSError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # args of fairseq's argparse models
+        # args of fairseq's argparse models; torch's safe_globals() context removes the class again on
+        # exit, so it is entered only when the allowlist lacks it (the plugin's compat adds it for good)
+        allowed = argparse.Namespace in torch.serialization.get_safe_globals()
+        with contextlib.nullcontext() if allowed else torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

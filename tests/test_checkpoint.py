@@ -90,3 +90,14 @@ def test_missing_or_unreadable_checkpoint_is_one_line(tmp_path):
     torch.save({"model": [1, 2]}, tmp_path / "list.pt")
     with pytest.raises(ValueError, match="'model' entry is a list"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+def test_loading_a_checkpoint_keeps_a_global_namespace_allowlist(tmp_path):
+    """torch's safe_globals() context removes its classes on exit: loading must not undo the
+    plugin's global allowlist of argparse.Namespace (fairseq's own torch.load relies on it)."""
+    import argparse
+
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(arch="transformer")}, tmp_path / "c.pt")
+    load_checkpoint(tmp_path / "c.pt")
+    assert argparse.Namespace in torch.serialization.get_safe_globals()

@@ -32,8 +32,8 @@ def qn(*args):
     return run([sys.executable, "-m", "quantnoise.cli", *args])
 
 
-def ppl(*args) -> float:
-    out = run(["fairseq-eval-lm", *args, *EVAL])
+def ppl(*args, env=None) -> float:
+    out = run(["fairseq-eval-lm", *args, *EVAL], env=env)
     return float(re.search(r"Perplexity: ([0-9.]+)", out.stdout + out.stderr).group(1))
 
 
@@ -82,10 +82,12 @@ def test_pq_int16_codes_and_scalar_layers_from_a_stock_best_checkpoint(best, lm_
     assert torch.load(tmp_path / "gpt" / "d.pt", weights_only=True)["cfg"]["model"]["_name"] == "transformer_lm_gpt"
 
     checkpoint = ppl(lm_data, "--path", tmp_path / "q.pt", "--user-dir", USER_DIR)  # PQ layers, fp32 centroids
-    qnz = ppl(lm_data, "--path", tmp_path / "m.qnz", "--user-dir", USER_DIR)
+    decoded = ppl(lm_data, "--path", tmp_path / "m.qnz", "--user-dir", USER_DIR, env={"QUANTNOISE_QNZ_DECODE": "1"})
+    qnz = ppl(lm_data, "--path", tmp_path / "m.qnz", "--user-dir", USER_DIR)  # compressed runtime layers
     stock = ppl(lm_data, "--path", tmp_path / "plain" / "d.pt")  # no plugin
     renamed = ppl(lm_data, "--path", tmp_path / "gpt" / "d.pt")  # the weights decide the sizes, not the arch name
-    assert qnz == stock == renamed
+    assert decoded == stock == renamed
+    assert abs(qnz - decoded) / decoded < 0.001, (qnz, decoded)  # issue 10: same perplexity within 0.1%
     assert abs(qnz - checkpoint) / checkpoint < 0.002, (qnz, checkpoint)  # fp16 rounding only
 
 
