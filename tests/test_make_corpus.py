@@ -17,3 +17,13 @@ def test_bad_corpus_is_one_line_error(tmp_path):
     proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "o", "--text", tmp_path / "missing.txt"],
                check=False)
     assert proc.returncode == 2 and "is not a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_all_stdlib_corpus_is_larger_and_deterministic(tmp_path):
+    for out in ("a", "b"):
+        run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / out, "--all-stdlib"])
+    train = (tmp_path / "a" / "train.txt").read_text()
+    assert len(train) > 1_000_000 and train == (tmp_path / "b" / "train.txt").read_text()
+    proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "c", "--all-stdlib", "--text", "x"],
+               check=False)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
