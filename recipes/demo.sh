@@ -14,7 +14,7 @@ BIN=${BIN:-.venv/bin}
 WORK=${WORK:-runs/demo}
 UPDATES=${UPDATES:-400}
 FT=${FT:-100}
-P=${P:-0.05}  # the drop rate recipes/lm's --size small sweep chose on VALID (BENCHMARKS.md, issue 11)
+P=${P:-0.1}   # drop rate: the paper's value for the iPQ proxy (recipes/lm chooses it on VALID with a sweep)
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 QN="$BIN/python -m quantnoise.cli"
 USER_DIR=$($QN user-dir)

@@ -40,8 +40,8 @@ THRESHOLD = 2  # fairseq-preprocess --thresholdsrc: a word needs this many occur
 SIZES = {
     "tiny": dict(layers=1, dim=32, ffn=64, heads=2, tokens=32, max_tokens=256, updates=12, ft_updates=4,
                  lr=0.003, warmup=4, rates=[0.0, 0.05, 0.1, 0.2, 0.3], refresh=4),  # tests only
-    "small": dict(layers=2, dim=128, ffn=512, heads=4, tokens=128, max_tokens=1024, updates=300, ft_updates=75,
-                  lr=0.003, warmup=30, rates=[0.0, 0.05, 0.1, 0.2, 0.3], refresh=30),
+    "small": dict(layers=2, dim=128, ffn=512, heads=4, tokens=128, max_tokens=1024, updates=250, ft_updates=60,
+                  lr=0.003, warmup=25, rates=[0.0, 0.05, 0.1, 0.2], refresh=25),
     "base": dict(layers=3, dim=256, ffn=1024, heads=4, tokens=128, max_tokens=1024, updates=1000, ft_updates=250,
                  lr=0.002, warmup=100, rates=[0.0, 0.05, 0.1, 0.2, 0.3], refresh=100),
 }
@@ -370,10 +370,14 @@ class Recipe:
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 todo.append(p)
-        if todo:
-            self.sh("sweep", ["fairseq-hydra-train", "-m", "--config-dir", ROOT / "configs", "--config-name", "lm_recipe",
-                              *self.sweep_overrides(), "model.quant_noise_p=" + ",".join(str(p) for p in todo)],
-                    "sweep", cwd=self.out)
+        # with --jobs 3 or more, the rates are split over concurrent multiruns (same sweep folder, one job
+        # per rate either way); each of them is an ordinary `fairseq-hydra-train -m` with the basic launcher
+        groups = [todo[i::max(1, min(len(todo), (self.jobs + 1) // 2))] for i in range(max(1, min(len(todo), (self.jobs + 1) // 2)))]
+        with ThreadPoolExecutor(len(groups)) as pool:
+            list(pool.map(lambda ig: self.sh("sweep", [
+                "fairseq-hydra-train", "-m", "--config-dir", ROOT / "configs", "--config-name", "lm_recipe",
+                *self.sweep_overrides(), "model.quant_noise_p=" + ",".join(str(p) for p in ig[1])],
+                f"sweep{ig[0] if len(groups) > 1 else ''}", cwd=self.out), enumerate(g for g in groups if g)))
         ckpts, fp32 = {}, {}
         for p in self.s["rates"]:
             folder = root / f"p{p}"
