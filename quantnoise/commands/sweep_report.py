@@ -163,9 +163,10 @@ def plot(runs: List[Run], path: pathlib.Path) -> None:
     for scheme in sorted({r.scheme for r in ok} - {"none"}) or (["none"] if base else []):
         pts = sorted(base + [(r.p, r.valid_ppl) for r in ok if r.scheme == scheme and scheme != "none"])
         line = ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=scheme)[0]
-        for key in sorted({k for r in ok for k in (r.extra or {})}):  # quantnoise_eval.json figures, dashed
+        for key, style in zip(sorted({k for r in ok for k in (r.extra or {})}), ["--", ":", "-."] * 10):
+            # quantnoise_eval.json figures: same colour, dashed / dotted
             pts = sorted((r.p, r.extra[key]) for r in ok if key in (r.extra or {}) and (r.scheme == scheme or r.scheme == "none"))
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="x", linestyle="--", color=line.get_color(),
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="x", linestyle=style, color=line.get_color(),
                     label=f"{scheme}: {key}")
     bad = len(runs) - len(ok)
     ax.set_xlabel("noise rate p")

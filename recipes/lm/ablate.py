@@ -118,7 +118,11 @@ def table(out: pathlib.Path, found: dict, res: dict) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for model in found:
         ipq = steps.get(f"ipq_{model}", {})
-        fp32 = sweep.get(model[len("drop_p"):]) if model.startswith("drop_") else None
+        if model.startswith("drop_"):
+            fp32 = sweep.get(model[len("drop_p"):])
+        else:  # fairseq-train's validation at the end of training
+            m = R.VALID_PPL.findall((out / "logs" / f"train_{model}.log").read_text(errors="replace"))
+            fp32 = float(m[-1][1]) if m else None
         g = lambda v: "—" if v is None else (f"{v:.2f}" if v > 1 else f"{v:.4f}")  # noqa: E731
         r = lambda var, k="valid_ppl": res.get((model, var), {}).get(k)  # noqa: E731
         err = res.get((model, "all_b8"), {}).get("rel_error", {})
