@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir", type=pathlib.Path)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--ft-updates", type=int, default=0,
+                    help="also fine-tune the recipe's iPQ checkpoint of --ft-models for this many updates (fine-tune budget)")
+    ap.add_argument("--ft-models", default="drop_p0", help="comma-separated models for --ft-updates")
     a = ap.parse_args(argv)
     out = a.outdir.resolve()
     fp = json.loads((out / "recipe.json").read_text())
@@ -84,11 +88,22 @@ def main(argv=None) -> int:
         args = ["--scheme", "pq", "--centroids", "256", "--seed", "0"]
         args += {"emb": ["--block-size", "8", "--include", EMB], "layers": ["--block-size", "8", "--exclude", EMB],
                  "all_b4": ["--block-size", "4"], "all_b8": ["--block-size", "8"]}[variant]
-        rec.qn("ablate", "quantize", ckpt, "-o", q, *args, log="ablation")
+        if variant.startswith("ft"):  # longer centroid fine-tuning of the recipe's own iPQ checkpoint
+            s = rec.s
+            rec.fairseq_train("ablate", abl / f"{model}.{variant}", [
+                "--restore-file", out / "ipq" / model / "q.pt", "--reset-optimizer", "--reset-dataloader",
+                "--reset-lr-scheduler", "--reset-meters"], f"ablation_{model}.{variant}", a.ft_updates, s["lr"] / 3,
+                max(1, a.ft_updates // 10))
+            res = {"valid_ppl": rec.valid_ppl(f"ablation_{model}.{variant}"), "updates": a.ft_updates}
+            shutil.rmtree(abl / f"{model}.{variant}")
+            R.atomic_write_text(cache, json.dumps(res))
+            print(f"{model:14s} {variant:7s} {res}", flush=True)
+            return res
+        rec.qn("ablate", "quantize", ckpt, "-o", q, *args, log="ablation_quantize")
         if variant == "all_b8":
             res = {"rel_error": rel_error(ckpt, q)}
         else:
-            res = {"valid_ppl": rec.eval_lm("ablate", q, "valid", "ablation")}
+            res = {"valid_ppl": rec.eval_lm("ablate", q, "valid", f"ablation_{model}.{variant}")}
         q.unlink()
         R.atomic_write_text(cache, json.dumps(res))
         el = int(time.time() - t0)
@@ -101,9 +116,14 @@ def main(argv=None) -> int:
         tasks += [(model, ckpt, "all_b8"), (model, ckpt, "emb"), (model, ckpt, "layers")]
         if model.startswith("drop_"):
             tasks.append((model, ckpt, "all_b4"))
+        if a.ft_updates and model in a.ft_models.split(",") and (out / "ipq" / model / "q.pt").is_file():
+            tasks.insert(0, (model, ckpt, f"ft{a.ft_updates}"))
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(lambda t: ((t[0], t[2]), job(*t)), tasks))
     res = dict(results)
+    for f in abl.glob("*.json"):  # earlier invocations' results too
+        model, variant = f.stem.rsplit(".", 1)
+        res.setdefault((model, variant), json.loads(f.read_text()))
     table(out, found, res)
     return 0
 
@@ -114,8 +134,8 @@ def table(out: pathlib.Path, found: dict, res: dict) -> None:
     base_fp32 = sweep.get("0")
     lines = ["# Ablations on VALID (no fine-tuning unless said)", "",
              f"Baseline fp32 VALID perplexity: {base_fp32}.  gap = perplexity minus the baseline's fp32 perplexity.", "",
-             "| model | fp32 | iPQ all b=8 | + fine-tune | iPQ emb+out only | iPQ layers only | iPQ all b=4 | rel. sq. error emb | rel. sq. error layers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | fp32 | iPQ all b=8 | + fine-tune (recipe) | + longer fine-tune | iPQ emb+out only | iPQ layers only | iPQ all b=4 | rel. sq. error emb | rel. sq. error layers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in found:
         ipq = steps.get(f"ipq_{model}", {})
         if model.startswith("drop_"):
@@ -126,7 +146,9 @@ def table(out: pathlib.Path, found: dict, res: dict) -> None:
         g = lambda v: "—" if v is None else (f"{v:.2f}" if v > 1 else f"{v:.4f}")  # noqa: E731
         r = lambda var, k="valid_ppl": res.get((model, var), {}).get(k)  # noqa: E731
         err = res.get((model, "all_b8"), {}).get("rel_error", {})
-        lines.append(f"| {model} | {g(fp32)} | {g(ipq.get('valid_noft'))} | {g(ipq.get('valid_ft'))} | {g(r('emb'))} | "
+        ft = [v for (m, var), v in res.items() if m == model and var.startswith("ft")]
+        longer = "—" if not ft else f"{ft[0]['valid_ppl']:.2f} ({ft[0]['updates']} updates)"
+        lines.append(f"| {model} | {g(fp32)} | {g(ipq.get('valid_noft'))} | {g(ipq.get('valid_ft'))} | {longer} | {g(r('emb'))} | "
                      f"{g(r('layers'))} | {g(r('all_b4'))} | {g(err.get('emb'))} | {g(err.get('layers'))} |")
     R.atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

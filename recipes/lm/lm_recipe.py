@@ -143,7 +143,8 @@ class Recipe:
     # ------------------------------------------------------------------ running commands
     def sh(self, step: str, cmd: List, log: str, cwd=None) -> str:
         """Run ``cmd`` (a venv tool name first) with its output appended to logs/<log>.log; returns that output.
-        Adds the process' CPU seconds to the step's account."""
+        Adds the process' CPU seconds to the step's account.  ``log`` must not be shared by commands that
+        run at the same time (the output is read back from the file): each step logs to its own file."""
         exe = str(cmd[0]) if os.sep in str(cmd[0]) else str(BIN / cmd[0])
         argv = [exe, *map(str, cmd[1:])]
         path = self.out / "logs" / f"{log}.log"
@@ -276,7 +277,7 @@ class Recipe:
             ckpt = self.r("sweep")["checkpoints"]["0"]
             qnz = out / "qnz" / "fp32.qnz"
             self.qn("fp32", "export", ckpt, "-o", qnz, "--rest", "float32", log="export")
-            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm("fp32", qnz, "test", "eval_test"),
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm("fp32", qnz, "test", "fp32"),
                     "ppl_valid": self.r("sweep")["valid_fp32"]["0"]}
 
         ipq_rows = {"ipq.posthoc": "ipq_drop_p0", "ipq.qat": "ipq_ipq_qat", "ipq.quant_noise": None, "ipq_pq_noise": "ipq_pq_noise"}
@@ -314,7 +315,7 @@ class Recipe:
             q = d / "q.pt"
             self.qn(step, "quantize", source(), "-o", q, "--scheme", "pq", "--block-size", IPQ["block_size"],
                     "--centroids", IPQ["centroids"], "--seed", "0", log=step)
-            noft = self.eval_lm(step, q, "valid", "eval_valid")
+            noft = self.eval_lm(step, q, "valid", step)
             ckpt = self.fairseq_train(step, d / "ft", ["--restore-file", q, "--reset-optimizer", "--reset-dataloader",
                                                        "--reset-lr-scheduler", "--reset-meters"], step,
                                       s["ft_updates"], s["lr"] / 3, max(1, s["ft_updates"] // 10))
@@ -329,7 +330,7 @@ class Recipe:
             qnz = self.out / "qnz" / f"{row}.qnz"
             qnz.parent.mkdir(parents=True, exist_ok=True)
             self.qn(step, "export", source(), "-o", qnz, log="export")
-            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", "eval_test")}
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", step)}
 
     def add_scalar(self, row: str, bits: int, model: Optional[str]) -> None:
         step = f"test_{row}"
@@ -343,7 +344,7 @@ class Recipe:
             qnz.parent.mkdir(parents=True, exist_ok=True)
             self.qn(step, "quantize", src, "-o", q, "--scheme", "scalar", "--bits", bits, log=step)
             self.qn(step, "export", q, "-o", qnz, log="export")
-            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", "eval_test")}
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", step)}
 
     # ------------------------------------------------------------------ the Hydra sweep
     def sweep_overrides(self) -> List[str]:
