@@ -14,7 +14,7 @@ BIN=${BIN:-.venv/bin}
 WORK=${WORK:-runs/demo}
 UPDATES=${UPDATES:-400}
 FT=${FT:-100}
-P=${P:-0.1}   # drop rate: the paper's value for the iPQ proxy (recipes/lm chooses it on VALID with a sweep)
+P=${P:-0.1}   # drop rate: the paper's value for the iPQ proxy (recipes/lm --size small chose 0.05 on VALID)
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 QN="$BIN/python -m quantnoise.cli"
 USER_DIR=$($QN user-dir)
@@ -29,7 +29,8 @@ $BIN/fairseq-preprocess --only-source --trainpref "$WORK/text/train.txt" --valid
   || fail fairseq-preprocess "$WORK/preprocess.log"
 step "corpus ${CORPUS:-(stdlib docstrings)}: $(head -c 200 "$WORK/corpus.log" | tr -d '\n'), vocabulary $(wc -l < "$WORK/data-bin/dict.txt") words"
 
-MODEL=(--task language_modeling --arch qn_transformer_lm --decoder-layers 2 --decoder-embed-dim 128 --decoder-ffn-embed-dim 512
+MODEL=(--task language_modeling --arch qn_transformer_lm --decoder-layers 2 --decoder-embed-dim 128 --decoder-input-dim 128
+       --decoder-output-dim 128 --decoder-ffn-embed-dim 512
        --decoder-attention-heads 4 --decoder-normalize-before --dropout 0.1 --tokens-per-sample 128 --max-tokens 1024
        --optimizer adam --adam-betas '(0.9,0.98)' --lr-scheduler inverse_sqrt --seed 1 --num-workers 0
        --no-epoch-checkpoints --disable-validation --log-format simple --log-interval 100 --no-progress-bar)
