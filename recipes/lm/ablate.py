@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         q = abl / f"{model}.{variant}.pt"
         args = ["--scheme", "pq", "--centroids", "256", "--seed", "0"]
         args += {"emb": ["--block-size", "8", "--include", EMB], "layers": ["--block-size", "8", "--exclude", EMB],
-                 "all_b4": ["--block-size", "4"], "all_b8": ["--block-size", "8"]}[variant]
+                 "all_b4": ["--block-size", "4"], "all_b8": ["--block-size", "8"]}.get(variant, [])
         if variant.startswith("ft"):  # longer centroid fine-tuning of the recipe's own iPQ checkpoint
             s = rec.s
             rec.fairseq_train("ablate", abl / f"{model}.{variant}", [
