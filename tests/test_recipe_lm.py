@@ -75,9 +75,10 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
                                                     for c in ("posthoc", "qat", "quant_noise")]
     for e in entries:
         assert set(e) >= {"ppl", "bytes"} and e["ppl"] > 1 and e["bytes"] > 0
-    # compression: iPQ < int4 < int8 < fp32 file sizes
-    assert res["ipq"]["posthoc"]["bytes"] < res["int4"]["posthoc"]["bytes"] < res["int8"]["posthoc"]["bytes"] \
-        < res["fp32"]["bytes"]
+    # compression: int4 < int8 < fp32 file sizes, iPQ < fp32 (at this tiny width a 256-entry codebook per layer
+    # is larger than int4 codes, so iPQ vs int4 is not asserted)
+    assert res["int4"]["posthoc"]["bytes"] < res["int8"]["posthoc"]["bytes"] < res["fp32"]["bytes"]
+    assert res["ipq"]["posthoc"]["bytes"] < res["fp32"]["bytes"]
     rates = [e["p"] for e in res["sweep"]]
     assert len([p for p in rates if p > 0]) >= 4 and 0 in rates
     assert all(e["ppl_valid_fp32"] > 1 and e["ppl_valid_ipq"] > 1 for e in res["sweep"])
