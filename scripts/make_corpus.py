@@ -1,11 +1,13 @@
 """Write a plain-text LM corpus as train/valid/test files, one sentence-ish line each.
 
 Default source (no download): the docstrings of a fixed list of Python standard-library modules,
-so the demo corpus exists on any machine with Python.  ``--text FILE`` uses any plain-text corpus
-instead.  Lines are tokenised by splitting punctuation from words (a ``--text`` corpus keeps one line per
+so the demo corpus exists on any machine with Python (~0.3 MB).  ``--all-stdlib`` takes the docstrings
+of every pure-Python module of the standard library instead (read with ``ast``, nothing imported;
+~1.6 MB of text on CPython 3.11, the corpus of ``recipes/lm --size small``).  ``--text FILE`` uses
+any plain-text corpus instead.  Lines are tokenised by splitting punctuation from words (a ``--text`` corpus keeps one line per
 input line; the docstrings are taken a paragraph per line); the split is deterministic.
 
-    python scripts/make_corpus.py OUT_DIR [--text FILE] [--max-lines N]
+    python scripts/make_corpus.py OUT_DIR [--text FILE | --all-stdlib] [--max-lines N]
 """
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ import inspect
 import pathlib
 import re
 import sys
+import sysconfig
 
 STDLIB = ["argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
           "email", "fractions", "functools", "http.client", "inspect", "json", "logging", "multiprocessing",
           "os", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
           "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.request", "zipfile"]
+# folders of the standard library left out of --all-stdlib: tests, IDLE, tool demos, installers
+SKIP = re.compile(r"(^|/)(site-packages|dist-packages|test|tests|idle_test|idlelib|lib2to3|turtledemo|ensurepip"
+                  r"|__pycache__|config-[^/]*)(/|$)")
 TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+|[^\sA-Za-z\d]")
 
 
@@ -35,6 +41,25 @@ def stdlib_text() -> str:
             if doc:
                 docs.append(doc)
     return "\n".join(docs)
+
+
+def all_stdlib_text() -> str:
+    """Docstrings (module, class, function; in file order, then ``ast.walk`` order) of every .py file
+    of this Python's standard library outside SKIP, parsed with ``ast`` (no module is imported)."""
+    import ast
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if SKIP.search(path.relative_to(root).as_posix()):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs += [d for d in map(ast.get_docstring, nodes) if d]
+    return "\n\n".join(docs)
 
 
 def lines_of(text: str, max_lines: int, unit: str = "line"):
@@ -54,7 +79,10 @@ def lines_of(text: str, max_lines: int, unit: str = "line"):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
-    ap.add_argument("--text", help="plain-text corpus to use instead of the stdlib docstrings")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--text", help="plain-text corpus to use instead of the stdlib docstrings")
+    src.add_argument("--all-stdlib", action="store_true",
+                    help="docstrings of every pure-Python stdlib module (~1.6 MB) instead of the 34-module default")
     ap.add_argument("--max-lines", type=int, default=200_000)
     a = ap.parse_args(argv)
     if a.text:
@@ -64,7 +92,7 @@ def main(argv=None) -> int:
             return 2
         lines = lines_of(path.read_text(encoding="utf-8", errors="replace"), a.max_lines, "line")
     else:
-        lines = lines_of(stdlib_text(), a.max_lines, "paragraph")
+        lines = lines_of(all_stdlib_text() if a.all_stdlib else stdlib_text(), a.max_lines, "paragraph")
     if len(lines) < 20:
         print(f"make_corpus: only {len(lines)} usable lines in the corpus; need at least 20", file=sys.stderr)
         return 2

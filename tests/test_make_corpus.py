@@ -27,3 +27,13 @@ def test_empty_or_too_small_corpus_is_one_line_error_and_writes_nothing(tmp_path
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and "usable lines" in err[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_all_stdlib_corpus_is_larger_and_deterministic(tmp_path):
+    for out in ("a", "b"):
+        run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / out, "--all-stdlib"])
+    train = (tmp_path / "a" / "train.txt").read_text()
+    assert len(train) > 1_000_000 and train == (tmp_path / "b" / "train.txt").read_text()
+    proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "c", "--all-stdlib", "--text", "x"],
+               check=False)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr

@@ -8,7 +8,9 @@ done and the training wall time.  A run whose log lacks fairseq's "done training
 as ``crashed``; an asked-for run without a folder as ``missing``.  Neither is left out.
 
 Writes ``DIR/report.md`` (Markdown table) and ``DIR/ppl_vs_noise.png`` (valid perplexity against
-the noise rate, one line per scheme).
+the noise rate, one line per scheme).  A run folder may also hold ``quantnoise_eval.json``, a JSON object of
+further validation perplexities measured after training (``{"ppl_valid_ipq": 171.2}``, as recipes/lm
+writes after iPQ): each key becomes a column and a dashed line per scheme.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Run:
     updates: Optional[int] = None
     wall_s: Optional[float] = None
     status: str = "missing"
+    extra: Optional[Dict[str, float]] = None  # quantnoise_eval.json: name -> valid perplexity
 
 
 def _parse(overrides: List[str]) -> List[Tuple[str, List[str]]]:
@@ -74,6 +77,11 @@ def read_run(run: Run) -> Run:
         run.scheme, run.p = "scalar", float(model.quant_noise_scalar)
     if run.p == 0.0:
         run.scheme = "none"
+    extra = run.folder / "quantnoise_eval.json"
+    if extra.is_file():
+        import json
+
+        run.extra = {k: float(v) for k, v in json.loads(extra.read_text()).items() if isinstance(v, (int, float))}
     logs = sorted(run.folder.glob("*.log"))
     text = "\n".join(p.read_text(errors="replace") for p in logs)
     valid = VALID.findall(text)
@@ -113,15 +121,17 @@ def _fmt(x, spec: str) -> str:
 def markdown(runs: List[Run], sweep_dir: pathlib.Path) -> str:
     varying = sorted({k for r in runs for k, v in r.overrides.items()
                       if len({rr.overrides.get(k) for rr in runs}) > 1})
+    extra = sorted({k for r in runs for k in (r.extra or {})})
     lines = [f"# Sweep report: `{sweep_dir}`", "",
              "| run | " + " | ".join(f"`{k}`" for k in varying) +
-             " | scheme | noise rate | valid loss (base 2) | valid ppl | updates | wall time (s) | status |",
-             "|---" * (len(varying) + 8) + "|"]
+             " | scheme | noise rate | valid loss (base 2) | valid ppl | " + "".join(f"`{k}` | " for k in extra) +
+             "updates | wall time (s) | status |",
+             "|---" * (len(varying) + len(extra) + 8) + "|"]
     for r in runs:
         name = r.folder.relative_to(sweep_dir).as_posix() if r.folder else "—"
         cells = [name, *(r.overrides.get(k, "") for k in varying), r.scheme if r.folder else "?",
                  _fmt(r.p if r.p is not None else _p_from(r), ".3g"), _fmt(r.valid_loss, ".3f"),
-                 _fmt(r.valid_ppl, ".2f"), _fmt(r.updates, "d"), _fmt(r.wall_s, ".1f"), f"**{r.status}**"
+                 _fmt(r.valid_ppl, ".2f"), *(_fmt((r.extra or {}).get(k), ".2f") for k in extra), _fmt(r.updates, "d"), _fmt(r.wall_s, ".1f"), f"**{r.status}**"
                  if r.status != "ok" else "ok"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     bad = [r for r in runs if r.status != "ok"]
@@ -152,7 +162,12 @@ def plot(runs: List[Run], path: pathlib.Path) -> None:
     base = [(r.p, r.valid_ppl) for r in ok if r.scheme == "none"]  # p = 0 starts every scheme's line
     for scheme in sorted({r.scheme for r in ok} - {"none"}) or (["none"] if base else []):
         pts = sorted(base + [(r.p, r.valid_ppl) for r in ok if r.scheme == scheme and scheme != "none"])
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=scheme)
+        line = ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=scheme)[0]
+        for key, style in zip(sorted({k for r in ok for k in (r.extra or {})}), ["--", ":", "-."] * 10):
+            # quantnoise_eval.json figures: same colour, dashed / dotted
+            pts = sorted((r.p, r.extra[key]) for r in ok if key in (r.extra or {}) and (r.scheme == scheme or r.scheme == "none"))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="x", linestyle=style, color=line.get_color(),
+                    label=f"{scheme}: {key}")
     bad = len(runs) - len(ok)
     ax.set_xlabel("noise rate p")
     ax.set_ylabel("valid perplexity")

@@ -64,3 +64,14 @@ def test_custom_outputs_and_bad_folder(tmp_path):
 
     bad = run(["quantnoise", "sweep-report", tmp_path], check=False)
     assert bad.returncode == 2 and "multirun.yaml" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_quantnoise_eval_json_adds_a_column(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["0", "0.1"], {0: LOG_OK.format(loss="6.5", ppl="90.51"),
+                                                           1: LOG_OK.format(loss="6.6", ppl="97.00")})
+    (sweep / "0" / "quantnoise_eval.json").write_text('{"ppl_valid_ipq": 120.5}')
+    (sweep / "1" / "quantnoise_eval.json").write_text('{"ppl_valid_ipq": 110.25}')
+    run(["quantnoise", "sweep-report", sweep])
+    md = (sweep / "report.md").read_text()
+    assert "`ppl_valid_ipq`" in md and "| 120.50 |" in md and "| 110.25 |" in md
+    assert (sweep / "ppl_vs_noise.png").stat().st_size > 0

@@ -1,0 +1,624 @@
+"""The Quant-Noise table on any plain-text corpus (driver of ``recipes/lm/run.sh``; see README.md here).
+
+    python recipes/lm/lm_recipe.py TRAIN.txt VALID.txt TEST.txt OUTDIR [--size small|base] [--jobs N]
+
+Every step is a stock fairseq command (``fairseq-preprocess``, ``fairseq-train``,
+``fairseq-hydra-train -m``, ``fairseq-eval-lm``) with the plugin, or a ``quantnoise`` command
+(``quantize``, ``export``, ``sweep-report``).  A step records its result in ``OUTDIR/steps/<step>.json``
+(written atomically once the step has succeeded); a rerun skips the steps that have one, so a killed run
+loses at most the steps in flight.  fairseq's logs go to ``OUTDIR/logs/``.  Noise rates are chosen on
+VALID (the Hydra sweep); TEST is only read by the final evaluations of the exported ``.qnz`` files.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable, Dict, List, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's quantnoise (for the in-process commands and the subprocesses)
+BIN = pathlib.Path(sys.executable).parent
+USER_DIR = ROOT / "quantnoise" / "qn_fairseq"
+THRESHOLD = 2  # fairseq-preprocess --thresholdsrc: a word needs this many occurrences in TRAIN
+
+# Model sizes (recipes/lm/README.md).  rates: the Hydra sweep of the drop noise rate (0 = the baseline).
+SIZES = {
+    "tiny": dict(layers=1, dim=32, ffn=64, heads=2, tokens=32, max_tokens=256, updates=12, ft_updates=4,
+                 lr=0.003, warmup=4, rates=[0.0, 0.05, 0.1, 0.2, 0.3], refresh=4),  # tests only
+    "small": dict(layers=2, dim=128, ffn=512, heads=4, tokens=128, max_tokens=1024, updates=250, ft_updates=60,
+                  lr=0.003, warmup=25, rates=[0.0, 0.05, 0.1, 0.2], refresh=25),
+    "base": dict(layers=3, dim=256, ffn=1024, heads=4, tokens=128, max_tokens=1024, updates=1000, ft_updates=250,
+                 lr=0.002, warmup=100, rates=[0.0, 0.05, 0.1, 0.2, 0.3], refresh=100),
+}
+IPQ = dict(block_size=8, centroids=256)  # post-hoc iPQ of every Linear and Embedding
+# the models trained with fairseq-train: name -> (noise config in configs/quant_noise/, overrides)
+SCALAR_RUNS = {"int4_qn": ("scalar_int4", {}), "int8_qn": ("scalar_int8", {}),
+               "int4_qat": ("scalar_int4", {"quant_noise_p": 1.0}), "int8_qat": ("scalar_int8", {"quant_noise_p": 1.0})}
+
+
+class RecipeError(Exception):
+    """Bad input: one line naming the file or value and the fix."""
+
+
+# ------------------------------------------------------------------------------------ input checks
+def tokens_of(path: pathlib.Path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            yield from line.split()
+
+
+def check_inputs(train: pathlib.Path, valid: pathlib.Path, test: pathlib.Path, out: pathlib.Path) -> None:
+    """Everything that can be wrong with the arguments, before anything is written."""
+    for role, path in (("TRAIN", train), ("VALID", valid), ("TEST", test)):
+        if not path.exists():
+            raise RecipeError(f"{role} file '{path}' does not exist; pass a plain-text corpus file (one sentence or paragraph per line)")
+        if not path.is_file():
+            raise RecipeError(f"{role} '{path}' is not a file; pass a plain-text corpus file (one sentence or paragraph per line)")
+        if next(tokens_of(path), None) is None:
+            raise RecipeError(f"{role} file '{path}' is empty (no token); pass a non-empty plain-text corpus file")
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"OUTDIR '{out}' is a file; pass a folder (a new one, or a previous run's OUTDIR to resume it)")
+    counts = collections.Counter(tokens_of(train))
+    vocab = {w for w, c in counts.items() if c >= THRESHOLD}
+    if not vocab:
+        raise RecipeError(f"TRAIN file '{train}' has no word that occurs {THRESHOLD} times (the vocabulary would be empty); "
+                          f"pass a larger training text")
+    for role, path in (("VALID", valid), ("TEST", test)):
+        if not any(t in vocab for t in tokens_of(path)):
+            raise RecipeError(f"{role} file '{path}' has no token of the vocabulary built from TRAIN '{train}' (words seen "
+                              f">= {THRESHOLD} times), so every token would be <unk>; pass a {role} text in the language "
+                              f"and tokenisation of TRAIN")
+
+
+def fingerprint(paths, size: str) -> dict:
+    def sha(p):
+        return hashlib.sha1(p.read_bytes()).hexdigest()
+    return {"size": size, **{role: {"path": str(p.resolve()), "sha1": sha(p)} for role, p in zip(("train", "valid", "test"), paths)}}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def noise_flags(config: str, **overrides) -> List[str]:
+    """fairseq-train flags for a Hydra noise config of configs/quant_noise/ (one source for both launchers)."""
+    import yaml
+
+    values = yaml.safe_load((ROOT / "configs" / "quant_noise" / f"{config}.yaml").read_text()) or {}
+    values.update(overrides)
+    out = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            out += [flag(key)] if value else []
+        else:
+            out += [flag(key), str(value)]
+    return out
+
+
+PPL = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+|inf)")
+VALID_PPL = re.compile(r"valid on 'valid' subset \| loss ([0-9.]+) \| .*?\bppl ([0-9.]+|inf)")
+
+
+class Recipe:
+    def __init__(self, train, valid, test, out: pathlib.Path, size: str, jobs: int):
+        self.corpus = dict(train=train.resolve(), valid=valid.resolve(), test=test.resolve())
+        self.out, self.size, self.s, self.jobs = out.resolve(), size, SIZES[size], jobs
+        self.data = self.out / "data-bin"
+        self.t0 = time.time()
+        self.lock, self.qn_lock = threading.Lock(), threading.Lock()
+        self.steps: Dict[str, dict] = {}  # name -> {"deps", "fn"}
+        self.results: Dict[str, dict] = {}
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+        self.env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore",
+                    "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+                    "QUANTNOISE_USER_DIR": str(USER_DIR), "HYDRA_FULL_ERROR": "1", "MPLBACKEND": "Agg"}
+        os.environ["TQDM_DISABLE"] = "1"  # the in-process quantnoise commands: no progress bars on the console
+
+    # ------------------------------------------------------------------ running commands
+    def sh(self, step: str, cmd: List, log: str, cwd=None) -> str:
+        """Run ``cmd`` (a venv tool name first) with its output appended to logs/<log>.log; returns that output.
+        Adds the process' CPU seconds to the step's account.  ``log`` must not be shared by commands that
+        run at the same time (the output is read back from the file): each step logs to its own file."""
+        exe = str(cmd[0]) if os.sep in str(cmd[0]) else str(BIN / cmd[0])
+        argv = [exe, *map(str, cmd[1:])]
+        path = self.out / "logs" / f"{log}.log"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"\n$ {' '.join(argv)}\n")
+            f.flush()
+            start = f.tell()
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=self.env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        with self.lock:
+            self.cpu[step] = self.cpu.get(step, 0.0) + usage.ru_utime + usage.ru_stime
+        text = path.read_text(encoding="utf-8", errors="replace")[start:]
+        if proc.returncode != 0:
+            tail = [l for l in text.splitlines() if l.strip()][-1:] or ["(no output)"]
+            raise RuntimeError(f"{pathlib.Path(exe).name} exited {proc.returncode} ({tail[0][:300]}); full log: {path}")
+        return text
+
+    def qn(self, step: str, *args, log: str) -> None:
+        """A ``quantnoise`` command, run in this process (saves a Python start per call; its log
+        lines go to logs/quantnoise.log).  Its CPU time is not counted in the step's account."""
+        from quantnoise.cli import main as quantnoise_main
+
+        argv = [str(a) for a in args]
+        logging.getLogger(__name__).info("$ quantnoise %s", " ".join(argv))
+        with self.qn_lock, open(self.out / "logs" / f"{log}.log", "a", encoding="utf-8") as f, \
+                contextlib.redirect_stdout(f):  # progress lines go to sys.__stdout__, not here
+            f.write(f"\n$ quantnoise {' '.join(argv)}\n")
+            rc = quantnoise_main(argv)
+        if rc:
+            raise RuntimeError(f"quantnoise {' '.join(argv)} exited {rc}; see {self.out / 'logs' / 'quantnoise.log'}")
+
+    def model_flags(self) -> List[str]:
+        s = self.s
+        return ["--task", "language_modeling", "--arch", "qn_transformer_lm", "--decoder-layers", s["layers"],
+                "--decoder-embed-dim", s["dim"], "--decoder-input-dim", s["dim"], "--decoder-output-dim", s["dim"],
+                "--decoder-ffn-embed-dim", s["ffn"], "--decoder-attention-heads", s["heads"], "--decoder-normalize-before",
+                "--dropout", "0.1", "--tokens-per-sample", s["tokens"], "--max-tokens", s["max_tokens"],
+                "--sample-break-mode", "none", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "0.0",
+                "--lr-scheduler", "inverse_sqrt", "--seed", "1", "--num-workers", "0", "--log-format", "simple",
+                "--log-interval", max(1, s["updates"] // 10), "--no-epoch-checkpoints", "--validate-interval", "1000",
+                "--save-interval", "1000", "--no-progress-bar"]
+
+    def fairseq_train(self, step: str, save_dir: pathlib.Path, extra: List, log: str, updates: int, lr: float, warmup: int):
+        if save_dir.exists():
+            shutil.rmtree(save_dir)  # a killed run's leftovers: this step starts over
+        self.sh(step, ["fairseq-train", self.data, "--user-dir", USER_DIR, *self.model_flags(), "--lr", lr,
+                       "--warmup-updates", warmup, "--max-update", updates, "--save-dir", save_dir, *extra], log)
+        ckpt = save_dir / "checkpoint_last.pt"
+        if not ckpt.is_file():
+            raise RuntimeError(f"fairseq-train wrote no {ckpt}; see {self.out / 'logs' / (log + '.log')}")
+        return ckpt
+
+    def valid_ppl(self, log: str) -> float:
+        """fairseq-train's validation perplexity at the end of the run logged in logs/<log>.log."""
+        m = VALID_PPL.findall((self.out / "logs" / f"{log}.log").read_text(errors="replace"))
+        if not m:
+            raise RuntimeError(f"no validation line in {self.out / 'logs' / (log + '.log')}")
+        return float(m[-1][1])
+
+    def eval_lm(self, step: str, path: pathlib.Path, subset: str, log: str) -> float:
+        s = self.s
+        text = self.sh(step, ["fairseq-eval-lm", self.data, "--user-dir", USER_DIR, "--path", path, "--gen-subset", subset,
+                              "--tokens-per-sample", s["tokens"], "--max-tokens", s["max_tokens"], "--num-workers", "0",
+                              "--sample-break-mode", "none"], log)
+        m = PPL.findall(text)
+        if not m:
+            raise RuntimeError(f"fairseq-eval-lm printed no perplexity for {path}; see {self.out / 'logs' / (log + '.log')}")
+        return float(m[-1][1])
+
+    # ------------------------------------------------------------------ the steps
+    def step(self, name: str, deps=()):
+        def deco(fn: Callable[[], dict]):
+            self.steps[name] = {"deps": list(deps), "fn": fn}
+            return fn
+        return deco
+
+    def r(self, name: str) -> dict:
+        return self.results[name]
+
+    def define(self) -> None:
+        s, out = self.s, self.out
+        rates = [p for p in s["rates"] if p > 0]
+
+        @self.step("preprocess")
+        def _():
+            tmp = out / "data-bin.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.sh("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", self.corpus["train"],
+                                   "--validpref", self.corpus["valid"], "--testpref", self.corpus["test"], "--destdir", tmp,
+                                   "--workers", "1", "--thresholdsrc", THRESHOLD], "preprocess")
+            shutil.rmtree(self.data, ignore_errors=True)
+            os.replace(tmp, self.data)
+            return {"vocab": sum(1 for _ in open(self.data / "dict.txt", encoding="utf-8"))}
+
+        @self.step("sweep", deps=["preprocess"])
+        def _():
+            return self.sweep()
+
+        # fairseq-train: full QAT and the scalar Quant-Noise models, iPQ QAT (pq noise at p = 1)
+        for name, (config, over) in SCALAR_RUNS.items():
+            self.add_train(name, noise_flags(config, **over))
+        self.add_train("ipq_qat", noise_flags("pq", quant_noise_p=1.0, quant_noise_refresh_every=s["refresh"]))
+        self.add_train("pq_noise", lambda: noise_flags("pq", quant_noise_p=self.r("select_p")["p"],
+                                                       quant_noise_refresh_every=s["refresh"]), deps=["select_p"])
+
+        # post-hoc iPQ + centroid fine-tuning of every model the iPQ rows need, and of every sweep run
+        for p in s["rates"]:
+            self.add_ipq(f"drop_p{p:g}", lambda p=p: self.r("sweep")["checkpoints"][f"{p:g}"], deps=["sweep"])
+        self.add_ipq("ipq_qat", lambda: self.r("train_ipq_qat")["checkpoint"], deps=["train_ipq_qat"])
+        self.add_ipq("pq_noise", lambda: self.r("train_pq_noise")["checkpoint"], deps=["train_pq_noise"])
+
+        @self.step("select_p", deps=[f"ipq_drop_p{p:g}" for p in s["rates"]])
+        def _():
+            fp32 = self.r("sweep")["valid_fp32"]
+            sweep = [{"p": p, "ppl_valid_fp32": fp32.get(f"{p:g}"), "ppl_valid_ipq": self.r(f"ipq_drop_p{p:g}")["valid_ft"],
+                      "ppl_valid_ipq_no_finetune": self.r(f"ipq_drop_p{p:g}")["valid_noft"]} for p in s["rates"]]
+            best = min((e for e in sweep if e["p"] > 0), key=lambda e: e["ppl_valid_ipq"])
+            for e in sweep:  # the iPQ figures go next to fairseq's validation in sweep-report
+                folder = pathlib.Path(self.r("sweep")["checkpoints"][f"{e['p']:g}"]).parent.parent
+                atomic_write_text(folder / "quantnoise_eval.json", json.dumps(
+                    {"ppl_valid_ipq": e["ppl_valid_ipq"], "ppl_valid_ipq_no_finetune": e["ppl_valid_ipq_no_finetune"]}))
+            self.qn("select_p", "sweep-report", out / "sweep", "--markdown", out / "sweep_report.md",
+                    "--plot", out / "sweep.png", log="sweep_report")
+            return {"p": best["p"], "sweep": sweep, "criterion": "lowest VALID perplexity after iPQ + fine-tuning"}
+
+        # table rows: (row, model checkpoint step) ; each is exported and evaluated on TEST
+        @self.step("fp32", deps=["sweep"])
+        def _():
+            ckpt = self.r("sweep")["checkpoints"]["0"]
+            qnz = out / "qnz" / "fp32.qnz"
+            self.qn("fp32", "export", ckpt, "-o", qnz, "--rest", "float32", log="export")
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm("fp32", qnz, "test", "fp32"),
+                    "ppl_valid": self.r("sweep")["valid_fp32"]["0"]}
+
+        ipq_rows = {"ipq.posthoc": "ipq_drop_p0", "ipq.qat": "ipq_ipq_qat", "ipq.quant_noise": None, "ipq_pq_noise": "ipq_pq_noise"}
+        for row, src in ipq_rows.items():
+            deps = [src] if src else ["select_p"]
+            self.add_export(row, (lambda src=src: self.r(src)["finetuned"]) if src else
+                            (lambda: self.r(f"ipq_drop_p{self.r('select_p')['p']:g}")["finetuned"]),
+                            deps=deps + ([] if src else [f"ipq_drop_p{p:g}" for p in rates]))
+        for bits in (4, 8):
+            for col, model in (("posthoc", None), ("qat", f"int{bits}_qat"), ("quant_noise", f"int{bits}_qn")):
+                self.add_scalar(f"int{bits}.{col}", bits, model)
+
+        @self.step("report", deps=[n for n in self.steps if n != "report"])
+        def _():
+            return self.report()
+
+    def add_train(self, name: str, noise, deps=("preprocess",)) -> None:
+        s = self.s
+
+        @self.step(f"train_{name}", deps=deps)
+        def _():
+            flags = noise() if callable(noise) else noise
+            ckpt = self.fairseq_train(f"train_{name}", self.out / "train" / name, flags, f"train_{name}",
+                                      s["updates"], s["lr"], s["warmup"])
+            return {"checkpoint": str(ckpt), "flags": flags}
+
+    def add_ipq(self, name: str, source: Callable[[], str], deps) -> None:
+        """quantize (iPQ b=8 k=256, every Linear/Embedding) -> VALID ppl -> fine-tune centroids -> VALID ppl."""
+        s, step = self.s, f"ipq_{name}"
+
+        @self.step(step, deps=deps)
+        def _():
+            d = self.out / "ipq" / name
+            d.mkdir(parents=True, exist_ok=True)
+            q = d / "q.pt"
+            self.qn(step, "quantize", source(), "-o", q, "--scheme", "pq", "--block-size", IPQ["block_size"],
+                    "--centroids", IPQ["centroids"], "--seed", "0", log=step)
+            noft = self.eval_lm(step, q, "valid", step)
+            ckpt = self.fairseq_train(step, d / "ft", ["--restore-file", q, "--reset-optimizer", "--reset-dataloader",
+                                                       "--reset-lr-scheduler", "--reset-meters"], step,
+                                      s["ft_updates"], s["lr"] / 3, max(1, s["ft_updates"] // 10))
+            return {"quantized": str(q), "finetuned": str(ckpt), "valid_noft": noft,
+                    "valid_ft": self.valid_ppl(step)}
+
+    def add_export(self, row: str, source: Callable[[], str], deps) -> None:
+        step = f"test_{row}"
+
+        @self.step(step, deps=deps)
+        def _():
+            qnz = self.out / "qnz" / f"{row}.qnz"
+            qnz.parent.mkdir(parents=True, exist_ok=True)
+            self.qn(step, "export", source(), "-o", qnz, log="export")
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", step)}
+
+    def add_scalar(self, row: str, bits: int, model: Optional[str]) -> None:
+        step = f"test_{row}"
+
+        @self.step(step, deps=[f"train_{model}"] if model else ["sweep"])
+        def _():
+            src = self.r(f"train_{model}")["checkpoint"] if model else self.r("sweep")["checkpoints"]["0"]
+            d = self.out / "scalar"
+            d.mkdir(parents=True, exist_ok=True)
+            q, qnz = d / f"{row}.pt", self.out / "qnz" / f"{row}.qnz"
+            qnz.parent.mkdir(parents=True, exist_ok=True)
+            self.qn(step, "quantize", src, "-o", q, "--scheme", "scalar", "--bits", bits, log=step)
+            self.qn(step, "export", q, "-o", qnz, log="export")
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", step)}
+
+    # ------------------------------------------------------------------ the Hydra sweep
+    def sweep_overrides(self) -> List[str]:
+        s = self.s
+        return [f"task.data={self.data}", f"task.tokens_per_sample={s['tokens']}", "task.sample_break_mode=none",
+                f"common.user_dir={USER_DIR}", f"common.log_interval={max(1, s['updates'] // 10)}",
+                f"dataset.max_tokens={s['max_tokens']}", f"optimization.max_update={s['updates']}",
+                f"optimization.lr=[{s['lr']}]", f"lr_scheduler.warmup_updates={s['warmup']}",
+                f"model.decoder_layers={s['layers']}", f"model.decoder_embed_dim={s['dim']}",
+                f"model.decoder_input_dim={s['dim']}", f"model.decoder_output_dim={s['dim']}",
+                f"model.decoder_ffn_embed_dim={s['ffn']}", f"model.decoder_attention_heads={s['heads']}",
+                f"hydra.sweep.dir={self.out / 'sweep'}", "hydra.sweep.subdir=p${model.quant_noise_p}", "quant_noise=drop"]
+
+    def sweep(self) -> dict:
+        """``fairseq-hydra-train -m ... model.quant_noise_p=<rates>``: one job per rate, each in
+        sweep/p<rate>/.  Rates whose job finished in an earlier (killed) run are not trained again."""
+        root = self.out / "sweep"
+        done, todo = {}, []
+        for p in self.s["rates"]:
+            folder = root / f"p{p}"
+            ckpt, log = folder / "checkpoints" / "checkpoint_last.pt", folder / "hydra_train.log"
+            if ckpt.is_file() and log.is_file() and "done training" in log.read_text(errors="replace"):
+                done[p] = folder
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                todo.append(p)
+        # with --jobs 3 or more, the rates are split over concurrent multiruns (same sweep folder, one job
+        # per rate either way); each of them is an ordinary `fairseq-hydra-train -m` with the basic launcher
+        groups = [todo[i::max(1, min(len(todo), (self.jobs + 1) // 2))] for i in range(max(1, min(len(todo), (self.jobs + 1) // 2)))]
+        with ThreadPoolExecutor(len(groups)) as pool:
+            list(pool.map(lambda ig: self.sh("sweep", [
+                "fairseq-hydra-train", "-m", "--config-dir", ROOT / "configs", "--config-name", "lm_recipe",
+                *self.sweep_overrides(), "model.quant_noise_p=" + ",".join(str(p) for p in ig[1])],
+                f"sweep{ig[0] if len(groups) > 1 else ''}", cwd=self.out), enumerate(g for g in groups if g)))
+        ckpts, fp32 = {}, {}
+        for p in self.s["rates"]:
+            folder = root / f"p{p}"
+            ckpt = folder / "checkpoints" / "checkpoint_last.pt"
+            log = (folder / "hydra_train.log").read_text(errors="replace") if (folder / "hydra_train.log").is_file() else ""
+            if not ckpt.is_file() or "done training" not in log:
+                raise RuntimeError(f"sweep job p={p} did not finish; see {folder / 'hydra_train.log'} and {self.out / 'logs' / 'sweep.log'}")
+            ckpts[f"{p:g}"] = str(ckpt)
+            m = VALID_PPL.findall(log)
+            fp32[f"{p:g}"] = float(m[-1][1]) if m else None
+        return {"checkpoints": ckpts, "valid_fp32": fp32}
+
+    # ------------------------------------------------------------------ scheduling
+    def run(self) -> int:
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.out / "logs" / "quantnoise.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+        (self.out / "steps").mkdir(parents=True, exist_ok=True)
+        (self.out / "qnz").mkdir(parents=True, exist_ok=True)
+        self.cpu: Dict[str, float] = {}
+        self.define()
+        for name in self.steps:
+            marker = self.out / "steps" / f"{name}.json"
+            if marker.is_file():
+                self.results[name] = json.loads(marker.read_text())["result"]
+        todo = [n for n in self.steps if n not in self.results]
+        total = len(self.steps)
+        skipped = total - len(todo)
+        if skipped:
+            self.progress(f"resuming: {skipped} of {total} steps already done (OUTDIR/steps/*.json)")
+        failed = None
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            running = {}
+            while todo or running:
+                if failed is None:
+                    for name in [n for n in todo if all(d in self.results for d in self.steps[n]["deps"])]:
+                        if len(running) >= self.jobs:
+                            break
+                        todo.remove(name)
+                        running[pool.submit(self.run_step, name)] = name
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = running.pop(fut)
+                    try:
+                        fut.result()
+                    except Exception as e:  # noqa: BLE001 -- reported as one line, the run stops
+                        failed = failed or f"step {name} failed: {e}"
+                        self.progress(f"FAILED {name}: {e}")
+        if failed:
+            print(f"run.sh: {failed}; fix it and rerun the same command (finished steps are kept)", file=sys.stderr)
+            return 1
+        self.progress(f"done: {self.out / 'results.md'}")
+        return 0
+
+    def run_step(self, name: str) -> None:
+        start = time.time()
+        result = self.steps[name]["fn"]() or {}
+        wall = time.time() - start
+        with self.lock:
+            self.results[name] = result
+            n = len(self.results)
+        atomic_write_text(self.out / "steps" / f"{name}.json", json.dumps(
+            {"result": result, "wall_s": round(wall, 1), "cpu_s": round(self.cpu.get(name, 0.0), 1)}, indent=1))
+        self.progress(f"[{n:2d}/{len(self.steps)}] {name:24s} {self.summary(name, result)} ({wall:.0f} s, "
+                      f"cpu {self.cpu.get(name, 0.0):.0f} s)")
+
+    @staticmethod
+    def summary(name: str, r: dict) -> str:
+        if "ppl" in r:
+            return f"test ppl {r['ppl']:.2f}, {r['bytes'] / 2**20:.3f} MiB"
+        if "valid_ft" in r:
+            return f"valid ppl iPQ {r['valid_noft']:.2f}, fine-tuned {r['valid_ft']:.2f}"
+        if name == "select_p":
+            return f"p = {r['p']:g} ({r['criterion']})"
+        if name == "sweep":
+            return "valid ppl fp32 " + ", ".join(f"p={p}: {v:.2f}" if v else f"p={p}: ?" for p, v in r["valid_fp32"].items())
+        if name == "preprocess":
+            return f"vocabulary {r['vocab']} words"
+        return "ok"
+
+    def progress(self, msg: str) -> None:
+        el = int(time.time() - self.t0)
+        print(f"[{el // 60:3d}m{el % 60:02d}s] {msg}", file=sys.__stdout__, flush=True)
+
+    # ------------------------------------------------------------------ results
+    def cpu_account(self) -> dict:
+        """CPU seconds of the fairseq processes per step (from steps/*.json), their sum, and the longest
+        dependency chain: on an idle machine with --jobs cores the run needs about max(sum / jobs, chain)
+        seconds.  The in-process quantnoise commands (quantize, export) are in ``driver_s`` (this run only)."""
+        import resource
+
+        cpu = {}
+        for n in self.steps:
+            f = self.out / "steps" / f"{n}.json"
+            cpu[n] = json.loads(f.read_text())["cpu_s"] if f.is_file() else 0.0
+        chain: Dict[str, float] = {}
+
+        def longest(n: str) -> float:
+            if n not in chain:
+                chain[n] = cpu[n] + max((longest(d) for d in self.steps[n]["deps"]), default=0.0)
+            return chain[n]
+
+        for n in self.steps:
+            longest(n)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {"per_step_s": cpu, "fairseq_total_s": round(sum(cpu.values()), 1),
+                "critical_path_s": round(max(chain.values()), 1), "driver_s": round(ru.ru_utime + ru.ru_stime, 1)}
+
+    def report(self) -> dict:
+        res = {"fp32": {k: self.r("fp32")[k] for k in ("ppl", "bytes")}}
+        for kind in ("ipq", "int4", "int8"):
+            res[kind] = {col: {k: self.r(f"test_{kind}.{col}")[k] for k in ("ppl", "bytes")}
+                         for col in ("posthoc", "qat", "quant_noise")}
+        res["ipq_pq_noise"] = {k: self.r("test_ipq_pq_noise")[k] for k in ("ppl", "bytes")}
+        res["sweep"] = self.r("select_p")["sweep"]
+        s = self.s
+        sel = self.r("select_p")["p"]
+        res["details"] = {
+            "size": self.size, "model": {k: s[k] for k in ("layers", "dim", "ffn", "heads")},
+            "updates": s["updates"], "finetune_updates": s["ft_updates"], "tokens_per_update": s["max_tokens"],
+            "ipq": IPQ, "vocab": self.r("preprocess")["vocab"], "drop_p_chosen_on_valid": sel,
+            "noise": {"ipq.quant_noise": f"drop p={sel:g}", "ipq_pq_noise": f"pq p={sel:g}",
+                      "ipq.qat": "pq p=1", **{f"{k[:4]}.{'qat' if 'qat' in k else 'quant_noise'}": " ".join(v)
+                                              for k, v in ((n, self.r(f"train_{n}")["flags"]) for n in SCALAR_RUNS)}},
+            "valid": {"fp32": self.r("fp32")["ppl_valid"],
+                      "ipq_no_finetune": {"posthoc": self.r("ipq_drop_p0")["valid_noft"], "qat": self.r("ipq_ipq_qat")["valid_noft"],
+                                          "quant_noise": self.r(f"ipq_drop_p{sel:g}")["valid_noft"],
+                                          "pq_noise": self.r("ipq_pq_noise")["valid_noft"]},
+                      "ipq_finetuned": {"posthoc": self.r("ipq_drop_p0")["valid_ft"], "qat": self.r("ipq_ipq_qat")["valid_ft"],
+                                        "quant_noise": self.r(f"ipq_drop_p{sel:g}")["valid_ft"],
+                                        "pq_noise": self.r("ipq_pq_noise")["valid_ft"]}},
+            "corpus": {k: str(v) for k, v in self.corpus.items()},
+        }
+        res["details"]["cpu"] = self.cpu_account()
+        atomic_write_text(self.out / "results.json", json.dumps(res, indent=1))
+        atomic_write_text(self.out / "results.md", markdown(res))
+        plot(res, self.out / "results.png")
+        return {"results": str(self.out / "results.json")}
+
+
+def markdown(res: dict) -> str:
+    fp = res["fp32"]
+    d = res["details"]
+
+    def cell(e):
+        return f"{e['ppl']:.2f} ({e['bytes'] / 2**20:.3f} MiB, x{fp['bytes'] / e['bytes']:.1f})"
+
+    lines = [f"# Quant-Noise on this corpus ({d['size']}: {d['model']['layers']} layers, {d['model']['dim']}-d, "
+             f"FFN {d['model']['ffn']}, vocabulary {d['vocab']}; {d['updates']} updates of {d['tokens_per_update']} tokens)", "",
+             "Test perplexity of the exported `.qnz` file (fairseq-eval-lm), its size and compression ratio to the fp32 file.",
+             "Columns as in Fan et al. 2020, Table 1/2: post-hoc = quantize the plain model; QAT = train with every block",
+             "quantized (p = 1; for iPQ: pq noise at p = 1); Quant-Noise = train with noise at rate p.", "",
+             "| | post-hoc | QAT | Quant-Noise |", "|---|---|---|---|",
+             f"| fp32 | {fp['ppl']:.2f} ({fp['bytes'] / 2**20:.3f} MiB) | | |"]
+    for kind in ("int8", "int4", "ipq"):
+        label = {"ipq": f"iPQ (b={d['ipq']['block_size']}, k={d['ipq']['centroids']}, + {d['finetune_updates']} fine-tune updates)"}.get(kind, kind)
+        lines.append(f"| {label} | " + " | ".join(cell(res[kind][c]) for c in ("posthoc", "qat", "quant_noise")) + " |")
+    lines += ["", f"iPQ with true pq noise (p = {d['drop_p_chosen_on_valid']:g}) instead of the drop proxy: {cell(res['ipq_pq_noise'])}.",
+              ""]
+    gap_post = res["ipq"]["posthoc"]["ppl"] - fp["ppl"]
+    gap_qn = res["ipq"]["quant_noise"]["ppl"] - fp["ppl"]
+    cut = f"{100 * (1 - gap_qn / gap_post):.0f}%" if gap_post > 0 else "n/a (no gap)"
+    lines += [f"iPQ gap to the baseline's fp32 (test): post-hoc {gap_post:+.2f}, Quant-Noise {gap_qn:+.2f}: cut by {cut} "
+              f"(paper: 65%).", "",
+              f"Noise: " + "; ".join(f"{k}: {v}" for k, v in d["noise"].items()) + ".", "",
+              "## Noise-rate sweep (VALID; chooses p)", "", "| p | valid ppl fp32 | valid ppl iPQ (no fine-tune) | valid ppl iPQ + fine-tune |",
+              "|---|---|---|---|"]
+    for e in res["sweep"]:
+        f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"| {e['p']:g} | {f(e['ppl_valid_fp32'])} | {f(e['ppl_valid_ipq_no_finetune'])} | {f(e['ppl_valid_ipq'])} |")
+    lines += ["", f"Chosen p = {d['drop_p_chosen_on_valid']:g} (lowest VALID perplexity after iPQ + fine-tuning). "
+              "Plot: `sweep.png` (`quantnoise sweep-report`), table `sweep_report.md`.", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    markers = {"posthoc": "o", "qat": "s", "quant_noise": "*"}
+    colors = {"int8": "tab:blue", "int4": "tab:orange", "ipq": "tab:green"}
+    ax.scatter([res["fp32"]["bytes"] / 2**20], [res["fp32"]["ppl"]], marker="D", color="black", label="fp32")
+    for kind in ("int8", "int4", "ipq"):
+        for col, mk in markers.items():
+            e = res[kind][col]
+            ax.scatter([e["bytes"] / 2**20], [e["ppl"]], marker=mk, s=80 if mk == "*" else 40, color=colors[kind],
+                       label=f"{kind} {col}")
+    e = res["ipq_pq_noise"]
+    ax.scatter([e["bytes"] / 2**20], [e["ppl"]], marker="P", color="tab:red", label="ipq pq noise")
+    ax.set_xscale("log")
+    ax.set_xlabel(".qnz file size (MiB, log scale)")
+    ax.set_ylabel("test perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="run.sh", description=__doc__.splitlines()[0])
+    ap.add_argument("train", type=pathlib.Path, help="TRAIN.txt: plain text, one sentence or paragraph per line")
+    ap.add_argument("valid", type=pathlib.Path, help="VALID.txt: chooses the noise rate")
+    ap.add_argument("test", type=pathlib.Path, help="TEST.txt: only the final table")
+    ap.add_argument("outdir", type=pathlib.Path, help="output folder (rerun with the same arguments to resume)")
+    ap.add_argument("--size", choices=["small", "base", "tiny"], default="small",
+                    help="model size and training length (recipes/lm/README.md; tiny: for tests)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="steps run at once (default: 2, one thread each, on 2+ cores)")
+    a = ap.parse_args(argv)
+    try:
+        if a.jobs < 1:
+            raise RecipeError(f"--jobs {a.jobs} is invalid; use 1 or more")
+        check_inputs(a.train, a.valid, a.test, a.outdir)
+        fp = fingerprint((a.train, a.valid, a.test), a.size)
+        stamp = a.outdir / "recipe.json"
+        if stamp.is_file():
+            old = json.loads(stamp.read_text())
+            if old != fp:
+                raise RecipeError(f"OUTDIR '{a.outdir}' holds a run with other inputs or size ({stamp}); pass a new OUTDIR, "
+                                  f"or the same corpus files and --size to resume it")
+        elif a.outdir.is_dir() and any(a.outdir.iterdir()):
+            raise RecipeError(f"OUTDIR '{a.outdir}' is a non-empty folder that is not a recipe run (no recipe.json); "
+                              f"pass a new or empty folder")
+    except RecipeError as e:
+        print(f"run.sh: {e}", file=sys.stderr)
+        return 2
+    a.outdir.mkdir(parents=True, exist_ok=True)
+    if not (a.outdir / "recipe.json").is_file():
+        atomic_write_text(a.outdir / "recipe.json", json.dumps(fp, indent=1))
+    return Recipe(a.train, a.valid, a.test, a.outdir, a.size, a.jobs).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""recipes/lm/run.sh: the whole Quant-Noise table on a tiny corpus (real fairseq-preprocess, fairseq-train,
+fairseq-hydra-train -m, quantnoise quantize/export/sweep-report, fairseq-eval-lm), and its bad-input errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+
+RUN_SH = ROOT / "recipes" / "lm" / "run.sh"
+ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def recipe(*args, timeout=1800):
+    return subprocess.run(["bash", str(RUN_SH), *map(str, args)], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    run([sys.executable, ROOT / "scripts" / "make_corpus.py", d, "--max-lines", "300"])
+    return d
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["missing_train", "empty_valid", "outdir_is_file", "test_not_in_vocab",
+                                  "other_run_in_outdir"])
+def test_bad_input_is_one_line_and_touches_nothing(corpus, tmp_path, case):
+    train, valid, test, out = corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", tmp_path / "out"
+    out.mkdir()
+    (out / "recipe.json").write_text(json.dumps({"size": "tiny"}))  # a previous run's folder
+    (out / "results.md").write_text("earlier results\n")
+    expect = None
+    if case == "missing_train":
+        train, expect = tmp_path / "nope.txt", "nope.txt' does not exist"
+    elif case == "empty_valid":
+        valid = tmp_path / "empty.txt"
+        valid.write_text("\n  \n")
+        expect = "empty.txt' is empty"
+    elif case == "outdir_is_file":
+        out = tmp_path / "file"
+        out.write_text("x")
+        expect = "is a file; pass a folder"
+    elif case == "test_not_in_vocab":
+        test = tmp_path / "foreign.txt"
+        test.write_text("zzqx wvvb qqqj\n")
+        expect = "foreign.txt' has no token of the vocabulary"
+    else:  # the folder holds a run with other settings (the fake recipe.json): refuse to mix them
+        expect = "holds a run with other inputs or size"
+    before = snapshot(tmp_path)
+    proc = recipe(train, valid, test, out, "--size", "tiny", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before  # nothing written, nothing overwritten
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_tiny(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [l for l in proc.stdout.splitlines() if "] [" in l]
+    assert len(steps) >= 20 and all("s, cpu" in l for l in steps)  # one progress line per step, with times
+
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"fp32", "ipq", "int4", "int8", "ipq_pq_noise", "sweep"}
+    entries = [res["fp32"], res["ipq_pq_noise"]] + [res[k][c] for k in ("ipq", "int4", "int8")
+                                                    for c in ("posthoc", "qat", "quant_noise")]
+    for e in entries:
+        assert set(e) >= {"ppl", "bytes"} and e["ppl"] > 1 and e["bytes"] > 0
+    # compression: int4 < int8 < fp32 file sizes, iPQ < fp32 (at this tiny width a 256-entry codebook per layer
+    # is larger than int4 codes, so iPQ vs int4 is not asserted)
+    assert res["int4"]["posthoc"]["bytes"] < res["int8"]["posthoc"]["bytes"] < res["fp32"]["bytes"]
+    assert res["ipq"]["posthoc"]["bytes"] < res["fp32"]["bytes"]
+    rates = [e["p"] for e in res["sweep"]]
+    assert len([p for p in rates if p > 0]) >= 4 and 0 in rates
+    assert all(e["ppl_valid_fp32"] > 1 and e["ppl_valid_ipq"] > 1 for e in res["sweep"])
+    assert res["details"]["drop_p_chosen_on_valid"] in rates
+    for row in ("fp32", "ipq.posthoc", "ipq.qat", "ipq.quant_noise", "ipq_pq_noise", "int4.posthoc", "int4.qat",
+                "int4.quant_noise", "int8.posthoc", "int8.qat", "int8.quant_noise"):
+        qnz = out / "qnz" / f"{row}.qnz"
+        assert qnz.is_file() and qnz.stat().st_size > 0, row
+    assert (out / "results.png").stat().st_size > 0 and (out / "sweep.png").stat().st_size > 0
+    assert "| iPQ" in (out / "results.md").read_text()
+    sweep = (out / "sweep_report.md").read_text()  # quantnoise sweep-report with the iPQ column
+    assert "ppl_valid_ipq" in sweep and "5 of 5 runs finished" in sweep
+    assert len(list((out / "sweep").glob("p*/hydra_train.log"))) == 5  # one Hydra multirun job per rate
+
+    # a rerun skips every finished step and changes nothing
+    before = (out / "results.json").read_bytes()
+    again = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny", timeout=300)
+    assert again.returncode == 0 and "resuming:" in again.stdout and "] [" not in again.stdout, again.stdout
+    assert (out / "results.json").read_bytes() == before
