@@ -123,7 +123,9 @@ def test_qnz_loads_through_from_pretrained_and_restore_file(best, lm_data, tmp_p
         assert not model.training
         with torch.no_grad():
             outs.append(model(tokens)[0])
-    assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[0]).all()
+    # m.qnz runs on the compressed runtime layers (issue 10), d.pt on decoded fp32 weights: equal within float tolerance
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(outs[0]).all()
 
     # fine-tune from the .qnz: a tiny learning rate, so the trained weights stay next to the file's
     run(["fairseq-train", lm_data, "--user-dir", USER_DIR, "--arch", "qn_transformer_lm", *TRAIN, "--lr", "1e-7",
