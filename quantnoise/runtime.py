@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import runtime_kernels as K
 from .export import DTYPES, decode
+from .nn import QuantNoiseMixin
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,8 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
     pq = e["scheme"] == "pq"
     if not pq:
         q, scale = stored_int(tensors[f"{name}.qweight"], e["bits"], e["pack_width"], shape), tensors[f"{name}.qscale"]
+    if not _keeps_base_forward(like):  # e.g. fairseq's LearnedPositionalEmbedding: looks up positions, not ids
+        return None
     if isinstance(like, nn.Linear):
         bias = like.bias
         if pq:
@@ -250,6 +253,14 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
                                   like.padding_idx)
         return IntEmbedding(shape[0], shape[1], q, scale, e["bits"], e["pack_width"], like.padding_idx)
     return None  # Conv etc.: decoded by fill_model_
+
+
+def _keeps_base_forward(like: nn.Module) -> bool:
+    """A runtime layer computes what nn.Linear / nn.Embedding's own forward computes: only a layer whose
+    forward is that one (or a quant-noise wrapper of such a layer, the same thing in eval) may be replaced."""
+    if isinstance(like, QuantNoiseMixin):
+        return True
+    return any(isinstance(like, base) and type(like).forward is base.forward for base in (nn.Linear, nn.Embedding))
 
 
 def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:

@@ -10,6 +10,7 @@ other paths go to fairseq's function unchanged.  ``QUANTNOISE_QNZ_DECODE=1`` in 
 this off: the ``.qnz`` is then decoded into an ordinary fp32 model (the path quantnoise/qn_fairseq/ipq.py
 installs, also used by ``--restore-file``).
 """
+import contextlib
 import logging
 import os
 from typing import Optional
@@ -77,7 +78,7 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
         raise SystemExit(f"error: {e}") from None
     cfg = qnz_config(meta, overrides)
     task = task or _setup_task(cfg)
-    with torch.device("meta"):
+    with torch.device("meta"), _meta_stays_meta():
         model = task.build_model(cfg.model, from_checkpoint=True)
     _fix_non_state(model)
     try:
@@ -88,6 +89,23 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     model.set_num_updates(int((meta.get("fairseq") or {}).get("num_updates", 0)))
     logger.info("loaded %s compressed: %s", path, runtime_summary(model))
     return model, cfg, task
+
+
+@contextlib.contextmanager
+def _meta_stays_meta():
+    """While the model is built on ``meta``: ``meta_tensor.cpu()`` stays on meta.  fairseq's
+    ``init_bert_params`` (RoBERTa) draws its init as ``data.copy_(data.cpu().normal_(...))``, which
+    raises on meta ("Cannot copy out of meta tensor"); the values are overwritten by the file anyway."""
+    original = torch.Tensor.cpu
+
+    def cpu(self, *args, **kwargs):
+        return self if self.is_meta else original(self, *args, **kwargs)
+
+    torch.Tensor.cpu = cpu
+    try:
+        yield
+    finally:
+        torch.Tensor.cpu = original
 
 
 def _original():
