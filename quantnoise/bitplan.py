@@ -55,31 +55,39 @@ class BitPlan:
         """Stored bits per weight of the planned layers."""
         return self.used_bits / sum(self.sizes.values())
 
-    def to_ipq_plan(self, seed: int = 0):
-        """The plan as an ``IPQPlan``: one scalar ``LayerRule`` per layer, pattern ``^name$``."""
+    def to_ipq_plan(self, seed: int = 0, rows_per_scale: Optional[Mapping[str, int]] = None):
+        """The plan as an ``IPQPlan``: one scalar ``LayerRule`` per layer, pattern ``^name$``;
+        ``rows_per_scale``: {layer: rows sharing a scale} (group-wise scales, e.g. head_dim on the q/k/v
+        projections), 1 for the layers it does not name."""
         from .ipq import LayerRule
         from .ipq_plan import IPQPlan
 
-        return IPQPlan(stages=[LayerRule(pattern=f"^{re.escape(n)}$", scheme="scalar", bits=b)
-                               for n, b in self.bits.items()], seed=seed)
+        rps = rows_per_scale or {}
+        return IPQPlan(stages=[LayerRule(pattern=f"^{re.escape(n)}$", scheme="scalar", bits=b,
+                                         rows_per_scale=rps.get(n, 1)) for n, b in self.bits.items()], seed=seed)
 
-    def yaml_text(self, scores: Optional[Mapping[str, float]] = None) -> str:
-        """The plan in the stage YAML of ``quantnoise quantize --config`` (``ipq_plan.load_plan``)."""
+    def yaml_text(self, scores: Optional[Mapping[str, float]] = None,
+                  rows_per_scale: Optional[Mapping[str, int]] = None) -> str:
+        """The plan in the stage YAML of ``quantnoise quantize --config`` (``ipq_plan.load_plan``);
+        ``scores`` go into comments, ``rows_per_scale`` as in ``to_ipq_plan``."""
+        rps = rows_per_scale or {}
         lines = [f"# bit plan ({self.method} multiple-choice knapsack, objective sum s*n*4^-b = {self.objective:.6g})",
                  f"# {len(self.bits)} layers, {self.avg_bits:.4f} stored bits per weight, "
                  f"{self.used_bits} of {self.budget_bits} budget bits", "seed: 0", "stages:"]
         for n, b in self.bits.items():
             note = f"  # {self.sizes[n]} weights" + (f", score {scores[n]:.4g}" if scores and n in scores else "")
-            lines.append(f"  - {{pattern: '{_yaml_quote(f'^{re.escape(n)}$')}', scheme: scalar, bits: {b}}}{note}")
+            group = f", rows_per_scale: {rps[n]}" if rps.get(n, 1) != 1 else ""
+            lines.append(f"  - {{pattern: '{_yaml_quote(f'^{re.escape(n)}$')}', scheme: scalar, bits: {b}{group}}}{note}")
         return "\n".join(lines) + "\n"
 
-    def save_yaml(self, path, scores: Optional[Mapping[str, float]] = None) -> None:
+    def save_yaml(self, path, scores: Optional[Mapping[str, float]] = None,
+                  rows_per_scale: Optional[Mapping[str, int]] = None) -> None:
         """Write ``yaml_text`` atomically (temp file + rename)."""
         import pathlib
 
         from .checkpoint import atomic_write
 
-        text = self.yaml_text(scores)
+        text = self.yaml_text(scores, rows_per_scale)
         atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
     def configs(self, base: Optional[QuantNoiseConfig] = None) -> List[QuantNoiseConfig]:

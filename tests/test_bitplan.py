@@ -61,11 +61,12 @@ def test_plan_feeds_quantize_config_and_quantize_(tmp_path):
     plan = allocate_bits(scores, sizes, avg_bits=3.5)
     assert plan.bits == {"0": 4, "1": 4, "3": 2}  # 160*4 + 128*4 + 128*2 = 1408 <= 3.5 * 416 = 1456
     # quantnoise quantize --config: the YAML is an ipq plan of one scalar rule per layer
-    plan.save_yaml(tmp_path / "plan.yaml", scores)
+    plan.save_yaml(tmp_path / "plan.yaml", scores, rows_per_scale={"1": 4})  # layer 1: 4 "heads" of 4 rows
     ipq = load_plan(tmp_path / "plan.yaml")
     assert [r.bits for r in ipq.stages] == [4, 4, 2] and all(r.scheme == "scalar" for r in ipq.stages)
+    assert ipq == plan.to_ipq_plan(rows_per_scale={"1": 4})
     state, names = quantize_state_dict(m.state_dict(), ipq)
-    assert names == ["0", "1", "3"]
+    assert names == ["0", "1", "3"] and [tuple(state[f"{n}.qscale"].shape) for n in names] == [(20, 1), (4, 1), (8, 1)]
     assert {n: int(state[f"{n}.qbits"]) for n in names} == plan.bits
     for n in names:  # q within the int-N range of its planned width
         assert int(state[f"{n}.qweight"].abs().max()) <= 2 ** (plan.bits[n] - 1) - 1
