@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .config import is_int, is_real, regex_error
+
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -73,6 +75,8 @@ def select_layers(model: nn.Module, layers: Union[None, str, Sequence[str]] = No
     ``weight``).  A Parameter shared by several layers (tied weights) is listed once, under its
     first name.  ValueError when nothing is selected or a listed name has no weight."""
     candidates = default_layers(model)
+    if isinstance(layers, str) and regex_error(layers):
+        raise ValueError(f"sensitivity: layers={layers!r} is {regex_error(layers)}; pass a valid regex or module names")
     if layers is None or isinstance(layers, str):
         names = candidates if layers is None else [n for n in candidates if re.search(layers, n)]
         if not names:
@@ -161,9 +165,9 @@ def hessian_sensitivity(model: nn.Module, loss_fn: LossFn, batches: Iterable, *,
     ValueError (one line each): no batch, no layer selected, a non-finite or non-scalar loss, a
     selected layer the loss does not depend on, ``iters`` / ``tol`` out of range.
     """
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+    if not is_int(iters) or iters < 1:
         raise ValueError(f"sensitivity: iters={iters!r} is invalid; use a positive integer (20 is plenty)")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1:
+    if not is_real(tol) or not 0 <= tol < 1:
         raise ValueError(f"sensitivity: tol={tol!r} is invalid; use a relative tolerance in [0, 1), e.g. 1e-3")
     chosen = select_layers(model, layers)
     names, params = list(chosen), list(chosen.values())

@@ -1,6 +1,5 @@
 """Mixed-precision bit plans: exact knapsack vs brute force, budgets, and both quantizers' formats."""
 import itertools
-import math
 import random
 
 import pytest

@@ -99,6 +99,7 @@ def test_top_eigenvalue_of_known_matrix():
     ("nan_loss", "the loss of batch 0 is nan"),
     ("bad_name", "layer 'nope' is not a module"),
     ("bad_iters", "iters=0 is invalid"),
+    ("bad_regex", "layers='\\(' is not a regular expression"),
 ])
 def test_bad_input_one_line_error(case, message):
     model, batches, layers, iters = mlp(), data(1), None, 5
@@ -114,6 +115,8 @@ def test_bad_input_one_line_error(case, message):
         loss = lambda m, b: mse(m, b) * float("nan")  # noqa: E731
     elif case == "bad_name":
         layers = ["nope"]
+    elif case == "bad_regex":
+        layers = "("
     else:
         iters = 0
     with pytest.raises(ValueError, match=message) as e:

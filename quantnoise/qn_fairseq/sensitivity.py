@@ -3,7 +3,7 @@ the model and task come from the checkpoint, the loss is the checkpoint's criter
 (loss / sample_size), the batches the first ``batches`` of a data split in fairseq's order."""
 import itertools
 import logging
-from typing import Dict, Optional, Union, Sequence
+from typing import Dict, Sequence, Union
 
 from quantnoise.sensitivity import SensitivityScore, hessian_sensitivity
 
