@@ -8,6 +8,7 @@ minimises sum(score * weights * 4^-bits) under it (exact knapsack, quantnoise.bi
 """
 import argparse
 import importlib
+import pathlib
 import sys
 
 from ..bitplan import allocate_bits
@@ -44,6 +45,10 @@ def _plugin_module():
 
 
 def run(args) -> int:
+    if not pathlib.Path(args.checkpoint).is_file():
+        raise OSError(f"checkpoint {args.checkpoint} does not exist; pass a checkpoint_*.pt written by fairseq-train")
+    if not pathlib.Path(args.data).is_dir():
+        raise OSError(f"data folder {args.data} does not exist or is not a folder; pass the checkpoint's data-bin folder")
     try:
         widths = [int(b) for b in args.bits.split(",") if b.strip()]
     except ValueError:
