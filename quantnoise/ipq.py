@@ -284,11 +284,11 @@ class LayerRule:
     block_size: int = field(default=8, metadata={"help": "pq: weights per block (8 for FFN/embeddings, 4 for attention)"})
     n_centroids: int = field(default=256, metadata={"help": "pq: codebook size (<= 256 keeps codes in one byte)"})
     bits: int = field(default=8, metadata={"help": "scalar: integer bits, 2..8 (<= 4 packs two per byte on export)"})
-    rows_per_scale: int = field(default=1, metadata={"help": "scalar: consecutive output rows sharing one scale (1 = per "
-                                                             "row; head_dim = per attention head; must divide the rows)"})
     kmeans_iters: int = field(default=20, metadata={"help": "pq: k-means iterations"})
     exclude: Optional[str] = field(default=None, metadata={"help": "regex of names this rule leaves alone"})
     updates: int = field(default=0, metadata={"help": "stage plans: updates of centroid fine-tuning after this stage"})
+    rows_per_scale: int = field(default=1, metadata={"help": "scalar: consecutive output rows sharing one scale (1 = per "
+                                                             "row; head_dim = per attention head; must divide the rows)"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
