@@ -11,7 +11,7 @@ import logging
 import sys
 
 # module names under quantnoise.commands, in help order
-COMMANDS = ["user_dir", "sweep_report", "quantize", "export", "inspect", "decompress"]
+COMMANDS = ["user_dir", "sweep_report", "sensitivity", "quantize", "export", "inspect", "decompress"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ and the tensors
   - pq layer L:      ``L.codes`` uint8 (k <= 256) | int16, ``L.centroids`` fp16 | int8
                      (+ ``L.centroids_scale`` fp32 (1,), symmetric per-layer scale, for int8);
   - scalar layer L:  ``L.qweight`` uint8, the values q + qmax packed 8 / width per byte (width 2, 4
-                     or 8 bits, little end first), ``L.qscale`` fp32 (out, 1);
+                     or 8 bits, little end first), ``L.qscale`` fp32 (out / rows_per_scale, 1): one
+                     scale per group of ``rows_per_scale`` consecutive rows (map key, default 1);
   - everything else: fp16 or fp32 (floats; other dtypes as they are).
 Loading reads safetensors and JSON only (never unpickles) and checks format, version and the
 CRC-32 of every tensor, then the map against the tensors (``check_map``: shapes, dtypes, sizes,
@@ -138,10 +139,12 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
             owned.update(f"{name}.{s}" for s in ("qweight", "qscale", "qbits", "weight_size"))
             qmax, width = 2 ** (bits - 1) - 1, pack_width(bits)
             tensors[f"{name}.qweight"] = pack((q.to(torch.int16) + qmax).to(torch.uint8), width)
-            tensors[f"{name}.qscale"] = scale.float().contiguous()
+            tensors[f"{name}.qscale"] = scale.float().reshape(-1, 1).contiguous()  # (groups, 1)
             meta["layers"][name] = {"scheme": "scalar", "shape": shape, "bits": bits, "pack_width": width,
                                     "dtype": "float32"}
-            weight = (q.float() * scale.float()).reshape(shape)
+            if scale.shape[0] != shape[0]:  # group-wise scales; absent = one per row (files before it)
+                meta["layers"][name]["rows_per_scale"] = shape[0] // scale.shape[0]
+            weight = (q.float().reshape(scale.shape[0], -1) * scale.float().reshape(-1, 1)).reshape(shape)
         decoded.setdefault(tuple(shape), []).append((name, weight))
     rest = DTYPES[opts.rest_dtype]
     for key, t in state.items():
@@ -304,7 +307,11 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
     _need(is_int(width) and width == pack_width(bits),
           f"{where} has pack_width {width!r}; int{bits} values are packed {pack_width(bits)} bits wide")
     q = _tensor(tensors, f"{name}.qweight", "uint8", [math.ceil(n * width / 8)])
-    _positive_finite(_tensor(tensors, f"{name}.qscale", "float32", [shape[0], 1]), f"{name}.qscale")
+    rps = e.get("rows_per_scale", 1)
+    _need(is_int(rps) and rps >= 1 and shape[0] % rps == 0,
+          f"{where} has rows_per_scale {rps!r}, which does not divide the {shape[0]} rows of its shape {shape}")
+    _positive_finite(_tensor(tensors, f"{name}.qscale", "float32", [shape[0] // rps, 1],
+                             f" ({shape[0]} rows, rows_per_scale {rps})"), f"{name}.qscale")
     top = int(unpack(q, width, n).max()) if n else 0
     _need(top <= 2 * (2 ** (bits - 1) - 1), f"{where} has packed int{bits} values up to {top}, but int{bits} "
                                             f"stores q + {2 ** (bits - 1) - 1} in [0, {2 * (2 ** (bits - 1) - 1)}]")
@@ -365,7 +372,8 @@ def decode(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, Tensor]:
             else:
                 n = math.prod(e["shape"])
                 q = unpack(tensors[f"{name}.qweight"], e["pack_width"], n).to(torch.int16) - (2 ** (e["bits"] - 1) - 1)
-                w = (q.float().reshape(e["shape"][0], -1) * tensors[f"{name}.qscale"]).reshape(e["shape"])
+                scale = tensors[f"{name}.qscale"]  # (groups, 1)
+                w = (q.float().reshape(scale.shape[0], -1) * scale).reshape(e["shape"])
             state[f"{name}.weight"] = w.to(DTYPES[e["dtype"]])
         for key, e in meta["dense"].items():
             state[key] = tensors[key].to(DTYPES[e["dtype"]])
@@ -398,8 +406,9 @@ def layer_sizes(tensors: Dict[str, Tensor], meta: dict) -> List[dict]:
             bound = (n // bs) * math.ceil(math.log2(k)) + k * bs * cbits + (32 if cbits == 8 else 0)
             scheme = f"pq k={k} b={bs} {e['centroids']}"
         else:
-            bound = n * e["bits"] + e["shape"][0] * 32
-            scheme = f"int{e['bits']}"
+            rps = e.get("rows_per_scale", 1)
+            bound = n * e["bits"] + e["shape"][0] // rps * 32
+            scheme = f"int{e['bits']}" + (f" rows/scale={rps}" if rps != 1 else "")
         rows.append({"name": name, "scheme": scheme, "shape": e["shape"], "numel": n, "bytes": nbytes,
                      "bound_bits": bound, "fp32_bytes": 4 * n})
     for key, e in meta["dense"].items():

@@ -73,24 +73,33 @@ def pq_quantize(w: Tensor, block_size: int, n_centroids: int, niter: int = 20, s
     return all_codes.to(codes_dtype(k_live + 1)), centroids
 
 
-def scalar_quantize(w: Tensor, bits: int, name: str = "weight") -> Tuple[Tensor, Tensor]:
-    """Symmetric per-row integer weights: (q (out, row) int8 in [-(2^(b-1)-1), 2^(b-1)-1],
-    scale (out, 1) fp32); w_hat = q * scale.  Raises ValueError for NaN/inf weights, naming ``name``."""
+def scalar_quantize(w: Tensor, bits: int, name: str = "weight", rows_per_scale: int = 1) -> Tuple[Tensor, Tensor]:
+    """Symmetric integer weights with one scale per group of ``rows_per_scale`` consecutive output rows
+    (1: per row; head_dim on a q/k/v projection: one per attention head, Q-BERT's group-wise
+    quantization; the row count: per tensor): (q (out, row) int8 in [-(2^(b-1)-1), 2^(b-1)-1],
+    scale (out / rows_per_scale, 1) fp32); w_hat = q * the scale of its row's group.  Raises ValueError
+    for NaN/inf weights or a ``rows_per_scale`` that does not divide the row count, naming ``name``."""
     rows = w.detach().float().reshape(w.shape[0], -1)
     bad = int((~torch.isfinite(rows)).sum())
     if bad:
         raise ValueError(f"{name} (shape {tuple(w.shape)}): the weights contain {bad} NaN or inf values; "
                          f"fix the checkpoint before quantizing")
-    lo, hi = QF.minmax(rows, "channel", 1)
-    scale, _ = QF.scalar_qparams(lo, hi, bits, symmetric=True)  # (out, 1, 1)
+    if not is_int(rows_per_scale) or rows_per_scale < 1 or w.shape[0] % rows_per_scale:
+        raise ValueError(f"{name} (shape {tuple(w.shape)}): rows_per_scale={rows_per_scale!r} does not divide its "
+                         f"{w.shape[0]} output rows; use a divisor of {w.shape[0]} (1 = one scale per row)")
+    groups = rows.reshape(w.shape[0] // rows_per_scale, -1)  # (G, rows_per_scale * row)
+    lo, hi = QF.minmax(groups, "channel", 1)
+    scale, _ = QF.scalar_qparams(lo, hi, bits, symmetric=True)  # (G, 1, 1)
     qmax = 2 ** (bits - 1) - 1
-    q = torch.round(rows / scale[:, 0]).clamp_(-qmax, qmax)
-    return q.to(torch.int8), scale[:, 0]
+    q = torch.round(groups / scale[:, 0]).clamp_(-qmax, qmax)
+    return q.reshape(rows.shape).to(torch.int8), scale[:, 0]
 
 
 def scalar_decode(q: Tensor, scale: Tensor, shape, dtype: torch.dtype = torch.float32) -> Tensor:
-    """q * scale of ``shape``, computed in fp32 and cast to ``dtype`` (saturating)."""
-    return QF.saturate(q.float() * scale.float(), dtype).reshape(shape)
+    """q * scale of ``shape`` (scale (G, 1): one per group of out / G consecutive rows), computed in
+    fp32 and cast to ``dtype`` (saturating)."""
+    w = q.float().reshape(scale.shape[0], -1) * scale.float()  # (G, rows_per_scale * row)
+    return QF.saturate(w, dtype).reshape(shape)
 
 
 class _PQDecode(torch.autograd.Function):
@@ -223,7 +232,7 @@ class ScalarMixin(CompressedMixin):
     def __init__(self, like: nn.Module, qweight: Tensor, qscale: Tensor, bits: int):
         self._init_from(like)
         self.register_buffer("qweight", qweight)  # (out, row) int8
-        self.register_buffer("qscale", qscale.float())  # (out, 1) fp32, also in an fp16 model (see _apply)
+        self.register_buffer("qscale", qscale.float())  # (groups, 1) fp32, groups = out normally; also in fp16 (see _apply)
         self.register_buffer("qbits", torch.tensor(bits))  # 0-d; kept so a state dict rebuilds the layer
         self.compute_dtype = like.weight.dtype  # dtype of the decoded weight: follows .half() / .to()
         self._set_bias(like)
@@ -278,6 +287,8 @@ class LayerRule:
     kmeans_iters: int = field(default=20, metadata={"help": "pq: k-means iterations"})
     exclude: Optional[str] = field(default=None, metadata={"help": "regex of names this rule leaves alone"})
     updates: int = field(default=0, metadata={"help": "stage plans: updates of centroid fine-tuning after this stage"})
+    rows_per_scale: int = field(default=1, metadata={"help": "scalar: consecutive output rows sharing one scale (1 = per "
+                                                             "row; head_dim = per attention head; must divide the rows)"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -299,6 +310,8 @@ class LayerRule:
             raise bad("bits", "use an integer from 2 to 8")
         if not is_int(self.kmeans_iters) or self.kmeans_iters < 1:
             raise bad("kmeans_iters", "use a positive integer")
+        if not is_int(self.rows_per_scale) or self.rows_per_scale < 1:
+            raise bad("rows_per_scale", "use a positive integer that divides the layer's output rows (1 = per row)")
         if not is_int(self.updates) or self.updates < 0:
             raise bad("updates", "use a non-negative integer")
 
@@ -317,7 +330,7 @@ def compress_module(module: nn.Module, rule: LayerRule, name: str, seed: int = 0
         codes, centroids = pq_quantize(w, rule.block_size, rule.n_centroids, rule.kmeans_iters,
                                        seed=seed, name=f"layer '{name}'")
         return cls(module, codes, centroids.to(w.dtype), rule.block_size)
-    q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'")
+    q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale)
     return cls(module, q, scale, rule.bits)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import is_int
-from .ipq import LayerRule, pq_quantize, scalar_quantize
+from .ipq import LayerRule, pq_quantize, scalar_decode, scalar_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ def quantize_state_dict(state: Dict[str, Tensor], plan: IPQPlan,
             out[f"{name}.codes"], out[f"{name}.centroids"] = codes, cents.to(w.dtype)
             decoded = cents[codes.long()].reshape(w.shape).to(w.dtype)
         else:
-            q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'")
+            q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale)
             out[f"{name}.qweight"], out[f"{name}.qscale"], out[f"{name}.qbits"] = q, scale, torch.tensor(rule.bits)
-            decoded = (q.float() * scale).reshape(w.shape).to(w.dtype)
+            decoded = scalar_decode(q, scale, w.shape, w.dtype)
         done[skey] = name
         names.append(name)
         for key, t in state.items():  # tied copies elsewhere (a bare Parameter or a second layer)

@@ -240,6 +240,7 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
     pq = e["scheme"] == "pq"
     if not pq:
         q, scale = stored_int(tensors[f"{name}.qweight"], e["bits"], e["pack_width"], shape), tensors[f"{name}.qscale"]
+        scale = scale.repeat_interleave(e.get("rows_per_scale", 1), 0)  # group-wise -> one per row, exactly
     if not _keeps_base_forward(like):  # e.g. fairseq's LearnedPositionalEmbedding: looks up positions, not ids
         return None
     if isinstance(like, nn.Linear):

@@ -31,7 +31,7 @@ def ckpt(tmp_path):
 
 @pytest.mark.parametrize("args", [[], ["quantize"], ["quantize", "c.pt"], ["export"], ["export", "q.pt"],
                                   ["inspect"], ["decompress"], ["decompress", "m.qnz"], ["sweep-report"],
-                                  ["no-such-command"]])
+                                  ["sensitivity"], ["sensitivity", "c.pt"], ["no-such-command"]])
 def test_a_command_without_its_arguments_is_a_usage_error(capsys, args):
     code, err = run_cli(capsys, *args)
     assert code == 2 and err and err[-1].startswith("quantnoise") and "error:" in err[-1], err
@@ -44,7 +44,8 @@ def test_missing_inputs_are_one_line(tmp_path, capsys, ckpt):
              ("export", tmp_path / "none.pt", "-o", tmp_path / "m.qnz"),
              ("inspect", tmp_path / "none.qnz"),
              ("decompress", tmp_path / "none.qnz", "-o", tmp_path / "d.pt"),
-             ("sweep-report", tmp_path / "none")]
+             ("sweep-report", tmp_path / "none"),
+             ("sensitivity", tmp_path / "none.pt", tmp_path)]
     for args in cases:
         code, err = run_cli(capsys, *args)
         assert code == 2 and len(err) == 1 and str(args[1] if "--config" not in args else args[-1]) in err[0], (args, err)

@@ -22,12 +22,15 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="fairseq checkpoint (.pt)")
     p.add_argument("-o", "--output", required=True, help="quantized checkpoint to write (.pt)")
-    p.add_argument("--config", help="ipq plan YAML (stages of {pattern, scheme, block_size, n_centroids, bits}); "
+    p.add_argument("--config", help="ipq plan YAML (stages of {pattern, scheme, block_size, n_centroids, bits, rows_per_scale}; "
+                                    "a bit plan of quantnoise.bitplan); "
                                     "overrides the single-setting flags below")
     p.add_argument("--scheme", choices=["pq", "scalar"], default="pq", help="pq (iPQ) or scalar (int-N)")
     p.add_argument("--block-size", type=int, default=8, help="pq: weights per block")
     p.add_argument("--centroids", type=int, default=256, help="pq: centroids per layer (<= 256: one-byte codes)")
     p.add_argument("--bits", type=int, default=8, help="scalar: integer bits, 2..8")
+    p.add_argument("--rows-per-scale", type=int, default=1,
+                   help="scalar: consecutive output rows sharing one scale (1 = per row; head_dim = per attention head)")
     p.add_argument("--iters", type=int, default=20, help="pq: k-means iterations")
     p.add_argument("--include", default=".", help="regex of layer names to quantize (default: every Linear/Embedding/Conv)")
     p.add_argument("--exclude", default=None, help="regex of layer names to leave in full precision")
@@ -39,7 +42,8 @@ def plan_from_args(args) -> IPQPlan:
     if args.config:
         return load_plan(args.config)
     rule = LayerRule(pattern=args.include, scheme=args.scheme, block_size=args.block_size,
-                     n_centroids=args.centroids, bits=args.bits, kmeans_iters=args.iters, exclude=args.exclude)
+                     n_centroids=args.centroids, bits=args.bits, kmeans_iters=args.iters, exclude=args.exclude,
+                     rows_per_scale=args.rows_per_scale)
     return IPQPlan(stages=[rule], seed=args.seed)
 
 

@@ -1,0 +1,31 @@
+"""``quantnoise sensitivity`` on a real fairseq LM checkpoint, its plan fed to ``quantnoise quantize --config``."""
+import torch
+
+from quantnoise.cli import main
+
+
+def test_sensitivity_table_plan_and_quantize(tiny_lm_ckpt, lm_data, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    assert main(["sensitivity", str(tiny_lm_ckpt), str(lm_data), "--batches", "2", "--max-tokens", "64",
+                 "--iters", "3", "-o", str(plan), "--avg-bits", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["layer", "weights", "mean", "std", "score"]
+    rows = [line.split() for line in out[1:] if line and not line.startswith("plan:")]
+    assert any(r[0] == "decoder.embed_tokens" for r in rows) and any(r[0].endswith("fc1") for r in rows)
+    scores = [float(r[4]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    # the plan: within budget, and what `quantnoise quantize --config` applies
+    assert main(["quantize", str(tiny_lm_ckpt), "-o", str(tmp_path / "q.pt"), "--config", str(plan)]) == 0
+    q = torch.load(tmp_path / "q.pt", weights_only=True)["model"]
+    bits = {r[0]: int(r[5]) for r in rows}
+    assert {n: int(q[f"{n}.qbits"]) for n in bits} == bits
+    sizes = {r[0]: int(r[1]) for r in rows}
+    assert sum(sizes[n] * bits[n] for n in bits) <= 4 * sum(sizes.values())
+    # bad input: one line, exit 2, nothing written
+    capsys.readouterr()
+    assert main(["sensitivity", str(tiny_lm_ckpt), str(lm_data), "--batches", "0"]) == 2
+    assert main(["sensitivity", str(tiny_lm_ckpt), str(lm_data), "--batches", "1", "-o", str(tmp_path / "p.yaml"),
+                 "--avg-bits", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--batches 0 is invalid" in err[0] and "avg_bits=9.0 is above the largest" in err[1]
+    assert not (tmp_path / "p.yaml").exists()
