@@ -18,7 +18,7 @@ demo: $(STAMP)
 	CORPUS="$(CORPUS)" bash recipes/demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

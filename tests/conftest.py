@@ -11,6 +11,11 @@ import warnings
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs one pytest worker per core (pytest-xdist):
+    import torch  # in-process tests then share the cores instead of each taking all of them
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
 USER_DIR = str(ROOT / "quantnoise" / "qn_fairseq")
