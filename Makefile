@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.quantnoise-stamp
 CORPUS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv kernels clean
 
 $(STAMP): setup.py scripts/requirements.txt scripts/constraints.txt scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -14,11 +14,16 @@ $(STAMP): setup.py scripts/requirements.txt scripts/constraints.txt scripts/setu
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# quantnoise.runtime's compiled look-up-table kernel (~20 s once; skipped when built; without a compiler
+# the runtime keeps its pure PyTorch kernels)
+kernels: $(STAMP)
+	$(PY) -m quantnoise.runtime_ext
+
+demo: kernels
 	CORPUS="$(CORPUS)" bash recipes/demo.sh
 
-test: $(STAMP)
+test: kernels
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info quantnoise/csrc/build

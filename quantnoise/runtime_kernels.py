@@ -4,15 +4,22 @@
   table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
 - pq Linear by chunked decode: C[codes] for ``DECODE_ROWS_ELEMS`` weights of rows at a time, then matmul;
 - int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
-Pure PyTorch; device and dtype follow the input.
+Pure PyTorch; device and dtype follow the input.  The table's gather-sum also has a compiled CPU kernel
+(quantnoise/csrc/pq_lut.cpp, ``torch.ops.quantnoise.pq_lut_gather``, built by ``python -m
+quantnoise.runtime_ext``), used for fp32 CPU inputs of <= ``COMPILED_MAX_TOKENS`` tokens when it is built;
+the pure PyTorch path (``compiled=False``) computes the same sums in another order (equal within fp32
+rounding, tests/test_runtime.py).
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import runtime_ext
 
 # Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
 # from `python scripts/bench_infer.py WORK --kernels` (the 6x512 LM's shapes 512x512, 2048x512,
@@ -22,6 +29,7 @@ from torch import Tensor
 LUT_MAX_TOKENS = 8
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
+COMPILED_MAX_TOKENS = 16  # the compiled gather-sum's limit (csrc/pq_lut.cpp kMaxTokens)
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -30,10 +38,19 @@ def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
     return centroids.to(dtype)[codes.long()].reshape(codes.shape[0], -1)
 
 
-def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype."""
+def use_compiled(x: Tensor, codes: Tensor) -> bool:
+    """Whether ``pq_linear_lut`` runs the compiled gather-sum for this input (when not told)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
+            and 1 <= x.shape[0] <= COMPILED_MAX_TOKENS and runtime_ext.available())
+
+
+def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optional[bool] = None) -> Tensor:
+    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype.  ``compiled``: the
+    gather-sum in C++ (default: where ``use_compiled``) or in pure PyTorch."""
     T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
     table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
+    if use_compiled(x, codes) if compiled is None else compiled:
+        return torch.ops.quantnoise.pq_lut_gather(table.reshape(T, m, k), codes.contiguous())  # (T, out)
     offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
     rows = max(1, LUT_CHUNK_CODES // m)
     if T == 1:
