@@ -22,6 +22,8 @@ device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way (``load_
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import warnings
 from typing import Dict, Optional
@@ -220,7 +222,7 @@ def stored_int(packed: Tensor, bits: int, width: int, shape) -> Tensor:
     q = u - qmax), the packed bytes as they are otherwise."""
     if width != 8:
         return packed
-    return (packed.to(torch.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).reshape(shape)
+    return torch.sub(packed, 2 ** (bits - 1) - 1).view(torch.int8).reshape(shape)  # u - qmax mod 256: no int16 copy
 
 
 def _centroids(tensors: Dict[str, Tensor], name: str, e: dict) -> Tensor:
@@ -280,7 +282,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
     other kinds (Conv) are decoded, alone.  Raises ValueError naming any parameter or buffer left unfilled.
     The tensors it takes are removed from ``tensors`` as it goes (peak memory: pass a copy to keep them).
     ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward)."""
-    built = {}
+    built, freed = {}, 0
     for name, e in meta["layers"].items():
         like = model.get_submodule(name)
         new = runtime_layer(like, name, e, tensors)
@@ -293,9 +295,13 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
         built[name] = new
         _set_submodule(model, name, new)
         for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
-            tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
+            t = tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
+            freed += 0 if t is None else t.numel() * t.element_size()
         if pack and isinstance(new, IntLinear):
             new.pack_()
+        if freed > RELEASE_EVERY:  # int8: the file's bytes, their int8 form and fbgemm's packing leave holes
+            release_freed_memory()
+            freed = 0
     for key, target in meta["aliases"].items():
         owner, _, attr = key.rpartition(".")
         like, src = model.get_submodule(owner), built.get(target)
@@ -310,11 +316,33 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             _set_tensor(model, key, built[target].weight if target in built else model.get_submodule(target).weight)
     for key, e in meta["dense"].items():
         _set_tensor(model, key, tensors.pop(key).to(DTYPES[e["dtype"]]))
+    release_freed_memory()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"the .qnz does not fill {len(left)} tensors of the model ({', '.join(left[:4])}); "
                          f"the file does not belong to this architecture")
     return model.eval()
+
+
+RELEASE_EVERY = 16 << 20  # bytes of file tensors dropped between two ``release_freed_memory`` calls
+
+
+@functools.lru_cache(None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):  # another libc: its own policy
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).  Loading frees each layer's
+    file bytes as the layer is built, but glibc keeps the freed holes between the live blocks: without
+    this, an int8 model's resident memory stays at ~2x the file after loading (a 16x1024 LM: 2.1x, with
+    it 1.07x; ``/tmp``-style measurement in BENCHMARKS.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _alias_linear(like: nn.Linear, src: nn.Module) -> nn.Module:
