@@ -17,7 +17,9 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
     ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA): decode a chunk of rows at a
     time and matmul.
   - Embeddings decode only the looked-up rows.
-The arithmetic is in quantnoise/runtime_kernels.py.  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
+The arithmetic is in quantnoise/runtime_kernels.py (the table's gather-sum also compiled: quantnoise/csrc/pq_lut.cpp,
+when built).  The layers hold the tensors ``quantnoise.export.read_qnz`` read, without copying them (int8: fbgemm's
+packed copy replaces them).  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
 device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way (``load_qnz`` below).
 """
 from __future__ import annotations
