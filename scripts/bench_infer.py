@@ -80,14 +80,13 @@ def _mib(n):
 def kernels_used(model, tokens: int) -> str:
     import torch
     from quantnoise.runtime import CodesLinear, IntLinear
-    from quantnoise.runtime_kernels import LUT_MAX_TOKENS
 
-    from quantnoise.runtime_kernels import use_compiled
+    from quantnoise.runtime_kernels import lut_wins, use_compiled
 
     used = set()
     for m in model.modules():
         if isinstance(m, CodesLinear):
-            lut = m.kernel == "lut" or (m.kernel == "auto" and tokens <= LUT_MAX_TOKENS)
+            lut = m.kernel == "lut" or (m.kernel == "auto" and lut_wins(torch.empty(tokens, 1), m.codes))
             used.add(("pq-lut-c++" if use_compiled(torch.empty(tokens, 1), m.codes) else "pq-lut") if lut else "pq-decode")
         elif isinstance(m, IntLinear):
             kernel = m.choose_kernel(torch.empty(tokens, 1))
