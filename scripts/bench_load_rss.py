@@ -69,7 +69,7 @@ def synthesise(work: pathlib.Path, layers: int, dim: int) -> dict:
         for key, t in model.state_dict().items():
             if key == "decoder.output_projection.weight":
                 state[key] = emb  # tied: stored as an alias
-            elif f"{key.rsplit('.', 1)[0]}.weight_size" not in state:
+            elif not (key.endswith(".weight") and f"{key[:-len('.weight')]}.weight_size" in state):
                 floating = t.dtype.is_floating_point
                 state[key] = torch.randn(t.shape, generator=g) * 0.02 if floating else torch.zeros(t.shape, dtype=t.dtype)
         save_qnz(path, state, fs)
