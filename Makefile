@@ -19,10 +19,12 @@ venv: $(STAMP)
 kernels: $(STAMP)
 	$(PY) -m quantnoise.runtime_ext
 
-demo: kernels
+demo test: kernels
+
+demo: $(STAMP)
 	CORPUS="$(CORPUS)" bash recipes/demo.sh
 
-test: kernels
+test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:
