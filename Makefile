@@ -6,13 +6,20 @@ STAMP  := $(VENV)/.quantnoise-stamp
 CORPUS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv kernels clean
 
 $(STAMP): setup.py scripts/requirements.txt scripts/constraints.txt scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
 	touch $@
 
 venv: $(STAMP)
+
+# quantnoise.runtime's compiled look-up-table kernel (~20 s once; skipped when built; without a compiler
+# the runtime keeps its pure PyTorch kernels)
+kernels: $(STAMP)
+	$(PY) -m quantnoise.runtime_ext
+
+demo test: kernels
 
 demo: $(STAMP)
 	CORPUS="$(CORPUS)" bash recipes/demo.sh
@@ -21,4 +28,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal $(PYTEST_ARGS) tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info quantnoise/csrc/build

@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Quant-Noise training for PyTorch and fairseq: block-wise quantization noise, iPQ, compressed export",
     packages=find_packages(include=["quantnoise", "quantnoise.*"]),
-    package_data={"quantnoise": ["py.typed"]},
+    package_data={"quantnoise": ["py.typed", "csrc/*.cpp"]},
     python_requires=">=3.10",
     # Pins mirror scripts/requirements.txt.  fairseq is deliberately not listed: it is built by
     # scripts/setup_venv.sh as fairseq-fixed==0.12.3.1 with --no-deps (see README), and only the

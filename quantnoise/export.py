@@ -165,7 +165,8 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
 
 
 def _crc(t: Tensor) -> int:
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+    """CRC-32 of a tensor's bytes (read in place, no copy for a contiguous tensor)."""
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
 
 
 def save_qnz(path, state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions = ExportOptions()) -> dict:
@@ -186,10 +187,62 @@ def _write_bytes(path: str, blob: bytes, chunk: int = 1 << 24) -> None:
 
 
 # -------------------------------------------------------------------------------- decoding
-def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
-    """(stored tensors, JSON map) of a .qnz, checked; ValueError (one line) for anything else."""
-    from safetensors import SafetensorError, safe_open
+# safetensors' dtype names -> torch (what safetensors.torch writes)
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
+
+def read_safetensors(path: str) -> Tuple[dict, Dict[str, Tensor]]:
+    """(``__metadata__``, tensors) of a safetensors file, each tensor's bytes read once, straight into its
+    own buffer (no mmap kept, no second copy: what a runtime layer holds is that buffer or a view of it).
+    The header is checked as safetensors checks it (size, JSON, dtypes, shapes, offsets that tile the
+    data exactly) before any tensor is allocated; ValueError (why) otherwise."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        _need(len(head) == 8, f"{size} bytes, shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        _need(n <= min(MAX_HEADER, size - 8), f"header length {n} does not fit the file's {size} bytes")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError / UnicodeDecodeError
+            raise ValueError(f"its header does not parse ({str(e).splitlines()[0]})") from None
+        _need(isinstance(header, dict), f"its header is a {type(header).__name__}, not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        _need(isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values()),
+              "its header's __metadata__ is not an object of strings")
+        spans = []
+        for key, e in header.items():
+            ok = isinstance(e, dict) and e.get("dtype") in ST_DTYPES and isinstance(e.get("shape"), list) \
+                and all(is_int(v) and v >= 0 for v in e["shape"]) and isinstance(e.get("data_offsets"), list) \
+                and len(e["data_offsets"]) == 2 and all(is_int(v) for v in e["data_offsets"])
+            _need(ok, f"tensor {key!r} has a malformed header entry")
+            (start, end), dtype = e["data_offsets"], ST_DTYPES[e["dtype"]]
+            nbytes = math.prod(e["shape"]) * dtype.itemsize
+            _need(0 <= start <= end and end - start == nbytes,
+                  f"tensor {key!r} spans bytes {start}..{end}, but {e['dtype']} {e['shape']} takes {nbytes}")
+            spans.append((start, end, key, dtype, e["shape"]))
+        spans.sort(key=lambda s: (s[0], s[1]))
+        at = 0
+        for start, end, key, _, _ in spans:
+            _need(start == at, f"tensor {key!r} starts at byte {start} of the data, expected {at} (overlap or gap)")
+            at = end
+        _need(at == size - 8 - n, f"the tensors take {at} bytes but the file holds {size - 8 - n} "
+                                  f"(truncated or corrupt)")
+        tensors = {}
+        for start, end, key, dtype, shape in spans:
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            _need(f.readinto(buf.numpy()) == end - start, f"tensor {key!r} is cut short (truncated file)")
+            tensors[key] = buf.view(dtype).reshape(shape)
+    return meta, tensors
+
+
+def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
+    """(stored tensors, JSON map) of a .qnz, checked; ValueError (one line) for anything else.  Each
+    tensor is read once into its own buffer (``read_safetensors``): loading holds the file's size in
+    memory, once."""
     path = str(path)
     if not os.path.isfile(path):
         raise OSError(f"{path} does not exist")
@@ -198,11 +251,9 @@ def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
         return ValueError(f"{path} is not a valid .qnz file: {why}; re-export it with `quantnoise export`")
 
     try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise bad(f"unreadable safetensors data, truncated or corrupt ({str(e).splitlines()[0]})") from None
+        header, tensors = read_safetensors(path)
+    except ValueError as e:
+        raise bad(f"unreadable safetensors data, truncated or corrupt ({e})") from None
     text = header.get("qnz")
     if text is None:
         raise bad("no quantnoise map in its header (a safetensors file from elsewhere?)")
@@ -312,10 +363,18 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
           f"{where} has rows_per_scale {rps!r}, which does not divide the {shape[0]} rows of its shape {shape}")
     _positive_finite(_tensor(tensors, f"{name}.qscale", "float32", [shape[0] // rps, 1],
                              f" ({shape[0]} rows, rows_per_scale {rps})"), f"{name}.qscale")
-    top = int(unpack(q, width, n).max()) if n else 0
+    top = _packed_max(q, width, n)
     _need(top <= 2 * (2 ** (bits - 1) - 1), f"{where} has packed int{bits} values up to {top}, but int{bits} "
                                             f"stores q + {2 ** (bits - 1) - 1} in [0, {2 * (2 ** (bits - 1) - 1)}]")
     return [f"{name}.qweight", f"{name}.qscale"]
+
+
+def _packed_max(q: Tensor, width: int, n: int, chunk: int = 1 << 22) -> int:
+    """The largest of the first ``n`` values packed in ``q``, unpacking ``chunk`` bytes at a time."""
+    per, top = 8 // width, 0
+    for i in range(0, math.ceil(n / per), chunk):
+        top = max(top, int(unpack(q[i:i + chunk], width, min(n - i * per, chunk * per)).max()))
+    return top
 
 
 def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:

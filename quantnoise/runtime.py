@@ -8,7 +8,8 @@ centroids); these are for inference only.  They subclass the layer they replace 
 Nothing decodes a whole weight in a forward (``.weight`` does, for code that reads it):
   - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
-    many tokens: decode ``DECODE_ROWS_ELEMS`` weights of rows at a time and matmul.
+    many tokens (more than ``LUT_MAX_TOKENS``, 4 with the compiled kernel, 1 without): decode
+    ``DECODE_ROWS_ELEMS`` weights of rows at a time and matmul.
   - int4 / int2 Linear: a packed row's bytes are pq codes over the fixed codebook of the 256 byte values, so
     the pq kernels run them (then the row scales).
   - int8 Linear on CPU: fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic``, the kernel of
@@ -17,11 +18,15 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
     ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA): decode a chunk of rows at a
     time and matmul.
   - Embeddings decode only the looked-up rows.
-The arithmetic is in quantnoise/runtime_kernels.py.  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
+The arithmetic is in quantnoise/runtime_kernels.py (the table's gather-sum also compiled: quantnoise/csrc/pq_lut.cpp,
+when built).  The layers hold the tensors ``quantnoise.export.read_qnz`` read, without copying them (int8: fbgemm's
+packed copy replaces them).  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
 device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way (``load_qnz`` below).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import warnings
 from typing import Dict, Optional
@@ -76,7 +81,7 @@ class CodesLinear(_PQ, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        lut = self.kernel == "lut" or (self.kernel == "auto" and x2.shape[0] <= K.LUT_MAX_TOKENS)
+        lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes))
         y = (K.pq_linear_lut if lut else K.pq_linear_decode)(x2, self.codes, self.centroids)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -170,7 +175,7 @@ class IntLinear(_Int, nn.Linear):
         if self.kernel != "auto":
             return self.kernel
         if self.width < 8:
-            return "decode" if self.book is None else "lut" if x.shape[0] <= K.LUT_MAX_TOKENS else "bytes"
+            return "decode" if self.book is None else "lut" if K.lut_wins(x, self.qweight) else "bytes"
         if x.device.type != "cpu":
             return "decode"
         return "fbgemm" if self._packed is not None or K.fbgemm_available() else "int_mm"
@@ -220,7 +225,7 @@ def stored_int(packed: Tensor, bits: int, width: int, shape) -> Tensor:
     q = u - qmax), the packed bytes as they are otherwise."""
     if width != 8:
         return packed
-    return (packed.to(torch.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).reshape(shape)
+    return torch.sub(packed, 2 ** (bits - 1) - 1).view(torch.int8).reshape(shape)  # u - qmax mod 256: no int16 copy
 
 
 def _centroids(tensors: Dict[str, Tensor], name: str, e: dict) -> Tensor:
@@ -280,7 +285,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
     other kinds (Conv) are decoded, alone.  Raises ValueError naming any parameter or buffer left unfilled.
     The tensors it takes are removed from ``tensors`` as it goes (peak memory: pass a copy to keep them).
     ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward)."""
-    built = {}
+    built, freed = {}, 0
     for name, e in meta["layers"].items():
         like = model.get_submodule(name)
         new = runtime_layer(like, name, e, tensors)
@@ -293,9 +298,13 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
         built[name] = new
         _set_submodule(model, name, new)
         for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
-            tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
+            t = tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
+            freed += 0 if t is None else t.numel() * t.element_size()
         if pack and isinstance(new, IntLinear):
             new.pack_()
+        if freed > RELEASE_EVERY:  # int8: the file's bytes, their int8 form and fbgemm's packing leave holes
+            release_freed_memory()
+            freed = 0
     for key, target in meta["aliases"].items():
         owner, _, attr = key.rpartition(".")
         like, src = model.get_submodule(owner), built.get(target)
@@ -310,11 +319,33 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             _set_tensor(model, key, built[target].weight if target in built else model.get_submodule(target).weight)
     for key, e in meta["dense"].items():
         _set_tensor(model, key, tensors.pop(key).to(DTYPES[e["dtype"]]))
+    release_freed_memory()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"the .qnz does not fill {len(left)} tensors of the model ({', '.join(left[:4])}); "
                          f"the file does not belong to this architecture")
     return model.eval()
+
+
+RELEASE_EVERY = 16 << 20  # bytes of file tensors dropped between two ``release_freed_memory`` calls
+
+
+@functools.lru_cache(None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):  # another libc: its own policy
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).  Loading frees each layer's
+    file bytes as the layer is built, but glibc keeps the freed holes between the live blocks: without
+    this, an int8 model's resident memory stays at ~2x the file after loading (a 16x1024 LM: 2.1x, with
+    it 1.07x; ``/tmp``-style measurement in BENCHMARKS.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _alias_linear(like: nn.Linear, src: nn.Module) -> nn.Module:

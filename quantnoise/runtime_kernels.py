@@ -4,36 +4,60 @@
   table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
 - pq Linear by chunked decode: C[codes] for ``DECODE_ROWS_ELEMS`` weights of rows at a time, then matmul;
 - int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
-Pure PyTorch; device and dtype follow the input.
+Pure PyTorch; device and dtype follow the input.  The table's gather-sum also has a compiled CPU kernel
+(quantnoise/csrc/pq_lut.cpp, ``torch.ops.quantnoise.pq_lut_gather``, built by ``python -m
+quantnoise.runtime_ext``), used for fp32 CPU inputs of <= ``COMPILED_MAX_TOKENS`` tokens when it is built;
+the pure PyTorch path (``compiled=False``) computes the same sums in another order (equal within fp32
+rounding, tests/test_runtime.py).
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import runtime_ext
+
 # Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
-# from `python scripts/bench_infer.py WORK --kernels` (the 6x512 LM's shapes 512x512, 2048x512,
-# 512x2048; b=8, k=256; 1 thread; shared 2-core machine under load ~15, so noisy; BENCHMARKS.md):
-# table time / decode time is 0.23-0.30 at 1 token, 0.28-0.58 at 4, 0.32-1.09 at 16, 0.50-1.79 at 32,
-# 0.65-7 at 64 and 1.7-16 from 128 on.
-LUT_MAX_TOKENS = 8
+# from `python scripts/bench_infer.py WORK --kernels --threads 1 --rounds 3` (the 6x512 LM's shapes 512x512,
+# 2048x512, 512x2048; b=8, k=256; shared 2-core machine, load ~7; BENCHMARKS.md).  table time / decode time:
+# compiled gather-sum 0.10-0.23 at 1 token, 0.46-0.67 at 4, 1.8-3.5 at 16;  pure PyTorch 0.74-0.88 at 1 token,
+# 0.84-2.2 at 4.  So: the table up to 4 tokens with the compiled kernel, for 1 token without it.
+LUT_MAX_TOKENS = 4
+LUT_MAX_TOKENS_PURE = 1
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
+COMPILED_MAX_TOKENS = 16  # the compiled gather-sum's limit (csrc/pq_lut.cpp kMaxTokens)
 
 
 # ------------------------------------------------------------------------------ pure functions
 def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Decoded rows (n, in) of codes (n, m): centroids[codes], in ``dtype``."""
-    return centroids.to(dtype)[codes.long()].reshape(codes.shape[0], -1)
+    """Decoded rows (n, in) of codes (n, m): centroids[codes], in ``dtype``.  ``index_select`` copies whole
+    centroid rows (17x faster than advanced indexing ``centroids[codes]`` on CPU, 1 thread, 2048x512, b=8)."""
+    return centroids.to(dtype).index_select(0, codes.reshape(-1).long()).reshape(codes.shape[0], -1)
 
 
-def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype."""
+def use_compiled(x: Tensor, codes: Tensor) -> bool:
+    """Whether ``pq_linear_lut`` runs the compiled gather-sum for this input (when not told)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
+            and 1 <= x.shape[0] <= COMPILED_MAX_TOKENS and runtime_ext.available())
+
+
+def lut_wins(x: Tensor, codes: Tensor) -> bool:
+    """Whether the look-up table beats decode + matmul for x (T, in) (``LUT_MAX_TOKENS``, measured)."""
+    return x.shape[0] <= (LUT_MAX_TOKENS if use_compiled(x, codes) else LUT_MAX_TOKENS_PURE)
+
+
+def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optional[bool] = None) -> Tensor:
+    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype.  ``compiled``: the
+    gather-sum in C++ (default: where ``use_compiled``) or in pure PyTorch."""
     T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
     table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
+    if use_compiled(x, codes) if compiled is None else compiled:
+        return torch.ops.quantnoise.pq_lut_gather(table.reshape(T, m, k), codes.contiguous())  # (T, out)
     offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
     rows = max(1, LUT_CHUNK_CODES // m)
     if T == 1:

@@ -1,7 +1,7 @@
 """Inference of a .qnz run compressed (quantnoise.runtime) against fp32 and the decoded model.
 
     python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
-    python scripts/bench_infer.py WORKDIR --kernels      # pq Linear: look-up table vs decode crossover
+    python scripts/bench_infer.py WORKDIR --kernels      # pq Linear: look-up table (PyTorch, C++) vs decode
 
 Setup (cached in WORKDIR, not committed): the generated stdlib-docstring corpus (scripts/make_corpus.py),
 binarised; a 6x512 ``transformer_lm`` (FFN 2048, 8 heads, tied input/output embedding) trained for 1
@@ -80,14 +80,18 @@ def _mib(n):
 def kernels_used(model, tokens: int) -> str:
     import torch
     from quantnoise.runtime import CodesLinear, IntLinear
-    from quantnoise.runtime_kernels import LUT_MAX_TOKENS
+
+    from quantnoise.runtime_kernels import lut_wins, use_compiled
 
     used = set()
     for m in model.modules():
         if isinstance(m, CodesLinear):
-            used.add("pq-lut" if m.kernel == "lut" or (m.kernel == "auto" and tokens <= LUT_MAX_TOKENS) else "pq-decode")
+            lut = m.kernel == "lut" or (m.kernel == "auto" and lut_wins(torch.empty(tokens, 1), m.codes))
+            used.add(("pq-lut-c++" if use_compiled(torch.empty(tokens, 1), m.codes) else "pq-lut") if lut else "pq-decode")
         elif isinstance(m, IntLinear):
-            used.add(f"int{m.bits}-{m.choose_kernel(torch.empty(tokens, 1))}")
+            kernel = m.choose_kernel(torch.empty(tokens, 1))
+            c = kernel == "lut" and use_compiled(torch.empty(tokens, 1), m.qweight)
+            used.add(f"int{m.bits}-{kernel}{'-c++' if c else ''}")
     return "+".join(sorted(used)) or "fp32 (MKL)"
 
 
@@ -152,19 +156,25 @@ def bench_kernels(threads: int, rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from quantnoise.runtime_kernels import pq_linear_decode, pq_linear_lut
+    from quantnoise.runtime_kernels import pq_linear_decode, pq_linear_lut, use_compiled
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     print(f"\n### pq Linear kernels, b=8 k=256, {threads} thread(s): median us per call ({rounds} rounds)\n")
-    print("| out x in | tokens | fp32 | table | decode+matmul | table / decode |\n|---|---|---|---|---|---|")
+    print("table: pure PyTorch; table c++: the compiled gather-sum (quantnoise/csrc/pq_lut.cpp; '-' when not built "
+          "or over its token limit); ratios against fp32 (MKL) and against decode + matmul\n")
+    print("| out x in | tokens | fp32 | table | table c++ | decode+matmul | fp32 / table c++ | table / decode |\n"
+          "|---|---|---|---|---|---|---|---|")
     for out, inn in ((512, 512), (2048, 512), (512, 2048)):
         codes = torch.randint(0, 256, (out, inn // 8), generator=g).to(torch.uint8)
         cents = torch.randn(256, 8, generator=g)
         w = cents[codes.long()].reshape(out, inn)
         for tokens in (1, 4, 16, 32, 48, 64, 128, 256):
             x = torch.randn(tokens, inn, generator=g)
-            fns = [lambda: F.linear(x, w), lambda: pq_linear_lut(x, codes, cents), lambda: pq_linear_decode(x, codes, cents)]
+            fns = [lambda: F.linear(x, w), lambda: pq_linear_lut(x, codes, cents, compiled=False),
+                   lambda: pq_linear_decode(x, codes, cents)]
+            if use_compiled(x, codes):
+                fns.append(lambda: pq_linear_lut(x, codes, cents, compiled=True))
             times = [[] for _ in fns]
             reps = max(3, 200 // tokens)
             for _ in range(rounds):
@@ -175,7 +185,8 @@ def bench_kernels(threads: int, rounds: int) -> None:
                         f()
                     times[i].append((time.perf_counter() - t) / reps * 1e6)
             med = [statistics.median(ts) for ts in times]
-            print(f"| {out}x{inn} | {tokens} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} | {med[1] / med[2]:.2f} |")
+            c = f"{med[3]:.0f} | {med[2]:.0f} | {med[0] / med[3]:.2f}" if len(med) > 3 else f"- | {med[2]:.0f} | -"
+            print(f"| {out}x{inn} | {tokens} | {med[0]:.0f} | {med[1]:.0f} | {c} | {med[1] / med[2]:.2f} |")
 
 
 # ------------------------------------------------------------------------------------ main

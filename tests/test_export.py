@@ -381,3 +381,36 @@ def test_int16_codes_for_more_than_256_centroids_round_trip(tmp_path):
     assert torch.equal(state["0.weight"], want)
     row = export.layer_sizes(tensors, meta)[0]
     assert row["bytes"] == 600 * 2 + 300 * 8 * 2 and row["bound_bits"] == 600 * 9 + 300 * 8 * 16  # 9-bit codes
+
+
+def test_read_safetensors_equals_safetensors_and_checks_the_layout(tmp_path):
+    """The reader that reads each tensor once: same tensors as safetensors' own loader, every dtype it writes
+    (0-dim and empty included); a header whose offsets overlap, leave a gap or overrun is refused."""
+    import json as _json
+
+    from safetensors.torch import load_file, save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "f64": torch.randn(2, generator=g).double(),
+               "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "i16": torch.arange(4, dtype=torch.int16),
+               "i8": torch.arange(-3, 3, dtype=torch.int8), "u8": torch.arange(9, dtype=torch.uint8),
+               "b": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    blob = save(tensors, metadata={"k": "v"})
+    (tmp_path / "a.st").write_bytes(blob)
+    meta, got = export.read_safetensors(str(tmp_path / "a.st"))
+    want = load_file(str(tmp_path / "a.st"))
+    assert meta == {"k": "v"} and got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = _json.loads(blob[8:8 + n])
+    for change, why in ((lambda h: h["u8"]["data_offsets"].__setitem__(0, h["u8"]["data_offsets"][0] - 1), "takes"),
+                        (lambda h: h.__setitem__("i8", {**h["i8"], "dtype": "U32"}), "malformed"),
+                        (lambda h: h.__setitem__("x", {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}), "overlap")):
+        h = _json.loads(_json.dumps(header))
+        change(h)
+        text = _json.dumps(h).encode()
+        (tmp_path / "b.st").write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+        with pytest.raises(ValueError, match=why):
+            export.read_safetensors(str(tmp_path / "b.st"))

@@ -202,3 +202,22 @@ def test_layers_follow_a_cuda_input():
         for tokens in (1, 100):
             x = torch.randn(tokens, 32, device="cuda")
             torch.testing.assert_close(layer(x), plain(x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime_ext)")
+@pytest.mark.parametrize("bs,k,codes_dtype", [(4, 256, torch.uint8), (8, 256, torch.uint8), (16, 256, torch.uint8),
+                                              (8, 16, torch.uint8), (4, 1024, torch.int16)])
+def test_compiled_lut_equals_pure_pytorch(bs, k, codes_dtype):
+    """Same sums in another order: equal within fp32 rounding (a relative 1e-5 of the sum of |terms|)."""
+    g = torch.Generator().manual_seed(bs * k)
+    for tokens in (1, 2, 3, 8, 16):
+        out, m = int(torch.randint(1, 300, (1,), generator=g)), int(torch.randint(1, 70, (1,), generator=g))
+        codes = torch.randint(0, k, (out, m), generator=g).to(codes_dtype)
+        cents, x = torch.randn(k, bs, generator=g), torch.randn(tokens, m * bs, generator=g)
+        assert K.use_compiled(x, codes)
+        got, want = K.pq_linear_lut(x, codes, cents, compiled=True), K.pq_linear_lut(x, codes, cents, compiled=False)
+        table = (x.reshape(tokens, m, bs) @ cents.t()).abs()  # (T, m, k)
+        scale = table.gather(2, codes.long().t().unsqueeze(0).expand(tokens, m, out)).sum(1)  # (T, out): sum |terms|
+        assert got.shape == want.shape == (tokens, out)
+        assert ((got - want).abs() <= 1e-5 * scale + 1e-6).all()
+        assert not torch.equal(got, torch.zeros_like(got))
