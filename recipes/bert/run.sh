@@ -16,6 +16,6 @@ if [ $# -lt 4 ]; then
   echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size small|base] [--seed N]" >&2
   exit 2
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 exec "$PY" "$ROOT/recipes/bert/table.py" "$@"
