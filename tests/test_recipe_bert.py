@@ -23,7 +23,7 @@ def tsv(path, rows):
 
 
 def run(*args, timeout=1800):
-    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", __import__("sys").executable), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", __import__("sys").executable), "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(RUN), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -57,15 +57,20 @@ def test_usage_error():
 def test_tiny_end_to_end_and_resume(data, tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "out"
-    p = run(*data, out)
+    p = run(*data, out, "--size", "tiny")  # two jobs of one thread (the default)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "job 1: stages int8_qat,qn_int4" in p.stderr
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"}
+    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"}
     for r in res.values():
         assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
     assert 7.5 < res["int8_qat"]["avg_bits"] < 9 and 3.5 < res["qn_int4"]["avg_bits"] < 5
-    assert "| int8_qat |" in (out / "results.md").read_text()
-    p2 = run(*data, out)  # every stage done: skipped, same table
-    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 7
+    q = res["qbert_mixed"]  # a 2/4/8 plan within uniform int4's weight bits: never more bytes than int4
+    assert q["plan_avg_bits"] <= 4.0 and q["bytes"] <= res["int4_posthoc"]["bytes"] + 64
+    assert sum(q["layers_at_bits"].values()) == 2 + 6 * 6 + 2  # MiniLM: word/position emb., 6 x 6 Linear, pooler, head
+    assert "| int8_qat |" in (out / "results.md").read_text() and "| qbert_mixed |" in (out / "results.md").read_text()
+    assert (out / "sensitivity.txt").read_text().startswith("layer")
+    p2 = run(*data, out, "--size", "tiny")  # every stage done: skipped, same table
+    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8
     assert json.loads((out / "results.json").read_text()) == res

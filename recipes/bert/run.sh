@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The Q8BERT table on any sentence-classification data: fine-tune all-MiniLM-L6-v2 (+ a classification
 # head) in fp32, then int8 QAT (Q8BERT preset, same budget), dynamic int8 (DQ), static PTQ, int4
-# post-hoc and Quant-Noise int4; TEST accuracy, relative error, exported bytes and sentence-embedding
+# post-hoc, Quant-Noise int4 and Q-BERT's Hessian mixed precision (qbert_mixed); TEST accuracy, relative error, exported bytes and sentence-embedding
 # cosine to fp32 for each.  Resumable: rerun the same command after a stop.
 #
-#   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size small|base] [--seed N] [--epochs N] [--lr X] [--stages a,b]
+#   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]
+#       [--epochs N] [--lr X] [--stages a,b]     (recipes/bert/README.md: sizes, times, the measured table)
 #
 # Input: one `label<TAB>text` per line, any number of labels (scripts/make_fortunes_task.py builds
 # one from Debian's fortunes package).  Output: OUTDIR/results.md, OUTDIR/results.json, OUTDIR/log.txt.
@@ -13,9 +14,9 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if [ $# -lt 4 ]; then
-  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size small|base] [--seed N]" >&2
+  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]" >&2
   exit 2
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 exec "$PY" "$ROOT/recipes/bert/table.py" "$@"

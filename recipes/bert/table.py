@@ -1,11 +1,14 @@
 """The Q8BERT table on any sentence-classification TSV (label<TAB>text): fp32, int8 QAT (Q8BERT),
-dynamic int8 (DQ), static PTQ, int4 post-hoc and Quant-Noise int4 on all-MiniLM-L6-v2.
+dynamic int8 (DQ), static PTQ, int4 post-hoc, Quant-Noise int4 and Q-BERT's Hessian mixed precision
+on all-MiniLM-L6-v2.
 
-    python recipes/bert/table.py TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size small|base]
+    python recipes/bert/table.py TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1]
 
 Every choice (the PTQ calibration method) is made on DEV; the table reports TEST accuracy.  Each
 stage writes OUTDIR/stages/NAME.json when done, so a rerun skips finished stages (resumable);
 progress goes to stderr and OUTDIR/log.txt.  Writes OUTDIR/results.json and OUTDIR/results.md.
+``--jobs N`` runs the stages in N processes of ``--threads`` torch threads each: the fp32 chain
+(fp32, then the post-training rows) in one, the int8 QAT and Quant-Noise trainings in the others.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import logging
 import os
 import pathlib
 import platform
+import resource
+import subprocess
 import sys
 import time
 
@@ -25,19 +30,39 @@ from torch import nn
 
 from quantnoise import quantize_, unquantize_
 from quantnoise import hf, ptq
+from quantnoise.bitplan import allocate_bits
 from quantnoise.checkpoint import atomic_write
-from quantnoise.export import ExportOptions, save_state_dict
+from quantnoise.export import ExportOptions, pack_width, save_state_dict
 from quantnoise.ipq import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert, qn_int4
+from quantnoise.sensitivity import format_table, hessian_sensitivity
 
 log = logging.getLogger("recipes.bert")
-SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4
-    "small": dict(epochs=1, max_len=64, batch=32, lr=1e-4, calib_batches=8, qn_p=0.5),
-    "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5),
+SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 (texts truncated to max_len tokens)
+    # tiny: the tests' smoke size (a few sentences); small: ~1 epoch of 5,000 lines in ~20 min on 2 cores
+    "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
+                 sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1),
+    "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
+                  sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4),
+    "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
+                 sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4),
 }
 PTQ_CANDIDATES = [("minmax", 100.0), ("percentile", 99.99), ("percentile", 99.9)]
-ORDER = ["fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"]  # rows of the table
-STAGES = ["fp32", "dq", "ptq", "int4_posthoc", "int8_qat", "qn_int4"]  # run order: the cheap post-training rows first
+ORDER = ["fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"]  # rows of the table
+FP32_CHAIN = ["fp32", "dq", "ptq", "int4_posthoc", "qbert_mixed", "pretrained_cosine"]  # need fp32 (but the last)
+TRAININGS = ["int8_qat", "qn_int4"]  # independent of fp32: fine-tuned from the pretrained model
+STAGES = FP32_CHAIN[:-1] + TRAININGS  # run order in one process: the cheap post-training rows first
+
+
+def job_groups(jobs: int):
+    """The stages of each of ``jobs`` processes: the fp32 chain in the first, the independent
+    trainings spread over the others (all in one process when jobs == 1)."""
+    if jobs <= 1:
+        return [STAGES + ["pretrained_cosine"]]
+    groups = [list(FP32_CHAIN)] + [[] for _ in range(min(jobs, 1 + len(TRAININGS)) - 1)]
+    for i, name in enumerate(TRAININGS):
+        groups[1 + i % (len(groups) - 1)].append(name)
+    return groups
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -45,15 +70,16 @@ def write_json(path: pathlib.Path, obj) -> None:
     atomic_write(str(path), lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
-def compressed(model: nn.Module, bits: int) -> nn.Module:
+def compressed(model: nn.Module, bits) -> nn.Module:
     """A copy of ``model`` whose Q8BERT layers are int ``bits`` layers (one scale per row): the
-    model a .qnz stores."""
+    model a .qnz stores.  ``bits``: one width for every such layer, or {layer name: width} (a bit plan)."""
     model = copy.deepcopy(model)
     unquantize_(model)
-    rule = LayerRule(pattern=Q8BERT_LAYERS, scheme="scalar", bits=bits)
+    rule = LayerRule(pattern=Q8BERT_LAYERS, scheme="scalar", bits=bits if isinstance(bits, int) else 8)
     for name, m in list(model.named_modules()):
         if name and isinstance(m, (nn.Linear, nn.Embedding)) and rule.matches(name):
-            set_submodule(model, name, compress_module(m, rule, name))
+            r = rule if isinstance(bits, int) else LayerRule(pattern=rule.pattern, scheme="scalar", bits=bits[name])
+            set_submodule(model, name, compress_module(m, r, name))
     return model
 
 
@@ -85,18 +111,22 @@ class Run:
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
         (self.out / "ckpt").mkdir(exist_ok=True)
         ytr, xtr = hf.read_tsv(args.train)
+        self.xtr = xtr
         self.labels = sorted(set(ytr))
         ydev, xdev = hf.read_tsv(args.dev, self.labels)
         yte, xte = hf.read_tsv(args.test, self.labels)
         lid = {y: i for i, y in enumerate(self.labels)}
-        self.ydev, self.yte = [lid[y] for y in ydev], [lid[y] for y in yte]
+        self.ytr, self.ydev, self.yte = [lid[y] for y in ytr], [lid[y] for y in ydev], [lid[y] for y in yte]
         self.tok = hf.load_tokenizer()
         c = self.cfg
-        self.train = hf.batches(self.tok, xtr, [lid[y] for y in ytr], c["batch"], c["max_len"], seed=args.seed)
+        self.train = hf.batches(self.tok, xtr, self.ytr, c["batch"], c["max_len"], seed=args.seed)
         self.dev = hf.batches(self.tok, xdev, self.ydev, 64, c["max_len"])
         self.test = hf.batches(self.tok, xte, self.yte, 64, c["max_len"])
-        log.info("data: %d train / %d dev / %d test lines, %d labels, size=%s %s", len(xtr), len(xdev), len(xte),
-                 len(self.labels), args.size, c)
+        cut = sum(len(e) > c["max_len"] for e in self.tok(list(xtr), truncation=False)["input_ids"])
+        log.info("data: %d train / %d dev / %d test lines, %d labels, size=%s %s; %d train texts (%.1f%%) truncated "
+                 "to %d tokens", len(xtr), len(xdev), len(xte), len(self.labels), args.size, c, cut,
+                 100.0 * cut / len(xtr), c["max_len"])
+        self.truncated = cut
         self._fp32 = None
         self.n_params = hf.n_params(self.new_model())
 
@@ -161,7 +191,7 @@ class Run:
         res = self.score("dq", dq, torch_save_bytes(dq))
         res["note"] = "torch.ao quantize_dynamic (real int8 kernels); bytes = torch.save of its state dict"
         threads0, speed = torch.get_num_threads(), {}
-        data = self.test[: min(len(self.test), 4)]
+        data = self.test[: min(len(self.test), self.cfg["speed_batches"])]
         for threads in (1, 2):
             t_fp, t_dq = [], []
             for _ in range(3):  # interleaved, best of 3
@@ -205,6 +235,41 @@ class Run:
         res["note"] = f"Quant-Noise scalar int4 p={self.cfg['qn_p']} fine-tune, then the int4 model"
         return res
 
+    def run_qbert_mixed(self) -> dict:
+        """Q-BERT: Hessian sensitivity of each Q8BERT layer of the fine-tuned fp32 model on the first TRAIN
+        lines (no DEV, no TEST), an exact bit plan over widths 2/4/8 at their .qnz cost with the weight
+        bits of uniform int4 as the budget (so never more bytes than int4_posthoc), then post-hoc int-N."""
+        c, base = self.cfg, self.fp32()
+        n = c["sens_batches"] * c["sens_batch"]
+        data = hf.batches(self.tok, self.xtr[:n], self.ytr[:n], c["sens_batch"], c["max_len"])
+        model = copy.deepcopy(base).eval()  # eval: no dropout, each batch's loss a fixed function of the weights
+
+        def loss_fn(m, b):
+            return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+        t = time.time()
+        scores = hessian_sensitivity(model, loss_fn, data, layers=Q8BERT_LAYERS, iters=c["sens_iters"], tol=1e-3,
+                                     seed=self.args.seed)
+        sens_s = time.time() - t
+        del model
+        plan = allocate_bits({k: v.score for k, v in scores.items()}, {k: v.numel for k, v in scores.items()},
+                             bits=(2, 4, 8), avg_bits=4.0, bit_cost=pack_width)
+        table = format_table(scores, plan.bits)
+        atomic_write(str(self.out / "sensitivity.txt"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
+        plan.save_yaml(str(self.out / "ckpt" / "qbert_plan.yaml"), {k: v.score for k, v in scores.items()})
+        log.info("[qbert_mixed] sensitivity of %d layers on %d batches in %.0f s; plan:\n%s", len(scores), len(data),
+                 sens_s, table)
+        model = compressed(base, plan.bits)
+        res = self.score("qbert_mixed", model, qnz_bytes(model, self.out / "ckpt" / "qbert_mixed.qnz"))
+        widths = {str(b): sum(1 for v in plan.bits.values() if v == b) for b in (2, 4, 8)}
+        top = sorted(scores.values(), key=lambda v: -v.score)[:5]
+        res.update(plan_avg_bits=round(plan.avg_bits, 4), layers_at_bits=widths, plan_method=plan.method,
+                   uniform_int4=all(v == 4 for v in plan.bits.values()), sens_seconds=round(sens_s, 1),
+                   sens_batches=len(data), most_sensitive=[[v.name, round(v.score, 4)] for v in top],
+                   note=f"Hessian plan over 2/4/8 bits at the weight bits of uniform int4 "
+                        f"(layers at 2/4/8: {widths['2']}/{widths['4']}/{widths['8']}); post-hoc, per row")
+        return res
+
     def run_pretrained_cosine(self) -> dict:
         """The sentence-embedding use of all-MiniLM-L6-v2 (no fine-tuning): cosine of each post-training
         scheme's mean-pooled embeddings to the fp32 encoder's, on the TEST sentences."""
@@ -240,28 +305,66 @@ class Run:
             r = results[k]
             rows.append(f"| {k} | {r['acc']:.4f} | {100 * r['rel_err']:+.2f}% | {r['bytes']:,} | {r['avg_bits']:.2f} | "
                         f"{r['cos']:.4f} | {r.get('note', '')} |")
+        q = results["qbert_mixed"]
+        qbert = (f"\n\nqbert_mixed: Hessian sensitivity on {q['sens_batches']} TRAIN batches in {q['sens_seconds']} s "
+                 f"(OUTDIR/sensitivity.txt); most sensitive: "
+                 + ", ".join(f"{n} {v:g}" for n, v in q["most_sensitive"]) + f"; plan at {q['plan_avg_bits']} bits "
+                 f"({'identical to uniform int4' if q['uniform_int4'] else 'mixed'}), "
+                 f"{q['bytes'] - results['int4_posthoc']['bytes']:+,} bytes vs int4_posthoc")
         sp = results["dq"].get("speed", {})
         speed = "; ".join(f"{k}: fp32 {v['fp32_s']} s, DQ {v['dq_s']} s, speed-up {v['speedup']}x" for k, v in sp.items())
         a = self.args
+        secs = {k: r.get("seconds") for k, r in results.items()}
         text = (f"# Q8BERT table: all-MiniLM-L6-v2, size={a.size}\n\n"
-                f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --size {a.size}`\n\n"
+                f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --size {a.size} --jobs {a.jobs} "
+                f"--threads {a.threads}`\n\n"
                 f"{len(self.labels)} labels; {sum(len(b['index']) for b in self.train)} train / {len(self.ydev)} dev / "
-                f"{len(self.yte)} test lines; budget {self.cfg}; host {platform.node()}, "
-                f"torch {torch.__version__}, {os.cpu_count()} CPUs\n\n" + "\n".join(rows) +
+                f"{len(self.yte)} test lines ({self.truncated} train texts truncated to {self.cfg['max_len']} tokens); "
+                f"budget {self.cfg}; host {platform.node()}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
+                f"stage seconds {secs}\n\n" + "\n".join(rows) + qbert +
                 "\n\nSentence embeddings of the pretrained all-MiniLM-L6-v2 (no fine-tuning), mean cosine to fp32 on the TEST "
                 f"sentences: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items() if k != "seconds") +
-                f"\n\nDQ forward time on {min(len(self.test), 4)} test batches (best of 3, interleaved): {speed}\n")
+                f"\n\nDQ forward time on {min(len(self.test), self.cfg['speed_batches'])} test batches (best of 3, "
+                f"interleaved): {speed}\n\nThis invocation: {self.usage()}\n")
         atomic_write(str(self.out / "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
 
+    def usage(self) -> str:
+        """Wall and CPU seconds of this invocation (this process and its jobs) and the load average."""
+        cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for f in ("ru_utime", "ru_stime"))
+        return (f"{time.time() - self.t0:.0f} s wall, {cpu:.0f} CPU s (all processes), 1-min load average "
+                f"{self.load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+
+    def spawn(self) -> None:
+        """Run the unfinished stages in ``--jobs`` child processes (this script with ``--stages``), each
+        on ``--threads`` threads; wait for all.  SystemExit when one fails."""
+        a, done = self.args, lambda n: (self.out / "stages" / f"{n}.json").exists()
+        groups = [g for g in job_groups(a.jobs) if not all(done(n) for n in g)]
+        if a.jobs <= 1 or not groups:
+            return
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+        base = [sys.executable, os.path.abspath(__file__), a.train, a.dev, a.test, a.outdir, "--size", a.size,
+                "--seed", str(a.seed), "--threads", str(a.threads), "--jobs", "1"]
+        base += [v for k in ("epochs", "lr") if getattr(a, k) is not None for v in (f"--{k}", str(getattr(a, k)))]
+        procs = []
+        for g in groups:
+            log.info("job %d: stages %s (%d thread(s))", len(procs), ",".join(g), a.threads)
+            procs.append(subprocess.Popen(base + ["--stages", ",".join(g), "--child"], env=env))
+        failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"error: job(s) {failed} failed (see {self.out / 'log.txt'}); rerun the same command to resume")
+
     def main(self) -> dict:
-        results = {}
+        results, self.t0, self.load0 = {}, time.time(), os.getloadavg()[0]
+        if not self.args.stages:
+            self.spawn()
         for name in self.args.stages or STAGES + ["pretrained_cosine"]:
             results[name] = self.stage(name, getattr(self, f"run_{name}"))
         if self.args.stages:  # a partial run (e.g. stages in parallel processes): the report comes with a full one
             return results
         cos = results.pop("pretrained_cosine")
         self.report(results, cos)
-        log.info("wrote %s and %s", self.out / "results.md", self.out / "results.json")
+        log.info("wrote %s and %s; %s", self.out / "results.md", self.out / "results.json", self.usage())
         return results
 
 
@@ -276,11 +379,26 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the size's fine-tune epochs")
     ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     ap.add_argument("--stages", type=lambda v: v.split(","), default=None,
-                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine to run now (no report); "
-                         f"stages after fp32 need fp32 done, except int8_qat and qn_int4, which can run beside it")
+                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine to run now, in this process "
+                         f"(no report); stages after fp32 need fp32 done, except int8_qat and qn_int4")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="processes for a full run: the fp32 chain in one, the int8 QAT / Quant-Noise trainings in the "
+                         "others (1: all stages in this process, in order)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (1 per job is fastest on a shared 2-core machine)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        print(f"error: --jobs {args.jobs} / --threads {args.threads}: both must be >= 1", file=sys.stderr)
+        return 2
+    unknown = [n for n in args.stages or [] if n not in STAGES + ["pretrained_cosine"]]
+    if unknown:
+        print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(STAGES)},pretrained_cosine", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+    fmt = "%(asctime)s " + (f"({args.stages[0]} job) " if args.child else "") + "%(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stderr),
                                   logging.FileHandler(os.path.join(args.outdir, "log.txt"))])
     try:
