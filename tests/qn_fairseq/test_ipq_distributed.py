@@ -6,15 +6,13 @@ not give this, so the tests check that ranks which saw different data end with i
 Set-up as in test_plugin_distributed.py (fairseq-train's entry point, one process per rank)."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import TINY_LM, USER_DIR, run
-from test_plugin_distributed import free_port
+from conftest import run
+from test_plugin_distributed import launch_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +41,7 @@ torch.save({"world": t.data_parallel_world_size, "tokens": tokens,
 
 
 def two_ranks(tmp_path, lm_data, *extra):
-    (tmp_path / "driver.py").write_text(DRIVER)
-    flags = [str(lm_data), "--user-dir", USER_DIR, *TINY_LM, "--max-tokens", "256", "--save-dir", str(tmp_path / "ckpt"),
-             "--cpu", "--distributed-world-size", "2", "--distributed-backend", "gloo",
-             "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}", "--distributed-no-spawn",
-             "--ddp-backend", "legacy_ddp", *map(str, extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path), *flags,
-                               "--distributed-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env) for r in (0, 1)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    logs = launch_two_ranks(tmp_path, DRIVER, lm_data, *extra)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["tokens"] and r0["tokens"] != r1["tokens"]  # each rank trained on its own batches

@@ -50,23 +50,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_cpu_ranks_end_identical_with_identical_codebooks(lm_data, tmp_path):
-    import torch
-
-    (tmp_path / "driver.py").write_text(DRIVER)
-    flags = [str(lm_data), "--user-dir", USER_DIR, *TINY_LM, "--max-tokens", "256", "--max-update", "12",
-             "--save-dir", str(tmp_path / "ckpt"), "--cpu", "--distributed-world-size", "2",
-             "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}",
-             "--distributed-no-spawn", "--ddp-backend", "legacy_ddp",
-             "--quant-noise-scheme", "pq", "--quant-noise-p", "0.2", "--quant-noise-block-size", "4",
-             "--quant-noise-centroids", "16", "--quant-noise-refresh-every", "5"]
+def launch_two_ranks(tmp_path, driver: str, lm_data, *extra) -> list:
+    """Write ``driver`` to tmp_path and run it as fairseq ranks 0 and 1 of the tiny LM (CPU, gloo,
+    ``legacy_ddp``, checkpoints in tmp_path/ckpt) with the ``extra`` flags; the logs, once both exited 0."""
+    (tmp_path / "driver.py").write_text(driver)
+    flags = [str(lm_data), "--user-dir", USER_DIR, *TINY_LM, "--max-tokens", "256", "--save-dir", str(tmp_path / "ckpt"),
+             "--cpu", "--distributed-world-size", "2", "--distributed-backend", "gloo",
+             "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}", "--distributed-no-spawn",
+             "--ddp-backend", "legacy_ddp", *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path), *flags,
                                "--distributed-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env) for r in (0, 1)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    return logs
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_end_identical_with_identical_codebooks(lm_data, tmp_path):
+    import torch
+
+    logs = launch_two_ranks(tmp_path, DRIVER, lm_data, "--max-update", "12", "--quant-noise-scheme", "pq",
+                            "--quant-noise-p", "0.2", "--quant-noise-block-size", "4", "--quant-noise-centroids", "16",
+                            "--quant-noise-refresh-every", "5")
     assert "initialized host" in logs[1] and "as rank 1" in logs[1]
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
