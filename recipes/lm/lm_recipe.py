@@ -215,6 +215,17 @@ class Recipe:
             raise RuntimeError(f"fairseq-eval-lm printed no perplexity for {path}; see {self.out / 'logs' / (log + '.log')}")
         return float(m[-1][1])
 
+    def preprocess(self) -> dict:
+        """fairseq-preprocess TRAIN/VALID/TEST into OUTDIR/data-bin (built aside, then moved in place)."""
+        tmp = self.out / "data-bin.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.sh("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", self.corpus["train"],
+                               "--validpref", self.corpus["valid"], "--testpref", self.corpus["test"], "--destdir", tmp,
+                               "--workers", "1", "--thresholdsrc", THRESHOLD], "preprocess")
+        shutil.rmtree(self.data, ignore_errors=True)
+        os.replace(tmp, self.data)
+        return {"vocab": sum(1 for _ in open(self.data / "dict.txt", encoding="utf-8"))}
+
     # ------------------------------------------------------------------ the steps
     def step(self, name: str, deps=()):
         def deco(fn: Callable[[], dict]):
@@ -231,14 +242,7 @@ class Recipe:
 
         @self.step("preprocess")
         def _():
-            tmp = out / "data-bin.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.sh("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", self.corpus["train"],
-                                   "--validpref", self.corpus["valid"], "--testpref", self.corpus["test"], "--destdir", tmp,
-                                   "--workers", "1", "--thresholdsrc", THRESHOLD], "preprocess")
-            shutil.rmtree(self.data, ignore_errors=True)
-            os.replace(tmp, self.data)
-            return {"vocab": sum(1 for _ in open(self.data / "dict.txt", encoding="utf-8"))}
+            return self.preprocess()
 
         @self.step("sweep", deps=["preprocess"])
         def _():

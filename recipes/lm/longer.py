@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import pathlib
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,13 +76,8 @@ def main(argv=None) -> int:
         el = int(time.time() - t0)
         print(f"[{el // 60:3d}m{el % 60:02d}s] {msg}", flush=True)
 
-    if not (out / "data-bin" / "dict.txt").is_file():
-        tmp = out / "data-bin.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        rec.sh("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", a.train.resolve(),
-                              "--validpref", a.valid.resolve(), "--testpref", a.test.resolve(), "--destdir", tmp,
-                              "--workers", "1", "--thresholdsrc", R.THRESHOLD], "preprocess")
-        tmp.rename(out / "data-bin")
+    if not (rec.data / "dict.txt").is_file():
+        rec.preprocess()
         say("preprocess done")
 
     def job(model: str) -> dict:
