@@ -1,6 +1,8 @@
 """scripts/make_corpus.py: any plain-text corpus, one output line per input line."""
 import sys
 
+import pytest
+
 from conftest import ROOT, run
 
 
@@ -37,3 +39,20 @@ def test_all_stdlib_corpus_is_larger_and_deterministic(tmp_path):
     proc = run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "c", "--all-stdlib", "--text", "x"],
                check=False)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+def _have_manpages():
+    import shutil
+    import subprocess
+    return shutil.which("groff") and shutil.which("dpkg") and \
+        subprocess.run(["dpkg", "-s", "manpages"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _have_manpages(), reason="needs Debian's manpages and groff-base packages")
+def test_manpages_corpus_is_rendered_prose_and_deterministic(tmp_path):
+    for out in ("a", "b"):
+        run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / out, "--manpages", "--max-lines", "60"])
+    train = (tmp_path / "a" / "train.txt").read_text()
+    assert train == (tmp_path / "b" / "train.txt").read_text() and len(train.splitlines()) == 54
+    words = train.split()
+    assert words.count("the") > 20 and not any(w.startswith((".", "\\f")) for w in words if len(w) > 1)  # no troff left
