@@ -76,7 +76,7 @@ def pq_quantize(w: Tensor, block_size: int, n_centroids: int, niter: int = 20, s
 def scalar_quantize(w: Tensor, bits: int, name: str = "weight", rows_per_scale: int = 1) -> Tuple[Tensor, Tensor]:
     """Symmetric integer weights with one scale per group of ``rows_per_scale`` consecutive output rows
     (1: per row; head_dim on a q/k/v projection: one per attention head, Q-BERT's group-wise
-    quantization; the row count: per tensor): (q (out, row) int8 in [-(2^(b-1)-1), 2^(b-1)-1],
+    quantization; 0 or the row count: per tensor): (q (out, row) int8 in [-(2^(b-1)-1), 2^(b-1)-1],
     scale (out / rows_per_scale, 1) fp32); w_hat = q * the scale of its row's group.  Raises ValueError
     for NaN/inf weights or a ``rows_per_scale`` that does not divide the row count, naming ``name``."""
     rows = w.detach().float().reshape(w.shape[0], -1)
@@ -84,9 +84,11 @@ def scalar_quantize(w: Tensor, bits: int, name: str = "weight", rows_per_scale: 
     if bad:
         raise ValueError(f"{name} (shape {tuple(w.shape)}): the weights contain {bad} NaN or inf values; "
                          f"fix the checkpoint before quantizing")
+    if is_int(rows_per_scale) and rows_per_scale == 0:
+        rows_per_scale = w.shape[0]  # one scale for the whole tensor
     if not is_int(rows_per_scale) or rows_per_scale < 1 or w.shape[0] % rows_per_scale:
         raise ValueError(f"{name} (shape {tuple(w.shape)}): rows_per_scale={rows_per_scale!r} does not divide its "
-                         f"{w.shape[0]} output rows; use a divisor of {w.shape[0]} (1 = one scale per row)")
+                         f"{w.shape[0]} output rows; use a divisor of {w.shape[0]} (1 = one scale per row, 0 = per tensor)")
     groups = rows.reshape(w.shape[0] // rows_per_scale, -1)  # (G, rows_per_scale * row)
     lo, hi = QF.minmax(groups, "channel", 1)
     scale, _ = QF.scalar_qparams(lo, hi, bits, symmetric=True)  # (G, 1, 1)
@@ -288,7 +290,7 @@ class LayerRule:
     exclude: Optional[str] = field(default=None, metadata={"help": "regex of names this rule leaves alone"})
     updates: int = field(default=0, metadata={"help": "stage plans: updates of centroid fine-tuning after this stage"})
     rows_per_scale: int = field(default=1, metadata={"help": "scalar: consecutive output rows sharing one scale (1 = per "
-                                                             "row; head_dim = per attention head; must divide the rows)"})
+                                                             "row; head_dim = per attention head; must divide the rows; 0 = one per tensor)"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -310,8 +312,9 @@ class LayerRule:
             raise bad("bits", "use an integer from 2 to 8")
         if not is_int(self.kmeans_iters) or self.kmeans_iters < 1:
             raise bad("kmeans_iters", "use a positive integer")
-        if not is_int(self.rows_per_scale) or self.rows_per_scale < 1:
-            raise bad("rows_per_scale", "use a positive integer that divides the layer's output rows (1 = per row)")
+        if not is_int(self.rows_per_scale) or self.rows_per_scale < 0:
+            raise bad("rows_per_scale", "use a positive integer that divides the layer's output rows (1 = per row), "
+                                        "or 0 for one scale per tensor")
         if not is_int(self.updates) or self.updates < 0:
             raise bad("updates", "use a non-negative integer")
 

@@ -22,6 +22,10 @@ def test_scale_per_row_group_exact_reference():
     q1, s1 = scalar_quantize(w, 4)  # default: one scale per row, as before
     assert s1.shape == (12, 1) and torch.equal(s1, w.abs().amax(1, keepdim=True) / 7)
     assert scalar_quantize(w, 4, rows_per_scale=12)[1].shape == (1, 1)  # per tensor
+    q0, s0 = scalar_quantize(w, 4, rows_per_scale=0)  # 0: per tensor, whatever the row count
+    assert torch.equal(s0, w.abs().max().reshape(1, 1) / 7) and torch.equal(q0, scalar_quantize(w, 4, rows_per_scale=12)[0])
+    with pytest.raises(ValueError, match="0 = per tensor"):
+        scalar_quantize(w, 4, rows_per_scale=5)
 
 
 def model():
@@ -74,5 +78,5 @@ def test_check_map_rejects_scales_that_do_not_match_the_groups(change, message):
 def test_bad_rows_per_scale_is_one_error():
     with pytest.raises(ValueError, match="rows_per_scale=3 does not divide its 16 output rows"):
         scalar_quantize(torch.randn(16, 4), 4, name="layer 'q'", rows_per_scale=3)
-    with pytest.raises(ValueError, match="rows_per_scale=0 .* is invalid"):
-        LayerRule(scheme="scalar", rows_per_scale=0)
+    with pytest.raises(ValueError, match="rows_per_scale=-1 .* is invalid"):
+        LayerRule(scheme="scalar", rows_per_scale=-1)

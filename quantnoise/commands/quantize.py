@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--centroids", type=int, default=256, help="pq: centroids per layer (<= 256: one-byte codes)")
     p.add_argument("--bits", type=int, default=8, help="scalar: integer bits, 2..8")
     p.add_argument("--rows-per-scale", type=int, default=1,
-                   help="scalar: consecutive output rows sharing one scale (1 = per row; head_dim = per attention head)")
+                   help="scalar: consecutive output rows sharing one scale (1 = per row; head_dim = per attention head; 0 = one per tensor)")
     p.add_argument("--iters", type=int, default=20, help="pq: k-means iterations")
     p.add_argument("--include", default=".", help="regex of layer names to quantize (default: every Linear/Embedding/Conv)")
     p.add_argument("--exclude", default=None, help="regex of layer names to leave in full precision")
