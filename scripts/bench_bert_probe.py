@@ -8,7 +8,6 @@ tensor (Q8BERT), token (dynamic, per row), channel (calibrated per input feature
 """
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 
@@ -54,7 +53,7 @@ def main(argv=None):
     probe = LogisticRegression(max_iter=2000, C=10.0).fit(nn.functional.normalize(e_tr, dim=-1).numpy(), ytr)
     schemes = {"fp32": lambda: enc, "dq": lambda: ptq.dynamic_int8(enc),
                **{f"ptq_int8 act per {g} (minmax)": lambda g=g: ptq.static_int8(
-                   enc, tr[: a.calib_batches], run, dataclasses.replace(q8bert(), act_granularity=g))
+                   enc, tr[: a.calib_batches], run, q8bert(act_granularity=g))
                   for g in ACT_GRANULARITIES},
                "int8 weights only": lambda: compressed(enc, 8), "int4 weights only": lambda: compressed(enc, 4)}
     res = {}
