@@ -129,11 +129,3 @@ class QuantNoiseConfig:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    @property
-    def act_qmin(self) -> int:
-        return -(2 ** (self.act_bits - 1) - 1) if self.act_symmetric else 0
-
-    @property
-    def act_qmax(self) -> int:
-        return 2 ** (self.act_bits - 1) - 1 if self.act_symmetric else 2**self.act_bits - 1
