@@ -12,6 +12,7 @@ from typing import Optional
 SCHEMES = ("drop", "scalar", "pq")
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "ema")
+ACT_GRANULARITIES = ("tensor", "token", "channel")
 
 
 def is_int(v) -> bool:
@@ -63,6 +64,8 @@ class QuantNoiseConfig:
     act_bits: Optional[int] = field(default=None, metadata={"help": "Linear input activations: integer bits 2..16; None = not quantized"})
     act_ema_momentum: float = field(default=0.01, metadata={"help": "activations: weight of the newest batch in the EMA of their range (training only)"})
     act_symmetric: bool = field(default=True, metadata={"help": "activations: symmetric grid on the EMA of max|x| (Q8BERT) | affine on EMA min/max"})
+    act_granularity: str = field(default="tensor", metadata={"help": "activations: one scale per tensor, EMA (Q8BERT) | token: per row, "
+                                                                     "from the row itself on every forward | channel: per input feature, EMA"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -110,6 +113,8 @@ class QuantNoiseConfig:
             raise bad("act_ema_momentum", "use a number in (0, 1]")
         if not isinstance(self.act_symmetric, bool):
             raise bad("act_symmetric", "use true or false")
+        if not isinstance(self.act_granularity, str) or self.act_granularity not in ACT_GRANULARITIES:
+            raise bad("act_granularity", f"choose one of {', '.join(ACT_GRANULARITIES)} (tensor for Q8BERT)")
         self.p, self.ema_momentum = float(self.p), float(self.ema_momentum)
         self.act_ema_momentum = float(self.act_ema_momentum)
         for name in ("block_size", "bits", "group_size", "n_centroids", "kmeans_iters", "refresh_every", "seed"):
@@ -124,11 +129,3 @@ class QuantNoiseConfig:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    @property
-    def act_qmin(self) -> int:
-        return -(2 ** (self.act_bits - 1) - 1) if self.act_symmetric else 0
-
-    @property
-    def act_qmax(self) -> int:
-        return 2 ** (self.act_bits - 1) - 1 if self.act_symmetric else 2**self.act_bits - 1

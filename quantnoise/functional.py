@@ -177,14 +177,31 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int,
     return saturate(fake_quantize_values(g, scale, zero, qmin, qmax), w.dtype).view_as(w)
 
 
-def activation_range(x: Tensor, symmetric: bool) -> Tuple[Tensor, Tensor]:
-    """Per-tensor range of an activation, 0-d (lo, hi): (-max|x|, max|x|) for the symmetric grid
-    (Q8BERT's EMA tracks max|x|), (min x, max x) for the affine one."""
-    lo, hi = torch.aminmax(x.detach())
+def activation_range(x: Tensor, symmetric: bool, granularity: str = "tensor") -> Tuple[Tensor, Tensor]:
+    """Range (lo, hi) of an activation x (..., in) per scale: 0-d for ``tensor`` (Q8BERT), (..., 1) for
+    ``token`` (each row of x: one scale per token, LLM.int8-style), (in,) for ``channel`` (each input
+    feature over all rows); broadcastable to x.  (-max|x|, max|x|) for the symmetric grid, (min, max)
+    for the affine one."""
+    x = x.detach()
+    if granularity == "tensor":
+        lo, hi = torch.aminmax(x)
+    elif granularity == "token":
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    else:
+        lo, hi = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
     if symmetric:
         a = torch.maximum(-lo, hi)
         return -a, a
     return lo, hi
+
+
+def fake_quantize_activation(x: Tensor, lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """x on the ``bits`` grid covering [lo, hi] (broadcastable to x, e.g. from ``activation_range``),
+    in x's dtype (scales and rounding in fp32 for fp16 / bf16), the gradient passed straight through."""
+    scale, zero = scalar_qparams(lo, hi, bits, symmetric)
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    q = fake_quantize_values(x.detach(), scale, zero, -qmax if symmetric else 0, qmax)
+    return straight_through(x, saturate(q, x.dtype))
 
 
 def block_qparams(scale: Tensor, zero: Tensor, idx: Tensor, blocks_per_row: int, block_size: int,

@@ -346,13 +346,15 @@ def module_kwargs(m: nn.Module) -> dict:
 
 @register_wrapper(nn.Linear)
 class QNLinear(QuantNoiseMixin, nn.Linear):
-    """With ``cfg.act_bits`` set, the input is also fake-quantized (Q8BERT, Zafrir et al. 2019): one
-    per-tensor scale from an EMA of its range, updated on training forwards and frozen in eval, the
-    gradient passed straight through; independent of the weight noise (activations always quantized)."""
+    """With ``cfg.act_bits`` set, the input is also fake-quantized (Q8BERT, Zafrir et al. 2019), the
+    gradient passed straight through, independent of the weight noise (activations always quantized).
+    ``cfg.act_granularity``: ``tensor`` (Q8BERT) one scale, ``channel`` one per input feature, both from
+    an EMA of the range updated on training forwards and frozen in eval; ``token`` one per row, from
+    the row itself on every forward (dynamic, no state)."""
 
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         super()._init_noise(cfg, name)
-        self.register_buffer("qn_act_lo", None, persistent=False)  # 0-d EMA of the input range
+        self.register_buffer("qn_act_lo", None, persistent=False)  # EMA of the input range: 0-d or (in,)
         self.register_buffer("qn_act_hi", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -363,23 +365,23 @@ class QNLinear(QuantNoiseMixin, nn.Linear):
         return F.linear(x, w, self.bias)
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """x on the act_bits grid.  Training: the EMA range is updated by this batch first (the first
-        batch sets it), then used; eval: the frozen range (this batch's own if none was ever set)."""
+        """x on the act_bits grid.  tensor / channel: in training the EMA range is updated by this batch
+        first (the first batch sets it), then used; in eval the frozen range (this batch's own if none
+        was ever set).  token: this batch's rows' own ranges, always."""
         cfg = self.qn_cfg
+        dynamic = cfg.act_granularity == "token"
         with torch.no_grad():
-            if self.training or self.qn_act_lo is None:
-                lo, hi = QF.activation_range(x, cfg.act_symmetric)
-            if self.training and not _in_backward():  # not an activation-checkpointing recompute
+            if dynamic or self.training or self.qn_act_lo is None:
+                lo, hi = QF.activation_range(x, cfg.act_symmetric, cfg.act_granularity)
+            if not dynamic and self.training and not _in_backward():  # not an activation-checkpointing recompute
                 if self.qn_act_lo is None:
                     self.qn_act_lo, self.qn_act_hi = lo.float(), hi.float()
                 else:
                     self.qn_act_lo.lerp_(lo.float(), cfg.act_ema_momentum)
                     self.qn_act_hi.lerp_(hi.float(), cfg.act_ema_momentum)
-            if self.qn_act_lo is not None:
+            if not dynamic and self.qn_act_lo is not None:
                 lo, hi = self.qn_act_lo, self.qn_act_hi
-            scale, zero = QF.scalar_qparams(lo.float(), hi.float(), cfg.act_bits, cfg.act_symmetric)
-            q = QF.saturate(QF.fake_quantize_values(x.detach(), scale, zero, cfg.act_qmin, cfg.act_qmax), x.dtype)
-        return QF.straight_through(x, q)
+        return QF.fake_quantize_activation(x, lo, hi, cfg.act_bits, cfg.act_symmetric)
 
 
 @register_wrapper(nn.Embedding)

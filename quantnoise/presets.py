@@ -28,11 +28,13 @@ Q8BERT_LAYERS = (r"(^|\.)(word_embeddings|position_embeddings|embed_tokens|embed
                  r"|query|key|value|q_proj|k_proj|v_proj|out_proj|dense|fc1|fc2|classifier)$")
 
 
-def q8bert(act_ema_momentum: float = 0.01, seed: int = 0, include: str = Q8BERT_LAYERS) -> QuantNoiseConfig:
-    """Q8BERT: int8 symmetric weights (Linear + word/position embeddings) and int8 Linear inputs, QAT."""
+def q8bert(act_ema_momentum: float = 0.01, seed: int = 0, include: str = Q8BERT_LAYERS,
+           act_granularity: str = "tensor") -> QuantNoiseConfig:
+    """Q8BERT: int8 symmetric weights (Linear + word/position embeddings) and int8 Linear inputs, QAT.
+    ``act_granularity``: "tensor" is the paper's one scale per Linear input; "token" / "channel" are finer."""
     return QuantNoiseConfig(scheme="scalar", p=1.0, bits=8, symmetric=True, granularity="channel", block_size=8,
                             eval_quantized=True, act_bits=8, act_symmetric=True, act_ema_momentum=act_ema_momentum,
-                            include=include, seed=seed)
+                            act_granularity=act_granularity, include=include, seed=seed)
 
 
 def qn_int4(p: float = 0.5, seed: int = 0, include: str = Q8BERT_LAYERS) -> QuantNoiseConfig:

@@ -1,6 +1,8 @@
 """Post-training quantization of the pretrained all-MiniLM-L6-v2 sentence encoder, judged by a
 linear probe: logistic regression on the fp32 encoder's mean-pooled TRAIN embeddings, then TEST
-accuracy with each scheme's encoder under the same probe, and the embedding cosine to fp32.
+accuracy with each scheme's encoder under the same probe, and the embedding cosine to fp32.  Static
+PTQ (int8 weights per row + int8 Linear inputs, min-max) once per activation scale granularity:
+tensor (Q8BERT), token (dynamic, per row), channel (calibrated per input feature).
 
     python scripts/bench_bert_probe.py TRAIN.tsv TEST.tsv [--calib-batches 8]
 """
@@ -14,6 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from quantnoise import hf, ptq
+from quantnoise.config import ACT_GRANULARITIES
 from quantnoise.ipq import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert
 
@@ -48,12 +51,14 @@ def main(argv=None):
 
     e_tr, ref = emb(enc, tr), emb(enc, te)
     probe = LogisticRegression(max_iter=2000, C=10.0).fit(nn.functional.normalize(e_tr, dim=-1).numpy(), ytr)
-    schemes = {"fp32": enc, "dq": ptq.dynamic_int8(enc),
-               "ptq_int8 (minmax)": ptq.static_int8(enc, tr[: a.calib_batches], run, q8bert()),
-               "int8 weights only": compressed(enc, 8), "int4 weights only": compressed(enc, 4)}
+    schemes = {"fp32": lambda: enc, "dq": lambda: ptq.dynamic_int8(enc),
+               **{f"ptq_int8 act per {g} (minmax)": lambda g=g: ptq.static_int8(
+                   enc, tr[: a.calib_batches], run, q8bert(act_granularity=g))
+                  for g in ACT_GRANULARITIES},
+               "int8 weights only": lambda: compressed(enc, 8), "int4 weights only": lambda: compressed(enc, 4)}
     res = {}
-    for name, model in schemes.items():
-        e = ref if name == "fp32" else emb(model, te)
+    for name, build in schemes.items():  # built one at a time: one model copy in memory
+        e = ref if name == "fp32" else emb(build(), te)
         acc = float((probe.predict(nn.functional.normalize(e, dim=-1).numpy()) == yte).mean())
         res[name] = {"acc": round(acc, 4), "cos": round(hf.cosine(e, ref), 5)}
         print(f"{name}: probe test acc {acc:.4f}, cosine to fp32 {res[name]['cos']:.5f}", flush=True)

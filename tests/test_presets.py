@@ -17,8 +17,9 @@ def bert_cls():
 
 def test_q8bert_config_is_int8_qat_with_int8_activations():
     c = q8bert()
-    assert (c.scheme, c.p, c.bits, c.symmetric, c.eval_quantized, c.act_bits, c.act_symmetric) == \
-        ("scalar", 1.0, 8, True, True, 8, True)
+    assert (c.scheme, c.p, c.bits, c.symmetric, c.eval_quantized, c.act_bits, c.act_symmetric, c.act_granularity) == \
+        ("scalar", 1.0, 8, True, True, 8, True, "tensor")  # one activation scale per tensor, as in the paper
+    assert q8bert(act_granularity="channel").act_granularity == "channel"
     assert qn_int4(0.25).bits == 4 and qn_int4(0.25).p == 0.25 and qn_int4().act_bits is None
 
 

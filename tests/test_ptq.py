@@ -78,3 +78,30 @@ def test_bad_calibration_settings():
         ptq.calibrate(mlp(), [], run, QuantNoiseConfig(act_bits=8))
     with pytest.raises(ValueError, match="act_bits"):
         ptq.static_int8(mlp(), [torch.randn(2, 16)], run, QuantNoiseConfig(scheme="scalar"))
+
+
+def test_channel_calibration_is_per_input_feature():
+    model = mlp()
+    xs = [torch.randn(5, 16), 4 * torch.randn(3, 2, 16)]
+    cfg = QuantNoiseConfig(act_bits=8, act_granularity="channel")
+    r = ptq.calibrate(model, xs, run, cfg, "minmax")
+    a = torch.maximum(xs[0].abs().amax(0), xs[1].abs().amax((0, 1)))  # (16,): extreme over batches and rows
+    assert torch.equal(r["0"][1], a) and torch.equal(r["0"][0], -a)
+    r = ptq.calibrate(model, xs[:1], run, cfg, "percentile", 80.0)
+    assert torch.equal(r["0"][1], xs[0].abs().sort(0).values[3])  # 4th of 5 values per column
+
+
+def test_static_int8_channel_and_token_match_references():
+    model = mlp()
+    xs = [torch.randn(6, 16) for _ in range(2)]
+    base = dict(scheme="scalar", p=1.0, bits=8, eval_quantized=True, block_size=8, act_bits=8)
+    x = 3 * torch.randn(2, 16)
+    w = model[0].weight.detach()
+    sw = w.abs().amax(1, keepdim=True) / 127
+    wq = torch.clamp(torch.round(w / sw), -127, 127) * sw
+    for gran, a in (("channel", torch.maximum(*(x_.abs().amax(0) for x_ in xs))), ("token", x.abs().amax(1, keepdim=True))):
+        q = ptq.static_int8(model, xs, run, QuantNoiseConfig(**base, act_granularity=gran))
+        assert (q[0].qn_act_hi is None) == (gran == "token")  # per-token scales are never calibrated
+        s = a / 127
+        xq = torch.clamp(torch.round(x / s), -127, 127) * s
+        assert torch.equal(q[0](x), nn.functional.linear(xq, wq, model[0].bias))

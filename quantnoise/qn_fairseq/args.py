@@ -17,7 +17,7 @@ from torch import nn
 
 from quantnoise import QuantNoiseConfig, quantize_
 from quantnoise.checkpoint import FAIRSEQ_QN_FIELDS  # fairseq's own fields, reinterpreted by our archs
-from quantnoise.config import SCHEMES
+from quantnoise.config import ACT_GRANULARITIES, SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ FLAGS = {
     "seed": "--quant-noise-seed", "granularity": "--quant-noise-granularity",
     "refresh_every": "--quant-noise-refresh-every",
     "act_bits": "--quant-noise-act-bits", "act_ema_momentum": "--quant-noise-act-ema-momentum",
-    "act_symmetric": "--quant-noise-act-symmetric",
+    "act_symmetric": "--quant-noise-act-symmetric", "act_granularity": "--quant-noise-act-granularity",
 }
 
 
@@ -49,6 +49,7 @@ class QuantNoiseArgs:
     quant_noise_act_bits: Optional[int] = field(default=None, metadata={"help": "fake-quantize the input activations of noised Linear layers to N bits (Q8BERT: 8), EMA range; default: float"})
     quant_noise_act_ema_momentum: float = field(default=0.01, metadata={"help": "activations: weight of the newest batch in the EMA of their range"})
     quant_noise_act_symmetric: bool = field(default=True, metadata={"help": "activations: symmetric grid on max|x| (Q8BERT) instead of affine min/max"})
+    quant_noise_act_granularity: ChoiceEnum(ACT_GRANULARITIES) = field(default="tensor", metadata={"help": "activations: one scale per tensor (Q8BERT) | token (per row, dynamic) | channel (per input feature, EMA)"})
     ipq_plan: Optional[str] = field(default=None, metadata={"help": "iPQ stage plan YAML: quantize layers stage by stage and fine-tune their centroids (docs/ipq_export.md)"})
 
 
@@ -74,7 +75,8 @@ def noise_config(args) -> Optional[QuantNoiseConfig]:
               include=args.quant_noise_layers or None, exclude=args.quant_noise_exclude or None,
               eval_quantized=bool(args.quant_noise_eval_quantized), seed=int(args.quant_noise_seed),
               act_bits=None if args.quant_noise_act_bits is None else int(args.quant_noise_act_bits),
-              act_ema_momentum=float(args.quant_noise_act_ema_momentum), act_symmetric=bool(args.quant_noise_act_symmetric))
+              act_ema_momentum=float(args.quant_noise_act_ema_momentum), act_symmetric=bool(args.quant_noise_act_symmetric),
+              act_granularity=str(args.quant_noise_act_granularity))
     if fs_pq > 0:
         kw.update(scheme="drop", p=fs_pq, block_size=int(getattr(args, "quant_noise_pq_block_size", 8)))
     elif fs_scalar > 0:

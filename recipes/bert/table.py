@@ -288,6 +288,7 @@ class Run:
         calib = self.train[: self.cfg["calib_batches"]]
         return {"dq": hf.cosine(emb(ptq.dynamic_int8(enc)), ref),
                 "ptq_int8_minmax": hf.cosine(emb(ptq.static_int8(enc, calib, run, q8bert())), ref),
+                "ptq_int8_act_per_token": hf.cosine(emb(ptq.static_int8(enc, calib, run, q8bert(act_granularity="token"))), ref),
                 "int8_weights_only": hf.cosine(emb(compressed(enc, 8)), ref),
                 "int4_weights_only": hf.cosine(emb(compressed(enc, 4)), ref)}
 

@@ -92,6 +92,20 @@ def test_untyped_model_nodes_reject_misspelt_quant_noise_keys():
         noise_config(compose("translation_tiny", ["+model.quant_noise_rate=0.1"]).model)
 
 
+def test_act_granularity_option_reaches_the_core_config_and_a_bad_value_names_the_flag():
+    from argparse import Namespace
+
+    from fairseq import utils
+
+    utils.import_user_module(Namespace(user_dir=USER_DIR))
+    from qn_fairseq.args import noise_config
+
+    over = ["quant_noise=q8bert", "model.quant_noise_act_granularity="]
+    assert noise_config(compose("roberta_tiny", [over[0], over[1] + "token"]).model).act_granularity == "token"
+    with pytest.raises(SystemExit, match="--quant-noise-act-granularity='row' is invalid: choose one of tensor"):
+        noise_config(compose("roberta_tiny", [over[0], over[1] + "row"]).model)
+
+
 @pytest.mark.parametrize("launcher", [["+cluster=slurm"], ["hydra/launcher=submitit_slurm"]])
 def test_slurm_launcher_setting_composes(launcher):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pinned in scripts/requirements.txt")
