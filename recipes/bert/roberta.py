@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
+import platform
 import re
 import shutil
 import sys
 import threading
+import time
 from argparse import Namespace
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -39,6 +42,7 @@ SIZES = {  # the same budget for fp32, int8 QAT and Quant-Noise int4; texts cut 
 }
 TRAININGS = {"fp32": [], "int8_qat": noise_flags("q8bert"), "qn_int4": noise_flags("scalar_int4")}
 WORD = re.compile(r"\w+|[^\w\s]")
+DEV_ACC = re.compile(r"valid on 'valid' subset \|.*?\| accuracy ([0-9.]+)")
 
 
 def words(text: str, max_len: int) -> str:
@@ -59,13 +63,14 @@ def route_attention(model) -> None:
 class RobertaRecipe(Recipe):
     def __init__(self, a):
         super().__init__(a.train, a.dev, a.test, a.outdir, a.size, a.jobs)
+        self.args, self.load0 = a, os.getloadavg()[0]
         ytr, xtr = hf.read_tsv(a.train)
         self.labels = sorted(set(ytr))
         self.tsv = {"train": (ytr, xtr), "dev": hf.read_tsv(a.dev, self.labels), "test": hf.read_tsv(a.test, self.labels)}
         s = SIZES[a.size]
         updates = s["epochs"] * math.ceil(len(xtr) / s["batch"])
         self.s, self.seed = {**s, "updates": updates, "warmup": max(1, updates // 10)}, a.seed
-        self._models, self.load_lock = {}, threading.Lock()
+        self._n_params, self.load_lock = None, threading.Lock()
         torch.set_num_threads(1)
         from fairseq import utils  # the plugin, before the steps' threads: it allowlists argparse.Namespace in
 
@@ -80,25 +85,28 @@ class RobertaRecipe(Recipe):
                 "--encoder-ffn-embed-dim", s["ffn"], "--encoder-attention-heads", s["heads"], "--dropout", "0.1",
                 "--attention-dropout", "0.1", "--batch-size", s["batch"], "--required-batch-size-multiple", "1",
                 "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--weight-decay", "0.01", "--clip-norm", "1.0",
-                "--lr-scheduler", "polynomial_decay", "--total-num-update", self.s['updates'], "--seed", self.seed,
-                "--num-workers", "0", "--log-format", "simple", "--log-interval", max(1, self.s['updates'] // 10),
-                "--disable-validation", "--no-epoch-checkpoints", "--save-interval", "1000", "--no-progress-bar"]
+                "--lr-scheduler", "polynomial_decay", "--total-num-update", self.s["updates"], "--seed", self.seed,
+                "--num-workers", "0", "--log-format", "simple", "--log-interval", max(1, self.s["updates"] // 10),
+                "--no-epoch-checkpoints", "--save-interval", "1000", "--no-progress-bar"]
 
     def preprocess(self) -> dict:
         """input0 (words) and label files of TRAIN, binarized with ``fairseq-preprocess --only-source``
         into data-bin/input0 (dictionary: TRAIN words seen THRESHOLD times) and data-bin/label."""
-        ys, xs = self.tsv["train"]
         txt = self.out / "text"
-        atomic_write_text(txt / "train.input0", "".join(words(x, self.s["max_len"]) + "\n" for x in xs))
-        atomic_write_text(txt / "train.label", "".join(y + "\n" for y in ys))
+        for split in ("train", "dev"):
+            ys, xs = self.tsv[split]
+            atomic_write_text(txt / f"{split}.input0", "".join(words(x, self.s["max_len"]) + "\n" for x in xs))
+            atomic_write_text(txt / f"{split}.label", "".join(y + "\n" for y in ys))
         tmp = self.out / "data-bin.tmp"
-        for field, thr in (("input0", THRESHOLD), ("label", 0)):
+        shutil.rmtree(tmp, ignore_errors=True)
+        for field, thr in (("input0", THRESHOLD), ("label", 0)):  # DEV as fairseq's valid: its accuracy per epoch
             self.sh("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", txt / f"train.{field}",
-                                   "--destdir", tmp / field, "--workers", "1", "--thresholdsrc", thr], "preprocess")
+                                   "--validpref", txt / f"dev.{field}", "--destdir", tmp / field, "--workers", "1",
+                                   "--thresholdsrc", thr], "preprocess")
         shutil.rmtree(self.data, ignore_errors=True)
         tmp.replace(self.data)
         return {"vocab": sum(1 for _ in open(self.data / "input0" / "dict.txt", encoding="utf-8")),
-                "labels": len(self.labels), "updates": self.s['updates']}
+                "labels": len(self.labels), "updates": self.s["updates"]}
 
     def load(self, path: pathlib.Path):
         """(model, task) of a checkpoint or .qnz, with the plugin; eval mode, attention routed."""
@@ -129,6 +137,11 @@ class RobertaRecipe(Recipe):
                     pred[i] = lab[p + lab.nspecial]
         return sum(p == y for p, y in zip(pred, self.tsv[split][0])) / len(pred)
 
+    def dev_curve(self, name: str) -> list:
+        """DEV accuracy after each epoch of a training (fairseq-train's validation, last run in its log)."""
+        text = (self.out / "logs" / f"train_{name}.log").read_text(errors="replace").rsplit("\n$ ", 1)[-1]
+        return [float(a) / 100 for a in DEV_ACC.findall(text)]
+
     def score(self, model, task, nbytes: int, dev: bool = False) -> dict:
         res = {"acc": self.accuracy(model, task, "test"), "bytes": nbytes,
                "avg_bits": round(8.0 * nbytes / self.n_params(), 3)}
@@ -137,9 +150,9 @@ class RobertaRecipe(Recipe):
         return res
 
     def n_params(self) -> int:
-        if "n" not in self._models:
-            self._models["n"] = hf.n_params(self.load(self.ckpt("fp32"))[0])
-        return self._models["n"]
+        if self._n_params is None:  # of the fp32 model (tied weights once), the denominator of avg_bits
+            self._n_params = hf.n_params(self.load(self.ckpt("fp32"))[0])
+        return self._n_params
 
     def ckpt(self, name: str) -> pathlib.Path:
         return pathlib.Path(self.r(f"train_{name}")["checkpoint"])
@@ -173,12 +186,13 @@ class RobertaRecipe(Recipe):
 
     def row_fp32(self) -> dict:
         qnz = self.qnz("fp32", "fp32")
-        return {**self.score(*self.load(qnz), qnz.stat().st_size, dev=True), "note": "the fp32 .qnz (fp32 rest) evaluated"}
+        return {**self.score(*self.load(qnz), qnz.stat().st_size, dev=True), "dev_curve": self.dev_curve("fp32"),
+                "note": "the fp32 .qnz (fp32 rest) evaluated"}
 
     def row_int8_qat(self) -> dict:
         qnz = self.qnz("int8_qat", "int8_qat", 8)
         res = self.score(*self.load(self.ckpt("int8_qat")), qnz.stat().st_size, dev=True)
-        res["qnz_acc"] = self.accuracy(*self.load(qnz), "test")
+        res.update(qnz_acc=self.accuracy(*self.load(qnz), "test"), dev_curve=self.dev_curve("int8_qat"))
         res["note"] = "Q8BERT flags (int8 weights + int8 Linear inputs, EMA ranges) evaluated; bytes of its int8 .qnz"
         return res
 
@@ -211,7 +225,7 @@ class RobertaRecipe(Recipe):
 
     def row_qn_int4(self) -> dict:
         qnz = self.qnz("qn_int4", "qn_int4", 4)
-        return {**self.score(*self.load(qnz), qnz.stat().st_size, dev=True),
+        return {**self.score(*self.load(qnz), qnz.stat().st_size, dev=True), "dev_curve": self.dev_curve("qn_int4"),
                 "note": "Quant-Noise scalar int4 p=0.5 training, then its int4 .qnz"}
 
     # ------------------------------------------------------------------ results
@@ -231,14 +245,18 @@ class RobertaRecipe(Recipe):
         rows = ["| scheme | test acc | rel. error vs fp32 | bytes | avg bits/param | note |", "|---|---|---|---|---|---|"]
         rows += [f"| {k} | {r['acc']:.4f} | {100 * r['rel_err']:+.2f}% | {r['bytes']:,} | {r['avg_bits']:.2f} | "
                  f"{r.get('note', '')} |" for k, r in res.items()]
-        cpu = self.cpu_account()
-        text = (f"# Q8BERT table: fairseq RoBERTa from scratch (sentence_prediction), size={self.size}\n\n"
+        cpu, a = self.cpu_account(), self.args
+        text = (f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --model roberta --size {a.size} "
+                f"--jobs {a.jobs} --seed {a.seed}`\n\n"
+                f"# Q8BERT table: fairseq RoBERTa from scratch (sentence_prediction), size={self.size}\n\n"
                 f"{s['layers']} layers, {s['dim']}-d, FFN {s['ffn']}, {s['heads']} heads, {self.n_params():,} parameters; "
                 f"vocabulary {p['vocab']} words, {len(self.labels)} labels; {len(self.tsv['train'][0])} train / "
                 f"{len(self.tsv['dev'][0])} dev / {len(self.tsv['test'][0])} test lines; {self.s['updates']} updates of "
                 f"batch {s['batch']} (lr {s['lr']}) per training.\n\n" + "\n".join(rows) +
-                f"\n\nCPU seconds: fairseq processes {cpu['fairseq_total_s']}, this driver {cpu['driver_s']} "
-                f"(evaluation, quantize, export).\n")
+                f"\n\nThis invocation: {time.time() - self.t0:.0f} s wall; CPU seconds of the fairseq processes "
+                f"{cpu['fairseq_total_s']} (all runs of this OUTDIR), of this driver {cpu['driver_s']} (evaluation, "
+                f"quantize, export); 1-min load average {self.load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
+                f"host {platform.node()}, torch {torch.__version__}, {os.cpu_count()} CPUs.\n")
         atomic_write_text(self.out / "results.md", text)
         return {"results": str(self.out / "results.json")}
 

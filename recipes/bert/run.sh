@@ -16,7 +16,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if [ $# -lt 4 ]; then
-  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]" >&2
+  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--model minilm|roberta] [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]" >&2
   exit 2
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
