@@ -92,6 +92,8 @@ def test_roberta_tiny_end_to_end_and_resume(data, tmp_path):
         assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and r["avg_bits"] > 0
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["fp32"]["bytes"]
     assert res["qn_int4"]["bytes"] < res["ptq"]["bytes"] and res["dq"]["bytes"] < res["fp32"]["bytes"]
+    for name in ("fp32", "int8_qat"):  # the recipe's own DEV evaluation agrees with fairseq-train's validation
+        assert abs(res[name]["dev_acc"] - res[name]["dev_curve"][-1]) < 1e-3
     assert (out / "data-bin" / "input0" / "dict.txt").is_file() and (out / "data-bin" / "label" / "dict.txt").is_file()
     assert "--quant-noise-act-bits 8" in (out / "logs" / "train_int8_qat.log").read_text()
     assert "| qn_int4 |" in (out / "results.md").read_text()

@@ -67,7 +67,7 @@ class RobertaRecipe(Recipe):
         ytr, xtr = hf.read_tsv(a.train)
         self.labels = sorted(set(ytr))
         self.tsv = {"train": (ytr, xtr), "dev": hf.read_tsv(a.dev, self.labels), "test": hf.read_tsv(a.test, self.labels)}
-        s = SIZES[a.size]
+        s = {**SIZES[a.size], **{k: v for k, v in (("epochs", a.epochs), ("lr", a.lr)) if v is not None}}
         updates = s["epochs"] * math.ceil(len(xtr) / s["batch"])
         self.s, self.seed = {**s, "updates": updates, "warmup": max(1, updates // 10)}, a.seed
         self._n_params, self.load_lock = None, threading.Lock()
@@ -246,14 +246,18 @@ class RobertaRecipe(Recipe):
         rows += [f"| {k} | {r['acc']:.4f} | {100 * r['rel_err']:+.2f}% | {r['bytes']:,} | {r['avg_bits']:.2f} | "
                  f"{r.get('note', '')} |" for k, r in res.items()]
         cpu, a = self.cpu_account(), self.args
-        text = (f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --model roberta --size {a.size} "
-                f"--jobs {a.jobs} --seed {a.seed}`\n\n"
-                f"# Q8BERT table: fairseq RoBERTa from scratch (sentence_prediction), size={self.size}\n\n"
+        extra = "".join(f" --{k} {getattr(a, k)}" for k in ("epochs", "lr") if getattr(a, k) is not None)
+        dev = "; ".join(f"{k} {res[k]['dev_acc']:.4f}" + (f" (after each epoch: {', '.join(f'{v:.3f}' for v in res[k]['dev_curve'])})"
+                                                         if "dev_curve" in res[k] else "") for k in res if "dev_acc" in res[k])
+        text = (f"# Q8BERT table: fairseq RoBERTa from scratch (sentence_prediction), size={self.size}\n\n"
+                f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --model roberta --size {a.size} "
+                f"--jobs {a.jobs} --seed {a.seed}{extra}`\n\n"
                 f"{s['layers']} layers, {s['dim']}-d, FFN {s['ffn']}, {s['heads']} heads, {self.n_params():,} parameters; "
                 f"vocabulary {p['vocab']} words, {len(self.labels)} labels; {len(self.tsv['train'][0])} train / "
                 f"{len(self.tsv['dev'][0])} dev / {len(self.tsv['test'][0])} test lines; {self.s['updates']} updates of "
                 f"batch {s['batch']} (lr {s['lr']}) per training.\n\n" + "\n".join(rows) +
-                f"\n\nThis invocation: {time.time() - self.t0:.0f} s wall; CPU seconds of the fairseq processes "
+                f"\n\nDEV accuracy: {dev}; PTQ calibration chosen on DEV: {res['ptq']['method']} {res['ptq']['percentile']} "
+                f"({res['ptq']['calib_batches']} TRAIN batches).\n\nThis invocation: {time.time() - self.t0:.0f} s wall; CPU seconds of the fairseq processes "
                 f"{cpu['fairseq_total_s']} (all runs of this OUTDIR), of this driver {cpu['driver_s']} (evaluation, "
                 f"quantize, export); 1-min load average {self.load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
                 f"host {platform.node()}, torch {torch.__version__}, {os.cpu_count()} CPUs.\n")
@@ -273,12 +277,14 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--jobs", type=int, default=2, help="steps at once (one thread each)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=None, help="override the size's training epochs")
+    ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     a = ap.parse_args(argv)
     try:
-        if a.jobs < 1:
-            raise ValueError(f"--jobs {a.jobs}: must be >= 1")
+        if a.jobs < 1 or (a.epochs is not None and a.epochs < 1) or (a.lr is not None and not a.lr > 0):
+            raise ValueError(f"--jobs {a.jobs} / --epochs {a.epochs} / --lr {a.lr}: jobs and epochs must be >= 1, lr > 0")
         recipe = RobertaRecipe(a)  # reads and checks the three TSVs before anything is written
-        stamp, fp = a.outdir / "recipe.json", {"model": "roberta", "seed": a.seed,
+        stamp, fp = a.outdir / "recipe.json", {"model": "roberta", "seed": a.seed, "epochs": a.epochs, "lr": a.lr,
                                                 **fingerprint((a.train, a.dev, a.test), a.size)}
         if stamp.is_file() and json.loads(stamp.read_text()) != fp:
             raise ValueError(f"OUTDIR {a.outdir} holds a run with other inputs, size or seed ({stamp}); pass a new OUTDIR")
