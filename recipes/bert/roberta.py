@@ -38,7 +38,7 @@ from table import ORDER, PTQ_CANDIDATES, torch_save_bytes  # noqa: E402
 HEAD = "sentence_classification_head"
 SIZES = {  # the same budget for fp32, int8 QAT and Quant-Noise int4; texts cut to max_len - 2 words
     "tiny": dict(layers=1, dim=32, ffn=64, heads=2, max_len=16, batch=4, epochs=1, lr=1e-3, calib_batches=1),
-    "small": dict(layers=2, dim=128, ffn=512, heads=4, max_len=64, batch=32, epochs=8, lr=5e-4, calib_batches=8),
+    "small": dict(layers=2, dim=128, ffn=512, heads=4, max_len=64, batch=32, epochs=3, lr=5e-4, calib_batches=8),
 }
 TRAININGS = {"fp32": [], "int8_qat": noise_flags("q8bert"), "qn_int4": noise_flags("scalar_int4")}
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -140,7 +140,7 @@ class RobertaRecipe(Recipe):
     def dev_curve(self, name: str) -> list:
         """DEV accuracy after each epoch of a training (fairseq-train's validation, last run in its log)."""
         text = (self.out / "logs" / f"train_{name}.log").read_text(errors="replace").rsplit("\n$ ", 1)[-1]
-        return [float(a) / 100 for a in DEV_ACC.findall(text)]
+        return [round(float(a) / 100, 4) for a in DEV_ACC.findall(text)]
 
     def score(self, model, task, nbytes: int, dev: bool = False) -> dict:
         res = {"acc": self.accuracy(model, task, "test"), "bytes": nbytes,
