@@ -38,7 +38,7 @@ from table import ORDER, PTQ_CANDIDATES, torch_save_bytes  # noqa: E402
 HEAD = "sentence_classification_head"
 SIZES = {  # the same budget for fp32, int8 QAT and Quant-Noise int4; texts cut to max_len - 2 words
     "tiny": dict(layers=1, dim=32, ffn=64, heads=2, max_len=16, batch=4, epochs=1, lr=1e-3, calib_batches=1),
-    "small": dict(layers=2, dim=128, ffn=512, heads=4, max_len=64, batch=32, epochs=3, lr=5e-4, calib_batches=8),
+    "small": dict(layers=2, dim=128, ffn=512, heads=4, max_len=64, batch=32, epochs=5, lr=5e-4, calib_batches=8),
 }
 TRAININGS = {"fp32": [], "int8_qat": noise_flags("q8bert"), "qn_int4": noise_flags("scalar_int4")}
 WORD = re.compile(r"\w+|[^\w\s]")
