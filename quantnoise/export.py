@@ -3,7 +3,7 @@
 Layout (format version 1).  A safetensors file whose ``__metadata__`` holds
   - ``qnz``: the JSON map  {"format": "quantnoise.qnz", "format_version": 1, "fairseq": {"cfg": ...,
     "num_updates": N}, "layers": {name: {"scheme": "pq"|"scalar", "shape": [...], ...}},
-    "dense": {key: {"dtype": original dtype}}, "aliases": {key: target key}, "crc32": {tensor: crc}};
+    "dense": {key: {"dtype": original dtype}}, "aliases": {key: target layer or dense key}, "crc32": {tensor: crc}};
   - ``qnz_crc32``: the CRC-32 of that JSON text (a damaged map is caught before it is trusted).
 and the tensors
   - pq layer L:      ``L.codes`` uint8 (k <= 256) | int16, ``L.centroids`` fp16 | int8
@@ -146,16 +146,19 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
                 meta["layers"][name]["rows_per_scale"] = shape[0] // scale.shape[0]
             weight = (q.float().reshape(scale.shape[0], -1) * scale.float().reshape(-1, 1)).reshape(shape)
         decoded.setdefault(tuple(shape), []).append((name, weight))
-    rest = DTYPES[opts.rest_dtype]
+    rest, stored = DTYPES[opts.rest_dtype], {}  # stored: (storage, offset, shape, stride, dtype) -> dense key
     for key, t in state.items():
         if key in owned:
             continue
         t = t.detach()
         tied = next((n for n, w in decoded.get(tuple(t.shape), []) if t.dtype.is_floating_point
                      and torch.equal(t.float(), w.float())), None)
-        if tied is not None:  # e.g. an output projection tied to a quantized embedding
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        tied = tied or (stored.get(view) if t.numel() else None)  # or the same memory as a dense tensor (tied, fp32)
+        if tied is not None:  # e.g. an output projection tied to a (quantized) embedding
             meta["aliases"][key] = tied
             continue
+        stored[view] = key
         meta["dense"][key] = {"dtype": dtype_name(t.dtype)}
         if rest == torch.float16 and t.dtype.is_floating_point:
             t = _to_fp16(t, key, "export with --rest float32")
@@ -381,7 +384,7 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
     """ValueError (why, one line) unless the JSON map describes exactly the stored tensors: every layer's
     shape, block size, codebook size, bits and pack width agree with its tensors' shapes and dtypes;
     codes lie in [0, k) and packed int values in the int-N range; scales are positive and finite; every
-    tensor belongs to exactly one layer or dense entry; aliases point at a compressed layer."""
+    tensor belongs to exactly one layer or dense entry; aliases point at a compressed layer or a dense tensor."""
     layers, dense, aliases = (_object(meta.get(k), repr(k)) for k in ("layers", "dense", "aliases"))
     fs = meta.get("fairseq")
     if fs is not None:
@@ -410,8 +413,8 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
         _need(stored_ok, f"tensor {key!r} is {dtype_name(t.dtype)} but the map says it is a {e['dtype']} tensor")
         owned[key] = key
     for key, target in aliases.items():
-        _need(isinstance(target, str) and target in layers,
-              f"alias {key!r} points to {target!r}, which is no compressed layer of the file")
+        _need(isinstance(target, str) and (target in layers or target in dense),
+              f"alias {key!r} points to {target!r}, which is no compressed layer or dense tensor of the file")
         _need(key not in dense and key not in weights, f"alias {key!r} would overwrite a stored weight")
     extra = sorted(set(tensors) - set(owned))
     _need(not extra, f"tensors {extra[:3]} belong to no layer of its map")
@@ -437,7 +440,7 @@ def decode(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, Tensor]:
         for key, e in meta["dense"].items():
             state[key] = tensors[key].to(DTYPES[e["dtype"]])
         for key, target in meta["aliases"].items():
-            state[key] = state[f"{target}.weight"]
+            state[key] = state[target] if target in meta["dense"] else state[f"{target}.weight"]
     except (KeyError, RuntimeError, TypeError) as err:
         raise ValueError(f"the .qnz map does not match its tensors ({type(err).__name__}: {err}); the file is "
                          f"corrupt: re-export it") from None
@@ -477,7 +480,7 @@ def layer_sizes(tensors: Dict[str, Tensor], meta: dict) -> List[dict]:
                      "bytes": n * t.element_size(), "bound_bits": n * t.element_size() * 8,
                      "fp32_bytes": 4 * n if DTYPES[e["dtype"]].is_floating_point else n * t.element_size()})
     for key, target in meta["aliases"].items():
-        shape = meta["layers"][target]["shape"]
+        shape = meta["layers"][target]["shape"] if target in meta["layers"] else list(tensors[target].shape)
         rows.append({"name": key, "scheme": f"alias of {target}", "shape": shape, "numel": math.prod(shape),
                      "bytes": 0, "bound_bits": 0, "fp32_bytes": 0})  # a tied tensor is stored once in fp32 too
     return rows

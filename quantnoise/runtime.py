@@ -305,7 +305,13 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
         if freed > RELEASE_EVERY:  # int8: the file's bytes, their int8 form and fbgemm's packing leave holes
             release_freed_memory()
             freed = 0
+    for key, e in meta["dense"].items():
+        _set_tensor(model, key, tensors.pop(key).to(DTYPES[e["dtype"]]))
     for key, target in meta["aliases"].items():
+        if target in meta["dense"]:  # a tied copy of an uncompressed tensor: the same tensor
+            owner, _, attr = target.rpartition(".")
+            _set_tensor(model, key, getattr(model.get_submodule(owner), attr).data)
+            continue
         owner, _, attr = key.rpartition(".")
         like, src = model.get_submodule(owner), built.get(target)
         if attr == "weight" and isinstance(like, nn.Linear) and src is not None and owner not in built:
@@ -317,8 +323,6 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
         else:  # e.g. RoBERTa's lm_head.weight, a bare Parameter read by F.linear
             logger.warning("runtime: %s is a tied copy of %s that is not a Linear layer; decoding it", key, target)
             _set_tensor(model, key, built[target].weight if target in built else model.get_submodule(target).weight)
-    for key, e in meta["dense"].items():
-        _set_tensor(model, key, tensors.pop(key).to(DTYPES[e["dtype"]]))
     release_freed_memory()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

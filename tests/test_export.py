@@ -60,6 +60,19 @@ def test_tied_copy_is_stored_once_as_an_alias(tmp_path):
     assert torch.equal(out["head.weight"], out["0.weight"])
 
 
+def test_tied_uncompressed_tensor_is_stored_once(tmp_path):
+    emb = nn.Embedding(300, 16)
+    state = {"emb.weight": emb.weight.detach(), "head.weight": emb.weight.detach(), "head.bias": torch.zeros(300)}
+    opts = export.ExportOptions(rest_dtype="float32")
+    meta = export.save_qnz(tmp_path / "tied.qnz", state, {}, opts)
+    assert meta["aliases"] == {"head.weight": "emb.weight"} and set(meta["dense"]) == {"emb.weight", "head.bias"}
+    export.save_qnz(tmp_path / "copy.qnz", {**state, "head.weight": emb.weight.detach().clone()}, {}, opts)  # 2 copies
+    assert (tmp_path / "copy.qnz").stat().st_size - (tmp_path / "tied.qnz").stat().st_size >= 300 * 16 * 4 - 64
+    out, _ = export.load_qnz(tmp_path / "tied.qnz")
+    assert torch.equal(out["head.weight"], emb.weight) and out["head.weight"] is out["emb.weight"]
+    assert [r["bytes"] for r in export.layer_sizes(*export.read_qnz(tmp_path / "tied.qnz")) if r["name"] == "head.weight"] == [0]
+
+
 def test_sizes_and_bound():
     _, state = compressed_state()
     tensors, meta = export.encode(state, {}, export.ExportOptions())

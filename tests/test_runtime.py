@@ -177,6 +177,17 @@ def test_tied_output_projection_shares_the_embedding_codes():
     torch.testing.assert_close(model.out(x), x @ ref.t(), atol=1e-4, rtol=1e-4)
 
 
+def test_tied_uncompressed_weight_is_filled_as_the_same_tensor():
+    emb = nn.Embedding(50, 8)
+    tensors, meta = encode({"emb.weight": emb.weight.detach(), "out.weight": emb.weight.detach()}, {},
+                           ExportOptions(rest_dtype="float32"))
+    assert meta["aliases"] == {"out.weight": "emb.weight"} and list(tensors) == ["emb.weight"]
+    model = nn.Module()
+    model.emb, model.out = nn.Embedding(50, 8, device="meta"), nn.Linear(8, 50, bias=False, device="meta")
+    R.fill_model_(model, tensors, meta)
+    assert torch.equal(model.out.weight, emb.weight) and model.out.weight.data_ptr() == model.emb.weight.data_ptr()
+
+
 def test_fill_refuses_a_model_of_another_shape():
     tensors, meta, _ = compressed(pq_state("lin", 64, 32))
     model = nn.Module()

@@ -6,6 +6,8 @@
 #
 #   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]
 #       [--epochs N] [--lr X] [--stages a,b]     (recipes/bert/README.md: sizes, times, the measured table)
+#   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR --model roberta [--size tiny|small] [--jobs 2] [--seed N]
+#       (a small fairseq RoBERTa trained from scratch with fairseq-train's sentence_prediction: roberta.py)
 #
 # Input: one `label<TAB>text` per line, any number of labels (scripts/make_fortunes_task.py builds
 # one from Debian's fortunes package).  Output: OUTDIR/results.md, OUTDIR/results.json, OUTDIR/log.txt.
@@ -14,9 +16,19 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if [ $# -lt 4 ]; then
-  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]" >&2
+  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--model minilm|roberta] [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]" >&2
   exit 2
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-exec "$PY" "$ROOT/recipes/bert/table.py" "$@"
+SCRIPT=table.py ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) case "${2:-}" in
+               minilm) ;; roberta) SCRIPT=roberta.py ;;
+               *) echo "error: --model '${2:-}': choose minilm (the default) or roberta" >&2; exit 2 ;;
+             esac; shift 2 ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+exec "$PY" "$ROOT/recipes/bert/$SCRIPT" "${ARGS[@]}"
