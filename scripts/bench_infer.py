@@ -2,6 +2,7 @@
 
     python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
     python scripts/bench_infer.py WORKDIR --kernels      # pq Linear: look-up table (PyTorch, C++) vs decode
+    python scripts/bench_infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
 
 Setup (cached in WORKDIR, not committed): the generated stdlib-docstring corpus (scripts/make_corpus.py),
 binarised; a 6x512 ``transformer_lm`` (FFN 2048, 8 heads, tied input/output embedding) trained for 1
@@ -18,6 +19,13 @@ overhead), after loading and after generating; batch-1 greedy generation, tokens
 (one new token per forward through fairseq's incremental state, 4 warm-up tokens not timed); and
 ``fairseq-eval-lm`` on the valid split (a real corpus; 512-token blocks), tokens/s from its log and its
 peak RSS.  Ratios are taken against fp32 within each round and thread count; the table gives medians.
+
+``--model roberta_base``: fairseq's ``roberta_base`` (12x768, FFN 3072; vocabulary: the corpus' dictionary) trained
+1 update with ``--task masked_lm`` on the same corpus, saved without optimizer state (the fp32 file is the model),
+quantized the same way (files and results.jsonl in WORKDIR/roberta_base).  Each case is loaded by
+``RobertaModel.from_pretrained`` of the folder holding the checkpoint / .qnz (with the plugin); an encoder
+generates nothing, so the speed is masked-LM forwards (encoder + LM head at every position), tokens/s: batch 1
+over ``ENCODE_LENGTHS`` (short sentences one at a time, the serving case) and a batch of 8 x 128 tokens.
 """
 import argparse
 import json
@@ -88,6 +96,10 @@ def _mib(n):
     return n / 2**20
 
 
+def _peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def kernels_used(model, tokens: int) -> str:
     import torch
     from quantnoise.runtime import CodesLinear, IntLinear
@@ -126,23 +138,25 @@ def worker(args) -> None:
     task = tasks.setup_task(cfg.task)  # the dictionary: part of the fixed overhead
     with torch.device("meta"), _plugin()._meta_stays_meta():  # so is what fairseq imports while building its
         task.build_model(cfg.model)  # first model (~70 MiB: sympy, ...)
-    fixed_rss, fixed_peak = proc.memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fixed_rss, fixed_peak = proc.memory_info().rss, _peak()
     t = time.perf_counter()
     if args.model == "lm":
-        models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], arg_overrides={"data": str(args.data)})
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)],
+                                                                        arg_overrides={"data": str(args.data)})
         model = models[0].eval()
     else:  # the issue's path for an encoder: from_pretrained of the folder holding the checkpoint / .qnz
         from fairseq.models.roberta import RobertaModel
 
         path = pathlib.Path(args.path)
-        hub = RobertaModel.from_pretrained(str(path.parent), path.name, str(args.data), bpe=None, user_dir=str(USER_DIR))
+        hub = RobertaModel.from_pretrained(str(path.parent), path.name, str(args.data), bpe=None,
+                                           user_dir=str(USER_DIR))
         model, task = hub.model.eval(), hub.task
         del hub
     res = {"case": args.worker, "threads": args.threads, "fixed_rss": fixed_rss, "fixed_peak": fixed_peak,
            "load_rss": proc.memory_info().rss, "load_s": time.perf_counter() - t}
     with torch.inference_mode():
         res.update((bench_lm if args.model == "lm" else bench_encoder)(model, task, args))
-    res["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["peak"] = _peak()
     if args.model == "lm":
         del model, models
         res.update(eval_lm(args))
@@ -170,7 +184,8 @@ def bench_lm(model, task, args) -> dict:
 
 def bench_encoder(model, task, args) -> dict:
     """Masked-LM forwards (encoder + LM head over every position), tokens/s: batch 1 (ENCODE_LENGTHS, one
-    sentence at a time, the serving case) and a batch of 8 x 128 tokens; each after one untimed pass."""
+    sentence at a time, the serving case) and a batch of 8 x 128 tokens; each after one untimed pass.  Peak RSS
+    after batch 1 (``peak_b1``: the model and small activations) and after all (``peak``, in the worker)."""
     import torch
 
     g, d = torch.Generator().manual_seed(0), task.source_dictionary
@@ -189,8 +204,8 @@ def bench_encoder(model, task, args) -> dict:
                 model(b)
         return reps * sum(b.numel() for b in batches) / (time.perf_counter() - t)
 
-    return {"b1_tok_s": tok_s([sentence(1, n) for n in ENCODE_LENGTHS], args.reps),
-            "b8_tok_s": tok_s([sentence(8, 128)], args.reps),
+    res = {"b1_tok_s": tok_s([sentence(1, n) for n in ENCODE_LENGTHS], args.reps), "peak_b1": _peak()}
+    return {**res, "b8_tok_s": tok_s([sentence(8, 128)], args.reps),
             "b1_kernels": "/".join(sorted({kernels_used(model, n) for n in ENCODE_LENGTHS})),
             "b8_kernels": kernels_used(model, 8 * 128)}
 
@@ -253,7 +268,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", type=pathlib.Path)
     p.add_argument("--model", choices=list(MODELS), default="lm",
-                   help="lm: 6x512 transformer_lm; roberta_base: the encoder (files and results in WORKDIR/roberta_base)")
+                   help="lm: the 6x512 transformer_lm; roberta_base: the encoder (in WORKDIR/roberta_base)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=48)
@@ -309,9 +324,11 @@ def report(rows, s, args, load) -> None:
             f"and one batch of 8 x 128 tokens")
     print(f"\nMachine: {os.cpu_count()} CPUs, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
           f"{args.rounds} rounds, {what}.\n")
+    peak_key = "peak" if lm else "peak_b1"  # after load + batch-1 generation / encoding
     cols = ["case", "threads", "file MiB", "fixed RSS MiB", "load RSS growth MiB", "peak RSS growth MiB", "growth / file",
             *[c for _, col, _ in speeds for c in (f"{col} tok/s", f"{col} x fp32")],
-            *(["eval-lm peak RSS MiB", "ppl"] if lm else []), f"kernels ({'; '.join(col for _, col, _ in speeds)})"]
+            *(["eval-lm peak RSS MiB", "ppl"] if lm else ["peak growth with 8x128 MiB"]),
+            f"kernels ({'; '.join(col for _, col, _ in speeds)})"]
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
     for th in args.threads:
         for case in args.cases:
@@ -328,13 +345,15 @@ def report(rows, s, args, load) -> None:
                 return f"{statistics.median(rs):.2f}" if rs else "-"
 
             growth = med(lambda x: x["load_rss"] - x["fixed_rss"])
-            peak = med(lambda x: x["peak"] - x["fixed_peak"])
+            peak = med(lambda x: x[peak_key] - x["fixed_peak"])
             cells = [case, th, f"{_mib(sizes[case]):.1f}", f"{_mib(med(lambda x: x['fixed_rss'])):.0f}",
                      f"{_mib(growth):.1f}", f"{_mib(peak):.1f}", f"{peak / sizes[case]:.2f}"]
             for key, _, _ in speeds:
                 cells += [f"{med(lambda x: x[key]):.1f}", ratio(key)]
             if lm:
                 cells += [f"{_mib(med(lambda x: x['eval_peak'])):.0f}", f"{mine[0]['eval_ppl']:.2f}"]
+            else:
+                cells.append(f"{_mib(med(lambda x: x['peak'] - x['fixed_peak'])):.1f}")
             cells.append("; ".join(mine[0][k] for _, _, k in speeds))
             print("| " + " | ".join(map(str, cells)) + " |")
 
