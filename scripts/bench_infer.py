@@ -91,6 +91,7 @@ def setup(work: pathlib.Path, model: str = "lm") -> dict:
     paths["decoded-pq"] = paths["pq"]
     return {"data": data, "paths": paths, "results": mdir / "results.jsonl"}
 
+
 # ------------------------------------------------------------------------------------ worker
 def _mib(n):
     return n / 2**20
