@@ -2,6 +2,7 @@
 
     python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
     python scripts/bench_infer.py WORKDIR --kernels      # pq Linear: look-up table (PyTorch, C++) vs decode
+    python scripts/bench_infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
 
 Setup (cached in WORKDIR, not committed): the generated stdlib-docstring corpus (scripts/make_corpus.py),
 binarised; a 6x512 ``transformer_lm`` (FFN 2048, 8 heads, tied input/output embedding) trained for 1
@@ -18,6 +19,13 @@ overhead), after loading and after generating; batch-1 greedy generation, tokens
 (one new token per forward through fairseq's incremental state, 4 warm-up tokens not timed); and
 ``fairseq-eval-lm`` on the valid split (a real corpus; 512-token blocks), tokens/s from its log and its
 peak RSS.  Ratios are taken against fp32 within each round and thread count; the table gives medians.
+
+``--model roberta_base``: fairseq's ``roberta_base`` (12x768, FFN 3072; vocabulary: the corpus' dictionary) trained
+1 update with ``--task masked_lm`` on the same corpus, saved without optimizer state (the fp32 file is the model),
+quantized the same way (files and results.jsonl in WORKDIR/roberta_base).  Each case is loaded by
+``RobertaModel.from_pretrained`` of the folder holding the checkpoint / .qnz (with the plugin); an encoder
+generates nothing, so the speed is masked-LM forwards (encoder + LM head at every position), tokens/s: batch 1
+over ``ENCODE_LENGTHS`` (short sentences one at a time, the serving case) and a batch of 8 x 128 tokens.
 """
 import argparse
 import json
@@ -37,6 +45,18 @@ USER_DIR = ROOT / "quantnoise" / "qn_fairseq"
 CASES = ["fp32", "decoded-pq", "pq", "int8", "int4"]
 QUANT = {"pq": ["--scheme", "pq", "--block-size", "8", "--centroids", "256", "--iters", "4"],
          "int8": ["--scheme", "scalar", "--bits", "8"], "int4": ["--scheme", "scalar", "--bits", "4"]}
+MODELS = {  # fairseq-train flags of each benchmarked model (1 update, then quantized as QUANT says)
+    "lm": ["--task", "language_modeling", "--arch", "transformer_lm", "--share-decoder-input-output-embed",
+           "--tokens-per-sample", "512", "--max-tokens", "2048"],
+    "roberta_base": ["--task", "masked_lm", "--criterion", "masked_lm", "--arch", "roberta_base",
+                     "--tokens-per-sample", "128", "--max-tokens", "1024", "--no-save-optimizer-state"],
+}
+MODEL_DIR = {"lm": ".", "roberta_base": "roberta_base"}
+SPEEDS = {  # (result key, column, key of the kernels it used) per model
+    "lm": [("gen_tok_s", "gen", "gen_kernels"), ("eval_tok_s", "eval-lm", "eval_kernels")],
+    "roberta_base": [("b1_tok_s", "batch-1", "b1_kernels"), ("b8_tok_s", "8x128", "b8_kernels")],
+}
+ENCODE_LENGTHS = (12, 16, 20, 24, 28, 32, 16, 24)  # batch 1: short sentences, one forward each
 
 
 def sh(cmd, env=None, **kw):
@@ -47,34 +67,38 @@ def sh(cmd, env=None, **kw):
     return out
 
 
-def setup(work: pathlib.Path) -> dict:
+def setup(work: pathlib.Path, model: str = "lm") -> dict:
+    """The corpus (WORKDIR/bin, shared), and the fp32 checkpoint and .qnz files of ``model`` (WORKDIR for the
+    LM, WORKDIR/roberta_base for the encoder) with its results file."""
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "bin"
+    data, mdir = work / "bin", work / MODEL_DIR[model]
     if not (data / "dict.txt").exists():
         sh([sys.executable, ROOT / "scripts" / "make_corpus.py", work / "txt", "--max-lines", "6000"])
         sh([BIN / "fairseq-preprocess", "--only-source", "--trainpref", work / "txt" / "train.txt", "--validpref",
             work / "txt" / "valid.txt", "--destdir", data, "--workers", "1", "--thresholdsrc", "2"])
-    ckpt = work / "fp32" / "checkpoint_last.pt"
+    ckpt = mdir / "fp32" / "checkpoint_last.pt"
     if not ckpt.exists():
-        sh([BIN / "fairseq-train", data, "--task", "language_modeling", "--arch", "transformer_lm",
-            "--share-decoder-input-output-embed", "--tokens-per-sample", "512", "--max-tokens", "2048",
-            "--optimizer", "adam", "--lr", "0.0005", "--max-update", "1", "--save-dir", work / "fp32",
-            "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0", "--seed", "1"],
-           env={"OMP_NUM_THREADS": "2"})
+        sh([BIN / "fairseq-train", data, *MODELS[model], "--optimizer", "adam", "--lr", "0.0005", "--max-update", "1",
+            "--save-dir", mdir / "fp32", "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0",
+            "--seed", "1"], env={"OMP_NUM_THREADS": "2"})
     paths = {"fp32": ckpt}
     for scheme, flags in QUANT.items():
-        qnz = work / f"{scheme}.qnz"
+        qnz = mdir / f"{scheme}.qnz"
         if not qnz.exists():
-            sh([sys.executable, "-m", "quantnoise.cli", "quantize", ckpt, "-o", work / f"{scheme}.pt", *flags])
-            sh([sys.executable, "-m", "quantnoise.cli", "export", work / f"{scheme}.pt", "-o", qnz])
+            sh([sys.executable, "-m", "quantnoise.cli", "quantize", ckpt, "-o", mdir / f"{scheme}.pt", *flags])
+            sh([sys.executable, "-m", "quantnoise.cli", "export", mdir / f"{scheme}.pt", "-o", qnz])
         paths[scheme] = qnz
     paths["decoded-pq"] = paths["pq"]
-    return {"data": data, "paths": paths}
+    return {"data": data, "paths": paths, "results": mdir / "results.jsonl"}
 
 
 # ------------------------------------------------------------------------------------ worker
 def _mib(n):
     return n / 2**20
+
+
+def _peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def kernels_used(model, tokens: int) -> str:
@@ -105,38 +129,90 @@ def worker(args) -> None:
     from fairseq import checkpoint_utils, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+    from quantnoise.runtime import _plugin
+
     utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
     proc = psutil.Process()
-    cfg = convert_namespace_to_omegaconf(argparse.Namespace(task="language_modeling", arch="transformer_lm",
-                                                            data=str(args.data)))
+    flags = MODELS[args.model]
+    cfg = convert_namespace_to_omegaconf(argparse.Namespace(task=flags[flags.index("--task") + 1],
+                                                            arch=flags[flags.index("--arch") + 1], data=str(args.data)))
     task = tasks.setup_task(cfg.task)  # the dictionary: part of the fixed overhead
-    with torch.device("meta"):  # so is what fairseq imports while building its first model (~70 MiB: sympy, ...)
-        task.build_model(cfg.model)
-    fixed_rss, fixed_peak = proc.memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.device("meta"), _plugin()._meta_stays_meta():  # so is what fairseq imports while building its
+        task.build_model(cfg.model)  # first model (~70 MiB: sympy, ...)
+    fixed_rss, fixed_peak = proc.memory_info().rss, _peak()
     t = time.perf_counter()
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)], arg_overrides={"data": str(args.data)})
-    model = models[0].eval()
-    load_s = time.perf_counter() - t
-    load_rss = proc.memory_info().rss
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(4, len(task.dictionary), (1, 8), generator=g)
-    with torch.inference_mode():
-        state = {}
-        out = model(toks, incremental_state=state)[0]
-        n, t = 0, None
-        for i in range(4 + args.gen_tokens):
-            if i == 4:
-                t = time.perf_counter()
-            nxt = out[:, -1].argmax(-1, keepdim=True)
-            toks = torch.cat([toks, nxt], 1)
-            out = model(toks, incremental_state=state)[0]
-            n += i >= 4
-        gen = n / (time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.model == "lm":
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)],
+                                                                        arg_overrides={"data": str(args.data)})
+        model = models[0].eval()
+    else:  # the issue's path for an encoder: from_pretrained of the folder holding the checkpoint / .qnz
+        from fairseq.models.roberta import RobertaModel
+
+        path = pathlib.Path(args.path)
+        hub = RobertaModel.from_pretrained(str(path.parent), path.name, str(args.data), bpe=None,
+                                           user_dir=str(USER_DIR))
+        model, task = hub.model.eval(), hub.task
+        del hub
     res = {"case": args.worker, "threads": args.threads, "fixed_rss": fixed_rss, "fixed_peak": fixed_peak,
-           "load_rss": load_rss, "peak": peak, "load_s": load_s, "gen_tok_s": gen,
-           "gen_kernels": kernels_used(model, 1), "eval_kernels": kernels_used(model, 512)}
-    del model, models
+           "load_rss": proc.memory_info().rss, "load_s": time.perf_counter() - t}
+    with torch.inference_mode():
+        res.update((bench_lm if args.model == "lm" else bench_encoder)(model, task, args))
+    res["peak"] = _peak()
+    if args.model == "lm":
+        del model, models
+        res.update(eval_lm(args))
+    print("RESULT " + json.dumps(res))
+
+
+def bench_lm(model, task, args) -> dict:
+    """Batch-1 greedy generation, one new token per forward through fairseq's incremental state."""
+    import torch
+
+    toks = torch.randint(4, len(task.dictionary), (1, 8), generator=torch.Generator().manual_seed(0))
+    state = {}
+    out = model(toks, incremental_state=state)[0]
+    n, t = 0, None
+    for i in range(4 + args.gen_tokens):
+        if i == 4:
+            t = time.perf_counter()
+        nxt = out[:, -1].argmax(-1, keepdim=True)
+        toks = torch.cat([toks, nxt], 1)
+        out = model(toks, incremental_state=state)[0]
+        n += i >= 4
+    return {"gen_tok_s": n / (time.perf_counter() - t), "gen_kernels": kernels_used(model, 1),
+            "eval_kernels": kernels_used(model, 512)}
+
+
+def bench_encoder(model, task, args) -> dict:
+    """Masked-LM forwards (encoder + LM head over every position), tokens/s: batch 1 (ENCODE_LENGTHS, one
+    sentence at a time, the serving case) and a batch of 8 x 128 tokens; each after one untimed pass.  Peak RSS
+    after batch 1 (``peak_b1``: the model and small activations) and after all (``peak``, in the worker)."""
+    import torch
+
+    g, d = torch.Generator().manual_seed(0), task.source_dictionary
+
+    def sentence(*shape):
+        ids = torch.randint(d.nspecial, len(d), shape, generator=g)
+        ids[:, 0], ids[:, -1] = d.bos(), d.eos()
+        return ids
+
+    def tok_s(batches, reps):
+        for b in batches:
+            model(b)
+        t = time.perf_counter()
+        for _ in range(reps):
+            for b in batches:
+                model(b)
+        return reps * sum(b.numel() for b in batches) / (time.perf_counter() - t)
+
+    res = {"b1_tok_s": tok_s([sentence(1, n) for n in ENCODE_LENGTHS], args.reps), "peak_b1": _peak()}
+    return {**res, "b8_tok_s": tok_s([sentence(8, 128)], args.reps),
+            "b1_kernels": "/".join(sorted({kernels_used(model, n) for n in ENCODE_LENGTHS})),
+            "b8_kernels": kernels_used(model, 8 * 128)}
+
+
+def eval_lm(args) -> dict:
+    """``fairseq-eval-lm`` on the valid split: its tokens/s, perplexity and peak RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     ev = subprocess.run([str(BIN / "fairseq-eval-lm"), str(args.data), "--path", str(args.path), "--user-dir",
                          str(USER_DIR), "--tokens-per-sample", "512", "--max-tokens", "2048", "--num-workers", "0",
@@ -145,9 +221,8 @@ def worker(args) -> None:
     if not m:
         raise SystemExit(f"fairseq-eval-lm failed:\n{ev.stderr[-3000:]}")
     ppl = re.search(r"Perplexity: ([0-9.]+)", ev.stderr + ev.stdout)
-    res.update(eval_tokens=int(m.group(1).replace(",", "")), eval_tok_s=float(m.group(3)), eval_ppl=float(ppl.group(1)),
-               eval_peak=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-    print("RESULT " + json.dumps(res))
+    return dict(eval_tokens=int(m.group(1).replace(",", "")), eval_tok_s=float(m.group(3)), eval_ppl=float(ppl.group(1)),
+                eval_peak=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 
 
 # --------------------------------------------------------------------------------- kernels
@@ -193,12 +268,15 @@ def bench_kernels(threads: int, rounds: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", type=pathlib.Path)
+    p.add_argument("--model", choices=list(MODELS), default="lm",
+                   help="lm: the 6x512 transformer_lm; roberta_base: the encoder (in WORKDIR/roberta_base)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=48)
+    p.add_argument("--reps", type=int, default=3, help="roberta_base: timed passes over each batch set")
     p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     p.add_argument("--kernels", action="store_true", help="only the pq Linear kernel crossover table")
-    p.add_argument("--report", action="store_true", help="only print the table of WORKDIR/results.jsonl")
+    p.add_argument("--report", action="store_true", help="only print the table of the model's results.jsonl")
     p.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -210,41 +288,49 @@ def main() -> None:
         for th in args.threads:
             bench_kernels(th, args.rounds)
         return
+    s = setup(args.workdir, args.model)
     if args.report:
-        rows = [json.loads(line) for line in open(args.workdir / "results.jsonl")]
+        rows = [json.loads(line) for line in open(s["results"])]
         args.threads = sorted({x["threads"] for x in rows})
         args.rounds = len({x["round"] for x in rows})
-        return report(rows, setup(args.workdir), args, os.getloadavg())
-    s = setup(args.workdir)
+        return report(rows, s, args, os.getloadavg())
     load = os.getloadavg()
     rng, rows = random.Random(0), []
-    log = open(args.workdir / "results.jsonl", "w")  # every result as it comes (a cut-short run still reports)
+    log = open(s["results"], "w")  # every result as it comes (a cut-short run still reports)
     for r in range(args.rounds):
         for th in args.threads:
             order = list(args.cases)
             rng.shuffle(order)
             for case in order:
                 out = sh([sys.executable, __file__, args.workdir, "--worker", case, "--path", s["paths"][case],
-                          "--data", s["data"], "--threads", th, "--gen-tokens", args.gen_tokens],
-                         env={"OMP_NUM_THREADS": str(th)})
+                          "--data", s["data"], "--threads", th, "--gen-tokens", args.gen_tokens, "--reps", args.reps,
+                          "--model", args.model], env={"OMP_NUM_THREADS": str(th)})
                 res = json.loads(out.stdout.split("RESULT ", 1)[1])
                 res["round"] = r
                 rows.append(res)
                 log.write(json.dumps(res) + "\n")
                 log.flush()
-                print(f"round {r} threads {th} {case}: gen {res['gen_tok_s']:.1f} tok/s, eval {res['eval_tok_s']:.0f} "
-                      f"tok/s, peak +{_mib(res['peak'] - res['fixed_peak']):.1f} MiB", file=sys.stderr, flush=True)
+                speeds = ", ".join(f"{col} {res[key]:.1f} tok/s" for key, col, _ in SPEEDS[args.model])
+                print(f"round {r} threads {th} {case}: {speeds}, peak +{_mib(res['peak'] - res['fixed_peak']):.1f} MiB",
+                      file=sys.stderr, flush=True)
+    print(f"load average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)
     report(rows, s, args, load)
 
 
 def report(rows, s, args, load) -> None:
     sizes = {c: pathlib.Path(s["paths"][c]).stat().st_size for c in args.cases}
+    speeds, lm = SPEEDS[args.model], args.model == "lm"
+    what = (f"{args.gen_tokens} generated tokens, eval-lm on the valid split ({rows[0]['eval_tokens']} tokens)" if lm else
+            f"masked-LM forwards, {args.reps} timed passes: batch 1 over sentences of {ENCODE_LENGTHS} tokens, "
+            f"and one batch of 8 x 128 tokens")
     print(f"\nMachine: {os.cpu_count()} CPUs, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-          f"{args.rounds} rounds, {args.gen_tokens} generated tokens, eval-lm on the valid split "
-          f"({rows[0]['eval_tokens']} tokens).\n")
-    print("| case | threads | file MiB | fixed RSS MiB | load RSS growth MiB | peak RSS growth MiB | growth / file "
-          "| gen tok/s | gen x fp32 | eval-lm tok/s | eval x fp32 | eval-lm peak RSS MiB | ppl | kernels (gen; eval) |")
-    print("|---" * 14 + "|")
+          f"{args.rounds} rounds, {what}.\n")
+    peak_key = "peak" if lm else "peak_b1"  # after load + batch-1 generation / encoding
+    cols = ["case", "threads", "file MiB", "fixed RSS MiB", "load RSS growth MiB", "peak RSS growth MiB", "growth / file",
+            *[c for _, col, _ in speeds for c in (f"{col} tok/s", f"{col} x fp32")],
+            *(["eval-lm peak RSS MiB", "ppl"] if lm else ["peak growth with 8x128 MiB"]),
+            f"kernels ({'; '.join(col for _, col, _ in speeds)})"]
+    print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
     for th in args.threads:
         for case in args.cases:
             mine = [x for x in rows if x["case"] == case and x["threads"] == th]
@@ -260,12 +346,17 @@ def report(rows, s, args, load) -> None:
                 return f"{statistics.median(rs):.2f}" if rs else "-"
 
             growth = med(lambda x: x["load_rss"] - x["fixed_rss"])
-            peak = med(lambda x: x["peak"] - x["fixed_peak"])
-            print(f"| {case} | {th} | {_mib(sizes[case]):.1f} | {_mib(med(lambda x: x['fixed_rss'])):.0f} | "
-                  f"{_mib(growth):.1f} | {_mib(peak):.1f} | {peak / sizes[case]:.2f} | {med(lambda x: x['gen_tok_s']):.1f} | "
-                  f"{ratio('gen_tok_s')} | {med(lambda x: x['eval_tok_s']):.0f} | {ratio('eval_tok_s')} | "
-                  f"{_mib(med(lambda x: x['eval_peak'])):.0f} | {mine[0]['eval_ppl']:.2f} | "
-                  f"{mine[0]['gen_kernels']}; {mine[0]['eval_kernels']} |")
+            peak = med(lambda x: x[peak_key] - x["fixed_peak"])
+            cells = [case, th, f"{_mib(sizes[case]):.1f}", f"{_mib(med(lambda x: x['fixed_rss'])):.0f}",
+                     f"{_mib(growth):.1f}", f"{_mib(peak):.1f}", f"{peak / sizes[case]:.2f}"]
+            for key, _, _ in speeds:
+                cells += [f"{med(lambda x: x[key]):.1f}", ratio(key)]
+            if lm:
+                cells += [f"{_mib(med(lambda x: x['eval_peak'])):.0f}", f"{mine[0]['eval_ppl']:.2f}"]
+            else:
+                cells.append(f"{_mib(med(lambda x: x['peak'] - x['fixed_peak'])):.1f}")
+            cells.append("; ".join(mine[0][k] for _, _, k in speeds))
+            print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 from typing import Optional
 
 import torch
+from fairseq.models.roberta.model import RobertaLMHead
 from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
@@ -63,6 +64,32 @@ def _fix_non_state(model: nn.Module) -> None:
             m._set_skip_embed_dim_check()  # call the projection modules, not F.multi_head_attention_forward
 
 
+class RuntimeLMHead(RobertaLMHead):
+    """RoBERTa's LM head with its output projection as a module: a runtime Linear sharing the stored codes /
+    int weight of the tied token embedding (fairseq's head reads ``F.linear(x, self.weight)``, which would need
+    a decoded fp32 copy: vocabulary x dim, 154 MB for roberta_base's 50k words).  ``from_head_`` swaps the class of
+    a head built on ``meta`` in place and points the .qnz's alias at ``proj``."""
+
+    @classmethod
+    def from_head_(cls, head: nn.Module, meta: dict, name: str) -> None:
+        target = meta["aliases"].get(f"{name}.weight")
+        if type(head) is not RobertaLMHead or target not in meta["layers"]:
+            return
+        out, inn = head._parameters.pop("weight").shape
+        head.__class__ = cls
+        head.proj = nn.Linear(inn, out, bias=False, device="meta")
+        meta["aliases"][f"{name}.proj.weight"] = meta["aliases"].pop(f"{name}.weight")
+
+    @property
+    def weight(self):
+        return self.proj.weight
+
+    def forward(self, features, masked_tokens=None, **kwargs):
+        if masked_tokens is not None:
+            features = features[masked_tokens, :]
+        return self.proj(self.layer_norm(self.activation_fn(self.dense(features)))) + self.bias
+
+
 def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_overrides: Optional[dict] = None,
                task=None):
     """(model, cfg, task) of a .qnz: compressed runtime layers, or (``decoded``) the plain fp32 model."""
@@ -81,6 +108,8 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     with torch.device("meta"), _meta_stays_meta():
         model = task.build_model(cfg.model, from_checkpoint=True)
     _fix_non_state(model)
+    for name, m in list(model.named_modules()):
+        RuntimeLMHead.from_head_(m, meta, name)
     try:
         fill_model_(model, tensors, meta)
     except ValueError as e:

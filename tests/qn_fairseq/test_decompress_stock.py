@@ -63,7 +63,12 @@ def test_roberta_decompressed_loads_in_stock_from_pretrained(lm_data, tmp_path):
         "# then, with the plugin, the .qnz itself\n"
         "q = RobertaModel.from_pretrained(sys.argv[1], 'model.qnz', sys.argv[2], bpe=None, user_dir=sys.argv[3])\n"
         "q.eval()\n"
-        "torch.testing.assert_close(q.extract_features(torch.tensor([[0, 10, 11, 12, 2]])), f, atol=1e-4, rtol=1e-4)\n"
+        "head, emb = q.model.encoder.lm_head, q.model.encoder.sentence_encoder.embed_tokens\n"
+        "assert type(emb).__name__ == 'CodesEmbedding', emb  # compressed runtime layers (issue 10), and the tied\n"
+        "assert head.proj.codes.data_ptr() == emb.codes.data_ptr(), head  # LM head reads the same codes, no copy\n"
+        "x = torch.tensor([[0, 10, 11, 12, 2]])\n"
+        "torch.testing.assert_close(q.model(x)[0], hub.model(x)[0], atol=1e-4, rtol=1e-4)  # masked-LM logits\n"
+        "torch.testing.assert_close(q.extract_features(x), f, atol=1e-4, rtol=1e-4)\n"
         "print('qnz equal')\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(plain.parent), str(lm_data), USER_DIR],
