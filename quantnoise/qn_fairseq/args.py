@@ -131,21 +131,21 @@ def apply_quant_noise(model: nn.Module, cfg: Optional[QuantNoiseConfig]) -> List
         names = quantize_(model, cfg)
     except ValueError as e:
         raise SystemExit(f"error: {flag_message(str(e))}") from None
-    _route_attention(model)
+    from quantnoise.nn import QuantNoiseMixin
+
+    route_attention(model, (QuantNoiseMixin,))  # where a projection is wrapped
     logger.info("quant-noise %s p=%s on %d layers: %s", cfg.scheme, cfg.p, len(names), ", ".join(names))
     return names
 
 
-def _route_attention(model: nn.Module) -> None:
+def route_attention(model: nn.Module, wrapped_by: Optional[tuple] = None) -> None:
     """fairseq's MultiheadAttention fast path reads ``q/k/v/out_proj.weight`` directly, so module
     forwards (ours, or fairseq's hooks) never run there.  Its ``skip_embed_dim_check`` switch makes
-    it call ``self.q_proj(query)`` etc. instead; we set it wherever a projection is wrapped."""
+    it call ``self.q_proj(query)`` etc. instead; it is set on every attention module, or (``wrapped_by``:
+    layer classes) on those with a projection of one of these classes."""
     from fairseq.modules import MultiheadAttention
 
-    from quantnoise.nn import QuantNoiseMixin
-
     for m in model.modules():
-        if isinstance(m, MultiheadAttention) and any(
-            isinstance(getattr(m, p, None), QuantNoiseMixin) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-        ):
+        if isinstance(m, MultiheadAttention) and (wrapped_by is None or any(
+            isinstance(getattr(m, p, None), wrapped_by) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))):
             m._set_skip_embed_dim_check()

@@ -23,6 +23,8 @@ from quantnoise.checkpoint import stock_checkpoint
 from quantnoise.export import read_qnz
 from quantnoise.runtime import RuntimeMixin, fill_model_, runtime_summary
 
+from .args import route_attention
+
 logger = logging.getLogger(__name__)
 DECODE_ENV = "QUANTNOISE_QNZ_DECODE"
 
@@ -53,15 +55,12 @@ def _setup_task(cfg):
 
 def _fix_non_state(model: nn.Module) -> None:
     """Tensors the build made on ``meta`` that no state dict holds, and attention routing."""
-    from fairseq.modules import MultiheadAttention, SinusoidalPositionalEmbedding
+    from fairseq.modules import SinusoidalPositionalEmbedding
 
     for m in model.modules():
         if isinstance(m, SinusoidalPositionalEmbedding) and m.weights.is_meta:
             m.weights = m.get_embedding(m.weights.shape[0], m.embedding_dim, m.padding_idx)
-        if isinstance(m, MultiheadAttention) and any(
-            isinstance(getattr(m, p, None), RuntimeMixin) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-        ):
-            m._set_skip_embed_dim_check()  # call the projection modules, not F.multi_head_attention_forward
+    route_attention(model, (RuntimeMixin,))  # call the projection modules, not F.multi_head_attention_forward
 
 
 class RuntimeLMHead(RobertaLMHead):
