@@ -8,8 +8,8 @@ centroids); these are for inference only.  They subclass the layer they replace 
 Nothing decodes a whole weight in a forward (``.weight`` does, for code that reads it):
   - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
-    many tokens (more than ``LUT_MAX_TOKENS``, 4 with the compiled kernel, 1 without): decode
-    ``DECODE_ROWS_ELEMS`` weights of rows at a time and matmul.
+    many tokens (more than ~out/24 with the compiled kernels, 1 without: ``runtime_kernels.lut_wins``): decode
+    a chunk of rows at a time (the whole weight when the output is as large) and matmul.
   - int4 / int2 Linear: a packed row's bytes are pq codes over the fixed codebook of the 256 byte values, so
     the pq kernels run them (then the row scales).
   - int8 Linear on CPU: fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic``, the kernel of
@@ -81,7 +81,7 @@ class CodesLinear(_PQ, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes))
+        lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes, self.centroids.shape[1]))
         y = (K.pq_linear_lut if lut else K.pq_linear_decode)(x2, self.codes, self.centroids)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -175,7 +175,9 @@ class IntLinear(_Int, nn.Linear):
         if self.kernel != "auto":
             return self.kernel
         if self.width < 8:
-            return "decode" if self.book is None else "lut" if K.lut_wins(x, self.qweight) else "bytes"
+            if self.book is None:
+                return "decode"
+            return "lut" if K.lut_wins(x, self.qweight.view(self.out_features, -1), self.book.shape[1]) else "bytes"
         if x.device.type != "cpu":
             return "decode"
         return "fbgemm" if self._packed is not None or K.fbgemm_available() else "int_mm"

@@ -2,13 +2,14 @@
 
 - pq Linear by look-up table (Jegou et al. 2011's asymmetric distance computation; AQLM's LUT GEMM):
   table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
-- pq Linear by chunked decode: C[codes] for ``DECODE_ROWS_ELEMS`` weights of rows at a time, then matmul;
+- pq Linear by decode + matmul: C[codes] for a chunk of rows at a time (``pq_linear_decode``), then matmul;
 - int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
-Pure PyTorch; device and dtype follow the input.  The table's gather-sum also has a compiled CPU kernel
-(quantnoise/csrc/pq_lut.cpp, ``torch.ops.quantnoise.pq_lut_gather``, built by ``python -m
-quantnoise.runtime_ext``), used for fp32 CPU inputs of <= ``COMPILED_MAX_TOKENS`` tokens when it is built;
-the pure PyTorch path (``compiled=False``) computes the same sums in another order (equal within fp32
-rounding, tests/test_runtime.py).
+Pure PyTorch; device and dtype follow the input.  Two steps also have compiled CPU kernels
+(quantnoise/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime_ext``), used for fp32 CPU inputs when built:
+the table's gather-sum (``torch.ops.quantnoise.pq_lut_gather``, tokens in groups of ``COMPILED_MAX_TOKENS``,
+the table laid out token-fastest) and the decode (``torch.ops.quantnoise.pq_decode``).  The pure PyTorch path
+(``compiled=False``) computes the same sums in another order (equal within fp32 rounding) and the same decode
+(identical), tests/test_runtime.py.
 """
 from __future__ import annotations
 
@@ -21,43 +22,62 @@ from torch import Tensor
 
 from . import runtime_ext
 
-# Crossover of the pq Linear between the look-up table and chunked decode + matmul, in tokens per call,
-# from `python scripts/bench_infer.py WORK --kernels --threads 1 --rounds 3` (the 6x512 LM's shapes 512x512,
-# 2048x512, 512x2048; b=8, k=256; shared 2-core machine, load ~7; BENCHMARKS.md).  table time / decode time:
-# compiled gather-sum 0.10-0.23 at 1 token, 0.46-0.67 at 4, 1.8-3.5 at 16;  pure PyTorch 0.74-0.88 at 1 token,
-# 0.84-2.2 at 4.  So: the table up to 4 tokens with the compiled kernel, for 1 token without it.
-LUT_MAX_TOKENS = 4
+# Crossover of the pq Linear between the look-up table and decode + matmul, in tokens per call, from
+# `python scripts/bench_infer.py WORK --kernels --threads 1` (shapes 512x512, 2048x512, 512x2048, 768x768,
+# 3072x768, 768x3072; BENCHMARKS.md).  With the compiled kernels the table wins up to ~out/24 tokens for
+# b=8, k=256 pq (768 rows: ~32 tokens, 3072: ~128) and up to ~out/384 .. out/128 for int4's bytes (b=2:
+# a 4x larger table per token and 4x more look-ups); the rule  T <= out * bs^2 / LUT_ROWS_FACTOR  fits both.
+# Pure PyTorch: the table for 1 token only (table / decode 0.74-0.88 at 1 token, 0.84-2.2 at 4).
+LUT_ROWS_FACTOR = 1536
 LUT_MAX_TOKENS_PURE = 1
-DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk (4 MB in fp32)
+DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk at least (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
-COMPILED_MAX_TOKENS = 16  # the compiled gather-sum's limit (csrc/pq_lut.cpp kMaxTokens)
+COMPILED_MAX_TOKENS = 16  # tokens per call of the compiled gather-sum (csrc/pq_lut.cpp kMaxTokens)
 
 
 # ------------------------------------------------------------------------------ pure functions
-def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Decoded rows (n, in) of codes (n, m): centroids[codes], in ``dtype``.  ``index_select`` copies whole
+def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype, compiled: Optional[bool] = None) -> Tensor:
+    """Decoded rows (n, in) of codes (n, m): centroids[codes], in ``dtype``.  Compiled (``pq_decode``: copies
+    straight from the uint8 / int16 codes) for fp32 on CPU when built; else ``index_select``, which copies whole
     centroid rows (17x faster than advanced indexing ``centroids[codes]`` on CPU, 1 thread, 2048x512, b=8)."""
-    return centroids.to(dtype).index_select(0, codes.reshape(-1).long()).reshape(codes.shape[0], -1)
+    cents = centroids.to(dtype)
+    if compiled is None:
+        compiled = (cents.device.type == "cpu" and dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
+                    and runtime_ext.available())
+    if compiled and runtime_ext.available():
+        return torch.ops.quantnoise.pq_decode(codes.contiguous(), cents.contiguous())
+    return cents.index_select(0, codes.reshape(-1).long()).reshape(codes.shape[0], -1)
 
 
 def use_compiled(x: Tensor, codes: Tensor) -> bool:
     """Whether ``pq_linear_lut`` runs the compiled gather-sum for this input (when not told)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
-            and 1 <= x.shape[0] <= COMPILED_MAX_TOKENS and runtime_ext.available())
+            and x.shape[0] >= 1 and runtime_ext.available())
 
 
-def lut_wins(x: Tensor, codes: Tensor) -> bool:
-    """Whether the look-up table beats decode + matmul for x (T, in) (``LUT_MAX_TOKENS``, measured)."""
-    return x.shape[0] <= (LUT_MAX_TOKENS if use_compiled(x, codes) else LUT_MAX_TOKENS_PURE)
+def lut_wins(x: Tensor, codes: Tensor, bs: int) -> bool:
+    """Whether the look-up table beats decode + matmul for x (T, in) and codes (out, in / bs) (measured: see
+    ``LUT_ROWS_FACTOR``)."""
+    if not use_compiled(x, codes):
+        return x.shape[0] <= LUT_MAX_TOKENS_PURE
+    return x.shape[0] <= max(1, codes.shape[0] * bs * bs // LUT_ROWS_FACTOR)
 
 
 def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optional[bool] = None) -> Tensor:
     """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype.  ``compiled``: the
-    gather-sum in C++ (default: where ``use_compiled``) or in pure PyTorch."""
+    gather-sum in C++ (default: where ``use_compiled``; tokens in groups of ``COMPILED_MAX_TOKENS``) or in
+    pure PyTorch."""
     T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
+    if (use_compiled(x, codes) if compiled is None else compiled) and runtime_ext.available():
+        cents, codes = centroids.to(x.dtype), codes.contiguous()
+        ys = []
+        for s in range(0, T, COMPILED_MAX_TOKENS):
+            xg = x[s:s + COMPILED_MAX_TOKENS]
+            xt = xg.reshape(-1, m, bs).permute(2, 1, 0).reshape(bs, -1)  # (bs, m * Tg): token index fastest
+            table = (cents @ xt).reshape(k, m, -1)  # (k, m, Tg): one GEMM
+            ys.append(torch.ops.quantnoise.pq_lut_gather(table, codes).t())  # (Tg, out)
+        return torch.cat(ys) if len(ys) > 1 else ys[0].contiguous()
     table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
-    if use_compiled(x, codes) if compiled is None else compiled:
-        return torch.ops.quantnoise.pq_lut_gather(table.reshape(T, m, k), codes.contiguous())  # (T, out)
     offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
     rows = max(1, LUT_CHUNK_CODES // m)
     if T == 1:
@@ -70,9 +90,13 @@ def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optiona
 
 
 def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T, decoding ``DECODE_ROWS_ELEMS`` weights at a time."""
+    """x (T, in) @ decode(codes, centroids).T, decoding at a time as many rows as make ``DECODE_ROWS_ELEMS``
+    weights or the output's T x out elements, whichever is more (the transient stays within the size of the
+    activations the layer makes anyway; for many tokens the whole weight, so one GEMM, no concatenation)."""
     out, m = codes.shape
-    rows = max(1, DECODE_ROWS_ELEMS // (m * centroids.shape[1]))
+    rows = max(1, max(DECODE_ROWS_ELEMS, x.shape[0] * out) // (m * centroids.shape[1]))
+    if rows >= out:
+        return x @ pq_rows(codes, centroids, x.dtype).t()
     return torch.cat([x @ pq_rows(codes[s:s + rows], centroids, x.dtype).t() for s in range(0, out, rows)], -1)
 
 

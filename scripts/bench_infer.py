@@ -107,14 +107,14 @@ def kernels_used(model, tokens: int) -> str:
 
     from quantnoise.runtime_kernels import lut_wins, use_compiled
 
-    used = set()
+    used, x = set(), torch.empty(tokens, 1)
     for m in model.modules():
         if isinstance(m, CodesLinear):
-            lut = m.kernel == "lut" or (m.kernel == "auto" and lut_wins(torch.empty(tokens, 1), m.codes))
-            used.add(("pq-lut-c++" if use_compiled(torch.empty(tokens, 1), m.codes) else "pq-lut") if lut else "pq-decode")
+            lut = m.kernel == "lut" or (m.kernel == "auto" and lut_wins(x, m.codes, m.centroids.shape[1]))
+            used.add(f"pq-{'lut' if lut else 'decode'}{'-c++' if use_compiled(x, m.codes) else ''}")
         elif isinstance(m, IntLinear):
-            kernel = m.choose_kernel(torch.empty(tokens, 1))
-            c = kernel == "lut" and use_compiled(torch.empty(tokens, 1), m.qweight)
+            kernel = m.choose_kernel(x)
+            c = kernel in ("lut", "bytes") and use_compiled(x, m.qweight)
             used.add(f"int{m.bits}-{kernel}{'-c++' if c else ''}")
     return "+".join(sorted(used)) or "fp32 (MKL)"
 
@@ -227,31 +227,34 @@ def eval_lm(args) -> dict:
 
 # --------------------------------------------------------------------------------- kernels
 def bench_kernels(threads: int, rounds: int) -> None:
-    """pq Linear at the 6x512 LM's shapes: look-up table vs chunked decode vs fp32, per token count."""
+    """pq Linear at the 6x512 LM's and roberta_base's shapes: look-up table vs decode + matmul vs fp32, per
+    token count; each a ratio to fp32 in the same round (median over rounds)."""
     import torch
     import torch.nn.functional as F
 
-    from quantnoise.runtime_kernels import pq_linear_decode, pq_linear_lut, use_compiled
+    from quantnoise import runtime_ext
+    from quantnoise.runtime_kernels import lut_wins, pq_linear_decode, pq_linear_lut
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    print(f"\n### pq Linear kernels, b=8 k=256, {threads} thread(s): median us per call ({rounds} rounds)\n")
-    print("table: pure PyTorch; table c++: the compiled gather-sum (quantnoise/csrc/pq_lut.cpp; '-' when not built "
-          "or over its token limit); ratios against fp32 (MKL) and against decode + matmul\n")
-    print("| out x in | tokens | fp32 | table | table c++ | decode+matmul | fp32 / table c++ | table / decode |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for out, inn in ((512, 512), (2048, 512), (512, 2048)):
+    c = runtime_ext.available()
+    print(f"\n### pq Linear kernels, b=8 k=256, {threads} thread(s), compiled kernels {'built' if c else 'NOT built'}: "
+          f"median over {rounds} rounds\n")
+    print("table / decode+matmul: fp32 time / that kernel's time (> 1: faster than fp32); table (pure): the pure "
+          "PyTorch table; auto: what the runtime picks (runtime_kernels.lut_wins)\n")
+    print("| out x in | tokens | fp32 us | table | decode+matmul | table (pure) | auto |\n|---|---|---|---|---|---|---|")
+    for out, inn in ((512, 512), (2048, 512), (512, 2048), (768, 768), (3072, 768), (768, 3072)):
         codes = torch.randint(0, 256, (out, inn // 8), generator=g).to(torch.uint8)
         cents = torch.randn(256, 8, generator=g)
         w = cents[codes.long()].reshape(out, inn)
-        for tokens in (1, 4, 16, 32, 48, 64, 128, 256):
+        for tokens in (1, 4, 8, 16, 32, 64, 128, 256, 1024):
             x = torch.randn(tokens, inn, generator=g)
-            fns = [lambda: F.linear(x, w), lambda: pq_linear_lut(x, codes, cents, compiled=False),
+            fns = [lambda: F.linear(x, w), lambda: pq_linear_lut(x, codes, cents),
                    lambda: pq_linear_decode(x, codes, cents)]
-            if use_compiled(x, codes):
-                fns.append(lambda: pq_linear_lut(x, codes, cents, compiled=True))
+            if tokens <= 16:
+                fns.append(lambda: pq_linear_lut(x, codes, cents, compiled=False))
             times = [[] for _ in fns]
-            reps = max(3, 200 // tokens)
+            reps = max(2, min(50, 4_000_000 // (tokens * out * inn // 64 + 1)))
             for _ in range(rounds):
                 for i, f in enumerate(fns):
                     f()
@@ -259,9 +262,11 @@ def bench_kernels(threads: int, rounds: int) -> None:
                     for _ in range(reps):
                         f()
                     times[i].append((time.perf_counter() - t) / reps * 1e6)
-            med = [statistics.median(ts) for ts in times]
-            c = f"{med[3]:.0f} | {med[2]:.0f} | {med[0] / med[3]:.2f}" if len(med) > 3 else f"- | {med[2]:.0f} | -"
-            print(f"| {out}x{inn} | {tokens} | {med[0]:.0f} | {med[1]:.0f} | {c} | {med[1] / med[2]:.2f} |")
+            ratio = [statistics.median(a / b for a, b in zip(times[0], ts)) for ts in times]
+            pure = f"{ratio[3]:.2f}" if len(ratio) > 3 else "-"
+            auto = "table" if lut_wins(x, codes, 8) else "decode"
+            print(f"| {out}x{inn} | {tokens} | {statistics.median(times[0]):.0f} | {ratio[1]:.2f} | {ratio[2]:.2f} | "
+                  f"{pure} | {auto} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------ main

@@ -221,7 +221,7 @@ def test_layers_follow_a_cuda_input():
 def test_compiled_lut_equals_pure_pytorch(bs, k, codes_dtype):
     """Same sums in another order: equal within fp32 rounding (a relative 1e-5 of the sum of |terms|)."""
     g = torch.Generator().manual_seed(bs * k)
-    for tokens in (1, 2, 3, 8, 16):
+    for tokens in (1, 2, 3, 8, 16, 17, 40):  # past 16: groups of 16 tokens, each its own table
         out, m = int(torch.randint(1, 300, (1,), generator=g)), int(torch.randint(1, 70, (1,), generator=g))
         codes = torch.randint(0, k, (out, m), generator=g).to(codes_dtype)
         cents, x = torch.randn(k, bs, generator=g), torch.randn(tokens, m * bs, generator=g)
@@ -232,3 +232,32 @@ def test_compiled_lut_equals_pure_pytorch(bs, k, codes_dtype):
         assert got.shape == want.shape == (tokens, out)
         assert ((got - want).abs() <= 1e-5 * scale + 1e-6).all()
         assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime_ext)")
+@pytest.mark.parametrize("bs,k,codes_dtype", [(2, 256, torch.uint8), (4, 16, torch.uint8), (5, 256, torch.uint8),
+                                              (8, 256, torch.uint8), (16, 64, torch.uint8), (4, 1024, torch.int16)])
+def test_compiled_decode_equals_pure_pytorch(bs, k, codes_dtype):
+    """The compiled decode copies the same centroid values: identical to index_select's rows."""
+    g = torch.Generator().manual_seed(bs + k)
+    codes = torch.randint(0, k, (37, 11), generator=g).to(codes_dtype)
+    cents = torch.randn(k, bs, generator=g)
+    got, want = K.pq_rows(codes, cents, torch.float32, compiled=True), K.pq_rows(codes, cents, torch.float32, compiled=False)
+    assert got.shape == (37, 11 * bs) and torch.equal(got, want)
+    assert torch.equal(want[5, 3 * bs:4 * bs], cents[codes[5, 3].long()])
+
+
+def test_decode_in_chunks_equals_whole(monkeypatch):
+    """Few tokens: rows decoded a chunk at a time; many: the whole weight at once.  Same product."""
+    codes = torch.randint(0, 256, (300, 16), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    cents, x = torch.randn(256, 8), torch.randn(3, 128)
+    whole = K.pq_linear_decode(x, codes, cents)
+    monkeypatch.setattr(K, "DECODE_ROWS_ELEMS", 128 * 7)  # 7 rows per chunk: 43 chunks for 3 tokens
+    calls = []
+    real = K.pq_rows
+    monkeypatch.setattr(K, "pq_rows", lambda c, *a, **kw: calls.append(c.shape[0]) or real(c, *a, **kw))
+    torch.testing.assert_close(K.pq_linear_decode(x, codes, cents), whole, atol=1e-5, rtol=1e-5)
+    assert calls[0] == 7 and sum(calls) == 300
+    calls.clear()
+    K.pq_linear_decode(torch.randn(8, 128), codes, cents)  # output 8 x 300 = 2400 elements: 18 rows at a time
+    assert calls[0] == 18 and sum(calls) == 300

@@ -1,86 +1,148 @@
-// quantnoise.runtime's compiled look-up-table kernel (pq Linear, few tokens): the gather-sum half of
-// Jegou et al. 2011's asymmetric distance computation / AQLM's LUT GEMM.  The table itself,
-// table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>, is one GEMM done by PyTorch (quantnoise/runtime_kernels.py);
-// here  y[t, o] = sum_j table[t, j, codes[o, j]]  in fp32, rows o split over torch's intra-op threads.
-// Registered as torch.ops.quantnoise.pq_lut_gather; the pure PyTorch path is kept and tested equal.
+// quantnoise.runtime's compiled kernels for pq Linear (CPU, fp32), the pure PyTorch versions being in
+// quantnoise/runtime_kernels.py (kept, and tested equal to these):
+//  - pq_lut_gather: the gather-sum half of Jegou et al. 2011's asymmetric distance computation / AQLM's
+//    LUT GEMM.  The table, table[c, j, t] = <x[t, j*bs:(j+1)*bs], C[c]>, is one GEMM done by PyTorch;
+//    here  y[t, o] = sum_j table[codes[o, j], j, t]: each code selects T contiguous floats (one vector load
+//    for T <= 16), so the sums of all tokens run together.  Rows o split over torch's intra-op threads;
+//    block positions j are walked in tiles whose table slice stays in cache across all rows.
+//  - pq_decode: W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64 index copy).
+// Registered as torch.ops.quantnoise.{pq_lut_gather,pq_decode}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 namespace {
 
 constexpr int64_t kMaxTokens = 16;
+constexpr int64_t kTileBytes = 256 << 10;  // table slice walked by all rows before moving on (fits L2)
 
-// y (T, out) = sum_j table (T, m, k)[:, j, codes (out, m)[o, j]] for rows [begin, end); T known at compile time
+// yt (out, T) += sum_{j in [j0, j1)} table (k, m, T)[codes[o, j], j, :] for rows [begin, end); T at compile time
 template <int T, typename code_t>
-void rows_sum(const float* table, const code_t* codes, float* y, int64_t out, int64_t m, int64_t k,
+void rows_sum(const float* table, const code_t* codes, float* yt, int64_t m, int64_t k, int64_t j0, int64_t j1,
               int64_t begin, int64_t end) {
-  const int64_t mk = m * k;
+  const int64_t mT = m * T;
   for (int64_t o = begin; o < end; ++o) {
     const code_t* c = codes + o * m;
-    float a[T] = {0.f}, b[T] = {0.f};  // two independent chains: the loads overlap
-    int64_t j = 0;
-    for (; j + 2 <= m; j += 2) {
-      const float* e0 = table + (j + 0) * k + c[j + 0];
-      const float* e1 = table + (j + 1) * k + c[j + 1];
-      for (int t = 0; t < T; ++t) a[t] += e0[t * mk];
-      for (int t = 0; t < T; ++t) b[t] += e1[t * mk];
+    float a[T], b[T];
+    for (int t = 0; t < T; ++t) a[t] = yt[o * T + t], b[t] = 0.f;
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {  // two independent chains: the loads overlap
+      const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
+      const float* e1 = table + static_cast<int64_t>(c[j + 1]) * mT + (j + 1) * T;
+      for (int t = 0; t < T; ++t) a[t] += e0[t];
+      for (int t = 0; t < T; ++t) b[t] += e1[t];
     }
-    if (j < m) {
-      const float* e0 = table + j * k + c[j];
-      for (int t = 0; t < T; ++t) a[t] += e0[t * mk];
+    if (j < j1) {
+      const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
+      for (int t = 0; t < T; ++t) a[t] += e0[t];
     }
-    for (int t = 0; t < T; ++t) y[t * out + o] = a[t] + b[t];
+    for (int t = 0; t < T; ++t) yt[o * T + t] = a[t] + b[t];
   }
 }
 
 template <typename code_t>
-void rows_sum_any(const float* table, const code_t* codes, float* y, int64_t out, int64_t m, int64_t k, int64_t T,
-                  int64_t begin, int64_t end) {
-  const int64_t mk = m * k;
+void rows_sum_any(const float* table, const code_t* codes, float* yt, int64_t m, int64_t k, int64_t T, int64_t j0,
+                  int64_t j1, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
     const code_t* c = codes + o * m;
-    float acc[kMaxTokens] = {0.f};
-    for (int64_t j = 0; j < m; ++j) {
-      const float* e = table + j * k + c[j];
-      for (int64_t t = 0; t < T; ++t) acc[t] += e[t * mk];
+    float* acc = yt + o * T;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* e = table + static_cast<int64_t>(c[j]) * m * T + j * T;
+      for (int64_t t = 0; t < T; ++t) acc[t] += e[t];
     }
-    for (int64_t t = 0; t < T; ++t) y[t * out + o] = acc[t];
   }
 }
 
 template <typename code_t>
-void gather_sum(const float* table, const code_t* codes, float* y, int64_t out, int64_t m, int64_t k, int64_t T) {
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    switch (T) {
-      case 1: rows_sum<1>(table, codes, y, out, m, k, begin, end); break;
-      case 2: rows_sum<2>(table, codes, y, out, m, k, begin, end); break;
-      case 4: rows_sum<4>(table, codes, y, out, m, k, begin, end); break;
-      case 8: rows_sum<8>(table, codes, y, out, m, k, begin, end); break;
-      default: rows_sum_any(table, codes, y, out, m, k, T, begin, end);
+void gather_sum(const float* table, const code_t* codes, float* yt, int64_t out, int64_t m, int64_t k, int64_t T) {
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / (k * T * static_cast<int64_t>(sizeof(float))));
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j0 = 0; j0 < m; j0 += tile) {
+      const int64_t j1 = std::min(m, j0 + tile);
+      switch (T) {
+        case 1: rows_sum<1>(table, codes, yt, m, k, j0, j1, begin, end); break;
+        case 2: rows_sum<2>(table, codes, yt, m, k, j0, j1, begin, end); break;
+        case 4: rows_sum<4>(table, codes, yt, m, k, j0, j1, begin, end); break;
+        case 8: rows_sum<8>(table, codes, yt, m, k, j0, j1, begin, end); break;
+        case 16: rows_sum<16>(table, codes, yt, m, k, j0, j1, begin, end); break;
+        default: rows_sum_any(table, codes, yt, m, k, T, j0, j1, begin, end);
+      }
     }
   });
 }
 
+// (out, T) sums; the caller transposes.  codes are trusted to lie in [0, k): quantnoise.export.check_map
+// verified them when the file was read (and the Python wrapper checks a layer built in memory).
 at::Tensor pq_lut_gather(const at::Tensor& table, const at::Tensor& codes) {
   TORCH_CHECK(table.dim() == 3 && table.scalar_type() == at::kFloat && table.is_contiguous() && table.is_cpu(),
-              "pq_lut_gather: table must be a contiguous CPU float32 (T, m, k) tensor");
+              "pq_lut_gather: table must be a contiguous CPU float32 (k, m, T) tensor");
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu() && codes.size(1) == table.size(1),
               "pq_lut_gather: codes must be a contiguous CPU (out, m) tensor matching the table");
-  const int64_t out = codes.size(0), m = codes.size(1), k = table.size(2), T = table.size(0);
+  const int64_t out = codes.size(0), m = codes.size(1), k = table.size(0), T = table.size(2);
   TORCH_CHECK(T >= 1 && T <= kMaxTokens, "pq_lut_gather: 1 to ", kMaxTokens, " tokens, got ", T);
-  at::Tensor y = at::empty({T, out}, table.options());
-  // codes are trusted to lie in [0, k): quantnoise.export.check_map verified them when the file was read
+  at::Tensor yt = at::zeros({out, T}, table.options());
   switch (codes.scalar_type()) {
-    case at::kByte: gather_sum(table.data_ptr<float>(), codes.data_ptr<uint8_t>(), y.data_ptr<float>(), out, m, k, T); break;
-    case at::kShort: gather_sum(table.data_ptr<float>(), codes.data_ptr<int16_t>(), y.data_ptr<float>(), out, m, k, T); break;
+    case at::kByte: gather_sum(table.data_ptr<float>(), codes.data_ptr<uint8_t>(), yt.data_ptr<float>(), out, m, k, T); break;
+    case at::kShort: gather_sum(table.data_ptr<float>(), codes.data_ptr<int16_t>(), yt.data_ptr<float>(), out, m, k, T); break;
     default: TORCH_CHECK(false, "pq_lut_gather: codes must be uint8 or int16, got ", codes.scalar_type());
   }
-  return y;
+  return yt;
+}
+
+template <int BS, typename code_t>
+void decode_block_rows(const float* cents, const code_t* codes, float* w, int64_t m, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const code_t* c = codes + o * m;
+    float* row = w + o * m * BS;
+    for (int64_t j = 0; j < m; ++j) {
+      const float* e = cents + static_cast<int64_t>(c[j]) * BS;
+      for (int b = 0; b < BS; ++b) row[j * BS + b] = e[b];  // BS known: a fixed-size vector copy
+    }
+  }
+}
+
+template <typename code_t>
+void decode_rows(const float* cents, const code_t* codes, float* w, int64_t out, int64_t m, int64_t bs) {
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    switch (bs) {
+      case 2: decode_block_rows<2>(cents, codes, w, m, begin, end); break;
+      case 4: decode_block_rows<4>(cents, codes, w, m, begin, end); break;
+      case 8: decode_block_rows<8>(cents, codes, w, m, begin, end); break;
+      case 16: decode_block_rows<16>(cents, codes, w, m, begin, end); break;
+      default:
+        for (int64_t o = begin; o < end; ++o)
+          for (int64_t j = 0; j < m; ++j)
+            std::memcpy(w + (o * m + j) * bs, cents + static_cast<int64_t>(codes[o * m + j]) * bs, bs * sizeof(float));
+    }
+  });
+}
+
+at::Tensor pq_decode(const at::Tensor& codes, const at::Tensor& centroids) {
+  TORCH_CHECK(centroids.dim() == 2 && centroids.scalar_type() == at::kFloat && centroids.is_contiguous() &&
+                  centroids.is_cpu(), "pq_decode: centroids must be a contiguous CPU float32 (k, bs) tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu(),
+              "pq_decode: codes must be a contiguous CPU (out, m) tensor");
+  const int64_t out = codes.size(0), m = codes.size(1), bs = centroids.size(1);
+  at::Tensor w = at::empty({out, m * bs}, centroids.options());
+  switch (codes.scalar_type()) {
+    case at::kByte: decode_rows(centroids.data_ptr<float>(), codes.data_ptr<uint8_t>(), w.data_ptr<float>(), out, m, bs); break;
+    case at::kShort: decode_rows(centroids.data_ptr<float>(), codes.data_ptr<int16_t>(), w.data_ptr<float>(), out, m, bs); break;
+    default: TORCH_CHECK(false, "pq_decode: codes must be uint8 or int16, got ", codes.scalar_type());
+  }
+  return w;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(quantnoise, m) { m.def("pq_lut_gather(Tensor table, Tensor codes) -> Tensor"); }
-TORCH_LIBRARY_IMPL(quantnoise, CPU, m) { m.impl("pq_lut_gather", &pq_lut_gather); }
+TORCH_LIBRARY(quantnoise, m) {
+  m.def("pq_lut_gather(Tensor table, Tensor codes) -> Tensor");
+  m.def("pq_decode(Tensor codes, Tensor centroids) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(quantnoise, CPU, m) {
+  m.impl("pq_lut_gather", &pq_lut_gather);
+  m.impl("pq_decode", &pq_decode);
+}
