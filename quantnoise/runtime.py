@@ -82,9 +82,11 @@ class CodesLinear(_PQ, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes, self.centroids.shape[1]))
-        y = (K.pq_linear_lut if lut else K.pq_linear_decode)(x2, self.codes, self.centroids)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if lut:
+            y = K.pq_linear_lut(x2, self.codes, self.centroids)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
+        else:
+            y = K.pq_linear_decode(x2, self.codes, self.centroids, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -188,9 +190,11 @@ class IntLinear(_Int, nn.Linear):
         if kernel == "fbgemm":
             self.pack_()
             y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, K.fbgemm_reduce_range()).to(x.dtype)
-        elif kernel in ("lut", "bytes"):  # packed bytes = pq codes over byte_codebook; then the row scales
-            codes = self.qweight.view(self.out_features, -1)
-            y = (K.pq_linear_lut if kernel == "lut" else K.pq_linear_decode)(x2, codes, self.book)
+        elif kernel == "bytes":  # packed bytes = pq codes over byte_codebook, rows scaled as decoded, bias in the GEMM
+            y = K.pq_linear_decode(x2, self.qweight.view(self.out_features, -1), self.book, self.bias, self.qscale)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        elif kernel == "lut":  # the same codes by look-up table, then the row scales
+            y = K.pq_linear_lut(x2, self.qweight.view(self.out_features, -1), self.book)
             y = y * self.qscale.t().to(y.dtype)
         elif kernel == "int_mm":
             xs = x2.float().abs().amax(1, keepdim=True).clamp_min(1e-30) / 127  # (T, 1) per-token scale

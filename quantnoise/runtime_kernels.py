@@ -89,15 +89,24 @@ def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optiona
     return y.t()  # (T, out)
 
 
-def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T, decoding at a time as many rows as make ``DECODE_ROWS_ELEMS``
-    weights or the output's T x out elements, whichever is more (the transient stays within the size of the
-    activations the layer makes anyway; for many tokens the whole weight, so one GEMM, no concatenation)."""
+def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor] = None,
+                     row_scale: Optional[Tensor] = None) -> Tensor:
+    """x (T, in) @ (decode(codes, centroids) * row_scale).T + bias, decoding at a time as many rows as make
+    ``DECODE_ROWS_ELEMS`` weights or the output's T x out elements, whichever is more (the transient stays within
+    the size of the activations the layer makes anyway; for many tokens the whole weight: one GEMM, no
+    concatenation).  ``row_scale`` (out, 1): int-N rows; ``bias`` (out,): added by the GEMM (addmm)."""
     out, m = codes.shape
     rows = max(1, max(DECODE_ROWS_ELEMS, x.shape[0] * out) // (m * centroids.shape[1]))
+
+    def part(s: int, e: int) -> Tensor:
+        w = pq_rows(codes[s:e], centroids, x.dtype)
+        if row_scale is not None:
+            w = w.mul_(row_scale[s:e].to(x.dtype))
+        return F.linear(x, w, None if bias is None else bias[s:e].to(x.dtype))
+
     if rows >= out:
-        return x @ pq_rows(codes, centroids, x.dtype).t()
-    return torch.cat([x @ pq_rows(codes[s:s + rows], centroids, x.dtype).t() for s in range(0, out, rows)], -1)
+        return part(0, out)
+    return torch.cat([part(s, s + rows) for s in range(0, out, rows)], -1)
 
 
 def unpack_at(packed: Tensor, width: int, idx: Tensor) -> Tensor:

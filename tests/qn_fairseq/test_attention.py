@@ -59,3 +59,50 @@ def test_stock_fairseq_hooks_skip_attention(lm_data):
     model.train()
     model(torch.randint(4, len(task.dictionary), (2, 16)))
     assert all(calls[n] == 0 for n in proj) and any(calls[n] for n in hooked if n not in proj)
+
+
+def test_routed_attention_equals_fairseq_fast_path():
+    """A routed MultiheadAttention calls its projection modules and, in eval, computes what fairseq's fast path
+    (F.multi_head_attention_forward) does, with fused attention: causal float mask, bool mask, key padding,
+    encoder-decoder keys; returned weights and incremental decoding go to fairseq's own forward."""
+    from fairseq.modules import MultiheadAttention
+
+    from quantnoise.runtime import _plugin
+
+    route_attention = _plugin().route_attention  # the plugin as fairseq's --user-dir imports it (qn_fairseq)
+
+    torch.manual_seed(0)
+    for self_attn in (True, False):
+        plain = MultiheadAttention(32, 4, dropout=0.1, self_attention=self_attn,
+                                   encoder_decoder_attention=not self_attn).eval()
+        routed = MultiheadAttention(32, 4, dropout=0.1, self_attention=self_attn,
+                                    encoder_decoder_attention=not self_attn).eval()
+        routed.load_state_dict(plain.state_dict())
+        model = torch.nn.Module()
+        model.attn = routed
+        route_attention(model)
+        assert type(routed).__name__ == "RoutedMultiheadAttention" and routed.skip_embed_dim_check
+        calls = []
+        routed.q_proj.register_forward_hook(lambda *a: calls.append(1))
+        T, S, B = 7, 7 if self_attn else 5, 3
+        x, mem = torch.randn(T, B, 32), torch.randn(S, B, 32)
+        key = x if self_attn else mem
+        causal = torch.triu(torch.full((T, S), float("-inf")), 1)
+        pad = torch.zeros(B, S, dtype=torch.bool)
+        pad[1, -2:] = True
+        for attn_mask, kpm in ((None, None), (causal, None), (causal, pad), (None, pad), (causal.isinf(), pad)):
+            want, _ = plain(x, key, key, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)
+            got, w = routed(x, key, key, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=False)
+            assert w is None
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        want, want_w = plain(x, key, key, need_weights=True)  # weights asked: fairseq's manual path
+        got, got_w = routed(x, key, key, need_weights=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 6
+    routed.train()  # training with attention dropout: fairseq's own (manual) path, seeded the same
+    torch.manual_seed(1)
+    a, _ = routed(x, key, key, need_weights=False)
+    torch.manual_seed(1)
+    b, _ = super(type(routed), routed).forward(x, key, key, need_weights=False)
+    assert torch.equal(a, b)
