@@ -83,8 +83,7 @@ class CodesLinear(_PQ, nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes, self.centroids.shape[1]))
         if lut:
-            y = K.pq_linear_lut(x2, self.codes, self.centroids)
-            y = y if self.bias is None else y + self.bias.to(y.dtype)
+            y = K.pq_linear_lut(x2, self.codes, self.centroids, bias=self.bias)
         else:
             y = K.pq_linear_decode(x2, self.codes, self.centroids, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)

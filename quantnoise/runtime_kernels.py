@@ -6,8 +6,9 @@
 - int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
 Pure PyTorch; device and dtype follow the input.  Two steps also have compiled CPU kernels
 (quantnoise/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime_ext``), used for fp32 CPU inputs when built:
-the table's gather-sum (``torch.ops.quantnoise.pq_lut_gather``, tokens in groups of ``COMPILED_MAX_TOKENS``,
-the table laid out token-fastest) and the decode (``torch.ops.quantnoise.pq_decode``).  The pure PyTorch path
+the look-up-table product (``torch.ops.quantnoise.pq_lut_linear``: the table, laid out token-fastest, and its
+gather-sum ``pq_lut_gather`` in one call, tokens in groups of ``COMPILED_MAX_TOKENS``) and the decode
+(``torch.ops.quantnoise.pq_decode``).  The pure PyTorch path
 (``compiled=False``) computes the same sums in another order (equal within fp32 rounding) and the same decode
 (identical), tests/test_runtime.py.
 """
@@ -63,30 +64,33 @@ def lut_wins(x: Tensor, codes: Tensor, bs: int) -> bool:
     return x.shape[0] <= max(1, codes.shape[0] * bs * bs // LUT_ROWS_FACTOR)
 
 
-def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optional[bool] = None) -> Tensor:
-    """x (T, in) @ decode(codes, centroids).T  by look-up table: (T, out), in x's dtype.  ``compiled``: the
-    gather-sum in C++ (default: where ``use_compiled``; tokens in groups of ``COMPILED_MAX_TOKENS``) or in
-    pure PyTorch."""
+def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optional[bool] = None,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """x (T, in) @ decode(codes, centroids).T [+ bias] by look-up table: (T, out), in x's dtype.  ``compiled``:
+    table and gather-sum in C++ (default: where ``use_compiled``; tokens in groups of ``COMPILED_MAX_TOKENS``)
+    or in pure PyTorch."""
     T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
     if (use_compiled(x, codes) if compiled is None else compiled) and runtime_ext.available():
-        cents, codes = centroids.to(x.dtype), codes.contiguous()
-        ys = []
-        for s in range(0, T, COMPILED_MAX_TOKENS):
-            xg = x[s:s + COMPILED_MAX_TOKENS]
-            xt = xg.reshape(-1, m, bs).permute(2, 1, 0).reshape(bs, -1)  # (bs, m * Tg): token index fastest
-            table = (cents @ xt).reshape(k, m, -1)  # (k, m, Tg): one GEMM
-            ys.append(torch.ops.quantnoise.pq_lut_gather(table, codes).t())  # (Tg, out)
-        return torch.cat(ys) if len(ys) > 1 else ys[0].contiguous()
+        cents, codes = centroids.float(), codes.contiguous()
+        ys = [torch.ops.quantnoise.pq_lut_linear(x[s:s + COMPILED_MAX_TOKENS], codes, cents, bias)
+              for s in range(0, T, COMPILED_MAX_TOKENS)]
+        return torch.cat(ys) if len(ys) > 1 else ys[0]
+    return _pq_linear_lut_pure(x, codes, centroids, bias)
+
+
+def _pq_linear_lut_pure(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor]) -> Tensor:
+    T, (out, m), (k, bs) = x.shape[0], codes.shape, centroids.shape
     table = x.reshape(T * m, bs) @ centroids.to(x.dtype).t()  # (T*m, k): one GEMM, = (T, m, k)
     offs = torch.arange(m, device=x.device) * k  # (m,): where block position j's table starts
     rows = max(1, LUT_CHUNK_CODES // m)
     if T == 1:
         flat = table.reshape(m * k)
-        y = torch.cat([flat.take(codes[s:s + rows].long() + offs).sum(1) for s in range(0, out, rows)])
-        return y.unsqueeze(0)  # (1, out)
-    flat = table.reshape(T, m * k).t().contiguous()  # (m*k, T): one table entry per row
-    y = torch.cat([F.embedding_bag(codes[s:s + rows].long() + offs, flat, mode="sum") for s in range(0, out, rows)])
-    return y.t()  # (T, out)
+        y = torch.cat([flat.take(codes[s:s + rows].long() + offs).sum(1) for s in range(0, out, rows)]).unsqueeze(0)
+    else:
+        flat = table.reshape(T, m * k).t().contiguous()  # (m*k, T): one table entry per row
+        y = torch.cat([F.embedding_bag(codes[s:s + rows].long() + offs, flat, mode="sum")
+                       for s in range(0, out, rows)]).t()
+    return y if bias is None else y + bias.to(y.dtype)  # (T, out)
 
 
 def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor] = None,

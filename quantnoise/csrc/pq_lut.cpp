@@ -6,7 +6,9 @@
 //    for T <= 16), so the sums of all tokens run together.  Rows o split over torch's intra-op threads;
 //    block positions j are walked in tiles whose table slice stays in cache across all rows.
 //  - pq_decode: W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64 index copy).
-// Registered as torch.ops.quantnoise.{pq_lut_gather,pq_decode}.
+//  - pq_lut_linear: for up to 16 tokens, the table (a small multiply-add loop) and the gather-sum in one call,
+//    plus the bias (per-call overhead matters in batch-1 generation).
+// Registered as torch.ops.quantnoise.{pq_lut_gather,pq_decode,pq_lut_linear}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,20 +29,24 @@ void rows_sum(const float* table, const code_t* codes, float* yt, int64_t m, int
   const int64_t mT = m * T;
   for (int64_t o = begin; o < end; ++o) {
     const code_t* c = codes + o * m;
-    float a[T], b[T];
-    for (int t = 0; t < T; ++t) a[t] = yt[o * T + t], b[t] = 0.f;
+    float a[T], b[T], d[T], e[T];  // four independent chains: the loads and adds overlap (add latency ~4 cycles)
+    for (int t = 0; t < T; ++t) a[t] = yt[o * T + t], b[t] = 0.f, d[t] = 0.f, e[t] = 0.f;
     int64_t j = j0;
-    for (; j + 2 <= j1; j += 2) {  // two independent chains: the loads overlap
+    for (; j + 4 <= j1; j += 4) {
       const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
       const float* e1 = table + static_cast<int64_t>(c[j + 1]) * mT + (j + 1) * T;
+      const float* e2 = table + static_cast<int64_t>(c[j + 2]) * mT + (j + 2) * T;
+      const float* e3 = table + static_cast<int64_t>(c[j + 3]) * mT + (j + 3) * T;
       for (int t = 0; t < T; ++t) a[t] += e0[t];
       for (int t = 0; t < T; ++t) b[t] += e1[t];
+      for (int t = 0; t < T; ++t) d[t] += e2[t];
+      for (int t = 0; t < T; ++t) e[t] += e3[t];
     }
-    if (j < j1) {
+    for (; j < j1; ++j) {
       const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
       for (int t = 0; t < T; ++t) a[t] += e0[t];
     }
-    for (int t = 0; t < T; ++t) yt[o * T + t] = a[t] + b[t];
+    for (int t = 0; t < T; ++t) yt[o * T + t] = (a[t] + b[t]) + (d[t] + e[t]);
   }
 }
 
@@ -93,6 +99,53 @@ at::Tensor pq_lut_gather(const at::Tensor& table, const at::Tensor& codes) {
   return yt;
 }
 
+// table (k, m, T): table[c, j, t] = <x[t, j*bs:(j+1)*bs], C[c]>, from xt (bs, m, T) = x regrouped; k split over threads
+void build_table(const float* cents, const float* xt, float* table, int64_t k, int64_t m, int64_t bs, int64_t T) {
+  const int64_t mT = m * T;
+  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      float* row = table + c * mT;
+      const float* cc = cents + c * bs;
+      for (int64_t i = 0; i < mT; ++i) row[i] = cc[0] * xt[i];
+      for (int64_t b = 1; b < bs; ++b) {
+        const float cb = cc[b];
+        const float* xb = xt + b * mT;
+        for (int64_t i = 0; i < mT; ++i) row[i] += cb * xb[i];  // contiguous: vectorised multiply-add
+      }
+    }
+  });
+}
+
+// y (T, out) = x (T, in) @ decode(codes, C).T [+ bias]: the table and its gather-sum in one call (few tokens)
+at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& centroids,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_cpu(), "pq_lut_linear: x must be a CPU float32 (T, in) tensor");
+  TORCH_CHECK(centroids.dim() == 2 && centroids.scalar_type() == at::kFloat && centroids.is_cpu(),
+              "pq_lut_linear: centroids must be a CPU float32 (k, bs) tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu(), "pq_lut_linear: codes must be a contiguous CPU (out, m) tensor");
+  const int64_t T = x.size(0), k = centroids.size(0), bs = centroids.size(1), out = codes.size(0), m = codes.size(1);
+  TORCH_CHECK(x.size(1) == m * bs, "pq_lut_linear: x has ", x.size(1), " features, the codes ", m * bs);
+  TORCH_CHECK(T >= 1 && T <= kMaxTokens, "pq_lut_linear: 1 to ", kMaxTokens, " tokens, got ", T);
+  const at::Tensor xc = x.contiguous(), cc = centroids.contiguous();
+  at::Tensor xt = at::empty({bs, m, T}, x.options());
+  {
+    const float* xp = xc.data_ptr<float>();
+    float* tp = xt.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t b = 0; b < bs; ++b) tp[(b * m + j) * T + t] = xp[t * m * bs + j * bs + b];
+  }
+  at::Tensor table = at::empty({k, m, T}, x.options());
+  build_table(cc.data_ptr<float>(), xt.data_ptr<float>(), table.data_ptr<float>(), k, m, bs, T);
+  at::Tensor yt = pq_lut_gather(table, codes);  // (out, T)
+  at::Tensor y = T == 1 ? yt.view({1, out}) : yt.t().contiguous();
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out, "pq_lut_linear: bias of ", bias->numel(), " values for ", out, " outputs");
+    y.add_(bias->to(at::kFloat).view({1, out}));
+  }
+  return y;
+}
+
 template <int BS, typename code_t>
 void decode_block_rows(const float* cents, const code_t* codes, float* w, int64_t m, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
@@ -141,8 +194,10 @@ at::Tensor pq_decode(const at::Tensor& codes, const at::Tensor& centroids) {
 TORCH_LIBRARY(quantnoise, m) {
   m.def("pq_lut_gather(Tensor table, Tensor codes) -> Tensor");
   m.def("pq_decode(Tensor codes, Tensor centroids) -> Tensor");
+  m.def("pq_lut_linear(Tensor x, Tensor codes, Tensor centroids, Tensor? bias) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(quantnoise, CPU, m) {
   m.impl("pq_lut_gather", &pq_lut_gather);
   m.impl("pq_decode", &pq_decode);
+  m.impl("pq_lut_linear", &pq_lut_linear);
 }
