@@ -8,7 +8,6 @@ containers, so ``torch.load(weights_only=True)`` reads it without running pickle
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import pathlib
@@ -33,11 +32,11 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise OSError(f"checkpoint {path} does not exist")
     try:
-        # args of fairseq's argparse models; torch's safe_globals() context removes the class again on
-        # exit, so it is entered only when the allowlist lacks it (the plugin's compat adds it for good)
-        allowed = argparse.Namespace in torch.serialization.get_safe_globals()
-        with contextlib.nullcontext() if allowed else torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        # args of fairseq's argparse models (a plain attribute bag): allowed for good, as the plugin's compat
+        # does; torch's safe_globals() context would be process-wide yet removed on exit, racing other threads
+        if argparse.Namespace not in torch.serialization.get_safe_globals():
+            torch.serialization.add_safe_globals([argparse.Namespace])
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable fairseq checkpoint ({first}); pass a checkpoint_*.pt "
