@@ -225,8 +225,8 @@ def main() -> None:
     warm = {} if args.no_warmup else synthesise(args.workdir, args.model, 1, 64, "warmup")
     print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}; warm-up: "
           f"{'none' if args.no_warmup else 'a 1-layer 64-d model of the same scheme'}\n")
-    print("| file | MiB | quantnoise | fixed RSS MiB (warm-up's part: anon / file-backed) | load growth MiB (x file) | anon / file-backed MiB "
-          "| model tensors MiB (x file) | load peak growth MiB (x file) | after forward MiB (x file) |\n"
+    print("| file | MiB | quantnoise | fixed RSS MiB (warm-up's part: anon / file-backed) | load growth MiB (x file) "
+          "| anon / file-backed MiB | model tensors MiB (x file) | load peak growth MiB (x file) | after forward MiB (x file) |\n"
           "|---|---|---|---|---|---|---|---|---|")
     mib = 2**20
     for scheme, path in paths.items():
