@@ -23,7 +23,7 @@ from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
 from quantnoise.export import read_qnz
-from quantnoise.runtime import RuntimeMixin, fill_model_, runtime_summary
+from quantnoise.runtime import RuntimeMixin, fill_model_, release_freed_memory, runtime_summary
 
 from .args import route_attention
 
@@ -166,6 +166,7 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
         tensors, meta = read_qnz(path)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    release_freed_memory()  # the checks' temporaries (unpacked int4 chunks...) would stay resident on the heap
     cfg = qnz_config(meta, overrides)
     task = task or _setup_task(cfg)
     with torch.device("meta"), _meta_stays_meta():
