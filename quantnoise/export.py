@@ -372,8 +372,11 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
     return [f"{name}.qweight", f"{name}.qscale"]
 
 
-def _packed_max(q: Tensor, width: int, n: int, chunk: int = 1 << 22) -> int:
-    """The largest of the first ``n`` values packed in ``q``, unpacking ``chunk`` bytes at a time."""
+def _packed_max(q: Tensor, width: int, n: int, chunk: int = 1 << 18) -> int:
+    """The largest of the first ``n`` values packed in ``q``, unpacking ``chunk`` bytes at a time (temporaries of
+    a few hundred KB: a loaded model's peak memory; 8-bit values are the bytes themselves, no temporary)."""
+    if width == 8:
+        return int(q[:n].max()) if n else 0
     per, top = 8 // width, 0
     for i in range(0, math.ceil(n / per), chunk):
         top = max(top, int(unpack(q[i:i + chunk], width, min(n - i * per, chunk * per)).max()))

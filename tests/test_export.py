@@ -427,3 +427,19 @@ def test_read_safetensors_equals_safetensors_and_checks_the_layout(tmp_path):
         (tmp_path / "b.st").write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n:])
         with pytest.raises(ValueError, match=why):
             export.read_safetensors(str(tmp_path / "b.st"))
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_packed_max_reads_only_the_first_n_values_in_chunks(width):
+    """The int range check (``_packed_max``) equals the max of the unpacked values, chunked or not, and ignores
+    the padding bits of the last byte."""
+    g = torch.Generator().manual_seed(width)
+    n = 1001
+    u = torch.randint(0, 2**width - 1, (n,), generator=g).to(torch.uint8)  # never the top value...
+    q = export.pack(u, width)
+    if width < 8:
+        q[-1] |= (2**width - 1) << (width * (n % (8 // width)))  # ...except in the padding bits of the last byte
+    for chunk in (7, 1 << 18):
+        assert export._packed_max(q, width, n, chunk=chunk) == int(u.max()) < 2**width - 1
+    u[n // 2] = 2**width - 1  # the top value inside: found
+    assert export._packed_max(export.pack(u, width), width, n, chunk=7) == 2**width - 1

@@ -16,12 +16,14 @@ import os
 from typing import Optional
 
 import torch
+from fairseq import utils as fairseq_utils
 from fairseq.models.roberta.model import RobertaLMHead
+from fairseq.modules import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
 from quantnoise.export import read_qnz
-from quantnoise.runtime import RuntimeMixin, fill_model_, runtime_summary
+from quantnoise.runtime import RuntimeMixin, fill_model_, release_freed_memory, runtime_summary
 
 from .args import route_attention
 
@@ -55,12 +57,74 @@ def _setup_task(cfg):
 
 def _fix_non_state(model: nn.Module) -> None:
     """Tensors the build made on ``meta`` that no state dict holds, and attention routing."""
-    from fairseq.modules import SinusoidalPositionalEmbedding
-
     for m in model.modules():
         if isinstance(m, SinusoidalPositionalEmbedding) and m.weights.is_meta:
-            m.weights = m.get_embedding(m.weights.shape[0], m.embedding_dim, m.padding_idx)
+            if type(m) is SinusoidalPositionalEmbedding:
+                LazySinusoidalPositionalEmbedding.from_meta_(m)
+            else:  # a subclass with its own forward: the full table, as fairseq builds it
+                m.weights = m.get_embedding(m.weights.shape[0], m.embedding_dim, m.padding_idx)
     route_attention(model, (RuntimeMixin,))  # call the projection modules, not F.multi_head_attention_forward
+
+
+class LazySinusoidalPositionalEmbedding(SinusoidalPositionalEmbedding):
+    """fairseq's sinusoidal position table, computed only as far as the inputs reach.  fairseq computes it
+    at build time for every position the model allows (max positions x dim fp32: 4 MiB for a 1024-d LM with
+    1024 positions, 16% of its pq ``.qnz``), though its forward already regrows the table when a longer input
+    arrives.  This one starts with ``INITIAL_POSITIONS`` rows and, before fairseq's forward, grows the table
+    to at least double (so generation, one position longer each step, recomputes it log(n) times, not n), never
+    beyond the size fairseq would have built unless an input needs more.  Row p of the table does not depend
+    on its size: outputs are fairseq's, bit for bit."""
+
+    INITIAL_POSITIONS = 64
+
+    @classmethod
+    def from_meta_(cls, m: SinusoidalPositionalEmbedding) -> None:
+        """Swap the class of a table built on ``meta`` in place; compute its first rows on the CPU."""
+        m.__class__ = cls
+        m.built_size = m.weights.shape[0]
+        rows = min(m.built_size, m.padding_idx + 1 + cls.INITIAL_POSITIONS)
+        m.weights = m.get_embedding(rows, m.embedding_dim, m.padding_idx)
+
+    def forward(self, input, incremental_state=None, timestep=None, positions=None):
+        need = self.padding_idx + 1 + input.size(1)  # what fairseq's forward needs: (bsz, seq_len) input
+        have = self.weights.size(0)
+        if need > have:
+            rows = max(need, min(2 * have, self.built_size))
+            self.weights = self.get_embedding(rows, self.embedding_dim, self.padding_idx).to(self.weights)
+        return super().forward(input, incremental_state, timestep, positions)
+
+
+class RuntimeLearnedPositions(LearnedPositionalEmbedding):
+    """fairseq's learned position embedding over a runtime embedding (``rows``: pq codes / int weights, rows
+    decoded as they are looked up) instead of a decoded fp32 table (positions x dim: 1.5 MiB for roberta_base's
+    514 x 768, 10% of its pq ``.qnz``).  Its forward computes the positions as fairseq's does, then looks them up.
+    ``from_meta_`` swaps the class of a table built on ``meta`` in place and renames the .qnz's layer to ``rows``."""
+
+    @classmethod
+    def from_meta_(cls, m: nn.Module, meta: dict, name: str, tensors: dict) -> None:
+        if type(m) is not LearnedPositionalEmbedding or name not in meta["layers"] or m.max_norm is not None:
+            return
+        m._parameters.pop("weight")
+        m.__class__ = cls
+        m.rows = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, device="meta")
+        meta["layers"][f"{name}.rows"] = meta["layers"].pop(name)
+        for key in [k for k in tensors if k.startswith(f"{name}.")]:
+            tensors[f"{name}.rows.{key[len(name) + 1:]}"] = tensors.pop(key)
+
+    @property
+    def weight(self):
+        return self.rows.weight
+
+    def forward(self, input, incremental_state=None, positions=None):
+        assert positions is None or self.padding_idx is None, \
+            "If positions is pre-computed then padding_idx should not be set."
+        if positions is None:
+            if incremental_state is not None:  # the same position for every token of one decoding step
+                positions = torch.zeros((1, 1), device=input.device, dtype=input.dtype).fill_(
+                    int(self.padding_idx + input.size(1)))
+            else:
+                positions = fairseq_utils.make_positions(input, self.padding_idx, onnx_trace=self.onnx_trace)
+        return self.rows(positions)
 
 
 class RuntimeLMHead(RobertaLMHead):
@@ -102,6 +166,7 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
         tensors, meta = read_qnz(path)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    release_freed_memory()  # the checks' temporaries (unpacked int4 chunks...) would stay resident on the heap
     cfg = qnz_config(meta, overrides)
     task = task or _setup_task(cfg)
     with torch.device("meta"), _meta_stays_meta():
@@ -109,6 +174,7 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     _fix_non_state(model)
     for name, m in list(model.named_modules()):
         RuntimeLMHead.from_head_(m, meta, name)
+        RuntimeLearnedPositions.from_meta_(m, meta, name, tensors)
     try:
         fill_model_(model, tensors, meta)
     except ValueError as e:

@@ -66,6 +66,8 @@ def test_roberta_decompressed_loads_in_stock_from_pretrained(lm_data, tmp_path):
         "head, emb = q.model.encoder.lm_head, q.model.encoder.sentence_encoder.embed_tokens\n"
         "assert type(emb).__name__ == 'CodesEmbedding', emb  # compressed runtime layers (issue 10), and the tied\n"
         "assert head.proj.codes.data_ptr() == emb.codes.data_ptr(), head  # LM head reads the same codes, no copy\n"
+        "pos = q.model.encoder.sentence_encoder.embed_positions  # learned positions: from their codes too\n"
+        "assert type(pos).__name__ == 'RuntimeLearnedPositions' and type(pos.rows).__name__ == 'CodesEmbedding', pos\n"
         "x = torch.tensor([[0, 10, 11, 12, 2]])\n"
         "torch.testing.assert_close(q.model(x)[0], hub.model(x)[0], atol=1e-4, rtol=1e-4)  # masked-LM logits\n"
         "torch.testing.assert_close(q.extract_features(x), f, atol=1e-4, rtol=1e-4)\n"

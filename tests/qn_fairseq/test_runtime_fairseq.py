@@ -90,3 +90,63 @@ def test_eval_lm_of_a_qnz_runs_compressed_with_the_decoded_perplexity(qnz, lm_da
     assert "compressed:" not in decoded.stderr
     a, b = perplexity(compressed), perplexity(decoded)
     assert abs(a - b) <= 1e-3 * b, (a, b)
+
+
+def test_sinusoidal_positions_are_computed_only_as_far_as_the_inputs_reach(qnz, lm_data, monkeypatch):
+    """The runtime does not build fairseq's full fp32 position table at load (max positions x dim); it grows
+    the table as inputs need it, and the outputs equal the decoded (stock) model's: an input within the first
+    table, one longer, one longer than the model's max positions, and incremental generation."""
+    from quantnoise import runtime
+
+    lazy = runtime._plugin().LazySinusoidalPositionalEmbedding
+    monkeypatch.setattr(lazy, "INITIAL_POSITIONS", 4)
+    model, _, task = runtime.load_qnz(qnz["pq"], data=lm_data)
+    plain, _, _ = runtime.load_qnz(qnz["pq"], data=lm_data, decoded=True)
+    pos, stock = model.decoder.embed_positions, plain.decoder.embed_positions
+    first = pos.padding_idx + 1 + 4
+    assert type(pos) is lazy and pos.weights.shape[0] == first < stock.weights.shape[0] == pos.built_size
+    toks = torch.randint(4, len(task.dictionary), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n in (3, 24, 40):  # 40 > the tiny LM's 32 positions: fairseq's own forward regrows both tables
+            torch.testing.assert_close(model(toks[:, :n])[0], plain(toks[:, :n])[0], atol=1e-4, rtol=1e-4)
+            assert pos.weights.shape[0] <= stock.weights.shape[0]
+            assert torch.equal(pos.weights, stock.weights[: pos.weights.shape[0]])
+        want = plain(toks[:, :24])[0]
+        pos.weights = pos.weights[:first].clone()
+        state, steps, sizes = {}, [], set()
+        for t in range(24):
+            steps.append(model(toks[:, : t + 1], incremental_state=state)[0][:, -1])
+            sizes.add(pos.weights.shape[0])
+    torch.testing.assert_close(torch.stack(steps, 1), want, atol=1e-4, rtol=1e-4)
+    assert len(sizes) <= 4, sorted(sizes)  # regrown by doubling (6, 12, 24, 34), not once per token
+
+
+def test_learned_positions_compute_from_the_stored_codes():
+    """A compressed fairseq LearnedPositionalEmbedding (RoBERTa's, a learned-position LM's) runs from its codes,
+    with no decoded table, and equals fairseq's own module holding the decoded weight: padded input, and one
+    step of incremental decoding."""
+    from fairseq.modules import LearnedPositionalEmbedding
+    from torch import nn
+
+    from quantnoise import runtime
+
+    Q = runtime._plugin()
+    g = torch.Generator().manual_seed(0)
+    codes, cents = torch.randint(0, 16, (40 * 16 // 8,), generator=g).to(torch.uint8), torch.randn(16, 8, generator=g)
+    stock = LearnedPositionalEmbedding(40, 16, padding_idx=1)
+    with torch.device("meta"):
+        model = nn.Module()
+        model.pos = LearnedPositionalEmbedding(40, 16, padding_idx=1)
+    meta = {"layers": {"pos": {"scheme": "pq", "shape": [40, 16], "block_size": 8, "n_centroids": 16,
+                               "codes": "uint8", "centroids": "float16", "dtype": "float32"}}, "dense": {}, "aliases": {}}
+    tensors = {"pos.codes": codes, "pos.centroids": cents.half()}
+    stock.weight.data = cents.half().float()[codes.long()].reshape(40, 16)  # what the file stores
+    Q.RuntimeLearnedPositions.from_meta_(model.pos, meta, "pos", tensors)
+    runtime.fill_model_(model, tensors, meta)
+    assert type(model.pos) is Q.RuntimeLearnedPositions and type(model.pos.rows) is runtime.CodesEmbedding
+    assert not list(model.parameters()) and model.pos.max_positions == stock.max_positions == 38
+    ids = torch.randint(4, 30, (2, 12), generator=g)
+    ids[1, :3] = 1  # left padding: padded positions look up row padding_idx
+    with torch.no_grad():
+        torch.testing.assert_close(model.pos(ids), stock(ids), atol=0, rtol=0)
+        torch.testing.assert_close(model.pos(ids, incremental_state={}), stock(ids, incremental_state={}), atol=0, rtol=0)
