@@ -13,6 +13,7 @@ installs, also used by ``--restore-file``).
 import contextlib
 import logging
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -185,21 +186,38 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     return model, cfg, task
 
 
+_META = threading.local()  # per thread: how many _meta_stays_meta contexts are open
+_META_LOCK = threading.Lock()
+_META_USERS = [0, None]  # open contexts in the process; torch.Tensor.cpu before the first
+
+
 @contextlib.contextmanager
 def _meta_stays_meta():
     """While the model is built on ``meta``: ``meta_tensor.cpu()`` stays on meta.  fairseq's
     ``init_bert_params`` (RoBERTa) draws its init as ``data.copy_(data.cpu().normal_(...))``, which
-    raises on meta ("Cannot copy out of meta tensor"); the values are overwritten by the file anyway."""
-    original = torch.Tensor.cpu
+    raises on meta ("Cannot copy out of meta tensor"); the values are overwritten by the file anyway.
+    Thread-safe: ``torch.Tensor.cpu`` is patched while any thread is inside (restored by the last to leave),
+    and acts only in the threads that are."""
+    with _META_LOCK:
+        if _META_USERS[0] == 0:
+            original = _META_USERS[1] = torch.Tensor.cpu
 
-    def cpu(self, *args, **kwargs):
-        return self if self.is_meta else original(self, *args, **kwargs)
+            def cpu(self, *args, **kwargs):
+                if self.is_meta and getattr(_META, "depth", 0):
+                    return self
+                return original(self, *args, **kwargs)
 
-    torch.Tensor.cpu = cpu
+            torch.Tensor.cpu = cpu
+        _META_USERS[0] += 1
+    _META.depth = getattr(_META, "depth", 0) + 1
     try:
         yield
     finally:
-        torch.Tensor.cpu = original
+        _META.depth -= 1
+        with _META_LOCK:
+            _META_USERS[0] -= 1
+            if _META_USERS[0] == 0:
+                torch.Tensor.cpu = _META_USERS[1]
 
 
 def _original():

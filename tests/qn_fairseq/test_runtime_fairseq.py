@@ -150,3 +150,45 @@ def test_learned_positions_compute_from_the_stored_codes():
     with torch.no_grad():
         torch.testing.assert_close(model.pos(ids), stock(ids), atol=0, rtol=0)
         torch.testing.assert_close(model.pos(ids, incremental_state={}), stock(ids, incremental_state={}), atol=0, rtol=0)
+
+
+def test_meta_cpu_patch_is_thread_safe():
+    """Two loads in two threads: the one still building keeps meta.cpu() on meta after the other finishes,
+    a thread outside keeps torch's behaviour, and torch.Tensor.cpu is torch's own again at the end."""
+    import threading
+
+    from quantnoise.runtime import _plugin
+
+    stays = _plugin()._meta_stays_meta
+    original, meta = torch.Tensor.cpu, torch.empty(3, device="meta")
+    a_in, a_out, seen = threading.Event(), threading.Event(), {}
+
+    def a():
+        with stays():
+            a_in.set()
+        a_out.set()
+
+    def b():
+        with stays():
+            a_in.wait()
+            a_out.wait()  # a has left: b's context must still hold
+            seen["b"] = meta.cpu().is_meta
+            outside = threading.Thread(target=lambda: seen.__setitem__("outside", _cpu_or_error(meta)))
+            outside.start()
+            outside.join()
+
+    threads = [threading.Thread(target=f) for f in (b, a)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"b": True, "outside": "error"}
+    assert torch.Tensor.cpu is original
+
+
+def _cpu_or_error(t):
+    try:
+        t.cpu()
+    except (NotImplementedError, RuntimeError):
+        return "error"
+    return "meta"
