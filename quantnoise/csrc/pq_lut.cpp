@@ -6,12 +6,13 @@
 //    for T <= 16), so the sums of all tokens run together.  Rows o split over torch's intra-op threads;
 //    block positions j are walked in tiles whose table slice stays in cache across all rows.
 //  - pq_decode: W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64 index copy).
-//  - pq_lut_linear: for up to 16 tokens, the table (a small multiply-add loop) and the gather-sum in one call,
-//    plus the bias (per-call overhead matters in batch-1 generation).
+//  - pq_lut_linear: for up to 16 tokens, x regrouped, the table (one GEMM) and the gather-sum in one call, plus
+//    the bias (per-call overhead matters in batch-1 generation).
 // Registered as torch.ops.quantnoise.{pq_lut_gather,pq_decode,pq_lut_linear}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -29,24 +30,20 @@ void rows_sum(const float* table, const code_t* codes, float* yt, int64_t m, int
   const int64_t mT = m * T;
   for (int64_t o = begin; o < end; ++o) {
     const code_t* c = codes + o * m;
-    float a[T], b[T], d[T], e[T];  // four independent chains: the loads and adds overlap (add latency ~4 cycles)
-    for (int t = 0; t < T; ++t) a[t] = yt[o * T + t], b[t] = 0.f, d[t] = 0.f, e[t] = 0.f;
+    float a[T], b[T];  // two independent chains: the loads overlap
+    for (int t = 0; t < T; ++t) a[t] = yt[o * T + t], b[t] = 0.f;
     int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
+    for (; j + 2 <= j1; j += 2) {
       const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
       const float* e1 = table + static_cast<int64_t>(c[j + 1]) * mT + (j + 1) * T;
-      const float* e2 = table + static_cast<int64_t>(c[j + 2]) * mT + (j + 2) * T;
-      const float* e3 = table + static_cast<int64_t>(c[j + 3]) * mT + (j + 3) * T;
       for (int t = 0; t < T; ++t) a[t] += e0[t];
       for (int t = 0; t < T; ++t) b[t] += e1[t];
-      for (int t = 0; t < T; ++t) d[t] += e2[t];
-      for (int t = 0; t < T; ++t) e[t] += e3[t];
     }
-    for (; j < j1; ++j) {
+    if (j < j1) {
       const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
       for (int t = 0; t < T; ++t) a[t] += e0[t];
     }
-    for (int t = 0; t < T; ++t) yt[o * T + t] = (a[t] + b[t]) + (d[t] + e[t]);
+    for (int t = 0; t < T; ++t) yt[o * T + t] = a[t] + b[t];
   }
 }
 
@@ -99,23 +96,6 @@ at::Tensor pq_lut_gather(const at::Tensor& table, const at::Tensor& codes) {
   return yt;
 }
 
-// table (k, m, T): table[c, j, t] = <x[t, j*bs:(j+1)*bs], C[c]>, from xt (bs, m, T) = x regrouped; k split over threads
-void build_table(const float* cents, const float* xt, float* table, int64_t k, int64_t m, int64_t bs, int64_t T) {
-  const int64_t mT = m * T;
-  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      float* row = table + c * mT;
-      const float* cc = cents + c * bs;
-      for (int64_t i = 0; i < mT; ++i) row[i] = cc[0] * xt[i];
-      for (int64_t b = 1; b < bs; ++b) {
-        const float cb = cc[b];
-        const float* xb = xt + b * mT;
-        for (int64_t i = 0; i < mT; ++i) row[i] += cb * xb[i];  // contiguous: vectorised multiply-add
-      }
-    }
-  });
-}
-
 // y (T, out) = x (T, in) @ decode(codes, C).T [+ bias]: the table and its gather-sum in one call (few tokens)
 at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& centroids,
                          const c10::optional<at::Tensor>& bias) {
@@ -135,8 +115,7 @@ at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at:
       for (int64_t j = 0; j < m; ++j)
         for (int64_t b = 0; b < bs; ++b) tp[(b * m + j) * T + t] = xp[t * m * bs + j * bs + b];
   }
-  at::Tensor table = at::empty({k, m, T}, x.options());
-  build_table(cc.data_ptr<float>(), xt.data_ptr<float>(), table.data_ptr<float>(), k, m, bs, T);
+  at::Tensor table = at::mm(cc, xt.view({bs, m * T})).view({k, m, T});  // table[c, j, t]: one GEMM (BLAS)
   at::Tensor yt = pq_lut_gather(table, codes);  // (out, T)
   at::Tensor y = T == 1 ? yt.view({1, out}) : yt.t().contiguous();
   if (bias.has_value() && bias->defined()) {
