@@ -25,11 +25,12 @@ from . import runtime_ext
 
 # Crossover of the pq Linear between the look-up table and decode + matmul, in tokens per call, from
 # `python scripts/bench_infer.py WORK --kernels --threads 1` (shapes 512x512, 2048x512, 512x2048, 768x768,
-# 3072x768, 768x3072; BENCHMARKS.md).  With the compiled kernels the table wins up to ~out/24 tokens for
-# b=8, k=256 pq (768 rows: ~32 tokens, 3072: ~128) and up to ~out/384 .. out/128 for int4's bytes (b=2:
-# a 4x larger table per token and 4x more look-ups); the rule  T <= out * bs^2 / LUT_ROWS_FACTOR  fits both.
-# Pure PyTorch: the table for 1 token only (table / decode 0.74-0.88 at 1 token, 0.84-2.2 at 4).
-LUT_ROWS_FACTOR = 1536
+# 3072x768, 768x3072; BENCHMARKS.md).  With the compiled kernels the table wins up to ~out/12 tokens for
+# b=8, k=256 pq (512 rows: ~64 tokens, 768: ~90, 2048: ~200, 3072: over 256) and up to ~out/190 .. out/128 for
+# int4's bytes (b=2: a 4x larger table per token and 4x more look-ups); the rule  T <= out * bs^2 /
+# LUT_ROWS_FACTOR  fits both.  Pure PyTorch: the table for 1 token only (table / decode 0.74-0.88 at 1 token,
+# 0.84-2.2 at 4).
+LUT_ROWS_FACTOR = 768
 LUT_MAX_TOKENS_PURE = 1
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk at least (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)

@@ -6,8 +6,8 @@
 //    for T <= 16), so the sums of all tokens run together.  Rows o split over torch's intra-op threads;
 //    block positions j are walked in tiles whose table slice stays in cache across all rows.
 //  - pq_decode: W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64 index copy).
-//  - pq_lut_linear: for up to 16 tokens, x regrouped, the table (one GEMM) and the gather-sum in one call, plus
-//    the bias (per-call overhead matters in batch-1 generation).
+//  - pq_lut_linear: for up to 16 tokens, in one call (per-call overhead matters in batch-1 generation): x regrouped,
+//    the table made and summed tile by tile (a GEMM per tile of ~256 KB: cache-resident, small workspace), the bias.
 // Registered as torch.ops.quantnoise.{pq_lut_gather,pq_decode,pq_lut_linear}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,24 +23,24 @@ namespace {
 constexpr int64_t kMaxTokens = 16;
 constexpr int64_t kTileBytes = 256 << 10;  // table slice walked by all rows before moving on (fits L2)
 
-// yt (out, T) += sum_{j in [j0, j1)} table (k, m, T)[codes[o, j], j, :] for rows [begin, end); T at compile time
+// yt (out, T) += sum_{j in [j0, j1)} tile[codes[o, j] * cs + (j - jbase) * T + t] for rows [begin, end): a table
+// (or a tile of it holding block positions jbase...) with its T entries of (c, j) contiguous; T at compile time
 template <int T, typename code_t>
-void rows_sum(const float* table, const code_t* codes, float* yt, int64_t m, int64_t k, int64_t j0, int64_t j1,
-              int64_t begin, int64_t end) {
-  const int64_t mT = m * T;
+void rows_sum(const float* tile, int64_t cs, int64_t jbase, const code_t* codes, float* yt, int64_t m, int64_t j0,
+              int64_t j1, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
     const code_t* c = codes + o * m;
-    float a[T], b[T];  // two independent chains: the loads overlap
+    float a[T], b[T];  // two independent chains: the loads overlap (four spill registers at T = 16: 2x slower)
     for (int t = 0; t < T; ++t) a[t] = yt[o * T + t], b[t] = 0.f;
     int64_t j = j0;
     for (; j + 2 <= j1; j += 2) {
-      const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
-      const float* e1 = table + static_cast<int64_t>(c[j + 1]) * mT + (j + 1) * T;
+      const float* e0 = tile + static_cast<int64_t>(c[j]) * cs + (j - jbase) * T;
+      const float* e1 = tile + static_cast<int64_t>(c[j + 1]) * cs + (j + 1 - jbase) * T;
       for (int t = 0; t < T; ++t) a[t] += e0[t];
       for (int t = 0; t < T; ++t) b[t] += e1[t];
     }
     if (j < j1) {
-      const float* e0 = table + static_cast<int64_t>(c[j]) * mT + j * T;
+      const float* e0 = tile + static_cast<int64_t>(c[j]) * cs + (j - jbase) * T;
       for (int t = 0; t < T; ++t) a[t] += e0[t];
     }
     for (int t = 0; t < T; ++t) yt[o * T + t] = a[t] + b[t];
@@ -48,33 +48,42 @@ void rows_sum(const float* table, const code_t* codes, float* yt, int64_t m, int
 }
 
 template <typename code_t>
-void rows_sum_any(const float* table, const code_t* codes, float* yt, int64_t m, int64_t k, int64_t T, int64_t j0,
-                  int64_t j1, int64_t begin, int64_t end) {
+void rows_sum_any(const float* tile, int64_t cs, int64_t jbase, const code_t* codes, float* yt, int64_t m, int64_t T,
+                  int64_t j0, int64_t j1, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
     const code_t* c = codes + o * m;
     float* acc = yt + o * T;
     for (int64_t j = j0; j < j1; ++j) {
-      const float* e = table + static_cast<int64_t>(c[j]) * m * T + j * T;
+      const float* e = tile + static_cast<int64_t>(c[j]) * cs + (j - jbase) * T;
       for (int64_t t = 0; t < T; ++t) acc[t] += e[t];
     }
   }
 }
 
 template <typename code_t>
+void rows_sum_T(const float* tile, int64_t cs, int64_t jbase, const code_t* codes, float* yt, int64_t m, int64_t T,
+                int64_t j0, int64_t j1, int64_t begin, int64_t end) {
+  switch (T) {
+    case 1: rows_sum<1>(tile, cs, jbase, codes, yt, m, j0, j1, begin, end); break;
+    case 2: rows_sum<2>(tile, cs, jbase, codes, yt, m, j0, j1, begin, end); break;
+    case 4: rows_sum<4>(tile, cs, jbase, codes, yt, m, j0, j1, begin, end); break;
+    case 8: rows_sum<8>(tile, cs, jbase, codes, yt, m, j0, j1, begin, end); break;
+    case 16: rows_sum<16>(tile, cs, jbase, codes, yt, m, j0, j1, begin, end); break;
+    default: rows_sum_any(tile, cs, jbase, codes, yt, m, T, j0, j1, begin, end);
+  }
+}
+
+int64_t tile_blocks(int64_t k, int64_t T) {  // block positions per table tile of ~kTileBytes
+  return std::max<int64_t>(1, kTileBytes / (k * T * static_cast<int64_t>(sizeof(float))));
+}
+
+// a whole table (k, m, T): rows split over threads, each walking block positions tile by tile
+template <typename code_t>
 void gather_sum(const float* table, const code_t* codes, float* yt, int64_t out, int64_t m, int64_t k, int64_t T) {
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / (k * T * static_cast<int64_t>(sizeof(float))));
+  const int64_t tile = tile_blocks(k, T);
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j0 = 0; j0 < m; j0 += tile) {
-      const int64_t j1 = std::min(m, j0 + tile);
-      switch (T) {
-        case 1: rows_sum<1>(table, codes, yt, m, k, j0, j1, begin, end); break;
-        case 2: rows_sum<2>(table, codes, yt, m, k, j0, j1, begin, end); break;
-        case 4: rows_sum<4>(table, codes, yt, m, k, j0, j1, begin, end); break;
-        case 8: rows_sum<8>(table, codes, yt, m, k, j0, j1, begin, end); break;
-        case 16: rows_sum<16>(table, codes, yt, m, k, j0, j1, begin, end); break;
-        default: rows_sum_any(table, codes, yt, m, k, T, j0, j1, begin, end);
-      }
-    }
+    for (int64_t j0 = 0; j0 < m; j0 += tile)
+      rows_sum_T(table, m * T, 0, codes, yt, m, T, j0, std::min(m, j0 + tile), begin, end);
   });
 }
 
@@ -103,6 +112,8 @@ at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(centroids.dim() == 2 && centroids.scalar_type() == at::kFloat && centroids.is_cpu(),
               "pq_lut_linear: centroids must be a CPU float32 (k, bs) tensor");
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu(), "pq_lut_linear: codes must be a contiguous CPU (out, m) tensor");
+  TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort,
+              "pq_lut_linear: codes must be uint8 or int16, got ", codes.scalar_type());
   const int64_t T = x.size(0), k = centroids.size(0), bs = centroids.size(1), out = codes.size(0), m = codes.size(1);
   TORCH_CHECK(x.size(1) == m * bs, "pq_lut_linear: x has ", x.size(1), " features, the codes ", m * bs);
   TORCH_CHECK(T >= 1 && T <= kMaxTokens, "pq_lut_linear: 1 to ", kMaxTokens, " tokens, got ", T);
@@ -115,8 +126,23 @@ at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at:
       for (int64_t j = 0; j < m; ++j)
         for (int64_t b = 0; b < bs; ++b) tp[(b * m + j) * T + t] = xp[t * m * bs + j * bs + b];
   }
-  at::Tensor table = at::mm(cc, xt.view({bs, m * T})).view({k, m, T});  // table[c, j, t]: one GEMM (BLAS)
-  at::Tensor yt = pq_lut_gather(table, codes);  // (out, T)
+  // the table tile by tile (block positions j0..j1, one GEMM each; ~kTileBytes: stays in cache and keeps the
+  // workspace small whatever the layer), each tile summed into all rows before the next is made
+  const at::Tensor x2 = xt.view({bs, m * T});
+  at::Tensor yt = at::zeros({out, T}, x.options());
+  const int64_t tile = tile_blocks(k, T);
+  for (int64_t j0 = 0; j0 < m; j0 += tile) {
+    const int64_t j1 = std::min(m, j0 + tile);
+    const at::Tensor part = at::mm(cc, x2.narrow(1, j0 * T, (j1 - j0) * T));  // (k, (j1 - j0) * T)
+    const float* tp = part.data_ptr<float>();
+    float* yp = yt.data_ptr<float>();
+    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+      if (codes.scalar_type() == at::kByte)
+        rows_sum_T(tp, (j1 - j0) * T, j0, codes.data_ptr<uint8_t>(), yp, m, T, j0, j1, begin, end);
+      else
+        rows_sum_T(tp, (j1 - j0) * T, j0, codes.data_ptr<int16_t>(), yp, m, T, j0, j1, begin, end);
+    });
+  }
   at::Tensor y = T == 1 ? yt.view({1, out}) : yt.t().contiguous();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == out, "pq_lut_linear: bias of ", bias->numel(), " values for ", out, " outputs");
