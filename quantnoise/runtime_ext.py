@@ -2,9 +2,9 @@
 
     python -m quantnoise.runtime_ext          # build (scripts/setup_venv.sh runs it; ~20 s, g++ and ninja)
 
-A PyTorch C++ extension registering ``torch.ops.quantnoise.pq_lut_gather`` (the gather-sum of the pq
-look-up-table product) and ``torch.ops.quantnoise.pq_decode`` (codes to rows); quantnoise/runtime_kernels.py
-computes the table and falls back to pure PyTorch when the library is absent.  Built with
+A PyTorch C++ extension registering ``torch.ops.quantnoise.pq_lut_linear`` (the pq look-up-table product for
+few tokens) and ``torch.ops.quantnoise.pq_decode`` (codes to rows); quantnoise/runtime_kernels.py falls back to
+pure PyTorch when the library is absent.  Built with
 ``torch.utils.cpp_extension`` into ``quantnoise/csrc/build/`` under a name holding the hash of the source,
 torch's version, the flags and the CPU (``-march=native``), so a stale build, or one made for another CPU, is
 never loaded; the runtime only loads a finished build, it never compiles (``QUANTNOISE_NO_EXT=1``: do not load it).
@@ -65,7 +65,7 @@ def build(verbose: bool = False) -> pathlib.Path:
 
 @functools.lru_cache(None)
 def available() -> bool:
-    """True once ``torch.ops.quantnoise.pq_lut_gather`` is loaded (a finished build for this source and torch)."""
+    """True once ``torch.ops.quantnoise`` kernels are loaded (a finished build for this source and torch)."""
     if os.environ.get(NO_EXT_ENV):
         return False
     path = library_path()

@@ -6,8 +6,8 @@
 - int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
 Pure PyTorch; device and dtype follow the input.  Two steps also have compiled CPU kernels
 (quantnoise/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime_ext``), used for fp32 CPU inputs when built:
-the look-up-table product (``torch.ops.quantnoise.pq_lut_linear``: the table, laid out token-fastest, and its
-gather-sum ``pq_lut_gather`` in one call, tokens in groups of ``COMPILED_MAX_TOKENS``) and the decode
+the look-up-table product (``torch.ops.quantnoise.pq_lut_linear``: the table, laid out token-fastest and made
+tile by tile, and its gather-sum in one call, tokens in groups of ``COMPILED_MAX_TOKENS``) and the decode
 (``torch.ops.quantnoise.pq_decode``).  The pure PyTorch path
 (``compiled=False``) computes the same sums in another order (equal within fp32 rounding) and the same decode
 (identical), tests/test_runtime.py.

@@ -1,14 +1,14 @@
 // quantnoise.runtime's compiled kernels for pq Linear (CPU, fp32), the pure PyTorch versions being in
 // quantnoise/runtime_kernels.py (kept, and tested equal to these):
-//  - pq_lut_gather: the gather-sum half of Jegou et al. 2011's asymmetric distance computation / AQLM's
-//    LUT GEMM.  The table, table[c, j, t] = <x[t, j*bs:(j+1)*bs], C[c]>, is one GEMM done by PyTorch;
-//    here  y[t, o] = sum_j table[codes[o, j], j, t]: each code selects T contiguous floats (one vector load
-//    for T <= 16), so the sums of all tokens run together.  Rows o split over torch's intra-op threads;
-//    block positions j are walked in tiles whose table slice stays in cache across all rows.
-//  - pq_decode: W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64 index copy).
-//  - pq_lut_linear: for up to 16 tokens, in one call (per-call overhead matters in batch-1 generation): x regrouped,
-//    the table made and summed tile by tile (a GEMM per tile of ~256 KB: cache-resident, small workspace), the bias.
-// Registered as torch.ops.quantnoise.{pq_lut_gather,pq_decode,pq_lut_linear}.
+//  - pq_lut_linear (few tokens): Jegou et al. 2011's asymmetric distance computation / AQLM's LUT GEMM.  The table
+//    table[c, j, t] = <x[t, j*bs:(j+1)*bs], C[c]> is made tile by tile (block positions j0..j1, one GEMM each, ~256 KB:
+//    cache-resident, a small workspace whatever the layer), and each tile summed into all rows before the next:
+//    y[t, o] += sum_j table[codes[o, j], j, t]; each code selects T contiguous floats (one vector load for T <= 16),
+//    so the sums of all tokens run together; rows o split over torch's intra-op threads; then the bias.  Up to 16
+//    tokens per call (in one call: per-call overhead matters in batch-1 generation).
+//  - pq_decode (many tokens): W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64
+//    index copy), for a GEMM by PyTorch.
+// Registered as torch.ops.quantnoise.{pq_lut_linear,pq_decode}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -75,34 +75,6 @@ void rows_sum_T(const float* tile, int64_t cs, int64_t jbase, const code_t* code
 
 int64_t tile_blocks(int64_t k, int64_t T) {  // block positions per table tile of ~kTileBytes
   return std::max<int64_t>(1, kTileBytes / (k * T * static_cast<int64_t>(sizeof(float))));
-}
-
-// a whole table (k, m, T): rows split over threads, each walking block positions tile by tile
-template <typename code_t>
-void gather_sum(const float* table, const code_t* codes, float* yt, int64_t out, int64_t m, int64_t k, int64_t T) {
-  const int64_t tile = tile_blocks(k, T);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j0 = 0; j0 < m; j0 += tile)
-      rows_sum_T(table, m * T, 0, codes, yt, m, T, j0, std::min(m, j0 + tile), begin, end);
-  });
-}
-
-// (out, T) sums; the caller transposes.  codes are trusted to lie in [0, k): quantnoise.export.check_map
-// verified them when the file was read (and the Python wrapper checks a layer built in memory).
-at::Tensor pq_lut_gather(const at::Tensor& table, const at::Tensor& codes) {
-  TORCH_CHECK(table.dim() == 3 && table.scalar_type() == at::kFloat && table.is_contiguous() && table.is_cpu(),
-              "pq_lut_gather: table must be a contiguous CPU float32 (k, m, T) tensor");
-  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu() && codes.size(1) == table.size(1),
-              "pq_lut_gather: codes must be a contiguous CPU (out, m) tensor matching the table");
-  const int64_t out = codes.size(0), m = codes.size(1), k = table.size(0), T = table.size(2);
-  TORCH_CHECK(T >= 1 && T <= kMaxTokens, "pq_lut_gather: 1 to ", kMaxTokens, " tokens, got ", T);
-  at::Tensor yt = at::zeros({out, T}, table.options());
-  switch (codes.scalar_type()) {
-    case at::kByte: gather_sum(table.data_ptr<float>(), codes.data_ptr<uint8_t>(), yt.data_ptr<float>(), out, m, k, T); break;
-    case at::kShort: gather_sum(table.data_ptr<float>(), codes.data_ptr<int16_t>(), yt.data_ptr<float>(), out, m, k, T); break;
-    default: TORCH_CHECK(false, "pq_lut_gather: codes must be uint8 or int16, got ", codes.scalar_type());
-  }
-  return yt;
 }
 
 // y (T, out) = x (T, in) @ decode(codes, C).T [+ bias]: the table and its gather-sum in one call (few tokens)
@@ -197,12 +169,10 @@ at::Tensor pq_decode(const at::Tensor& codes, const at::Tensor& centroids) {
 }  // namespace
 
 TORCH_LIBRARY(quantnoise, m) {
-  m.def("pq_lut_gather(Tensor table, Tensor codes) -> Tensor");
   m.def("pq_decode(Tensor codes, Tensor centroids) -> Tensor");
   m.def("pq_lut_linear(Tensor x, Tensor codes, Tensor centroids, Tensor? bias) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(quantnoise, CPU, m) {
-  m.impl("pq_lut_gather", &pq_lut_gather);
   m.impl("pq_decode", &pq_decode);
   m.impl("pq_lut_linear", &pq_lut_linear);
 }
