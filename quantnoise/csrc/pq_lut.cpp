@@ -4,7 +4,8 @@
 //    table[c, j, t] = <x[t, j*bs:(j+1)*bs], C[c]> is made tile by tile (block positions j0..j1, one GEMM each, ~256 KB:
 //    cache-resident, a small workspace whatever the layer), and each tile summed into all rows before the next:
 //    y[t, o] += sum_j table[codes[o, j], j, t]; each code selects T contiguous floats (one vector load for T <= 16),
-//    so the sums of all tokens run together; rows o split over torch's intra-op threads; then the bias.  Up to 16
+//    so the sums of all tokens run together; tiles shared out over torch's intra-op threads, each summing into
+//    its own partial result; then the bias.  Up to 16
 //    tokens per call (in one call: per-call overhead matters in batch-1 generation).
 //  - pq_decode (many tokens): W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64
 //    index copy), for a GEMM by PyTorch.
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -60,8 +62,9 @@ void rows_sum_any(const float* tile, int64_t cs, int64_t jbase, const code_t* co
   }
 }
 
+// not inlined into its caller's lambda: inlined there, GCC 12 made the T = 16 loop 2x slower (measured)
 template <typename code_t>
-void rows_sum_T(const float* tile, int64_t cs, int64_t jbase, const code_t* codes, float* yt, int64_t m, int64_t T,
+__attribute__((noinline)) void rows_sum_T(const float* tile, int64_t cs, int64_t jbase, const code_t* codes, float* yt, int64_t m, int64_t T,
                 int64_t j0, int64_t j1, int64_t begin, int64_t end) {
   switch (T) {
     case 1: rows_sum<1>(tile, cs, jbase, codes, yt, m, j0, j1, begin, end); break;
@@ -99,21 +102,33 @@ at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at:
         for (int64_t b = 0; b < bs; ++b) tp[(b * m + j) * T + t] = xp[t * m * bs + j * bs + b];
   }
   // the table tile by tile (block positions j0..j1, one GEMM each; ~kTileBytes: stays in cache and keeps the
-  // workspace small whatever the layer), each tile summed into all rows before the next is made
+  // workspace small whatever the layer), each tile summed into every row before the next is made.  Threads share
+  // out the tiles (at least one each), each summing into its own (out, T) partial, added up at the end: one
+  // parallel region per call, no table made twice (a region per tile cost more in synchronisation than it
+  // saved, and splitting rows instead makes every thread build every tile)
   const at::Tensor x2 = xt.view({bs, m * T});
-  at::Tensor yt = at::zeros({out, T}, x.options());
-  const int64_t tile = tile_blocks(k, T);
-  for (int64_t j0 = 0; j0 < m; j0 += tile) {
-    const int64_t j1 = std::min(m, j0 + tile);
-    const at::Tensor part = at::mm(cc, x2.narrow(1, j0 * T, (j1 - j0) * T));  // (k, (j1 - j0) * T)
-    const float* tp = part.data_ptr<float>();
-    float* yp = yt.data_ptr<float>();
-    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+  const int64_t threads = at::get_num_threads();
+  int64_t tile = tile_blocks(k, T);
+  if (threads > 1) tile = std::min(tile, (m + threads - 1) / threads);
+  const int64_t tiles = (m + tile - 1) / tile;
+  std::vector<at::Tensor> partial(threads);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor& acc = partial[at::get_thread_num()];
+    if (!acc.defined()) acc = at::zeros({out, T}, x.options());
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t j0 = i * tile, j1 = std::min(m, j0 + tile);
+      const at::Tensor part = at::mm(cc, x2.narrow(1, j0 * T, (j1 - j0) * T));  // (k, (j1 - j0) * T)
+      float* yp = acc.data_ptr<float>();
       if (codes.scalar_type() == at::kByte)
-        rows_sum_T(tp, (j1 - j0) * T, j0, codes.data_ptr<uint8_t>(), yp, m, T, j0, j1, begin, end);
+        rows_sum_T(part.data_ptr<float>(), (j1 - j0) * T, j0, codes.data_ptr<uint8_t>(), yp, m, T, j0, j1, 0, out);
       else
-        rows_sum_T(tp, (j1 - j0) * T, j0, codes.data_ptr<int16_t>(), yp, m, T, j0, j1, begin, end);
-    });
+        rows_sum_T(part.data_ptr<float>(), (j1 - j0) * T, j0, codes.data_ptr<int16_t>(), yp, m, T, j0, j1, 0, out);
+    }
+  });
+  at::Tensor yt;
+  for (const at::Tensor& p : partial) {
+    if (!p.defined()) continue;
+    if (yt.defined()) yt.add_(p); else yt = p;
   }
   at::Tensor y = T == 1 ? yt.view({1, out}) : yt.t().contiguous();
   if (bias.has_value() && bias->defined()) {
