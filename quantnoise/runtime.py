@@ -9,7 +9,7 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
   - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
     many tokens (more than ~out/12 with the compiled kernels, 1 without: ``runtime_kernels.lut_wins``): decode
-    a chunk of rows at a time (the whole weight when the output is as large) and matmul.
+    a chunk of rows at a time (the whole weight when the input or output activations are as large) and matmul.
   - int4 / int2 Linear: a packed row's bytes are pq codes over the fixed codebook of the 256 byte values, so
     the pq kernels run them (then the row scales).
   - int8 Linear on CPU: fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic``, the kernel of

@@ -97,11 +97,12 @@ def _pq_linear_lut_pure(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optio
 def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor] = None,
                      row_scale: Optional[Tensor] = None) -> Tensor:
     """x (T, in) @ (decode(codes, centroids) * row_scale).T + bias, decoding at a time as many rows as make
-    ``DECODE_ROWS_ELEMS`` weights or the output's T x out elements, whichever is more (the transient stays within
-    the size of the activations the layer makes anyway; for many tokens the whole weight: one GEMM, no
-    concatenation).  ``row_scale`` (out, 1): int-N rows; ``bias`` (out,): added by the GEMM (addmm)."""
+    ``DECODE_ROWS_ELEMS`` weights or T x max(in, out) elements, whichever is more (the transient stays within
+    the size of the layer's input or output activations; for many tokens the whole weight: one GEMM, no
+    concatenation, x read once).  ``row_scale`` (out, 1): int-N rows; ``bias`` (out,): added by the GEMM."""
     out, m = codes.shape
-    rows = max(1, max(DECODE_ROWS_ELEMS, x.shape[0] * out) // (m * centroids.shape[1]))
+    inn = m * centroids.shape[1]
+    rows = max(1, max(DECODE_ROWS_ELEMS, x.shape[0] * max(out, inn)) // inn)
 
     def part(s: int, e: int) -> Tensor:
         w = pq_rows(codes[s:e], centroids, x.dtype)
