@@ -6,7 +6,6 @@ fairseq fields are zeroed before the model is built, so fairseq adds neither its
 random ``Linear`` it puts after the embeddings.
 """
 
-import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.modules import MultiheadAttention
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,56 +147,48 @@ def route_attention(model: nn.Module, wrapped_by: Optional[tuple] = None) -> Non
     it call ``self.q_proj(query)`` etc. instead; it is set on every attention module, or (``wrapped_by``:
     layer classes) on those with a projection of one of these classes.  A plain ``MultiheadAttention``
     also becomes a ``RoutedMultiheadAttention``, so that in eval it keeps the fast path's fused attention."""
-    from fairseq.modules import MultiheadAttention
-
     for m in model.modules():
         if isinstance(m, MultiheadAttention) and (wrapped_by is None or any(
             isinstance(getattr(m, p, None), wrapped_by) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))):
             m._set_skip_embed_dim_check()
             if type(m) is MultiheadAttention:
-                m.__class__ = _routed_class()
+                m.__class__ = RoutedMultiheadAttention
 
 
-@functools.lru_cache(None)
-def _routed_class():
-    from fairseq.modules import MultiheadAttention
+class RoutedMultiheadAttention(MultiheadAttention):
+    """fairseq's MultiheadAttention whose projections are called as modules.  Where fairseq would take
+    its fast path (``F.multi_head_attention_forward``: no incremental state, no static key/value, no
+    xformers) and nothing else is asked (eval without attention dropout, no returned weights, no
+    bias_k/v, no zero attention), it computes the same thing: projections through the modules, then
+    ``F.scaled_dot_product_attention`` with fairseq's masks merged as torch's function merges them
+    (the fused kernel, instead of fairseq's manual bmm / softmax / bmm path, 1.6x slower on CPU).
+    Anything else: fairseq's own forward."""
 
-    class RoutedMultiheadAttention(MultiheadAttention):
-        """fairseq's MultiheadAttention whose projections are called as modules.  Where fairseq would take
-        its fast path (``F.multi_head_attention_forward``: no incremental state, no static key/value, no
-        xformers) and nothing else is asked (eval without attention dropout, no returned weights, no
-        bias_k/v, no zero attention), it computes the same thing: projections through the modules, then
-        ``F.scaled_dot_product_attention`` with fairseq's masks merged as torch's function merges them
-        (the fused kernel, instead of fairseq's manual bmm / softmax / bmm path, 1.5-2x slower on CPU).
-        Anything else: fairseq's own forward."""
+    def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
+                static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
+        if (incremental_state is not None or static_kv or need_weights or need_head_weights or before_softmax
+                or key is None or value is None or self.onnx_trace or self.use_xformers
+                or self.bias_k is not None or self.add_zero_attn or query.device.type == "xla"
+                or ((self.training or self.dropout_module.apply_during_inference) and self.dropout_module.p > 0)
+                or torch.jit.is_scripting()):
+            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
+                                   static_kv, attn_mask, before_softmax, need_head_weights)
+        return self._sdpa(query, key, value, key_padding_mask, attn_mask), None
 
-        def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
-                    static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
-            if (incremental_state is not None or static_kv or need_weights or need_head_weights or before_softmax
-                    or key is None or value is None or self.onnx_trace or self.use_xformers
-                    or self.bias_k is not None or self.add_zero_attn or query.device.type == "xla"
-                    or ((self.training or self.dropout_module.apply_during_inference) and self.dropout_module.p > 0)
-                    or torch.jit.is_scripting()):
-                return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
-                                        static_kv, attn_mask, before_softmax, need_head_weights)
-            return self._sdpa(query, key, value, key_padding_mask, attn_mask), None
-
-        def _sdpa(self, query, key, value, key_padding_mask, attn_mask):
-            tgt, bsz, dim = query.shape
-            src, heads = key.shape[0], self.num_heads
-            q = self.q_proj(query).view(tgt, bsz, heads, -1).permute(1, 2, 0, 3)  # (B, H, T, hd)
-            k = self.k_proj(key).view(src, bsz, heads, -1).permute(1, 2, 0, 3)
-            v = self.v_proj(value).view(src, bsz, heads, -1).permute(1, 2, 0, 3)
-            mask = None
-            if attn_mask is not None:  # (T, S): additive, or bool with True = not allowed (fairseq / torch MHA)
-                mask = _additive(attn_mask, q.dtype).reshape(1, 1, tgt, src)
-            if key_padding_mask is not None:  # (B, S), nonzero = padding
-                pad = _additive(key_padding_mask.bool(), q.dtype).reshape(bsz, 1, 1, src)
-                mask = pad if mask is None else mask + pad
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1 / sqrt(hd) = self.scaling
-            return self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt, bsz, dim))
-
-    return RoutedMultiheadAttention
+    def _sdpa(self, query, key, value, key_padding_mask, attn_mask):
+        tgt, bsz, dim = query.shape
+        src, heads = key.shape[0], self.num_heads
+        q = self.q_proj(query).view(tgt, bsz, heads, -1).permute(1, 2, 0, 3)  # (B, H, T, hd)
+        k = self.k_proj(key).view(src, bsz, heads, -1).permute(1, 2, 0, 3)
+        v = self.v_proj(value).view(src, bsz, heads, -1).permute(1, 2, 0, 3)
+        mask = None
+        if attn_mask is not None:  # (T, S): additive, or bool with True = not allowed (fairseq / torch MHA)
+            mask = _additive(attn_mask, q.dtype).reshape(1, 1, tgt, src)
+        if key_padding_mask is not None:  # (B, S), nonzero = padding
+            pad = _additive(key_padding_mask.bool(), q.dtype).reshape(bsz, 1, 1, src)
+            mask = pad if mask is None else mask + pad
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1 / sqrt(hd) = self.scaling
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt, bsz, dim))
 
 
 def _additive(mask, dtype):

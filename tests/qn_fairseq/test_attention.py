@@ -100,6 +100,10 @@ def test_routed_attention_equals_fairseq_fast_path():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
         assert len(calls) == 6
+    import pickle  # a module-level class: a whole model pickles (and deep-copies, fairseq's --ema)
+
+    routed.q_proj._forward_hooks.clear()  # the test's counting hook (a lambda) does not pickle
+    assert type(pickle.loads(pickle.dumps(routed))) is type(routed)
     routed.train()  # training with attention dropout: fairseq's own (manual) path, seeded the same
     torch.manual_seed(1)
     a, _ = routed(x, key, key, need_weights=False)
