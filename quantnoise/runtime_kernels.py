@@ -34,7 +34,7 @@ LUT_ROWS_FACTOR = 768
 LUT_MAX_TOKENS_PURE = 1
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk at least (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
-COMPILED_MAX_TOKENS = 16  # tokens per call of the compiled gather-sum (csrc/pq_lut.cpp kMaxTokens)
+COMPILED_MAX_TOKENS = 16  # tokens per call of the compiled table product (csrc/pq_lut.cpp kMaxTokens)
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -52,7 +52,7 @@ def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype, compiled: Opti
 
 
 def use_compiled(x: Tensor, codes: Tensor) -> bool:
-    """Whether ``pq_linear_lut`` runs the compiled gather-sum for this input (when not told)."""
+    """Whether ``pq_linear_lut`` runs the compiled table product for this input (when not told)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
             and x.shape[0] >= 1 and runtime_ext.available())
 

@@ -5,8 +5,8 @@
 //    cache-resident, a small workspace whatever the layer), and each tile summed into all rows before the next:
 //    y[t, o] += sum_j table[codes[o, j], j, t]; each code selects T contiguous floats (one vector load for T <= 16),
 //    so the sums of all tokens run together; tiles shared out over torch's intra-op threads, each summing into
-//    its own partial result; then the bias.  Up to 16
-//    tokens per call (in one call: per-call overhead matters in batch-1 generation).
+//    its own partial result; then the bias.  Up to 16 tokens per call (one call: per-call overhead matters in
+//    batch-1 generation).
 //  - pq_decode (many tokens): W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64
 //    index copy), for a GEMM by PyTorch.
 // Registered as torch.ops.quantnoise.{pq_lut_linear,pq_decode}.
