@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -34,15 +32,6 @@ def run(cmd, cwd=None, check=True, timeout=600, env=None) -> subprocess.Complete
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1", **(env or {})}
     proc = subprocess.run([exe, *map(str, cmd[1:])], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
-    if proc.returncode == -signal.SIGABRT and "terminate called without an active exception" in proc.stderr:
-        # A native abort of a fairseq-train process after it saved its checkpoint (one test's fine-tune, in 4 of 7
-        # whole-suite runs; in 41 isolated reruns never): run once more (a rerun resumes from that checkpoint), and
-        # keep faulthandler's stacks of every thread (before its module list) visible as a warning. They showed
-        # only the main thread, with no Python frame: the abort is in interpreter shutdown, after all our code ran.
-        stacks = proc.stderr[proc.stderr.find("Fatal Python error"):].split("\nExtension modules:")[0]
-        warnings.warn(f"{' '.join(map(str, cmd))} aborted natively; rerun once. stderr: {stacks[:6000]}")
-        proc = subprocess.run([exe, *map(str, cmd[1:])], cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\nstdout: {proc.stdout[-1500:]}\n"
                              f"stderr: {proc.stderr[-4000:]}")
