@@ -17,7 +17,7 @@ venv: $(STAMP)
 # quantnoise.runtime's compiled look-up-table kernel (~20 s once; skipped when built; without a compiler
 # the runtime keeps its pure PyTorch kernels)
 kernels: $(STAMP)
-	$(PY) -m quantnoise.runtime_ext
+	$(PY) -m quantnoise.runtime
 
 demo test: kernels
 
@@ -28,4 +28,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal $(PYTEST_ARGS) tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info quantnoise/csrc/build
+	rm -rf $(VENV) build *.egg-info quantnoise/runtime/csrc/build

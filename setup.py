@@ -6,11 +6,11 @@ setup(
     version="0.1.0",
     description="Quant-Noise training for PyTorch and fairseq: block-wise quantization noise, iPQ, compressed export",
     packages=find_packages(include=["quantnoise", "quantnoise.*"]),
-    package_data={"quantnoise": ["py.typed", "csrc/*.cpp"]},
+    package_data={"quantnoise": ["py.typed"], "quantnoise.runtime": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     # Pins mirror scripts/requirements.txt.  fairseq is deliberately not listed: it is built by
     # scripts/setup_venv.sh as fairseq-fixed==0.12.3.1 with --no-deps (see README), and only the
-    # plugin subpackage quantnoise/fairseq_plugin imports it.
+    # plugin subpackage quantnoise/qn_fairseq imports it.
     install_requires=[
         "torch==2.13.0",
         "numpy==1.26.4",

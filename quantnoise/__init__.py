@@ -1,12 +1,14 @@
 """quantnoise: Quant-Noise (Fan et al. 2020) for any PyTorch model, plus a fairseq plugin.
 
-    from quantnoise import QuantNoiseConfig, quantize_
-    names = quantize_(model, QuantNoiseConfig(scheme="scalar", p=0.1, bits=8))
+    from quantnoise import QuantNoiseConfig, quantize_, compress_, LayerRule
+    names = quantize_(model, QuantNoiseConfig(scheme="pq", p=0.1, block_size=8))   # train with noise
+    unquantize_(model); compress_(model, LayerRule(block_size=8, n_centroids=256))  # then iPQ
 """
-from .api import quantize_, unquantize_, wrapped_layers
+from .api import compress_, quantize_, unquantize_, wrapped_layers
+from .compress import IPQPlan, LayerRule
 from .config import QuantNoiseConfig
 from .nn import QNConv1d, QNConv2d, QNEmbedding, QNLinear, QNMultiheadAttention, QuantNoiseMixin
 
-__all__ = ["QuantNoiseConfig", "quantize_", "unquantize_", "wrapped_layers",
+__all__ = ["QuantNoiseConfig", "quantize_", "unquantize_", "compress_", "LayerRule", "IPQPlan", "wrapped_layers",
            "QNLinear", "QNEmbedding", "QNConv1d", "QNConv2d", "QNMultiheadAttention", "QuantNoiseMixin"]
 __version__ = "0.1.0"

@@ -1,13 +1,19 @@
-"""The verbs: ``quantize_`` wraps matching layers in place, ``unquantize_`` undoes it."""
+"""The verbs: ``quantize_`` wraps matching layers with noise in place, ``unquantize_`` undoes it, ``compress_``
+replaces matching layers by compressed ones (iPQ codes + codebook, or int-N weights)."""
 from __future__ import annotations
 
+import logging
 import re
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 from torch import nn
 
+from .compress.layers import CompressedMixin, LayerRule, compress_tied, compressed_class, set_submodule, tied_layers
+from .compress.plan import IPQPlan
 from .config import QuantNoiseConfig
 from .nn import WRAPPERS, QuantNoiseMixin, wrapper_for
+
+logger = logging.getLogger(__name__)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -70,3 +76,53 @@ def unquantize_(model: nn.Module) -> List[str]:
 def wrapped_layers(model: nn.Module) -> List[str]:
     """Names of the quant-noise wrappers in ``model``."""
     return [n for n, m in model.named_modules() if isinstance(m, QuantNoiseMixin)]
+
+
+def _matrix_layer(m: nn.Module) -> bool:
+    """A leaf layer owning a weight matrix (2-d or more): what a pattern means to select."""
+    w = m._parameters.get("weight")
+    return isinstance(w, nn.Parameter) and w.dim() >= 2
+
+
+def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[str]:
+    """Replace, in place, every layer whose qualified name a rule matches by its compressed version (iPQ:
+    ``codes`` + a ``centroids`` Parameter that a plain PyTorch loop or ``Trainer`` fine-tunes, Stock et al.'s
+    mean-gradient rule; int-N: frozen int weights); return the compressed names.  A quant-noise wrapper is
+    compressed as the layer it wraps (noise fine-tune, then ``compress_``).
+
+    ``rule_or_plan``: one ``LayerRule``, or an ``IPQPlan`` (a layer takes the first stage whose pattern matches;
+    every stage is applied now: stage by stage with fine-tuning in between is the caller's loop, or
+    ``hf.QuantNoiseCallback`` / ``fairseq-train --ipq-plan``).  k-means is seeded per layer by the plan's seed
+    and the layer name.  Layers that share a weight (tied embeddings, an output projection) get one codebook,
+    shared, as soon as one of them is selected.  A selected layer of a type that cannot be compressed is named in
+    a warning; ValueError when nothing is compressed."""
+    if not isinstance(rule_or_plan, (LayerRule, IPQPlan)):
+        raise ValueError(f"compress_ takes a LayerRule or an IPQPlan, not a {type(rule_or_plan).__name__}; build one: "
+                         f"LayerRule(pattern=..., scheme='pq', block_size=8, n_centroids=256)")
+    plan = rule_or_plan if isinstance(rule_or_plan, IPQPlan) else IPQPlan(stages=[rule_or_plan])
+    done: List[str] = []
+    for members in tied_layers(model):
+        members = [(name, m) for name, m in members if _matrix_layer(m) and not isinstance(m, CompressedMixin)]
+        chosen = [(name, m) for name, m in members
+                  if plan.rule_for(name)[1] is not None and (filter_fn is None or filter_fn(m, name))]
+        if not chosen:
+            continue
+        name, module = chosen[0]
+        rule = plan.rule_for(name)[1]
+        unsupported = [(n, m) for n, m in members if compressed_class(m, rule.scheme) is None]
+        for n, m in unsupported:
+            logger.warning("compress_: layer %s (%s) matches %r but no compressed layer supports its type; left as it "
+                           "is", n, type(m).__name__, rule.pattern)
+        made = compress_tied(members, rule, seed=plan.layer_seed(name))
+        for n, new in made:
+            set_submodule(model, n, new)
+            done.append(n)
+        if len(made) > 1:
+            logger.info("compress_: %s share one codebook (tied weight)", ", ".join(n for n, _ in made))
+    if not done:
+        sample = ", ".join(n for n, m in model.named_modules() if n and _matrix_layer(m))
+        raise ValueError(f"compress_: the patterns {[r.pattern for r in plan.stages]} compress no layer of "
+                         f"{type(model).__name__} (layers with a weight matrix: {sample[:300] or 'none'}); fix the "
+                         f"patterns (regexes searched in model.named_modules() names)")
+    return done

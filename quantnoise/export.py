@@ -112,7 +112,7 @@ def _json_default(obj):
 def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tuple[Dict[str, Tensor], dict]:
     """(tensors, JSON map) of the .qnz holding ``state``: a model state dict whose compressed layers
     are stored as ``L.codes``/``L.centroids``/``L.weight_size`` (pq) or ``L.qweight``/``L.qscale``/
-    ``L.qbits``/``L.weight_size`` (scalar), the state dicts of quantnoise.ipq's layers."""
+    ``L.qbits``/``L.weight_size`` (scalar), the state dicts of quantnoise.compress.layers's layers."""
     layers = compressed_layers(state)
     tensors: Dict[str, Tensor] = {}
     meta = {"format": FORMAT, "format_version": VERSION, "fairseq": fairseq, "layers": {}, "dense": {}, "aliases": {}}
@@ -492,7 +492,7 @@ def layer_sizes(tensors: Dict[str, Tensor], meta: dict) -> List[dict]:
 # ------------------------------------------------------------------- any PyTorch state dict
 def save_state_dict(path, state: Dict[str, Tensor], opts: ExportOptions = ExportOptions()) -> dict:
     """Any model's state dict (a Hugging Face model's included) as a .qnz: layers compressed by
-    quantnoise.ipq (``codes``/``qweight`` entries) stored compactly, every other tensor dense."""
+    quantnoise.compress.layers (``codes``/``qweight`` entries) stored compactly, every other tensor dense."""
     return save_qnz(path, state, {}, opts)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from quantnoise import hf, ptq
 from quantnoise.config import ACT_GRANULARITIES
-from quantnoise.ipq import LayerRule, compress_module, set_submodule
+from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert
 
 

@@ -105,7 +105,7 @@ def kernels_used(model, tokens: int) -> str:
     import torch
     from quantnoise.runtime import CodesLinear, IntLinear
 
-    from quantnoise.runtime_kernels import lut_wins, use_compiled
+    from quantnoise.runtime.kernels import lut_wins, use_compiled
 
     used, x = set(), torch.empty(tokens, 1)
     for m in model.modules():
@@ -129,7 +129,7 @@ def worker(args) -> None:
     from fairseq import checkpoint_utils, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from quantnoise.runtime import _plugin
+    from quantnoise.runtime import fairseq_plugin
 
     utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
     proc = psutil.Process()
@@ -137,7 +137,7 @@ def worker(args) -> None:
     cfg = convert_namespace_to_omegaconf(argparse.Namespace(task=flags[flags.index("--task") + 1],
                                                             arch=flags[flags.index("--arch") + 1], data=str(args.data)))
     task = tasks.setup_task(cfg.task)  # the dictionary: part of the fixed overhead
-    with torch.device("meta"), _plugin()._meta_stays_meta():  # so is what fairseq imports while building its
+    with torch.device("meta"), fairseq_plugin()._meta_stays_meta():  # so is what fairseq imports while building its
         task.build_model(cfg.model)  # first model (~70 MiB: sympy, ...)
     fixed_rss, fixed_peak = proc.memory_info().rss, _peak()
     t = time.perf_counter()
@@ -232,8 +232,8 @@ def bench_kernels(threads: int, rounds: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from quantnoise import runtime_ext
-    from quantnoise.runtime_kernels import lut_wins, pq_linear_decode, pq_linear_lut
+    from quantnoise.runtime import ext as runtime_ext
+    from quantnoise.runtime.kernels import lut_wins, pq_linear_decode, pq_linear_lut
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -241,7 +241,7 @@ def bench_kernels(threads: int, rounds: int) -> None:
     print(f"\n### pq Linear kernels, b=8 k=256, {threads} thread(s), compiled kernels {'built' if c else 'NOT built'}: "
           f"median over {rounds} rounds\n")
     print("table / decode+matmul: fp32 time / that kernel's time (> 1: faster than fp32); table (pure): the pure "
-          "PyTorch table; auto: what the runtime picks (runtime_kernels.lut_wins)\n")
+          "PyTorch table; auto: what the runtime picks (quantnoise.runtime.kernels.lut_wins)\n")
     print("| out x in | tokens | fp32 us | table | decode+matmul | table (pure) | auto |\n|---|---|---|---|---|---|---|")
     for out, inn in ((512, 512), (2048, 512), (512, 2048), (768, 768), (3072, 768), (768, 3072)):
         codes = torch.randint(0, 256, (out, inn // 8), generator=g).to(torch.uint8)

@@ -40,7 +40,7 @@ def child(args) -> None:
     base = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     if args.impl == "ours":
-        from quantnoise.ipq import pq_quantize
+        from quantnoise.compress.layers import pq_quantize
 
         codes, cents = pq_quantize(w, 8, 256, niter=args.iters, seed=0)
         w_hat = cents[codes.long()].reshape(w.shape)

@@ -77,7 +77,7 @@ def synthesise(work: pathlib.Path, kind: str, layers: int, dim: int, prefix: str
 
     from quantnoise import runtime
     from quantnoise.export import read_qnz, save_qnz
-    from quantnoise.ipq import scalar_quantize
+    from quantnoise.compress.layers import scalar_quantize
 
     spec, folder = MODELS[kind], work / MODELS[kind]["folder"]
     paths = {s: folder / f"{prefix}_{s}.qnz" for s in spec["schemes"]}
@@ -86,7 +86,7 @@ def synthesise(work: pathlib.Path, kind: str, layers: int, dim: int, prefix: str
     fs = copy.deepcopy(read_qnz(folder / "pq.qnz")[1]["fairseq"])
     fs["cfg"]["model"].update(spec["dims"](layers, dim))
     fs["cfg"]["task"]["data"] = str(work / "bin")
-    Q = runtime._plugin()
+    Q = runtime.fairseq_plugin()
     cfg = Q.qnz_config({"fairseq": fs})
     with torch.device("meta"), Q._meta_stays_meta():
         model = Q._setup_task(cfg).build_model(cfg.model, from_checkpoint=True)
@@ -176,7 +176,7 @@ def measure(kind: str, qnz: str, warm: str, data: str) -> None:
 
     torch.set_num_threads(1)
     trim = ctypes.CDLL("libc.so.6").malloc_trim
-    Q = runtime._plugin()
+    Q = runtime.fairseq_plugin()
     meta = read_qnz(pathlib.Path(qnz).parent / "pq.qnz")[1]  # a file of the same family: the same imports,
     cfg = Q.qnz_config(meta, {"data": data})  # config, task and meta build a load does
     task = Q._setup_task(cfg)

@@ -28,13 +28,13 @@ import time
 import torch
 
 from quantnoise import hf
-from quantnoise.bitplan import allocate_bits
+from quantnoise.compress.bitplan import allocate_bits
 from quantnoise.checkpoint import atomic_write
 from quantnoise.export import ExportOptions, pack_width, save_state_dict
-from quantnoise.ipq import LayerRule
-from quantnoise.ipq_plan import IPQPlan, quantize_state_dict
+from quantnoise.compress.layers import LayerRule
+from quantnoise.compress.plan import IPQPlan, quantize_state_dict
 from quantnoise.presets import Q8BERT_LAYERS
-from quantnoise.sensitivity import format_table, hessian_sensitivity
+from quantnoise.compress.sensitivity import format_table, hessian_sensitivity
 
 log = logging.getLogger("bert_sensitivity")
 

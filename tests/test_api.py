@@ -150,3 +150,62 @@ def test_tied_layer_gets_one_shared_wrapper_and_unwraps_shared():
     assert model.decoder_embed is model.encoder_embed and isinstance(model.encoder_embed, QuantNoiseMixin)
     assert unquantize_(model) == ["encoder_embed", "proj"]
     assert model.decoder_embed is model.encoder_embed and type(model.encoder_embed) is nn.Embedding
+
+
+# ------------------------------------------------------------------------------------------- compress_
+def test_compress_applies_a_plan_keeps_one_codebook_for_tied_weights_and_trains_centroids(caplog):
+    from quantnoise import IPQPlan, LayerRule, compress_
+    from quantnoise.compress import PQEmbedding, PQLinear
+
+    torch.manual_seed(0)
+    model = TinyBert()
+    model.head.weight = model.word.weight  # tied input / output embedding
+    ids = torch.randint(0, 64, (2, 8))
+    plan = IPQPlan(stages=[LayerRule(pattern=r"fc[12]", block_size=8, n_centroids=16),
+                           LayerRule(pattern=r"^word$", block_size=4, n_centroids=16),
+                           LayerRule(pattern=r"query|key|value|out", block_size=4, n_centroids=8)], seed=3)
+    again = copy.deepcopy(model)
+    with caplog.at_level("INFO", logger="quantnoise.api"):
+        names = compress_(model, plan)
+    assert set(names) == {"word", "head", *(f"layers.{i}.{n}" for i in range(2) for n in
+                                            ("query", "key", "value", "out", "fc1", "fc2"))}
+    assert isinstance(model.word, PQEmbedding) and isinstance(model.head, PQLinear)
+    assert model.word.centroids is model.head.centroids and model.word.block_size == 4  # the word rule, shared
+    assert "share one codebook" in caplog.text
+    assert model.layers[0]["query"].centroids.shape == (8, 4) and model.layers[0]["fc1"].centroids.shape == (16, 8)
+    assert isinstance(model.pos, nn.Embedding) and not hasattr(model.pos, "codes")  # no rule matches it
+    # seeded: the same plan on a copy gives the same codes and codebooks
+    compress_(again, plan)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    # a plain PyTorch loop trains the centroids (and only real parameters: codes are buffers)
+    before = model.layers[1]["fc2"].centroids.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(ids).logsumexp(-1).mean().backward()
+    opt.step()
+    assert not torch.equal(before, model.layers[1]["fc2"].centroids.detach())
+    assert "codes" not in dict(model.named_parameters()) and all(
+        not n.endswith(".codes") for n, _ in model.named_parameters())
+
+
+def test_compress_takes_a_noise_wrapper_as_its_layer_warns_on_unsupported_types_and_refuses_no_match(caplog):
+    from quantnoise import LayerRule, compress_
+    from quantnoise.compress import ScalarLinear
+
+    class Bilinearish(nn.Module):  # a layer with a weight matrix that no compressed layer supports
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    model.add_module("odd", Bilinearish())
+    quantize_(model, QuantNoiseConfig(scheme="drop", p=0.1, block_size=4))
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        names = compress_(model, LayerRule(pattern=".", scheme="scalar", bits=4))
+    assert names == ["0", "2"] and all(isinstance(model[i], ScalarLinear) for i in (0, 2))
+    assert "layer odd (Bilinearish)" in caplog.text and "no compressed layer supports" in caplog.text
+    assert "LayerNorm" not in caplog.text
+    with pytest.raises(ValueError, match="compress no layer"):
+        compress_(nn.Sequential(nn.Linear(8, 4)), LayerRule(pattern="nothing"))
+    with pytest.raises(ValueError, match="takes a LayerRule or an IPQPlan"):
+        compress_(nn.Sequential(nn.Linear(8, 4)), {"pattern": "."})

@@ -10,7 +10,7 @@ from torch import nn
 
 from quantnoise import QuantNoiseConfig, quantize_
 from quantnoise import functional as QF
-from quantnoise import ipq
+from quantnoise.compress import layers as ipq
 from quantnoise.nn import wrapper_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantnoise import export, ipq
+from quantnoise import export
+from quantnoise.compress import layers as ipq
 from quantnoise.checkpoint import save_checkpoint, stock_cfg
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from quantnoise import hf
 from quantnoise.export import ExportOptions, load_state_dict, save_state_dict
-from quantnoise.ipq import LayerRule, compress_module, set_submodule
+from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS
 
 

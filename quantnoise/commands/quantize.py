@@ -11,8 +11,8 @@ import logging
 from tqdm import tqdm
 
 from ..checkpoint import check_output, load_checkpoint, model_name, plugin_arch, save_checkpoint, set_model_name
-from ..ipq import LayerRule
-from ..ipq_plan import IPQPlan, load_plan, quantize_state_dict
+from ..compress.layers import LayerRule
+from ..compress.plan import IPQPlan, load_plan, quantize_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="fairseq checkpoint (.pt)")
     p.add_argument("-o", "--output", required=True, help="quantized checkpoint to write (.pt)")
     p.add_argument("--config", help="ipq plan YAML (stages of {pattern, scheme, block_size, n_centroids, bits, rows_per_scale}; "
-                                    "a bit plan of quantnoise.bitplan); "
+                                    "a bit plan of quantnoise.compress.bitplan); "
                                     "overrides the single-setting flags below")
     p.add_argument("--scheme", choices=["pq", "scalar"], default="pq", help="pq (iPQ) or scalar (int-N)")
     p.add_argument("--block-size", type=int, default=8, help="pq: weights per block")

@@ -4,16 +4,16 @@ and optionally a mixed-precision bit plan for ``quantnoise quantize --config``.
 Prints one row per Linear / Embedding layer, most sensitive first: weights, mean and std over the
 batches of the dominant Hessian eigenvalue's magnitude, and the score mean + std (Shen et al. 2020).
 With ``-o plan.yaml`` and a budget (``--avg-bits`` or ``--budget-mb``), writes the bit plan that
-minimises sum(score * weights * 4^-bits) under it (exact knapsack, quantnoise.bitplan).
+minimises sum(score * weights * 4^-bits) under it (exact knapsack, quantnoise.compress.bitplan).
 """
 import argparse
 import importlib
 import pathlib
 import sys
 
-from ..bitplan import allocate_bits
+from ..compress.bitplan import allocate_bits
 from ..checkpoint import check_output
-from ..sensitivity import format_table
+from ..compress.sensitivity import format_table
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 
 def _plugin_module():
-    """qn_fairseq.sensitivity, imported as fairseq's --user-dir imports the plugin (see runtime._plugin)."""
+    """qn_fairseq.sensitivity, imported as fairseq's --user-dir imports the plugin (see quantnoise.runtime.fairseq_plugin)."""
     from .user_dir import plugin_dir
 
     if "qn_fairseq" not in sys.modules:

@@ -1,6 +1,6 @@
 """iPQ inside fairseq: staged centroid fine-tuning in ``fairseq-train``, and ``--path MODEL.qnz``.
 
-Staged iPQ (Stock et al. 2020, sec. 3.3).  ``--ipq-plan plan.yaml`` (quantnoise.ipq_plan) lists
+Staged iPQ (Stock et al. 2020, sec. 3.3).  ``--ipq-plan plan.yaml`` (quantnoise.compress.plan) lists
 stages; stage i is quantized at the first training forward once ``num_updates`` reaches the sum
 of the ``updates`` of the stages before it.  Its layers become PQ layers (codes + trainable
 centroids, mean-gradient rule); already quantized layers train only their centroids; layers of
@@ -47,8 +47,8 @@ from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
 from quantnoise.export import load_qnz
-from quantnoise.ipq import adopt_state_structure_, compress_tied, compressed_class, set_submodule, tied_layers
-from quantnoise.ipq_plan import IPQPlan, load_plan
+from quantnoise.compress.layers import adopt_state_structure_, compress_tied, compressed_class, set_submodule, tied_layers
+from quantnoise.compress.plan import IPQPlan, load_plan
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""Q-BERT Hessian sensitivity (quantnoise.sensitivity) of a fairseq checkpoint on its own task's data:
+"""Q-BERT Hessian sensitivity (quantnoise.compress.sensitivity) of a fairseq checkpoint on its own task's data:
 the model and task come from the checkpoint, the loss is the checkpoint's criterion per sample
 (loss / sample_size), the batches the first ``batches`` of a data split in fairseq's order."""
 import itertools
 import logging
 from typing import Dict, Sequence, Union
 
-from quantnoise.sensitivity import SensitivityScore, hessian_sensitivity
+from quantnoise.compress.sensitivity import SensitivityScore, hessian_sensitivity
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from torch import nn
 
 from quantnoise import quantize_, unquantize_
 from quantnoise import hf, ptq
-from quantnoise.bitplan import allocate_bits
+from quantnoise.compress.bitplan import allocate_bits
 from quantnoise.checkpoint import atomic_write
 from quantnoise.export import ExportOptions, pack_width, save_state_dict
-from quantnoise.ipq import LayerRule, compress_module, set_submodule
+from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert, qn_int4
-from quantnoise.sensitivity import format_table, hessian_sensitivity
+from quantnoise.compress.sensitivity import format_table, hessian_sensitivity
 
 log = logging.getLogger("recipes.bert")
 SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 (texts truncated to max_len tokens)

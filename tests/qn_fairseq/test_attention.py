@@ -67,9 +67,9 @@ def test_routed_attention_equals_fairseq_fast_path():
     encoder-decoder keys; returned weights and incremental decoding go to fairseq's own forward."""
     from fairseq.modules import MultiheadAttention
 
-    from quantnoise.runtime import _plugin
+    from quantnoise.runtime import fairseq_plugin
 
-    route_attention = _plugin().route_attention  # the plugin as fairseq's --user-dir imports it (qn_fairseq)
+    route_attention = fairseq_plugin().route_attention  # the plugin as fairseq's --user-dir imports it (qn_fairseq)
 
     torch.manual_seed(0)
     for self_attn in (True, False):

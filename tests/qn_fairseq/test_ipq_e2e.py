@@ -93,8 +93,8 @@ def test_stage_plan_resumes_mid_plan_exactly(tiny_lm_ckpt, lm_data, tmp_path):
 def test_eval_lm_rejects_a_bad_or_forged_qnz_in_one_line(tiny_lm_ckpt, lm_data, tmp_path):
     from quantnoise import export
     from quantnoise.checkpoint import load_checkpoint
-    from quantnoise.ipq import LayerRule
-    from quantnoise.ipq_plan import IPQPlan, quantize_state_dict
+    from quantnoise.compress.layers import LayerRule
+    from quantnoise.compress.plan import IPQPlan, quantize_state_dict
     from test_export import write_signed
 
     (tmp_path / "bad.qnz").write_bytes(b"\x00" * 64)

@@ -127,7 +127,7 @@ class Chain(nn.Sequential):
 
 def test_step_hook_touches_only_its_models_optimizer_and_holds_no_dropped_weight(tmp_path):
     ipq = plugin()
-    from quantnoise.ipq import PQLinear
+    from quantnoise.compress.layers import PQLinear
 
     (tmp_path / "plan.yaml").write_text("stages:\n  - {pattern: '^0$', block_size: 4, n_centroids: 4}\n")
     torch.manual_seed(0)

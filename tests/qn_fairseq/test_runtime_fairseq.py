@@ -43,13 +43,14 @@ def stored_bytes(model) -> int:
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_runtime_model_equals_decoded_model_and_stays_small(qnz, lm_data, scheme, monkeypatch):
     from quantnoise import export, runtime
+    from quantnoise.runtime import load as runtime_load
 
     def no_decode(*a, **k):
         raise AssertionError("a compressed layer was decoded whole while loading")
 
     with monkeypatch.context() as mp:
         mp.setattr(export, "decode", no_decode)
-        mp.setattr(runtime, "decode", no_decode)
+        mp.setattr(runtime_load, "decode", no_decode)
         model, _, task = runtime.load_qnz(qnz[scheme], data=lm_data)
     plain, _, _ = runtime.load_qnz(qnz[scheme], data=lm_data, decoded=True)
     summary = runtime.runtime_summary(model)
@@ -98,7 +99,7 @@ def test_sinusoidal_positions_are_computed_only_as_far_as_the_inputs_reach(qnz, 
     table, one longer, one longer than the model's max positions, and incremental generation."""
     from quantnoise import runtime
 
-    lazy = runtime._plugin().LazySinusoidalPositionalEmbedding
+    lazy = runtime.fairseq_plugin().LazySinusoidalPositionalEmbedding
     monkeypatch.setattr(lazy, "INITIAL_POSITIONS", 4)
     model, _, task = runtime.load_qnz(qnz["pq"], data=lm_data)
     plain, _, _ = runtime.load_qnz(qnz["pq"], data=lm_data, decoded=True)
@@ -130,7 +131,7 @@ def test_learned_positions_compute_from_the_stored_codes():
 
     from quantnoise import runtime
 
-    Q = runtime._plugin()
+    Q = runtime.fairseq_plugin()
     g = torch.Generator().manual_seed(0)
     codes, cents = torch.randint(0, 16, (40 * 16 // 8,), generator=g).to(torch.uint8), torch.randn(16, 8, generator=g)
     stock = LearnedPositionalEmbedding(40, 16, padding_idx=1)
@@ -157,9 +158,9 @@ def test_meta_cpu_patch_is_thread_safe():
     a thread outside keeps torch's behaviour, and torch.Tensor.cpu is torch's own again at the end."""
     import threading
 
-    from quantnoise.runtime import _plugin
+    from quantnoise.runtime import fairseq_plugin
 
-    stays = _plugin()._meta_stays_meta
+    stays = fairseq_plugin()._meta_stays_meta
     original, meta = torch.Tensor.cpu, torch.empty(3, device="meta")
     a_in, a_out, seen = threading.Event(), threading.Event(), {}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantnoise.sensitivity import SensitivityScore, format_table, hessian_sensitivity, top_eigenvalue
+from quantnoise.compress.sensitivity import SensitivityScore, format_table, hessian_sensitivity, top_eigenvalue
 
 
 def mlp() -> nn.Module:
@@ -74,7 +74,7 @@ def test_layer_selection_embedding_and_regex(caplog):
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).eval()
     batches = [(torch.tensor([[1, 2, 3], [3, 4, 5]]), torch.tensor([0, 1]))]
     ce = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    with caplog.at_level(logging.INFO, logger="quantnoise.sensitivity"):
+    with caplog.at_level(logging.INFO, logger="quantnoise.compress.sensitivity"):
         s = hessian_sensitivity(model, ce, batches, iters=50)
     assert list(s) == ["0", "2"] and s["0"].score > 0 and s["2"].score > 0
     assert "batch 1 done" in caplog.text

@@ -1,6 +1,6 @@
 """Run a ``.qnz`` compressed: layers that keep what the file stores and compute from it.
 
-quantnoise.ipq's layers decode their whole weight on every forward (they exist to fine-tune
+quantnoise.compress's layers decode their whole weight on every forward (they exist to fine-tune
 centroids); these are for inference only.  They subclass the layer they replace and hold
   - ``CodesLinear`` / ``CodesEmbedding``: pq ``codes`` (out, in / bs) uint8|int16 + ``centroids`` (k, bs);
   - ``IntLinear`` / ``IntEmbedding``: int-N weights, ``qweight`` int8 (out, in) for 8 bits or the file's
@@ -8,7 +8,7 @@ centroids); these are for inference only.  They subclass the layer they replace 
 Nothing decodes a whole weight in a forward (``.weight`` does, for code that reads it):
   - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
-    many tokens (more than ~out/12 with the compiled kernels, 1 without: ``runtime_kernels.lut_wins``): decode
+    many tokens (more than ~out/12 with the compiled kernels, 1 without: ``kernels.lut_wins``): decode
     a chunk of rows at a time (the whole weight when the input or output activations are as large) and matmul.
   - int4 / int2 Linear: a packed row's bytes are pq codes over the fixed codebook of the 256 byte values, so
     the pq kernels run them (then the row scales).
@@ -18,25 +18,21 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
     ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA): decode a chunk of rows at a
     time and matmul.
   - Embeddings decode only the looked-up rows.
-The arithmetic is in quantnoise/runtime_kernels.py (the table's gather-sum also compiled: quantnoise/csrc/pq_lut.cpp,
-when built).  The layers hold the tensors ``quantnoise.export.read_qnz`` read, without copying them (int8: fbgemm's
-packed copy replaces them).  Device and dtype follow the input.  ``fill_model_`` puts them into a model built on the ``meta``
-device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way (``load_qnz`` below).
+The arithmetic is in quantnoise/runtime/kernels.py (the table product and the decode also compiled:
+quantnoise/runtime/csrc/pq_lut.cpp, when built).  The layers hold the tensors ``quantnoise.export.read_qnz`` read, without copying them (int8: fbgemm's
+packed copy replaces them).  Device and dtype follow the input.  ``quantnoise.runtime.load.fill_model_`` puts them into a model built on
+the ``meta`` device; quantnoise/qn_fairseq/runtime.py builds fairseq models that way.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import warnings
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import runtime_kernels as K
-from .export import DTYPES, decode
-from .nn import QuantNoiseMixin
+from . import kernels as K
 
 logger = logging.getLogger(__name__)
 
@@ -222,182 +218,3 @@ class IntEmbedding(_Int, nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.decode_rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
-
-
-# ------------------------------------------------------------------------- filling a model
-def stored_int(packed: Tensor, bits: int, width: int, shape) -> Tensor:
-    """The runtime form of a stored int-N weight: int8 (out, in) for 8-bit packing (the same bytes,
-    q = u - qmax), the packed bytes as they are otherwise."""
-    if width != 8:
-        return packed
-    return torch.sub(packed, 2 ** (bits - 1) - 1).view(torch.int8).reshape(shape)  # u - qmax mod 256: no int16 copy
-
-
-def _centroids(tensors: Dict[str, Tensor], name: str, e: dict) -> Tensor:
-    c = tensors[f"{name}.centroids"].float()  # fp16 -> fp32 exactly; (k, bs): a few KB
-    if e["centroids"] == "int8":
-        c = c * tensors[f"{name}.centroids_scale"].float()
-    return c
-
-
-def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor]) -> nn.Module:
-    """The compressed runtime layer replacing ``like`` (a plain Linear / Embedding, on any device), built
-    from the .qnz tensors of layer ``name`` (map entry ``e``); its bias is ``like``'s until filled."""
-    shape = tuple(e["shape"])
-    if tuple(like.weight.shape) != shape:
-        raise ValueError(f"layer {name}: the .qnz stores shape {list(shape)} but the model has "
-                         f"{list(like.weight.shape)}; the file does not belong to this architecture")
-    pq = e["scheme"] == "pq"
-    if not pq:
-        q, scale = stored_int(tensors[f"{name}.qweight"], e["bits"], e["pack_width"], shape), tensors[f"{name}.qscale"]
-        scale = scale.repeat_interleave(e.get("rows_per_scale", 1), 0)  # group-wise -> one per row, exactly
-    if not _keeps_base_forward(like):  # e.g. fairseq's LearnedPositionalEmbedding: looks up positions, not ids
-        return None
-    if isinstance(like, nn.Linear):
-        bias = like.bias
-        if pq:
-            return CodesLinear(shape[1], shape[0], tensors[f"{name}.codes"], _centroids(tensors, name, e), bias)
-        return IntLinear(shape[1], shape[0], q, scale, e["bits"], e["pack_width"], bias)
-    if isinstance(like, nn.Embedding) and like.max_norm is None:
-        if pq:
-            return CodesEmbedding(shape[0], shape[1], tensors[f"{name}.codes"], _centroids(tensors, name, e),
-                                  like.padding_idx)
-        return IntEmbedding(shape[0], shape[1], q, scale, e["bits"], e["pack_width"], like.padding_idx)
-    return None  # Conv etc.: decoded by fill_model_
-
-
-def _keeps_base_forward(like: nn.Module) -> bool:
-    """A runtime layer computes what nn.Linear / nn.Embedding's own forward computes: only a layer whose
-    forward is that one (or a quant-noise wrapper of such a layer, the same thing in eval) may be replaced."""
-    if isinstance(like, QuantNoiseMixin):
-        return True
-    return any(isinstance(like, base) and type(like).forward is base.forward for base in (nn.Linear, nn.Embedding))
-
-
-def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
-    owner, _, attr = key.rpartition(".")
-    mod = model.get_submodule(owner)
-    if attr in mod._buffers:
-        mod._buffers[attr] = value
-    else:  # a Parameter, or a weight a runtime layer does not take
-        setattr(mod, attr, nn.Parameter(value, requires_grad=False))
-
-
-def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: bool = True) -> nn.Module:
-    """Put the .qnz's contents into ``model`` (built on the ``meta`` device, or anywhere): runtime layers for
-    its compressed Linear / Embedding layers, its other tensors as they are (in their original dtype), and
-    a tied copy of a compressed weight (``aliases``) as a runtime Linear sharing the same codes.  Layers of
-    other kinds (Conv) are decoded, alone.  Raises ValueError naming any parameter or buffer left unfilled.
-    The tensors it takes are removed from ``tensors`` as it goes (peak memory: pass a copy to keep them).
-    ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward)."""
-    built, freed = {}, 0
-    for name, e in meta["layers"].items():
-        like = model.get_submodule(name)
-        new = runtime_layer(like, name, e, tensors)
-        if new is None:
-            logger.warning("runtime: layer %s (%s) has no compressed kernel; decoding it", name, type(like).__name__)
-            part = decode({k: v for k, v in tensors.items() if k.startswith(name + ".")},
-                          {"layers": {name: e}, "dense": {}, "aliases": {}})
-            _set_tensor(model, f"{name}.weight", part[f"{name}.weight"])
-            continue
-        built[name] = new
-        _set_submodule(model, name, new)
-        for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
-            t = tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
-            freed += 0 if t is None else t.numel() * t.element_size()
-        if pack and isinstance(new, IntLinear):
-            new.pack_()
-        if freed > RELEASE_EVERY:  # int8: the file's bytes, their int8 form and fbgemm's packing leave holes
-            release_freed_memory()
-            freed = 0
-    for key, e in meta["dense"].items():
-        _set_tensor(model, key, tensors.pop(key).to(DTYPES[e["dtype"]]))
-    for key, target in meta["aliases"].items():
-        if target in meta["dense"]:  # a tied copy of an uncompressed tensor: the same tensor
-            owner, _, attr = target.rpartition(".")
-            _set_tensor(model, key, getattr(model.get_submodule(owner), attr).data)
-            continue
-        owner, _, attr = key.rpartition(".")
-        like, src = model.get_submodule(owner), built.get(target)
-        if attr == "weight" and isinstance(like, nn.Linear) and src is not None and owner not in built:
-            new = _alias_linear(like, src)
-            _set_submodule(model, owner, new)
-            built[owner] = new
-            if pack and isinstance(new, IntLinear):
-                new.pack_()  # a second (packed) copy of a tied int8 weight: fbgemm needs its own layout
-        else:  # e.g. RoBERTa's lm_head.weight, a bare Parameter read by F.linear
-            logger.warning("runtime: %s is a tied copy of %s that is not a Linear layer; decoding it", key, target)
-            _set_tensor(model, key, built[target].weight if target in built else model.get_submodule(target).weight)
-    release_freed_memory()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"the .qnz does not fill {len(left)} tensors of the model ({', '.join(left[:4])}); "
-                         f"the file does not belong to this architecture")
-    return model.eval()
-
-
-RELEASE_EVERY = 4 << 20  # bytes of file tensors dropped between two ``release_freed_memory`` calls (16 MiB: the
-# 16x1024 int8 LM's load peak was 1.16x its file, 4 MiB: 1.09x, scripts/bench_load_rss.py; a trim takes < 1 ms)
-
-
-@functools.lru_cache(None)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
-    except (OSError, AttributeError):  # another libc: its own policy
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the heap's free pages back to the system (glibc ``malloc_trim``).  Loading frees each layer's
-    file bytes as the layer is built, but glibc keeps the freed holes between the live blocks: without
-    this, an int8 model's resident memory stays at ~2x the file after loading (a 16x1024 LM: 2.1x, with
-    it 1.07x; ``/tmp``-style measurement in BENCHMARKS.md)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _alias_linear(like: nn.Linear, src: nn.Module) -> nn.Module:
-    """A runtime Linear computing with ``src``'s stored weight (same buffers, no copy)."""
-    if isinstance(src, _PQ):
-        new = CodesLinear(like.in_features, like.out_features, src.codes, src.centroids, like.bias)
-    else:
-        new = IntLinear(like.in_features, like.out_features, src.qweight, src.qscale, src.bits, src.width, like.bias)
-    return new
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner), attr, new)
-
-
-def runtime_summary(model: nn.Module) -> Dict[str, int]:
-    """{"CodesLinear kernel=auto": count, ...}: which runtime layers a model holds."""
-    out: Dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, RuntimeMixin):
-            key = f"{type(m).__name__}[{m.kind}]"
-            out[key] = out.get(key, 0) + 1
-    return out
-
-
-def load_qnz(path, data: Optional[str] = None, decoded: bool = False):
-    """The fairseq model of a ``.qnz``, running compressed: built on the ``meta`` device and filled with
-    runtime layers, so no fp32 copy of a compressed weight is made (``decoded=True``: the plain fp32
-    model instead, as ``quantnoise decompress`` + fairseq would load it).  ``data``: the folder holding
-    the model's dictionary (default: the training data path stored in the file).  Returns (model, cfg, task)."""
-    return _plugin().load_model(path, data=data, decoded=decoded)
-
-
-def _plugin():
-    """quantnoise/qn_fairseq/runtime.py, imported as fairseq's ``--user-dir`` imports the plugin (top-level
-    ``qn_fairseq``), so its models are registered once whichever way a process imports it first."""
-    import importlib
-    import sys
-
-    from .commands.user_dir import plugin_dir
-
-    if "qn_fairseq" not in sys.modules:
-        sys.path.insert(0, str(plugin_dir().parent))
-    return importlib.import_module("qn_fairseq.runtime")

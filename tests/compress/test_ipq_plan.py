@@ -1,8 +1,8 @@
-"""quantnoise.ipq_plan: plan YAML reading (every key's type checked) and LayerRule / IPQPlan values."""
+"""quantnoise.compress.plan: plan YAML reading (every key's type checked) and LayerRule / IPQPlan values."""
 import pytest
 
-from quantnoise.ipq import LayerRule
-from quantnoise.ipq_plan import IPQPlan, load_plan
+from quantnoise.compress.layers import LayerRule
+from quantnoise.compress.plan import IPQPlan, load_plan
 
 
 def one_line_error(path, text, match, exc=ValueError):

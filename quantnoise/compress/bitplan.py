@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import QuantNoiseConfig, is_int, is_real
+from ..config import QuantNoiseConfig, is_int, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class BitPlan:
         """The plan as an ``IPQPlan``: one scalar ``LayerRule`` per layer, pattern ``^name$``;
         ``rows_per_scale``: {layer: rows sharing a scale} (group-wise scales, e.g. head_dim on the q/k/v
         projections), 1 for the layers it does not name."""
-        from .ipq import LayerRule
-        from .ipq_plan import IPQPlan
+        from .layers import LayerRule
+        from .plan import IPQPlan
 
         rps = rows_per_scale or {}
         return IPQPlan(stages=[LayerRule(pattern=f"^{re.escape(n)}$", scheme="scalar", bits=b,
@@ -85,7 +85,7 @@ class BitPlan:
         """Write ``yaml_text`` atomically (temp file + rename)."""
         import pathlib
 
-        from .checkpoint import atomic_write
+        from ..checkpoint import atomic_write
 
         text = self.yaml_text(scores, rows_per_scale)
         atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))

@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .config import is_int
-from .ipq import LayerRule, pq_quantize, scalar_decode, scalar_quantize
+from ..config import is_int
+from .layers import LayerRule, pq_quantize, scalar_decode, scalar_quantize
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from quantnoise import runtime as R
-from quantnoise import runtime_kernels as K
+from quantnoise.runtime import kernels as K
 from quantnoise.export import ExportOptions, decode, encode, pack, unpack
-from quantnoise.ipq import scalar_quantize
+from quantnoise.compress.layers import scalar_quantize
 
 
 def pq_state(name, out, inn, bs=8, k=256, seed=0, bias=True):
@@ -215,7 +215,7 @@ def test_layers_follow_a_cuda_input():
             torch.testing.assert_close(layer(x), plain(x), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime_ext)")
+@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime)")
 @pytest.mark.parametrize("bs,k,codes_dtype", [(4, 256, torch.uint8), (8, 256, torch.uint8), (16, 256, torch.uint8),
                                               (8, 16, torch.uint8), (4, 1024, torch.int16)])
 def test_compiled_lut_equals_pure_pytorch(bs, k, codes_dtype):
@@ -234,7 +234,7 @@ def test_compiled_lut_equals_pure_pytorch(bs, k, codes_dtype):
         assert not torch.equal(got, torch.zeros_like(got))
 
 
-@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime_ext)")
+@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime)")
 @pytest.mark.parametrize("bs,k,codes_dtype", [(2, 256, torch.uint8), (4, 16, torch.uint8), (5, 256, torch.uint8),
                                               (8, 256, torch.uint8), (16, 64, torch.uint8), (4, 1024, torch.int16)])
 def test_compiled_decode_equals_pure_pytorch(bs, k, codes_dtype):

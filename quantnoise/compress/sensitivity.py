@@ -11,7 +11,7 @@ one double backward per product, the Hessian never formed):
 Q-BERT's score over batches b = 1..B is  Omega_i = mean_b |lambda_i,b| + std_b |lambda_i,b|  (their
 eq. (2) on the top eigenvalue; the magnitude is taken here because away from a minimum the dominant
 eigenvalue may be negative; the signed values are kept in ``SensitivityScore.eigs``).  More
-sensitive layers get more bits (quantnoise.bitplan).
+sensitive layers get more bits (quantnoise.compress.bitplan).
 
 Pure torch: works on any ``nn.Module`` given ``loss_fn(model, batch) -> scalar`` and batches.  Cost:
 per batch one forward + backward with ``create_graph=True``, then up to ``iters`` double backwards
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .config import is_int, is_real, regex_error
+from ..config import is_int, is_real, regex_error
 
 logger = logging.getLogger(__name__)
 

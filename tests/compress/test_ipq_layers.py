@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantnoise import QuantNoiseConfig, ipq, quantize_
-from quantnoise.ipq_plan import IPQPlan, quantize_state_dict
+from quantnoise import QuantNoiseConfig, quantize_
+from quantnoise.compress import layers as ipq
+from quantnoise.compress.plan import IPQPlan, quantize_state_dict
 
 
 class Positions(nn.Embedding):

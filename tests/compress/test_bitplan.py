@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from quantnoise import quantize_, wrapped_layers
-from quantnoise.bitplan import allocate_bits
+from quantnoise.compress.bitplan import allocate_bits
 from quantnoise.export import pack_width
-from quantnoise.ipq_plan import load_plan, quantize_state_dict
+from quantnoise.compress.plan import load_plan, quantize_state_dict
 
 WIDTHS = (2, 3, 4, 8)
 

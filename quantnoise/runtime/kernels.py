@@ -5,12 +5,12 @@
 - pq Linear by decode + matmul: C[codes] for a chunk of rows at a time (``pq_linear_decode``), then matmul;
 - int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
 Pure PyTorch; device and dtype follow the input.  Two steps also have compiled CPU kernels
-(quantnoise/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime_ext``), used for fp32 CPU inputs when built:
+(quantnoise/runtime/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime``), used for fp32 CPU inputs when built:
 the look-up-table product (``torch.ops.quantnoise.pq_lut_linear``: the table, laid out token-fastest and made
 tile by tile, and its gather-sum in one call, tokens in groups of ``COMPILED_MAX_TOKENS``) and the decode
 (``torch.ops.quantnoise.pq_decode``).  The pure PyTorch path
 (``compiled=False``) computes the same sums in another order (equal within fp32 rounding) and the same decode
-(identical), tests/test_runtime.py.
+(identical), tests/runtime/test_runtime_layers.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import runtime_ext
+from . import ext as runtime_ext
 
 # Crossover of the pq Linear between the look-up table and decode + matmul, in tokens per call, from
 # `python scripts/bench_infer.py WORK --kernels --threads 1` (shapes 512x512, 2048x512, 512x2048, 768x768,
@@ -134,7 +134,8 @@ def fbgemm_reduce_range() -> bool:
     """fbgemm without VNNI adds u8 x s8 pairs in int16, which can saturate: quantize activations to 7
     bits there (what torch.ao's dynamic quantization does on x86); 8 bits where VNNI is present."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return True
     return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

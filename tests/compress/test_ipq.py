@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantnoise import ipq
-from quantnoise.ipq_plan import IPQPlan, load_plan, quantize_state_dict
+from quantnoise.compress import layers as ipq
+from quantnoise.compress.plan import IPQPlan, load_plan, quantize_state_dict
 
 
 def gen(seed=0):

@@ -29,9 +29,9 @@ from typing import Dict, List, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from . import functional as QF
-from .config import is_int, regex_error
-from .kmeans import kmeans
+from .. import functional as QF
+from ..config import is_int, regex_error
+from ..kmeans import kmeans
 
 logger = logging.getLogger(__name__)
 

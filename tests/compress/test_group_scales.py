@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from quantnoise import export, runtime
-from quantnoise.ipq import LayerRule, compress_module, scalar_decode, scalar_quantize
-from quantnoise.ipq_plan import IPQPlan, quantize_state_dict
+from quantnoise.compress.layers import LayerRule, compress_module, scalar_decode, scalar_quantize
+from quantnoise.compress.plan import IPQPlan, quantize_state_dict
 
 
 def test_scale_per_row_group_exact_reference():
@@ -47,7 +47,7 @@ def test_group_scales_round_trip_through_qnz_exactly(tmp_path):
     for n in names:
         ref = scalar_decode(state[f"{n}.qweight"], state[f"{n}.qscale"], state[f"{n}.weight_size"].tolist())
         assert torch.equal(back[f"{n}.weight"], ref)
-    # the compressed layer of quantnoise.ipq decodes the same weight
+    # the compressed layer of quantnoise.compress.layers decodes the same weight
     layer = compress_module(m[1], plan.stages[0], "1")
     assert torch.equal(layer.weight, back["1.weight"])
     # the runtime (compressed kernels read from the file) computes what the decoded model computes
