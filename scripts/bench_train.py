@@ -1,15 +1,17 @@
 """Train-step time of fairseq's transformer_lm with Quant-Noise: plain vs stock fairseq
 ``--quant-noise-pq 0.1`` vs the plugin's ``qn_transformer_lm`` with drop / scalar int8 / pq at p=0.1.
 
-    python scripts/bench_train.py [--rounds 5] [--steps 2] [--threads 2] [--json out.json]
+    python scripts/bench_train.py [--rounds 5] [--steps 2] [--threads 2] [--device cpu|cuda] [--json out.json]
 
 Every model is built in-process by fairseq itself (``options.parse_args_and_arch`` +
-``task.build_model``) from the same command-line flags a user would pass: 6 layers, 512/2048, 8
+``task.build_model``) from the same command-line flags a user would pass: 6 layers (``--layers``), 512/2048, 8
 heads, vocabulary 10000, batch 8 x 256 tokens.  A step is forward + cross-entropy + backward + Adam
 on random tokens.  After one warm-up step per model (it also builds the pq codebooks), each round
 times ``--steps`` steps of every model in turn (interleaved, so drift in machine load hits all of
 them alike); the table gives the median over rounds of the per-round ratio to plain, for wall
 time and for this process' CPU time (less sensitive to other processes on a shared machine).
+``--device cuda``: the same models and steps on the GPU (fp32 weights; steps timed between
+``torch.cuda.synchronize()`` calls; the CPU-time columns then say how busy the host was).
 
 The plugin noises every Linear and the embedding, including the attention q/k/v/out projections
 (it switches fairseq's attention to its module path); stock fairseq's hooks never run on the
@@ -30,7 +32,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = str(ROOT / "quantnoise" / "qn_fairseq")
 VOCAB, BATCH, TOKENS = 10000, 8, 256
-SIZE = ["--decoder-layers", "6", "--decoder-embed-dim", "512", "--decoder-ffn-embed-dim", "2048",
+SIZE = ["--decoder-embed-dim", "512", "--decoder-ffn-embed-dim", "2048",
         "--decoder-attention-heads", "8", "--tokens-per-sample", str(TOKENS), "--dropout", "0.1"]
 VARIANTS = {
     "plain transformer_lm": ["--arch", "transformer_lm"],
@@ -47,25 +49,33 @@ VARIANTS = {
 }
 
 
-def build(data_dir: str, flags):
+def build(data_dir: str, flags, device: str, layers: int):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [data_dir, "--task", "language_modeling", "--user-dir", USER_DIR,
-                                                "--cpu", *SIZE, *flags])
+                                                *(["--cpu"] if device == "cpu" else []), "--decoder-layers", str(layers),
+                                                *SIZE, *flags])
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
-    return task.build_model(cfg.model)
+    return task.build_model(cfg.model).to(device)
 
 
-def make_step(model):
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def make_step(model, device: str):
     import torch
     import torch.nn.functional as F
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(4, VOCAB, (BATCH, TOKENS + 1), generator=gen)
+    tokens = torch.randint(4, VOCAB, (BATCH, TOKENS + 1), generator=gen).to(device)
     model.train()
 
     def step():
@@ -78,7 +88,7 @@ def make_step(model):
     return step
 
 
-def pq_refresh_seconds(model) -> float:
+def pq_refresh_seconds(model, device: str) -> float:
     """Time one rebuild of every pq codebook (what happens every refresh_every forwards)."""
     from quantnoise.nn import QuantNoiseMixin
 
@@ -87,6 +97,7 @@ def pq_refresh_seconds(model) -> float:
     for m in layers:
         m.qn_codebook = None
         m._codebook()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -95,6 +106,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--layers", type=int, default=6, help="decoder layers (512-d, FFN 2048, 8 heads)")
     ap.add_argument("--json", help="also write the raw per-round times here")
     a = ap.parse_args()
     if a.rounds < 1 or a.steps < 1:
@@ -103,11 +116,14 @@ def main() -> int:
 
     import torch
 
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("bench_train: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as data:
         (pathlib.Path(data) / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(VOCAB - 4)))  # + 4 specials
-        models = {name: build(data, flags) for name, flags in VARIANTS.items()}
+        models = {name: build(data, flags, a.device, a.layers) for name, flags in VARIANTS.items()}
     from fairseq.modules import MultiheadAttention
 
     for m in models["diag: plain, attention module path"].modules():  # what the plugin switches on
@@ -116,7 +132,7 @@ def main() -> int:
     for name, model in models.items():
         n = len(model.decoder.embed_tokens.weight)
         assert n == VOCAB, f"{name}: vocabulary {n}"
-    steps = {name: make_step(m) for name, m in models.items()}
+    steps = {name: make_step(m, a.device) for name, m in models.items()}
     for name, step in steps.items():  # warm-up (allocator, pq codebooks)
         step()
 
@@ -124,14 +140,16 @@ def main() -> int:
     cpu = {name: [] for name in steps}  # this process' CPU seconds per step (all threads), per round
     for r in range(a.rounds):
         for name, step in steps.items():
+            sync(a.device)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 step()
+            sync(a.device)
             times[name].append((time.perf_counter() - t0) / a.steps)
             cpu[name].append((time.process_time() - c0) / a.steps)
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()),
               file=sys.stderr)
-    refresh = pq_refresh_seconds(models["qn pq p=0.1"])
+    refresh = pq_refresh_seconds(models["qn pq p=0.1"], a.device)
 
     def ratio(series, name):
         return statistics.median(x / p for x, p in zip(series[name], series["plain transformer_lm"]))
@@ -146,7 +164,8 @@ def main() -> int:
           f"= {refresh / 1000:.4f} s/step amortised")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"times": times, "cpu": cpu, "pq_refresh_s": refresh, "rounds": a.rounds,
-                                                    "steps": a.steps, "threads": a.threads}, indent=1))
+                                                    "steps": a.steps, "threads": a.threads, "device": a.device},
+                                                   indent=1))
     return 0
 
 
