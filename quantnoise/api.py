@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Union
 
 from torch import nn
 
+from . import extensions
 from .compress.layers import CompressedMixin, LayerRule, compress_tied, compressed_class, set_submodule, tied_layers
 from .compress.plan import IPQPlan
 from .config import QuantNoiseConfig
@@ -37,7 +38,13 @@ def quantize_(model: nn.Module, cfg: QuantNoiseConfig,
     subclasses that keep their forward.  Raises ValueError when nothing matches, naming the
     patterns, or when a block size does not divide a layer (nothing is wrapped then).
     """
+    extensions.ensure_for(model)  # e.g. GPT-2's Conv1D: its wrapper registers when transformers' type is met
     candidates = [(n, m) for n, m in model.named_modules() if n and wrapper_for(m) is not None]
+    for n, m in model.named_modules():
+        if n and _matrix_layer(m) and wrapper_for(m) is None and not isinstance(m, QuantNoiseMixin) \
+                and selects(cfg, n) and (filter_fn is None or filter_fn(m, n)):
+            logger.warning("quantize_: layer %s (%s) matches include=%r but no quant-noise wrapper supports its type; "
+                           "left without noise", n, type(m).__name__, cfg.include)
     chosen = [(n, m) for n, m in candidates if selects(cfg, n) and (filter_fn is None or filter_fn(m, n))]
     if not chosen:
         kinds = ", ".join(sorted(b.__name__ for b in WRAPPERS))
@@ -81,7 +88,7 @@ def wrapped_layers(model: nn.Module) -> List[str]:
 def _matrix_layer(m: nn.Module) -> bool:
     """A leaf layer owning a weight matrix (2-d or more): what a pattern means to select."""
     w = m._parameters.get("weight")
-    return isinstance(w, nn.Parameter) and w.dim() >= 2
+    return isinstance(w, nn.Parameter) and not nn.parameter.is_lazy(w) and w.dim() >= 2
 
 
 def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
@@ -101,6 +108,7 @@ def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
         raise ValueError(f"compress_ takes a LayerRule or an IPQPlan, not a {type(rule_or_plan).__name__}; build one: "
                          f"LayerRule(pattern=..., scheme='pq', block_size=8, n_centroids=256)")
     plan = rule_or_plan if isinstance(rule_or_plan, IPQPlan) else IPQPlan(stages=[rule_or_plan])
+    extensions.ensure_for(model)
     done: List[str] = []
     for members in tied_layers(model):
         members = [(name, m) for name, m in members if _matrix_layer(m) and not isinstance(m, CompressedMixin)]

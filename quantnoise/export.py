@@ -12,6 +12,8 @@ and the tensors
                      or 8 bits, little end first), ``L.qscale`` fp32 (out / rows_per_scale, 1): one
                      scale per group of ``rows_per_scale`` consecutive rows (map key, default 1);
   - everything else: fp16 or fp32 (floats; other dtypes as they are).
+A layer entry with ``"transposed": true`` (Hugging Face's GPT-2 ``Conv1D``, whose weight is (in, out)) stores
+the (out, in) matrix ``weight.T`` like a Linear's: its ``shape`` is that matrix's, blocks run along input features.
 Loading reads safetensors and JSON only (never unpickles) and checks format, version and the
 CRC-32 of every tensor, then the map against the tensors (``check_map``: shapes, dtypes, sizes,
 code range, pack widths, positive finite scales) before anything uses it: a truncated, damaged,
@@ -174,13 +176,18 @@ def _crc(t: Tensor) -> int:
 
 def save_qnz(path, state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions = ExportOptions()) -> dict:
     """Write the .qnz atomically (temp file + rename); return its JSON map."""
+    tensors, meta = encode(state, fairseq, opts)
+    write_qnz(path, tensors, meta)
+    return meta
+
+
+def write_qnz(path, tensors: Dict[str, Tensor], meta: dict) -> None:
+    """Write ``encode``'s (tensors, map) as a .qnz, atomically (temp file + rename)."""
     from safetensors.torch import save
 
-    tensors, meta = encode(state, fairseq, opts)
     text = json.dumps(meta, sort_keys=True, default=_json_default)
     blob = save(tensors, metadata={"qnz": text, "qnz_crc32": str(zlib.crc32(text.encode()))})
     atomic_write(path, lambda tmp: _write_bytes(tmp, blob))
-    return meta
 
 
 def _write_bytes(path: str, blob: bytes, chunk: int = 1 << 24) -> None:
@@ -334,6 +341,8 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
     _need(isinstance(shape, list) and len(shape) >= 2 and all(is_int(v) and v >= 1 for v in shape),
           f"{where} has shape {shape!r}; expected a list of 2 or more positive integers")
     _need(e["dtype"] in FLOATS, f"{where} has dtype {e['dtype']!r}; expected one of {', '.join(FLOATS)}")
+    _need(isinstance(e.get("transposed", False), bool) and (not e.get("transposed") or len(shape) == 2),
+          f"{where} has transposed {e.get('transposed')!r}; expected true or false (2-d weights only)")
     n, row = math.prod(shape), math.prod(shape[1:])
     if scheme == "pq":
         bs, k = e["block_size"], e["n_centroids"]
@@ -439,6 +448,8 @@ def decode(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, Tensor]:
                 q = unpack(tensors[f"{name}.qweight"], e["pack_width"], n).to(torch.int16) - (2 ** (e["bits"] - 1) - 1)
                 scale = tensors[f"{name}.qscale"]  # (groups, 1)
                 w = (q.float().reshape(scale.shape[0], -1) * scale).reshape(e["shape"])
+            if e.get("transposed"):  # stored as the (out, in) matrix of a layer holding its weight as (in, out)
+                w = w.t().contiguous()
             state[f"{name}.weight"] = w.to(DTYPES[e["dtype"]])
         for key, e in meta["dense"].items():
             state[key] = tensors[key].to(DTYPES[e["dtype"]])

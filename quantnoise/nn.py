@@ -126,7 +126,7 @@ class QuantNoiseMixin:
         self.register_buffer("qn_eval_codes", None, persistent=False)
         if cfg.eval_quantized:
             self.register_forward_pre_hook(_keeps_fused_paths_off)
-        row = self.weight[0].numel()
+        row = self._blocked_weight()[0].numel()
         if row % cfg.block_size:
             raise ValueError(
                 f"layer '{name}' ({type(self).base_class.__name__}, weight {tuple(self.weight.shape)}): "
@@ -161,6 +161,10 @@ class QuantNoiseMixin:
         if getattr(self, "bias", None) is not None:
             plain.bias = self.bias
         return plain.train(self.training)
+
+    def _blocked_weight(self) -> Tensor:
+        """The weight as the (out, ...) rows whose blocks are noised (GPT-2's Conv1D: its (in, out) weight's .T)."""
+        return self.weight
 
     def set_num_updates(self, num_updates: int) -> None:
         """fairseq calls this before every micro-batch with the update number (and after loading a
@@ -313,7 +317,7 @@ class QuantNoiseMixin:
         cfg = self.qn_cfg
         if self.training:
             self._check_finite()
-        w = QF.blocks(self.weight.detach(), cfg.block_size).reshape(-1, cfg.block_size)
+        w = QF.blocks(self._blocked_weight().detach(), cfg.block_size).reshape(-1, cfg.block_size)
         k = min(cfg.n_centroids, w.shape[0])
         if k < cfg.n_centroids and self.qn_codebook is None and self.qn_eval_codebook is None:
             logger.info("layer %s has %d blocks: pq codebook capped at %d centroids", self.qn_name, w.shape[0], k)

@@ -7,7 +7,7 @@ WORKDIR: a ``scripts/bench_infer.py`` work folder (its dictionary ``bin/``, and 
 fairseq configs are reused).
   lm (default): WORKDIR/lm{layers}x{dim}_{pq,int8}.qnz, a ``transformer_lm`` of that size (FFN 4x, dim/64 heads,
     tied embedding) with random pq codes (b=8, k=256) / random int8 weights, saved by ``quantnoise.export.save_qnz``
-    (speed and memory do not depend on the values), loaded by ``quantnoise.runtime.load_qnz``; the forward is
+    (speed and memory do not depend on the values), loaded by ``quantnoise.runtime.load_fairseq``; the forward is
     batch-1 generation of 8 tokens through fairseq's incremental state.
   roberta_base: WORKDIR/roberta_base/{pq,int8,int4}.qnz of ``bench_infer.py --model roberta_base``, loaded by
     ``RobertaModel.from_pretrained`` of their folder (the issue's path); the forward is 8 masked-LM passes of
@@ -138,7 +138,7 @@ def load(kind: str, qnz: str, data: str):
     from quantnoise import runtime
 
     if kind == "lm":
-        model, _, task = runtime.load_qnz(qnz, data=data)
+        model, _, task = runtime.load_fairseq(qnz, data=data)
         holder = model
     else:
         from fairseq.models.roberta import RobertaModel

@@ -209,3 +209,22 @@ def test_compress_takes_a_noise_wrapper_as_its_layer_warns_on_unsupported_types_
         compress_(nn.Sequential(nn.Linear(8, 4)), LayerRule(pattern="nothing"))
     with pytest.raises(ValueError, match="takes a LayerRule or an IPQPlan"):
         compress_(nn.Sequential(nn.Linear(8, 4)), {"pattern": "."})
+
+
+def test_quantize_warns_once_per_selected_layer_of_an_unsupported_type(caplog):
+    class Bilinearish(nn.Module):  # a weight matrix no quant-noise wrapper supports
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4))
+    model.add_module("odd", Bilinearish())
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        names = quantize_(model, QuantNoiseConfig(scheme="drop", p=0.1, block_size=4))
+    assert names == ["0"]
+    assert caplog.text.count("layer odd (Bilinearish)") == 1 and "no quant-noise wrapper supports" in caplog.text
+    assert "LayerNorm" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        quantize_(nn.Sequential(nn.Linear(8, 4), Bilinearish()), QuantNoiseConfig(include="^0$", block_size=4))
+    assert caplog.text == ""  # not selected: no warning

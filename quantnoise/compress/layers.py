@@ -182,6 +182,7 @@ class CompressedMixin:
 
     base_class: Type[nn.Module]
     scheme: str
+    weight_transposed = False  # True: the layer holds its weight as (in, out) (GPT-2's Conv1D); codes are of W.T (out, in)
 
     def _init_from(self, like: nn.Module) -> None:
         nn.Module.__init__(self)
@@ -191,7 +192,7 @@ class CompressedMixin:
             for name, value in vars(like).items():  # (max_positions, onnx_trace, ...), not the wrapper's qn_*
                 if not name.startswith(("_", "qn_")) and name not in ("training", "weight_shape"):
                     self.__dict__.setdefault(name, value)
-        self.weight_shape = tuple(like.weight.shape)
+        self.weight_shape = tuple(like.weight.shape)[::-1 if self.weight_transposed else 1]  # of the coded (out, ...) matrix
         self.register_buffer("weight_size", torch.tensor(self.weight_shape))  # lets tools rebuild W from a state dict
         self.train(like.training)
 
@@ -224,7 +225,8 @@ class PQMixin(CompressedMixin):
     def weight(self) -> Tensor:
         if self.counts is None or self.counts.device != self.codes.device:
             self.counts = torch.bincount(self.codes.long(), minlength=self.centroids.shape[0])
-        return pq_weight(self.centroids, self.codes, self.weight_shape, self.counts)
+        w = pq_weight(self.centroids, self.codes, self.weight_shape, self.counts)
+        return w.t() if self.weight_transposed else w
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pq(block={self.block_size}, centroids={self.centroids.shape[0]})"
@@ -250,7 +252,8 @@ class ScalarMixin(CompressedMixin):
 
     @property
     def weight(self) -> Tensor:
-        return scalar_decode(self.qweight, self.qscale, self.weight_shape, self.compute_dtype)
+        w = scalar_decode(self.qweight, self.qscale, self.weight_shape, self.compute_dtype)
+        return w.t() if self.weight_transposed else w
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int{int(self.qbits)}"
@@ -329,6 +332,7 @@ def compress_module(module: nn.Module, rule: LayerRule, name: str, seed: int = 0
         raise ValueError(f"layer '{name}' ({type(module).__name__}) cannot be compressed: only Linear, Embedding, "
                          f"Conv1d and Conv2d can; exclude it")
     w = module.weight.detach()
+    w = w.t() if cls.weight_transposed else w  # GPT-2's Conv1D (in, out): blocks along input features, as for a Linear
     if rule.scheme == "pq":
         codes, centroids = pq_quantize(w, rule.block_size, rule.n_centroids, rule.kmeans_iters,
                                        seed=seed, name=f"layer '{name}'")

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 class RuntimeMixin:
     """No ``weight`` Parameter; ``weight`` decodes (for code that reads it: a full fp32 copy)."""
 
+    weight_transposed = False  # True: a layer holding its weight as (in, out) (GPT-2's Conv1D), computed as a Linear of W.T
+
     @property
     def weight(self) -> Tensor:
         return self.decode_rows(torch.arange(self.weight_shape[0], device=self.qscale_or_centroids.device))

@@ -1,7 +1,8 @@
 """Fill a model with runtime layers from a ``.qnz``'s tensors: the model is built on the ``meta`` device
 (no memory, no random init), its compressed Linear / Embedding layers become quantnoise.runtime.layers' layers
 holding the file's codes / int weights (no fp32 copy of a compressed weight is made), its other tensors are
-set as they are.  ``load_qnz`` does it for a fairseq model (quantnoise/qn_fairseq/runtime.py).
+set as they are.  ``quantnoise.load_qnz(path, model)`` does it for any model, ``load_fairseq`` for a fairseq
+model (quantnoise/qn_fairseq/runtime.py); both go through ``fill_model_``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import extensions
 from ..export import DTYPES, decode
 from ..nn import QuantNoiseMixin
 from .layers import CodesEmbedding, CodesLinear, IntEmbedding, IntLinear, RuntimeMixin, _PQ
@@ -38,8 +40,12 @@ def _centroids(tensors: Dict[str, Tensor], name: str, e: dict) -> Tensor:
 def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor]) -> nn.Module:
     """The compressed runtime layer replacing ``like`` (a plain Linear / Embedding, on any device), built
     from the .qnz tensors of layer ``name`` (map entry ``e``); its bias is ``like``'s until filled."""
-    shape = tuple(e["shape"])
-    if tuple(like.weight.shape) != shape:
+    shape, extra = tuple(e["shape"]), extensions.runtime_classes(like)
+    if bool(e.get("transposed")) != bool(extra and extra[0].weight_transposed):
+        raise ValueError(f"layer {name}: the .qnz stores {'a transposed' if e.get('transposed') else 'an (out, in)'} "
+                         f"weight but the model's layer there is a {type(like).__name__}; the file does not belong "
+                         f"to this architecture")
+    if tuple(like.weight.shape)[::-1 if e.get("transposed") else 1] != shape:
         raise ValueError(f"layer {name}: the .qnz stores shape {list(shape)} but the model has "
                          f"{list(like.weight.shape)}; the file does not belong to this architecture")
     pq = e["scheme"] == "pq"
@@ -48,11 +54,12 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
         scale = scale.repeat_interleave(e.get("rows_per_scale", 1), 0)  # group-wise -> one per row, exactly
     if not _keeps_base_forward(like):  # e.g. fairseq's LearnedPositionalEmbedding: looks up positions, not ids
         return None
-    if isinstance(like, nn.Linear):
+    if isinstance(like, nn.Linear) or extra:  # extra: e.g. GPT-2's Conv1D, a Linear of W.T
+        codes_cls, int_cls = extra or (CodesLinear, IntLinear)
         bias = like.bias
         if pq:
-            return CodesLinear(shape[1], shape[0], tensors[f"{name}.codes"], _centroids(tensors, name, e), bias)
-        return IntLinear(shape[1], shape[0], q, scale, e["bits"], e["pack_width"], bias)
+            return codes_cls(shape[1], shape[0], tensors[f"{name}.codes"], _centroids(tensors, name, e), bias)
+        return int_cls(shape[1], shape[0], q, scale, e["bits"], e["pack_width"], bias)
     if isinstance(like, nn.Embedding) and like.max_norm is None:
         if pq:
             return CodesEmbedding(shape[0], shape[1], tensors[f"{name}.codes"], _centroids(tensors, name, e),
@@ -64,7 +71,7 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
 def _keeps_base_forward(like: nn.Module) -> bool:
     """A runtime layer computes what nn.Linear / nn.Embedding's own forward computes: only a layer whose
     forward is that one (or a quant-noise wrapper of such a layer, the same thing in eval) may be replaced."""
-    if isinstance(like, QuantNoiseMixin):
+    if isinstance(like, QuantNoiseMixin) or extensions.runtime_classes(like) is not None:
         return True
     return any(isinstance(like, base) and type(like).forward is base.forward for base in (nn.Linear, nn.Embedding))
 
@@ -85,6 +92,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
     other kinds (Conv) are decoded, alone.  Raises ValueError naming any parameter or buffer left unfilled.
     The tensors it takes are removed from ``tensors`` as it goes (peak memory: pass a copy to keep them).
     ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward)."""
+    extensions.ensure_for(model)
     built, freed = {}, 0
     for name, e in meta["layers"].items():
         like = model.get_submodule(name)
@@ -177,7 +185,7 @@ def runtime_summary(model: nn.Module) -> Dict[str, int]:
     return out
 
 
-def load_qnz(path, data: Optional[str] = None, decoded: bool = False):
+def load_fairseq(path, data: Optional[str] = None, decoded: bool = False):
     """The fairseq model of a ``.qnz``, running compressed: built on the ``meta`` device and filled with
     runtime layers, so no fp32 copy of a compressed weight is made (``decoded=True``: the plain fp32
     model instead, as ``quantnoise decompress`` + fairseq would load it).  ``data``: the folder holding

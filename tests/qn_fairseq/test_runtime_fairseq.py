@@ -1,4 +1,4 @@
-"""A .qnz of a real fairseq LM runs compressed (quantnoise.runtime.load_qnz, fairseq-eval-lm --path m.qnz)
+"""A .qnz of a real fairseq LM runs compressed (quantnoise.runtime.load_fairseq, fairseq-eval-lm --path m.qnz)
 and computes what the decoded model computes."""
 import re
 
@@ -51,8 +51,8 @@ def test_runtime_model_equals_decoded_model_and_stays_small(qnz, lm_data, scheme
     with monkeypatch.context() as mp:
         mp.setattr(export, "decode", no_decode)
         mp.setattr(runtime_load, "decode", no_decode)
-        model, _, task = runtime.load_qnz(qnz[scheme], data=lm_data)
-    plain, _, _ = runtime.load_qnz(qnz[scheme], data=lm_data, decoded=True)
+        model, _, task = runtime.load_fairseq(qnz[scheme], data=lm_data)
+    plain, _, _ = runtime.load_fairseq(qnz[scheme], data=lm_data, decoded=True)
     summary = runtime.runtime_summary(model)
     assert sum(summary.values()) == 14, summary  # 2 layers x 6 Linear, the embedding, the output projection
     assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -101,8 +101,8 @@ def test_sinusoidal_positions_are_computed_only_as_far_as_the_inputs_reach(qnz, 
 
     lazy = runtime.fairseq_plugin().LazySinusoidalPositionalEmbedding
     monkeypatch.setattr(lazy, "INITIAL_POSITIONS", 4)
-    model, _, task = runtime.load_qnz(qnz["pq"], data=lm_data)
-    plain, _, _ = runtime.load_qnz(qnz["pq"], data=lm_data, decoded=True)
+    model, _, task = runtime.load_fairseq(qnz["pq"], data=lm_data)
+    plain, _, _ = runtime.load_fairseq(qnz["pq"], data=lm_data, decoded=True)
     pos, stock = model.decoder.embed_positions, plain.decoder.embed_positions
     first = pos.padding_idx + 1 + 4
     assert type(pos) is lazy and pos.weights.shape[0] == first < stock.weights.shape[0] == pos.built_size

