@@ -1,15 +1,16 @@
 """The ``.qnz`` container: a compressed model in one safetensors file, described by a JSON map.
 
-Layout (format version 1).  A safetensors file whose ``__metadata__`` holds
-  - ``qnz``: the JSON map  {"format": "quantnoise.qnz", "format_version": 1, "fairseq": {"cfg": ...,
+Layout (format version 2; version 1 files, which stored int3 in 4 bits and int5-7 in 8, still load:
+``pack_width`` in each layer's entry says how its values are stored).  A safetensors file whose ``__metadata__`` holds
+  - ``qnz``: the JSON map  {"format": "quantnoise.qnz", "format_version": 2, "fairseq": {"cfg": ...,
     "num_updates": N}, "layers": {name: {"scheme": "pq"|"scalar", "shape": [...], ...}},
     "dense": {key: {"dtype": original dtype}}, "aliases": {key: target layer or dense key}, "crc32": {tensor: crc}};
   - ``qnz_crc32``: the CRC-32 of that JSON text (a damaged map is caught before it is trusted).
 and the tensors
   - pq layer L:      ``L.codes`` uint8 (k <= 256) | int16, ``L.centroids`` fp16 | int8
                      (+ ``L.centroids_scale`` fp32 (1,), symmetric per-layer scale, for int8);
-  - scalar layer L:  ``L.qweight`` uint8, the values q + qmax packed 8 / width per byte (width 2, 4
-                     or 8 bits, little end first), ``L.qscale`` fp32 (out / rows_per_scale, 1): one
+  - scalar layer L:  ``L.qweight`` uint8, the values q + qmax of the flat weight as one bit stream of
+                     ``pack_width`` = bits bits each (int3: 3 bits; see ``pack``), ``L.qscale`` fp32 (out / rows_per_scale, 1): one
                      scale per group of ``rows_per_scale`` consecutive rows (map key, default 1);
   - everything else: fp16 or fp32 (floats; other dtypes as they are).
 A layer entry with ``"transposed": true`` (Hugging Face's GPT-2 ``Conv1D``, whose weight is (in, out)) stores
@@ -35,7 +36,7 @@ from torch import Tensor
 from .checkpoint import atomic_write
 from .config import is_int
 
-FORMAT, VERSION = "quantnoise.qnz", 1
+FORMAT, VERSION = "quantnoise.qnz", 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
           "bool": torch.bool}
@@ -58,22 +59,68 @@ class ExportOptions:
 
 
 # ------------------------------------------------------------------------------ bit packing
+# Format version 2 stores int-N values N bits wide (``pack_width(bits) == bits``); version 1 stored int3 in
+# 4 bits and int5-7 in 8 (``legacy_pack_width``).  Both are the same layout, a bit stream: value i of the
+# flat tensor (row-major, so rows need not start on a byte) occupies bits [i*w, (i+1)*w) of the stream,
+# bit j of the stream being bit j % 8 of byte j // 8 (little end first); the last byte is zero-padded.
+# For w = 2, 4, 8 that is exactly version 1's "8 / w values per byte, the earliest in the low bits".
+READS = (1, 2)  # format versions this quantnoise reads
+PACK_CHUNK = 1 << 20  # values packed / unpacked per step (int64 temporaries of 8 bytes per value)
+
+
 def pack_width(bits: int) -> int:
+    """Stored bits per int-N value in a .qnz of the current format version: N."""
+    return int(bits)
+
+
+def legacy_pack_width(bits: int) -> int:
+    """Stored bits per int-N value in a version 1 .qnz: 2, 4 or 8 (int3 in 4 bits, int5-7 in 8)."""
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
+def file_pack_width(bits: int, version: int) -> int:
+    """The pack width a .qnz of format ``version`` must record for int``bits`` layers."""
+    return legacy_pack_width(bits) if version == 1 else pack_width(bits)
+
+
 def pack(u: Tensor, width: int) -> Tensor:
-    """uint8 values < 2**width, flat, -> ceil(n * width / 8) bytes, earliest value in the low bits."""
-    per = 8 // width
+    """uint8 values < 2**width (any shape, read flat) -> ceil(n * width / 8) bytes, one bit stream (see above).
+    Each group of 8 values is ``width`` bytes: summed into one int64 (8 * width <= 56 bits for width < 8), then
+    cut into bytes."""
     u = u.reshape(-1).to(torch.uint8)
-    u = torch.cat([u, u.new_zeros((-u.numel()) % per)]).reshape(-1, per)  # (bytes, per)
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
-    return (u << shifts).sum(1, dtype=torch.int32).to(torch.uint8)
+    n = u.numel()
+    if width == 8:
+        return u.clone()
+    out = [_pack_chunk(u[s:s + PACK_CHUNK], width) for s in range(0, n, PACK_CHUNK)]  # PACK_CHUNK % 8 == 0
+    return torch.cat(out)[: math.ceil(n * width / 8)] if out else u.new_zeros(0)
+
+
+def _pack_chunk(u: Tensor, width: int) -> Tensor:
+    if 8 % width == 0:  # 2, 4: 8 / width whole values per byte, shifted in uint8
+        per = 8 // width
+        g = torch.cat([u, u.new_zeros((-u.numel()) % per)]).reshape(-1, per)  # (bytes, per)
+        return (g << torch.arange(0, 8, width, dtype=torch.uint8, device=u.device)).sum(1, dtype=torch.int32).to(torch.uint8)
+    g = torch.cat([u, u.new_zeros((-u.numel()) % 8)]).reshape(-1, 8).long()  # (groups, 8)
+    word = (g << torch.arange(0, 8 * width, width, device=u.device)).sum(1, keepdim=True)  # (groups, 1): 8*width bits
+    return ((word >> torch.arange(0, 8 * width, 8, device=u.device)) & 255).to(torch.uint8).reshape(-1)  # (groups * width,)
 
 
 def unpack(b: Tensor, width: int, n: int) -> Tensor:
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
-    return ((b.reshape(-1, 1) >> shifts) & (2**width - 1)).reshape(-1)[:n]
+    """The first ``n`` values (uint8) of the bit stream ``b`` of ``width``-bit values (the inverse of ``pack``)."""
+    b = b.reshape(-1)
+    if width == 8:
+        return b[:n]
+    step = PACK_CHUNK * width // 8  # bytes of PACK_CHUNK values (a multiple of 8 values: whole groups)
+    out = [_unpack_chunk(b[s:s + step], width) for s in range(0, b.numel(), step)]
+    return torch.cat(out)[:n] if out else b.new_zeros(0)
+
+
+def _unpack_chunk(b: Tensor, width: int) -> Tensor:
+    if 8 % width == 0:  # 2, 4
+        return ((b.reshape(-1, 1) >> torch.arange(0, 8, width, dtype=torch.uint8, device=b.device)) & (2**width - 1)).reshape(-1)
+    g = torch.cat([b, b.new_zeros((-b.numel()) % width)]).reshape(-1, width).long()  # (groups, width bytes)
+    word = (g << torch.arange(0, 8 * width, 8, device=b.device)).sum(1, keepdim=True)  # (groups, 1)
+    return ((word >> torch.arange(0, 8 * width, width, device=b.device)) & (2**width - 1)).to(torch.uint8).reshape(-1)
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -277,9 +324,9 @@ def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
         raise bad(f"its map is a {type(meta).__name__}, not a JSON object")
     if meta.get("format") != FORMAT:
         raise bad(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if not is_int(meta.get("format_version")) or meta["format_version"] != VERSION:
+    if not is_int(meta.get("format_version")) or meta["format_version"] not in READS:
         raise ValueError(f"{path} has .qnz format version {meta.get('format_version')!r}; this quantnoise reads "
-                         f"version {VERSION}: use the quantnoise release that wrote it, or re-export")
+                         f"version {' and '.join(map(str, READS))}: use the quantnoise release that wrote it, or re-export")
     crc = meta.get("crc32")
     if not isinstance(crc, dict) or not all(is_int(v) for v in crc.values()):
         raise bad(f"its map's 'crc32' is a {type(crc).__name__}, not an object of integers")
@@ -327,8 +374,9 @@ def _positive_finite(t: Tensor, key: str) -> None:
           f"tensor {key!r} holds zero, negative or non-finite scales")
 
 
-def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
-    """Check one compressed layer's map entry against its tensors; return the tensor keys it owns."""
+def _check_layer(name: str, e, tensors: Dict[str, Tensor], version: int = VERSION) -> List[str]:
+    """Check one compressed layer's map entry against its tensors (a file of format ``version``); return the
+    tensor keys it owns."""
     where = f"layer {name!r}"
     _need(isinstance(e, dict), f"{where} is described by a {type(e).__name__}, not an object")
     scheme = e.get("scheme")
@@ -367,8 +415,9 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
         return owned
     bits, width = e["bits"], e["pack_width"]
     _need(is_int(bits) and 2 <= bits <= 8, f"{where} has bits {bits!r}; expected an integer from 2 to 8")
-    _need(is_int(width) and width == pack_width(bits),
-          f"{where} has pack_width {width!r}; int{bits} values are packed {pack_width(bits)} bits wide")
+    want = file_pack_width(bits, version)
+    _need(is_int(width) and width == want,
+          f"{where} has pack_width {width!r}; int{bits} values are packed {want} bits wide (format version {version})")
     q = _tensor(tensors, f"{name}.qweight", "uint8", [math.ceil(n * width / 8)])
     rps = e.get("rows_per_scale", 1)
     _need(is_int(rps) and rps >= 1 and shape[0] % rps == 0,
@@ -381,14 +430,15 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor]) -> List[str]:
     return [f"{name}.qweight", f"{name}.qscale"]
 
 
-def _packed_max(q: Tensor, width: int, n: int, chunk: int = 1 << 18) -> int:
-    """The largest of the first ``n`` values packed in ``q``, unpacking ``chunk`` bytes at a time (temporaries of
-    a few hundred KB: a loaded model's peak memory; 8-bit values are the bytes themselves, no temporary)."""
+def _packed_max(q: Tensor, width: int, n: int, chunk: int = 1 << 15) -> int:
+    """The largest of the first ``n`` values packed in ``q``, unpacking ``8 * chunk`` values (``width * chunk``
+    bytes: whole groups of 8 values) at a time (temporaries of a few MB: a loaded model's peak memory; 8-bit
+    values are the bytes themselves, no temporary)."""
     if width == 8:
         return int(q[:n].max()) if n else 0
-    per, top = 8 // width, 0
-    for i in range(0, math.ceil(n / per), chunk):
-        top = max(top, int(unpack(q[i:i + chunk], width, min(n - i * per, chunk * per)).max()))
+    top, step = 0, 8 * chunk
+    for v in range(0, n, step):
+        top = max(top, int(unpack(q[v * width // 8:(v + step) * width // 8], width, min(step, n - v)).max()))
     return top
 
 
@@ -409,8 +459,9 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
         _need(is_int(fs.get("num_updates", 0)), f"its map's fairseq num_updates is {fs.get('num_updates')!r}, "
                                                 f"not an integer")
     owned: Dict[str, str] = {}
+    version = meta.get("format_version", VERSION)
     for name, e in layers.items():
-        for key in _check_layer(name, e, tensors):
+        for key in _check_layer(name, e, tensors, version):
             owned[key] = name
     weights = {f"{name}.weight" for name in layers}
     for key, e in dense.items():
@@ -484,7 +535,8 @@ def layer_sizes(tensors: Dict[str, Tensor], meta: dict) -> List[dict]:
         else:
             rps = e.get("rows_per_scale", 1)
             bound = n * e["bits"] + e["shape"][0] // rps * 32
-            scheme = f"int{e['bits']}" + (f" rows/scale={rps}" if rps != 1 else "")
+            scheme = f"int{e['bits']}" + (f" in {e['pack_width']} bits" if e["pack_width"] != e["bits"] else "") + \
+                (f" rows/scale={rps}" if rps != 1 else "")
         rows.append({"name": name, "scheme": scheme, "shape": e["shape"], "numel": n, "bytes": nbytes,
                      "bound_bits": bound, "fp32_bytes": 4 * n})
     for key, e in meta["dense"].items():

@@ -10,7 +10,8 @@ DEV accuracy and .qnz bytes of uniform int4 and of the plans.
 ``--state``: a fine-tuned BertForSequenceClassification state dict (recipes/bert writes
 OUTDIR/ckpt/fp32.pt); with neither, the pretrained encoder gets a new head seeded by ``--seed``.
 Plans cover the layers recipes/bert quantizes (``presets.Q8BERT_LAYERS``) and count bits as a .qnz
-stores them (int3 is packed 4 bits wide, so the allowed widths are 2, 4, 8).  Prints the per-layer
+stores them (``pack_width``: b bits since .qnz format version 2; the widths stay 2, 4, 8 as in the recipe's
+``qbert_mixed`` row, whose results were measured when int3 took 4 bits).  Prints the per-layer
 table (most sensitive first) and writes OUT.json: {"scores": {layer: {numel, eigs, mean, std,
 score}}, "plans": {avg_bits: {layer: bits}}, "eval": {...}, "seconds", "threads", "command"}.
 """

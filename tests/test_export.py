@@ -1,3 +1,5 @@
+import json
+import math
 import os
 import pickle
 import struct
@@ -43,13 +45,73 @@ def test_round_trip_is_bit_exact(tmp_path, centroids):
     assert torch.equal(out["2.weight"], m[2].weight.detach().half().float()) and out["2.weight"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", range(2, 9))
 def test_int_packing_is_lossless_and_dense(tmp_path, bits):
     m, state = compressed_state(scalar_bits=bits)
+    odd = ipq.compress_module(nn.Linear(13, 7), ipq.LayerRule(scheme="scalar", bits=bits), "odd")  # 13 * bits: rows
+    state.update({f"odd.{k}": v for k, v in odd.state_dict().items()})  # start mid-byte for every odd width
     export.save_qnz(tmp_path / "m.qnz", state, {}, export.ExportOptions(rest_dtype="float32"))
     tensors, meta = export.read_qnz(tmp_path / "m.qnz")
-    assert tensors["1.qweight"].numel() == 24 * 16 * export.pack_width(bits) // 8
+    assert meta["format_version"] == 2 and meta["layers"]["1"]["pack_width"] == bits == export.pack_width(bits)
+    assert tensors["1.qweight"].numel() == 24 * 16 * bits // 8  # int3: 3 bits a weight, no padding per row
+    assert tensors["odd.qweight"].numel() == -(-7 * 13 * bits // 8)  # one stream: only the last byte is padded
+    out = export.decode(tensors, meta)
+    assert torch.equal(out["1.weight"], m[1].weight) and torch.equal(out["odd.weight"], odd.weight)
+    rows = {r["name"]: r for r in export.layer_sizes(tensors, meta)}
+    assert rows["1"]["bytes"] == 24 * 16 * bits // 8 + 24 * 4 and rows["1"]["scheme"] == f"int{bits}"
+
+
+def reference_pack(values, width):
+    """The bit stream, bit by bit: bit j of value i is bit i * width + j, bit k of the stream is bit k % 8 of byte k // 8."""
+    bits = [(v >> j) & 1 for v in values for j in range(width)]
+    bits += [0] * (-len(bits) % 8)
+    return [sum(bits[8 * i + k] << k for k in range(8)) for i in range(len(bits) // 8)]
+
+
+@pytest.mark.parametrize("width", range(2, 9))
+def test_pack_is_the_reference_bit_stream_and_unpack_inverts_it(width, monkeypatch):
+    g = torch.Generator().manual_seed(width)
+    for chunk in (export.PACK_CHUNK, 16):  # 16: many chunks, each a whole number of 8-value groups
+        monkeypatch.setattr(export, "PACK_CHUNK", chunk)
+        for n in (0, 1, 3, 8, 13, 100, 1001):
+            u = torch.randint(0, 2**width, (n,), generator=g).to(torch.uint8)
+            b = export.pack(u, width)
+            assert b.dtype == torch.uint8 and b.tolist() == reference_pack(u.tolist(), width)
+            assert torch.equal(export.unpack(b, width, n), u)
+
+
+def as_version_1(tensors, meta):
+    """The same model as a format version 1 file: int3 repacked 4 bits wide, int5-7 8 bits wide (what the
+    previous quantnoise wrote)."""
+    tensors, meta = dict(tensors), json.loads(json.dumps(meta))
+    meta["format_version"] = 1
+    for name, e in meta["layers"].items():
+        if e["scheme"] == "scalar":
+            old = export.legacy_pack_width(e["bits"])
+            n = math.prod(e["shape"])
+            tensors[f"{name}.qweight"] = export.pack(export.unpack(tensors[f"{name}.qweight"], e["pack_width"], n), old)
+            e["pack_width"] = old
+    return tensors, meta
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 7])
+def test_version_1_file_still_loads_and_widths_are_checked_per_version(tmp_path, bits):
+    m, state = compressed_state(scalar_bits=bits)
+    v1 = write_signed(tmp_path / "v1.qnz", *as_version_1(*export.encode(state, {}, export.ExportOptions())))
+    tensors, meta = export.read_qnz(v1)
+    assert meta["format_version"] == 1 and meta["layers"]["1"]["pack_width"] == export.legacy_pack_width(bits)
+    assert tensors["1.qweight"].numel() == 24 * 16 * export.legacy_pack_width(bits) // 8
     assert torch.equal(export.decode(tensors, meta)["1.weight"], m[1].weight)
+    if export.legacy_pack_width(bits) != bits:  # each version accepts its own width only
+        t, e = export.encode(state, {}, export.ExportOptions())
+        e["format_version"] = 1
+        with pytest.raises(ValueError, match=f"pack_width {bits}; int{bits} values are packed "
+                                             f"{export.legacy_pack_width(bits)} bits wide \\(format version 1\\)"):
+            export.read_qnz(write_signed(tmp_path / "mixed.qnz", t, e))
+        t, e = as_version_1(*export.encode(state, {}, export.ExportOptions()))
+        e["format_version"] = 2
+        with pytest.raises(ValueError, match=f"int{bits} values are packed {bits} bits wide \\(format version 2\\)"):
+            export.read_qnz(write_signed(tmp_path / "mixed.qnz", t, e))
 
 
 def test_tied_copy_is_stored_once_as_an_alias(tmp_path):
@@ -118,10 +180,10 @@ def test_corrupted_tensor_bytes_and_header_are_rejected(tmp_path):
 
 
 def test_wrong_version_and_foreign_files_are_rejected(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "VERSION", 2)
+    monkeypatch.setattr(export, "VERSION", 3)
     path = write_good(tmp_path)
-    monkeypatch.setattr(export, "VERSION", 1)
-    with pytest.raises(ValueError, match="has .qnz format version 2; this quantnoise reads version 1"):
+    monkeypatch.setattr(export, "VERSION", 2)
+    with pytest.raises(ValueError, match="has .qnz format version 3; this quantnoise reads version 1 and 2"):
         export.read_qnz(path)
     from safetensors.torch import save_file
 
@@ -430,7 +492,7 @@ def test_read_safetensors_equals_safetensors_and_checks_the_layout(tmp_path):
             export.read_safetensors(str(tmp_path / "b.st"))
 
 
-@pytest.mark.parametrize("width", [2, 4, 8])
+@pytest.mark.parametrize("width", range(2, 9))
 def test_packed_max_reads_only_the_first_n_values_in_chunks(width):
     """The int range check (``_packed_max``) equals the max of the unpacked values, chunked or not, and ignores
     the padding bits of the last byte."""
@@ -438,8 +500,8 @@ def test_packed_max_reads_only_the_first_n_values_in_chunks(width):
     n = 1001
     u = torch.randint(0, 2**width - 1, (n,), generator=g).to(torch.uint8)  # never the top value...
     q = export.pack(u, width)
-    if width < 8:
-        q[-1] |= (2**width - 1) << (width * (n % (8 // width)))  # ...except in the padding bits of the last byte
+    if n * width % 8:
+        q[-1] |= (0xFF << (n * width % 8)) & 0xFF  # ...except in the padding bits of the last byte
     for chunk in (7, 1 << 18):
         assert export._packed_max(q, width, n, chunk=chunk) == int(u.max()) < 2**width - 1
     u[n // 2] = 2**width - 1  # the top value inside: found

@@ -113,8 +113,8 @@ def allocate_bits(scores: Mapping[str, float], sizes: Mapping[str, int], *, bits
     """Bits per layer minimising sum_i scores[i] * sizes[i] * 4^-b_i with the stored size at most the
     budget: ``avg_bits`` (stored bits per weight over these layers) or ``budget_bytes`` (bytes of
     their weights; scales and other tensors are not counted).  ``bit_cost(b)``: stored bits per weight
-    of width b (default b; ``quantnoise.export.pack_width`` gives the .qnz packing, where int3 takes
-    4 bits).  Exact multiple-choice knapsack by dynamic programming (see the module docstring).
+    of width b (default b, what a .qnz stores since format version 2, ``quantnoise.export.pack_width``;
+    ``legacy_pack_width`` gives version 1's, where int3 took 4 bits).  Exact multiple-choice knapsack by dynamic programming (see the module docstring).
 
     ValueError (one line): names of ``scores`` and ``sizes`` differ, a negative / non-finite score, a
     size that is not a positive integer, bits outside 2..8, both or neither budget given, or a budget

@@ -3,7 +3,7 @@
 - pq Linear by look-up table (Jegou et al. 2011's asymmetric distance computation; AQLM's LUT GEMM):
   table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
 - pq Linear by decode + matmul: C[codes] for a chunk of rows at a time (``pq_linear_decode``), then matmul;
-- int-N: values at any element index of quantnoise.export's packed layout, decoded rows.
+- int-N: values at any element index of quantnoise.export's packed layout (any width 2..8), decoded rows.
 Pure PyTorch; device and dtype follow the input.  Two steps also have compiled CPU kernels
 (quantnoise/runtime/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime``), used for fp32 CPU inputs when built:
 the look-up-table product (``torch.ops.quantnoise.pq_lut_linear``: the table, laid out token-fastest and made
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..export import unpack
 from . import ext as runtime_ext
 
 # Crossover of the pq Linear between the look-up table and decode + matmul, in tokens per call, from
@@ -116,10 +117,16 @@ def pq_linear_decode(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional
 
 
 def unpack_at(packed: Tensor, width: int, idx: Tensor) -> Tensor:
-    """The values (uint8) at flat element indices ``idx`` of ``packed`` (quantnoise.export.pack layout:
-    8 / width values per byte, the earliest in the low bits)."""
+    """The values (uint8) at flat element indices ``idx`` of ``packed`` (quantnoise.export.pack layout: one bit
+    stream, value i in bits [i*width, (i+1)*width), little end first).  A value of width 3, 5, 6, 7 may straddle
+    two bytes: read 16 bits (the byte after the last is never needed: its bits would be masked off)."""
     bit = idx * width
-    return (packed[bit // 8] >> (bit % 8).to(torch.uint8)) & (2**width - 1)
+    byte, shift = bit // 8, (bit % 8).to(torch.int32)
+    if 8 % width == 0:  # 2, 4, 8: a value never leaves its byte
+        return (packed[byte] >> shift.to(torch.uint8)) & (2**width - 1)
+    nxt = (byte + 1).clamp_(max=packed.numel() - 1)
+    word = packed[byte].to(torch.int32) | (packed[nxt].to(torch.int32) << 8)
+    return ((word >> shift) & (2**width - 1)).to(torch.uint8)
 
 
 def int_rows(packed: Tensor, scale: Tensor, width: int, bits: int, rows: Tensor, cols: int, dtype) -> Tensor:
@@ -127,6 +134,18 @@ def int_rows(packed: Tensor, scale: Tensor, width: int, bits: int, rows: Tensor,
     idx = rows.long().unsqueeze(1) * cols + torch.arange(cols, device=packed.device)  # (n, cols)
     q = unpack_at(packed, width, idx).to(torch.int16) - (2 ** (bits - 1) - 1)
     return q.to(dtype) * scale[rows.long()].to(dtype)
+
+
+def int_row_range(packed: Tensor, scale: Tensor, width: int, bits: int, start: int, stop: int, cols: int,
+                  dtype) -> Tensor:
+    """Decoded rows start..stop-1 (stop - start, cols) of a packed int-N weight: a contiguous run of the bit
+    stream, unpacked from the 8-value group it starts in (``export.unpack``: whole groups, no per-value
+    gather), then (u - qmax) * scale[row]."""
+    v0, v1 = start * cols, stop * cols
+    a = v0 - v0 % 8  # 8 values = ``width`` whole bytes: the stream restarts on a byte there
+    u = unpack(packed[a * width // 8: -(-v1 * width // 8)], width, v1 - a)[v0 - a:]
+    q = u.to(torch.int16) - (2 ** (bits - 1) - 1)
+    return q.to(dtype).reshape(stop - start, cols) * scale[start:stop].to(dtype)
 
 
 @functools.lru_cache(None)

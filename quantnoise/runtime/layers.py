@@ -4,7 +4,9 @@ quantnoise.compress's layers decode their whole weight on every forward (they ex
 centroids); these are for inference only.  They subclass the layer they replace and hold
   - ``CodesLinear`` / ``CodesEmbedding``: pq ``codes`` (out, in / bs) uint8|int16 + ``centroids`` (k, bs);
   - ``IntLinear`` / ``IntEmbedding``: int-N weights, ``qweight`` int8 (out, in) for 8 bits or the file's
-    bytes packed 8 / width per byte (int4: two per byte, int2: four) + ``qscale`` (out, 1) fp32.
+    bytes packed 8 / width per byte (int4: two per byte, int2: four) + ``qscale`` (out, 1) fp32.  The loader
+    (``load.runtime_width``) holds int3 4 bits wide and int5-7 as int8, so they run int4's / int8's kernels; a
+    layer built with width 3, 5, 6 or 7 (the file's bit stream as it is) runs decode + matmul.
 Nothing decodes a whole weight in a forward (``.weight`` does, for code that reads it):
   - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
@@ -129,6 +131,18 @@ class _Int(RuntimeMixin):
             return q[rows].to(dtype) * self.qscale[rows].to(dtype)
         return K.int_rows(self.qweight, self.qscale, self.width, self.bits, rows, self.weight_shape[1], dtype)
 
+    def decode_range(self, start: int, stop: int, dtype=None) -> Tensor:
+        """Decoded rows start..stop-1 (a contiguous run: no per-value gather)."""
+        dtype = dtype or self.qscale.dtype
+        if self.width == 8:
+            q = self.int8_weight()
+            return q[start:stop].to(dtype) * self.qscale[start:stop].to(dtype)
+        return K.int_row_range(self.qweight, self.qscale, self.width, self.bits, start, stop, self.weight_shape[1], dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.decode_range(0, self.weight_shape[0])
+
 
 class IntLinear(_Int, nn.Linear):
     """int-N Linear.  8 bits on CPU: fbgemm's int8 GEMM (``kernel="fbgemm"``, the weight packed once) or
@@ -143,7 +157,8 @@ class IntLinear(_Int, nn.Linear):
         self._init_int(qweight, qscale, bits, width, (out_features, in_features))
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         self.kernel = "auto"
-        aligned = width < 8 and in_features * width % 8 == 0  # each row starts on a byte: its bytes are pq codes
+        # each row starts on a byte and no value straddles two (width 2 / 4): a row's bytes are pq codes
+        aligned = width < 8 and 8 % width == 0 and in_features * width % 8 == 0
         self.register_buffer("book", K.byte_codebook(width, bits).clone() if aligned else None, persistent=False)
 
     def pack_(self) -> "IntLinear":
@@ -199,8 +214,7 @@ class IntLinear(_Int, nn.Linear):
             y = (torch._int_mm(xq, self.int8_weight().t()).float() * xs * self.qscale.t()).to(x.dtype)
         else:
             rows = max(1, K.DECODE_ROWS_ELEMS // self.in_features)
-            idx = torch.arange(self.out_features, device=x.device)
-            y = torch.cat([x2 @ self.decode_rows(idx[s:s + rows], x.dtype).t()
+            y = torch.cat([x2 @ self.decode_range(s, min(s + rows, self.out_features), x.dtype).t()
                            for s in range(0, self.out_features, rows)], -1)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

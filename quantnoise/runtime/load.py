@@ -9,23 +9,36 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import extensions
-from ..export import DTYPES, decode
+from ..export import DTYPES, decode, legacy_pack_width, pack, unpack
 from ..nn import QuantNoiseMixin
 from .layers import CodesEmbedding, CodesLinear, IntEmbedding, IntLinear, RuntimeMixin, _PQ
 
 logger = logging.getLogger(__name__)
 
 
+def runtime_width(bits: int) -> int:
+    """Bits per value the runtime holds an int-N weight in: 2, 4 or 8, the widths its kernels run (int2 / int4:
+    the packed bytes are pq codes over a 256-entry codebook; int8: fbgemm).  So int3 runs int4's kernels, held
+    4 bits wide in memory (the file stores 3), and int5-7 run int8's, held as int8."""
+    return legacy_pack_width(bits)
+
+
 def stored_int(packed: Tensor, bits: int, width: int, shape) -> Tensor:
-    """The runtime form of a stored int-N weight: int8 (out, in) for 8-bit packing (the same bytes,
-    q = u - qmax), the packed bytes as they are otherwise."""
-    if width != 8:
+    """The runtime form of an int-N weight stored ``width`` bits wide: for ``runtime_width(bits)`` 8, int8
+    (out, in) (q = u - qmax; for width 8 the same bytes), otherwise the values packed ``runtime_width`` bits
+    wide (the file's bytes as they are when the file stores them so; int3 is repacked 3 -> 4 bits)."""
+    rw, n = runtime_width(bits), math.prod(shape)
+    if width != rw:
+        u = unpack(packed, width, n)
+        packed = u if rw == 8 else pack(u, rw)
+    if rw != 8:
         return packed
     return torch.sub(packed, 2 ** (bits - 1) - 1).view(torch.int8).reshape(shape)  # u - qmax mod 256: no int16 copy
 
@@ -59,12 +72,12 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
         bias = like.bias
         if pq:
             return codes_cls(shape[1], shape[0], tensors[f"{name}.codes"], _centroids(tensors, name, e), bias)
-        return int_cls(shape[1], shape[0], q, scale, e["bits"], e["pack_width"], bias)
+        return int_cls(shape[1], shape[0], q, scale, e["bits"], runtime_width(e["bits"]), bias)
     if isinstance(like, nn.Embedding) and like.max_norm is None:
         if pq:
             return CodesEmbedding(shape[0], shape[1], tensors[f"{name}.codes"], _centroids(tensors, name, e),
                                   like.padding_idx)
-        return IntEmbedding(shape[0], shape[1], q, scale, e["bits"], e["pack_width"], like.padding_idx)
+        return IntEmbedding(shape[0], shape[1], q, scale, e["bits"], runtime_width(e["bits"]), like.padding_idx)
     return None  # Conv etc.: decoded by fill_model_
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from quantnoise import quantize_, wrapped_layers
 from quantnoise.compress.bitplan import allocate_bits
-from quantnoise.export import pack_width
+from quantnoise.export import legacy_pack_width, pack_width
 from quantnoise.compress.plan import load_plan, quantize_state_dict
 
 WIDTHS = (2, 3, 4, 8)
@@ -37,9 +37,13 @@ def test_optimal_and_within_budget_against_brute_force():
 def test_bytes_budget_packed_cost_and_rounded_units():
     sizes = {"emb": 3000, "a": 600, "b": 600, "c": 90}
     scores = {"emb": 5.0, "a": 1.0, "b": 0.1, "c": 2.0}
-    plan = allocate_bits(scores, sizes, budget_bytes=2000, bit_cost=pack_width)  # .qnz packing: int3 takes 4 bits
+    plan = allocate_bits(scores, sizes, budget_bytes=2000, bit_cost=legacy_pack_width)  # int3 costing 4 bits
     assert plan.used_bits <= 16000 and 3 not in plan.bits.values()
-    assert plan.objective == pytest.approx(brute_force(scores, sizes, 16000, cost=pack_width))
+    assert plan.objective == pytest.approx(brute_force(scores, sizes, 16000, cost=legacy_pack_width))
+    # at 1700 bytes, .qnz v2's real cost (int3 in 3 bits) lets the embedding take 3 bits, not 2
+    old, real = (allocate_bits(scores, sizes, budget_bytes=1700, bit_cost=c) for c in (legacy_pack_width, pack_width))
+    assert all(pack_width(b) == b for b in range(2, 9)) and real.objective < old.objective / 3
+    assert real.objective == pytest.approx(brute_force(scores, sizes, 13600)) and real.bits["emb"] == 3
     assert plan.bits["emb"] >= plan.bits["b"]  # more sensitive, more bits
     coarse = allocate_bits(scores, sizes, avg_bits=3.3, max_states=50)  # units coarser than the gcd
     assert coarse.method == "rounded" and coarse.used_bits <= 3.3 * sum(sizes.values())

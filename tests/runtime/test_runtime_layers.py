@@ -113,17 +113,20 @@ def test_int8_linear_within_activation_quantization_error(out, inn, kernel, toke
     assert err.max() > 0  # really quantized activations
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits,inn", [(2, 30), (3, 30), (3, 31), (4, 30)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_int_linear_equals_decoded_layer(bits, dtype):
-    layer, plain = runtime_linear(int_state("lin", 33, 30, bits))  # 30 * 4 bits: rows not byte-aligned for int2
-    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == -(-33 * 30 * layer.width // 8)
-    assert (layer.book is None) == (bits == 2)  # 30 two-bit values: 7.5 bytes, rows not byte-aligned
+def test_packed_int_linear_equals_decoded_layer(bits, inn, dtype):
+    """int3 (stored 3 bits wide) runs held 4 bits wide, on int4's kernels when its rows start on a byte."""
+    layer, plain = runtime_linear(int_state("lin", 33, inn, bits))  # 30 * 2 bits: rows not byte-aligned for int2
+    assert layer.width == (2 if bits == 2 else 4)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == -(-33 * inn * layer.width // 8)
+    aligned = inn * layer.width % 8 == 0  # 30 two-bit values: 7.5 bytes; 31 four-bit ones: 15.5
+    assert (layer.book is None) == (not aligned)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     for tokens in (1, 5, 40):
-        x = torch.randn(tokens, 30).to(dtype)
+        x = torch.randn(tokens, inn).to(dtype)
         want = plain.to(dtype)(x)
-        for kernel in ("auto", "decode") if bits == 2 else ("auto", "lut", "bytes", "decode"):
+        for kernel in ("auto", "lut", "bytes", "decode") if aligned else ("auto", "decode"):
             layer.kernel = kernel
             torch.testing.assert_close(layer(x), want, **tol)
 
@@ -140,7 +143,7 @@ def test_int8_linear_packed_state_dict_and_move_keep_the_weight():
     torch.testing.assert_close(layer.weight, plain.weight, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("scheme", ["pq", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["pq", "int8", "int4", "int3", "int6"])
 def test_embedding_decodes_only_looked_up_rows(scheme, monkeypatch):
     vocab, dim = 500, 32
     state = pq_state("emb", vocab, dim, bias=False) if scheme == "pq" else int_state("emb", vocab, dim, int(scheme[3:]), bias=False)
@@ -155,7 +158,7 @@ def test_embedding_decodes_only_looked_up_rows(scheme, monkeypatch):
     real = K.pq_rows if scheme == "pq" else K.int_rows
     if scheme == "pq":
         monkeypatch.setattr(K, "pq_rows", lambda codes, *a: seen.append(codes.shape[0]) or real(codes, *a))
-    elif scheme == "int4":
+    elif scheme in ("int4", "int3"):
         monkeypatch.setattr(K, "int_rows", lambda p, s, w, b, rows, *a: seen.append(rows.numel()) or real(p, s, w, b, rows, *a))
     else:
         seen.append(ids.numel())
@@ -196,9 +199,41 @@ def test_fill_refuses_a_model_of_another_shape():
         R.fill_model_(model, tensors, meta)
 
 
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_int5_to_7_run_as_int8(bits):
+    """int5-7, stored 5-7 bits wide, run held as int8 (fbgemm's kernel on CPU): the same integers."""
+    state = int_state("lin", 40, 23, bits)
+    layer, plain = runtime_linear(state)
+    assert layer.width == 8 and torch.equal(layer.int8_weight(), state["lin.qweight"].reshape(40, 23))
+    torch.testing.assert_close(layer.weight, plain.weight, atol=0, rtol=0)
+    layer.kernel = "decode"
+    x = torch.randn(6, 23)
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_layer_on_the_files_bit_stream_decodes_exactly(bits):
+    """An IntLinear / IntEmbedding holding a file's stream as it is (width = bits, values straddling bytes)
+    decodes the weight exactly and runs decode + matmul; odd shapes, rows starting mid-byte."""
+    state = int_state("lin", 7, 13, bits)
+    tensors, meta, ref = compressed(state)
+    packed, scale = tensors["lin.qweight"], tensors["lin.qscale"]
+    assert packed.numel() == -(-7 * 13 * bits // 8)
+    if bits == 8:
+        packed = R.stored_int(packed, bits, 8, (7, 13))
+    lin = R.IntLinear(13, 7, packed, scale, bits, bits, state["lin.bias"])
+    emb = R.IntEmbedding(7, 13, packed, scale, bits, bits)
+    torch.testing.assert_close(lin.weight, ref["lin.weight"], atol=0, rtol=0)
+    ids = torch.tensor([6, 0, 3, 3])
+    torch.testing.assert_close(emb(ids), ref["lin.weight"][ids], atol=0, rtol=0)
+    lin.kernel = "decode"
+    x = torch.randn(3, 13)
+    torch.testing.assert_close(lin(x), x @ ref["lin.weight"].t() + state["lin.bias"], atol=1e-4, rtol=1e-4)
+
+
 def test_unpack_at_matches_unpack():
     g = torch.Generator().manual_seed(0)
-    for width in (2, 4, 8):
+    for width in range(2, 9):
         u = torch.randint(0, 2**width, (101,), generator=g).to(torch.uint8)
         packed = pack(u, width)
         idx = torch.randint(0, 101, (50,), generator=g)
@@ -261,3 +296,28 @@ def test_decode_in_chunks_equals_whole(monkeypatch):
     calls.clear()
     K.pq_linear_decode(torch.randn(8, 128), codes, cents)  # output 8 x 300 = 2400 elements: 18 rows at a time
     assert calls[0] == 18 and sum(calls) == 300
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_version_1_layout_runs_the_same(bits):
+    """A format version 1 file's int3 (4 bits wide) / int5 (8 bits wide) layer gives the runtime layer a
+    version 2 file gives."""
+    from quantnoise.export import legacy_pack_width
+
+    state = int_state("lin", 24, 16, bits)
+    layers = []
+    for old in (False, True):
+        tensors, meta, ref = compressed(state)
+        if old:
+            w = legacy_pack_width(bits)
+            tensors["lin.qweight"] = pack(unpack(tensors["lin.qweight"], bits, 24 * 16), w)
+            meta["layers"]["lin"]["pack_width"], meta["format_version"] = w, 1
+        model = nn.Module()
+        model.lin = nn.Linear(16, 24, device="meta")
+        R.fill_model_(model, tensors, meta)
+        layers.append(model.lin)
+    new, old = layers
+    assert new.width == old.width == legacy_pack_width(bits)
+    torch.testing.assert_close(old.weight, ref["lin.weight"], atol=0, rtol=0)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(old(x), new(x), atol=0, rtol=0)
