@@ -13,6 +13,10 @@ SCHEMES = ("drop", "scalar", "pq")
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "ema")
 ACT_GRANULARITIES = ("tensor", "token", "channel")
+# The largest pq block: a stored code (one byte) decodes to MAX_BLOCK_SIZE weights, so a .qnz decodes to at most
+# ~4 * MAX_BLOCK_SIZE times its size in fp32 (iPQ uses 4-9; a larger block is a crafted file: a 0.5 MB file with
+# 4096-wide blocks decodes to 16 GiB)
+MAX_BLOCK_SIZE = 64
 
 
 def is_int(v) -> bool:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write
-from .config import is_int
+from .config import MAX_BLOCK_SIZE, is_int
 
 FORMAT, VERSION = "quantnoise.qnz", 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -204,7 +204,7 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
                      and torch.equal(t.float(), w.float())), None)
         view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         tied = tied or (stored.get(view) if t.numel() else None)  # or the same memory as a dense tensor (tied, fp32)
-        if tied is not None:  # e.g. an output projection tied to a (quantized) embedding
+        if tied is not None and key.endswith(".weight"):  # only a weight is read back as an alias (check_map)  # e.g. an output projection tied to a (quantized) embedding
             meta["aliases"][key] = tied
             continue
         stored[view] = key
@@ -396,6 +396,8 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor], version: int = VERSIO
         bs, k = e["block_size"], e["n_centroids"]
         _need(is_int(bs) and bs >= 1 and row % bs == 0,
               f"{where} has block_size {bs!r}, which does not divide the row length {row} of its shape {shape}")
+        _need(bs <= MAX_BLOCK_SIZE, f"{where} has block_size {bs}, beyond the largest quantnoise writes ({MAX_BLOCK_SIZE}): "
+                                    f"each stored code would decode to {bs} weights")
         _need(is_int(k) and 1 <= k <= 2**15, f"{where} has n_centroids {k!r}; expected an integer in [1, 32768]")
         _need(e["codes"] in ("uint8", "int16", "int32"), f"{where} has codes {e['codes']!r}; expected uint8 or int16")
         _need(e["centroids"] in ("float16", "int8"), f"{where} has centroids {e['centroids']!r}; expected float16 or int8")
@@ -446,7 +448,9 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
     """ValueError (why, one line) unless the JSON map describes exactly the stored tensors: every layer's
     shape, block size, codebook size, bits and pack width agree with its tensors' shapes and dtypes;
     codes lie in [0, k) and packed int values in the int-N range; scales are positive and finite; every
-    tensor belongs to exactly one layer or dense entry; aliases point at a compressed layer or a dense tensor."""
+    tensor belongs to exactly one layer or dense entry; aliases are ``*.weight`` keys pointing at a compressed
+    layer or a dense tensor; no dense or alias key lies inside a compressed layer but its ``bias``.  (Whether the
+    keys are those of a given model: ``quantnoise.runtime.load.check_keys``.)"""
     layers, dense, aliases = (_object(meta.get(k), repr(k)) for k in ("layers", "dense", "aliases"))
     fs = meta.get("fairseq")
     if fs is not None:
@@ -466,6 +470,8 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
     weights = {f"{name}.weight" for name in layers}
     for key, e in dense.items():
         _need(key not in owned and key not in weights, f"dense tensor {key!r} is also part of a compressed layer")
+        _need(key.rpartition(".")[0] not in layers or key.endswith(".bias"),
+              f"dense tensor {key!r} lies inside compressed layer {key.rpartition('.')[0]!r}, which holds only a bias")
         _need(isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPES,
               f"dense tensor {key!r} has dtype {e.get('dtype') if isinstance(e, dict) else e!r}; expected one of "
               f"{', '.join(DTYPES)}")
@@ -479,13 +485,17 @@ def check_map(tensors: Dict[str, Tensor], meta: dict) -> None:
         _need(isinstance(target, str) and (target in layers or target in dense),
               f"alias {key!r} points to {target!r}, which is no compressed layer or dense tensor of the file")
         _need(key not in dense and key not in weights, f"alias {key!r} would overwrite a stored weight")
+        _need(isinstance(key, str) and key.endswith(".weight") and key.rpartition(".")[0] not in layers,
+              f"alias {key!r} is not the weight of another layer (a tied copy is a '*.weight')")
     extra = sorted(set(tensors) - set(owned))
     _need(not extra, f"tensors {extra[:3]} belong to no layer of its map")
 
 
 def decode(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, Tensor]:
     """The ordinary model state dict: compressed layers as ``L.weight`` = codebook[codes] (or q * scale),
-    other tensors in their original dtype, aliases as the same tensor as their target."""
+    other tensors in their original dtype, aliases as the same tensor as their target.  A checked map decodes
+    to at most ~4 * MAX_BLOCK_SIZE times the file's size in fp32 (one code byte -> block_size weights); when
+    that does not fit in memory: MemoryError saying how much it needs."""
     state: Dict[str, Tensor] = {}
     try:
         for name, e in meta["layers"].items():
@@ -506,10 +516,23 @@ def decode(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, Tensor]:
             state[key] = tensors[key].to(DTYPES[e["dtype"]])
         for key, target in meta["aliases"].items():
             state[key] = state[target] if target in meta["dense"] else state[f"{target}.weight"]
-    except (KeyError, RuntimeError, TypeError) as err:
+    except RuntimeError as err:
+        if isinstance(err, torch.OutOfMemoryError) or "alloc" in str(err).lower():  # "can't allocate memory"
+            raise MemoryError(f"decoding the .qnz needs {decoded_nbytes(tensors, meta) / 2**30:.2f} GiB, more than "
+                              f"this machine can allocate; load it compressed (quantnoise.runtime) or on a larger "
+                              f"machine") from None
+        raise ValueError(f"the .qnz map does not match its tensors (RuntimeError: {str(err).splitlines()[0]}); the "
+                         f"file is corrupt: re-export it") from None
+    except (KeyError, TypeError) as err:
         raise ValueError(f"the .qnz map does not match its tensors ({type(err).__name__}: {err}); the file is "
                          f"corrupt: re-export it") from None
     return state
+
+
+def decoded_nbytes(tensors: Dict[str, Tensor], meta: dict) -> int:
+    """Bytes of the decoded state dict of a checked map: compressed layers and dense tensors in their dtypes."""
+    layers = sum(math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize for e in meta["layers"].values())
+    return layers + sum(tensors[k].numel() * DTYPES[e["dtype"]].itemsize for k, e in meta["dense"].items())
 
 
 def load_qnz(path) -> Tuple[Dict[str, Tensor], dict]:

@@ -6,9 +6,14 @@ a one-line ValueError.  Re-signed mutations (the JSON map's fields and the tenso
 and dtypes changed, then every CRC recomputed, so only ``check_map`` stands between the file and
 the decoder): every case is refused with a one-line ValueError or loads to a model that agrees with
 its map (each weight has the map's shape and dtype, finite values).  A sample of cases also goes
-through the ``quantnoise inspect`` / ``decompress`` commands, in process: exit 0, or 2 with one line."""
+through the ``quantnoise inspect`` / ``decompress`` commands, in process: exit 0, or 2 with one line.
+Runtime mutations (aliases and dense entries added onto any key, block sizes and codebooks changed
+consistently, layers renamed; re-signed): every file is refused in one line by the reader or by
+``fill_model_`` (checked against the model), or it runs compressed, through the compiled kernels, and
+computes what the decoded model computes."""
 import copy
 import json
+import math
 import random
 import struct
 import zlib
@@ -17,10 +22,15 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from torch import nn
+
 from quantnoise import cli, export
+from quantnoise import runtime as R
+from quantnoise.runtime import ext
+from quantnoise.runtime import kernels as K
 from test_export import compressed_state
 
-N_RAW, N_SIGNED = 400, 300
+N_RAW, N_SIGNED, N_RUNTIME = 400, 300, 250
 
 
 @pytest.fixture(scope="module", params=["float16", "int8"])
@@ -209,3 +219,115 @@ def test_resigned_map_and_tensor_mutations_are_refused_or_consistent(base, tmp_p
             rows = export.layer_sizes(*export.read_qnz(path))
             assert all(r["numel"] >= 0 and r["bytes"] >= 0 for r in rows)
     assert counts["refused"] > N_SIGNED // 4 and counts["ok"] > 10, counts  # both outcomes exercised
+
+
+# -------------------------------------------------------------------------------- runtime
+class Net(nn.Module):
+    """The architecture of the fuzzed file (compressed_state's layers + the tied head), for fill_model_."""
+
+    def __init__(self, device=None):
+        super().__init__()
+        for name, m in [("0", nn.Embedding(300, 16, device=device)), ("1", nn.Linear(16, 24, device=device)),
+                        ("2", nn.Linear(24, 300, device=device)), ("3", nn.Conv2d(4, 8, 3, device=device)),
+                        ("head", nn.Linear(16, 300, bias=False, device=device))]:
+            self.add_module(name, m)
+
+    def forward(self, ids, img):
+        m = self._modules
+        x = m["0"](ids)  # (B, T, 16)
+        return m["2"](torch.relu(m["1"](x))) + m["head"](x), m["3"](img)
+
+
+KEYS = ["head.weight", "2.weight", "1.weight", "0.weight", "3.weight", "2.bias", "1.bias", "0.codes", "0.centroids",
+        "1.qweight", "1.qscale", "1.book", "3.codes", "junk", "junk.weight", "2.junk", "head.bias"]
+SHAPES = [(300, 16), (24, 16), (16,), (24,), (300,), (300, 2), (256, 2), (8, 4, 3, 3), (600, 8), (3,)]
+
+
+def mutate_runtime(tensors: dict, meta: dict, rng: random.Random):
+    tensors, meta = dict(tensors), copy.deepcopy(meta)
+    kind = rng.choice(["alias", "alias", "dense", "dense", "block", "block", "rename", "codes"])
+    if kind == "alias":
+        meta["aliases"][rng.choice(KEYS)] = rng.choice(["0", "1", "3", "2.weight", "2.bias", "1.bias", "nope"])
+    elif kind == "dense":
+        key, shape = rng.choice(KEYS), rng.choice(SHAPES)
+        dtype = rng.choice([torch.float32, torch.float16, torch.int16, torch.uint8, torch.int64])
+        t = torch.randn(shape).to(dtype) if dtype.is_floating_point else \
+            torch.randint(0, rng.choice([2, 256, 30000]), shape).to(dtype)
+        tensors[key] = t
+        meta["dense"][key] = {"dtype": rng.choice(["float32", export.dtype_name(dtype)])}
+        meta["dense"].pop(key + "_", None)
+    elif kind in ("block", "codes"):  # layer 0 (pq Embedding 300 x 16) or 3 (pq Conv 8 x 36) re-coded consistently
+        name = rng.choice(["0", "3"])
+        e = meta["layers"][name]
+        n = math.prod(e["shape"])
+        bs = rng.choice([1, 2, 4, 8, 16, 4096]) if kind == "block" else e["block_size"]
+        k = rng.choice([1, 4, 256, 300])
+        e.update(block_size=bs, n_centroids=k, codes="uint8" if k <= 256 else "int16", centroids="float16")
+        tensors.pop(f"{name}.centroids_scale", None)
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        codes = torch.randint(0, k, (max(1, n // bs),), generator=g)
+        if rng.random() < 0.3:
+            codes[rng.randrange(codes.numel())] = rng.choice([k, 233, 3000, -1])
+        tensors[f"{name}.codes"] = codes.to(torch.uint8 if k <= 256 else torch.int16)
+        tensors[f"{name}.centroids"] = torch.randn(k, bs, generator=g).half()
+    else:  # a layer under the name of a module the model lacks, or of another layer
+        old = rng.choice(sorted(meta["layers"]))
+        new = rng.choice(["nope", "2", "head", "1.x"])
+        if new not in meta["layers"]:
+            meta["layers"][new] = meta["layers"].pop(old)
+            for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
+                if f"{old}.{part}" in tensors:
+                    tensors[f"{new}.{part}"] = tensors.pop(f"{old}.{part}")
+    return tensors, meta
+
+
+def runs_like_decoded(tensors: dict, meta: dict, state: dict):
+    """fill_model_ refuses the file in one line, or the runtime model (compiled kernels, every kernel choice)
+    computes what the decoded model computes."""
+    model = Net(device="meta")
+    try:
+        R.fill_model_(model, dict(tensors), copy.deepcopy(meta))
+    except ValueError as e:
+        assert len(str(e).splitlines()) == 1, e
+        return "refused"
+    plain = Net()
+    plain.load_state_dict(state)  # what filled the runtime model fills the plain one, strictly
+    g = torch.Generator().manual_seed(0)
+    ids, img = torch.randint(0, 300, (2, 5), generator=g), torch.randn(1, 4, 5, 5, generator=g)
+    with torch.no_grad():
+        want = plain(ids, img)
+        layers = [m for m in model.modules() if isinstance(m, (R.CodesLinear, R.IntLinear))]
+        for kernels in (("lut", "lut"), ("decode", "bytes")):
+            for m in layers:
+                m.kernel = kernels[isinstance(m, R.IntLinear)]
+                codes = m.codes if isinstance(m, R.CodesLinear) else m.qweight.view(m.out_features, -1)
+                assert K.use_compiled(torch.zeros(1, m.in_features), codes)  # the compiled table / decode run
+            for ntok in (1, 5):  # 1 token: the table for every pq / int4 Linear; 5: the decode
+                got = model(ids[:, :ntok], img)
+                for a, b in zip(got, (plain(ids[:, :ntok], img)[0], want[1])):
+                    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    return "ok"
+
+
+def test_runtime_mutations_are_refused_or_run_like_the_decoded_model(base, tmp_path):
+    if ext.check(ext.library_path()) is not None:
+        pytest.skip("no finished build of the compiled kernels (make kernels): the case is about them")
+    assert ext.available()
+    _, tensors, meta, _ = base
+    rng = random.Random(7)
+    counts = {"read refused": 0, "fill refused": 0, "ok": 0}
+    for case in range(N_RUNTIME):
+        t, m = tensors, meta
+        for _ in range(rng.choice([1, 1, 2])):
+            t, m = mutate_runtime(t, m, rng)
+        path = tmp_path / "m.qnz"
+        path.write_bytes(signed(dict(t), m))
+        try:
+            read_t, read_m = export.read_qnz(path)
+        except ValueError as e:
+            assert len(str(e).splitlines()) == 1, (case, e)
+            counts["read refused"] += 1
+            continue
+        result = runs_like_decoded(read_t, read_m, export.decode(read_t, read_m))
+        counts["fill refused" if result == "refused" else "ok"] += 1
+    assert min(counts.values()) > 10, counts  # each outcome exercised

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as QF
-from ..config import is_int, regex_error
+from ..config import MAX_BLOCK_SIZE, is_int, regex_error
 from ..kmeans import kmeans
 
 logger = logging.getLogger(__name__)
@@ -307,8 +307,8 @@ class LayerRule:
             error = regex_error(getattr(self, name))
             if error:
                 raise bad(name, error)
-        if not is_int(self.block_size) or self.block_size < 1:
-            raise bad("block_size", "use a positive integer that divides the layer's row length")
+        if not is_int(self.block_size) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise bad("block_size", f"use an integer from 1 to {MAX_BLOCK_SIZE} that divides the layer's row length")
         if not is_int(self.n_centroids) or not 2 <= self.n_centroids <= 2**15:
             raise bad("n_centroids", "use an integer in [2, 32768] (256 fits codes in one byte)")
         if not is_int(self.bits) or not 2 <= self.bits <= 8:

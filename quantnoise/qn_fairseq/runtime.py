@@ -168,10 +168,26 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     release_freed_memory()  # the checks' temporaries (unpacked int4 chunks...) would stay resident on the heap
-    cfg = qnz_config(meta, overrides)
-    task = task or _setup_task(cfg)
-    with torch.device("meta"), _meta_stays_meta():
-        model = task.build_model(cfg.model, from_checkpoint=True)
+    def unbuildable(e: Exception) -> SystemExit:  # the file's config, which fairseq / omegaconf reject their own ways
+        return SystemExit(f"error: {path}: its fairseq config does not build a model ({type(e).__name__}: "
+                          f"{_first_line(e)}); re-export it from a checkpoint this fairseq loads")
+
+    try:
+        cfg = qnz_config(meta, overrides)
+    except Exception as e:  # noqa: BLE001
+        raise unbuildable(e) from None
+    if task is None:
+        try:
+            task = _setup_task(cfg)
+        except ValueError as e:  # no dictionary at the data path
+            raise SystemExit(f"error: {path}: {_first_line(e)}") from None
+        except Exception as e:  # noqa: BLE001
+            raise unbuildable(e) from None
+    try:
+        with torch.device("meta"), _meta_stays_meta():
+            model = task.build_model(cfg.model, from_checkpoint=True)
+    except Exception as e:  # noqa: BLE001
+        raise unbuildable(e) from None
     _fix_non_state(model)
     for name, m in list(model.named_modules()):
         RuntimeLMHead.from_head_(m, meta, name)
@@ -184,6 +200,10 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     model.set_num_updates(int((meta.get("fairseq") or {}).get("num_updates", 0)))
     logger.info("loaded %s compressed: %s", path, runtime_summary(model))
     return model, cfg, task
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 _META = threading.local()  # per thread: how many _meta_stays_meta contexts are open

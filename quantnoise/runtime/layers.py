@@ -39,6 +39,41 @@ from . import kernels as K
 logger = logging.getLogger(__name__)
 
 
+# ------------------------------------------------------------------------------ preconditions
+def check_pq(codes: Tensor, centroids: Tensor, shape) -> None:
+    """ValueError unless codes / centroids are a pq weight of ``shape`` (out, in) the kernels may run: centroids
+    (k, bs) with bs dividing ``in``, uint8 / int16 codes, out * in / bs of them, each in [0, k).  Checked once, when
+    a layer is built or loaded (the compiled kernels index the codebook with the codes unchecked)."""
+    out, inn = shape
+    if centroids.dim() != 2 or centroids.shape[0] < 1 or centroids.shape[1] < 1 or inn % centroids.shape[1]:
+        raise ValueError(f"pq layer {tuple(shape)}: centroids of shape {tuple(centroids.shape)}, expected (k, block) "
+                         f"with the block dividing {inn}")
+    k, bs = centroids.shape
+    if codes.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64) or codes.numel() != out * (inn // bs):
+        raise ValueError(f"pq layer {tuple(shape)}: {codes.numel()} {str(codes.dtype)[6:]} codes, expected "
+                         f"{out * (inn // bs)} integer codes (blocks of {bs})")
+    if codes.numel() and not codes.is_meta:
+        lo, hi = torch.aminmax(codes.reshape(-1))
+        if int(lo) < 0 or int(hi) >= k:
+            raise ValueError(f"pq layer {tuple(shape)}: codes in [{int(lo)}, {int(hi)}] but the codebook has {k} "
+                             f"centroids (codes must lie in [0, {k}))")
+
+
+def check_int(qweight: Tensor, qscale: Tensor, bits: int, width: int, shape) -> None:
+    """ValueError unless qweight / qscale are an int-N weight of ``shape`` (out, in): int8 (out, in) for width 8,
+    else ceil(out * in * width / 8) packed bytes (width >= bits); one scale per row."""
+    out, inn = shape
+    if not (isinstance(bits, int) and isinstance(width, int) and 2 <= bits <= width <= 8):
+        raise ValueError(f"int layer {tuple(shape)}: bits {bits!r} packed {width!r} wide is no int-N layout")
+    ok = (qweight.dtype == torch.int8 and tuple(qweight.shape) == (out, inn)) if width == 8 else \
+        (qweight.dtype == torch.uint8 and qweight.numel() == -(-out * inn * width // 8))
+    if not ok:
+        raise ValueError(f"int{bits} layer {tuple(shape)}: qweight {str(qweight.dtype)[6:]} {tuple(qweight.shape)} "
+                         f"does not hold its weights")
+    if qscale.numel() != out:
+        raise ValueError(f"int{bits} layer {tuple(shape)}: {qscale.numel()} scales for {out} rows")
+
+
 # ---------------------------------------------------------------------------------- layers
 class RuntimeMixin:
     """No ``weight`` Parameter; ``weight`` decodes (for code that reads it: a full fp32 copy)."""
@@ -57,6 +92,7 @@ class _PQ(RuntimeMixin):
     kind = "pq"
 
     def _init_pq(self, codes: Tensor, centroids: Tensor, shape) -> None:
+        check_pq(codes, centroids, shape)
         self.weight_shape = tuple(shape)
         self.register_buffer("codes", codes.reshape(shape[0], -1))  # (out, in / bs)
         self.register_buffer("centroids", centroids)  # (k, bs)
@@ -65,6 +101,10 @@ class _PQ(RuntimeMixin):
     @property
     def qscale_or_centroids(self) -> Tensor:
         return self.centroids
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_pq(self.codes, self.centroids, self.weight_shape)  # loaded codes index the codebook unchecked too
 
     def decode_rows(self, rows: Tensor, dtype=None) -> Tensor:
         return K.pq_rows(self.codes[rows], self.centroids, dtype or self.centroids.dtype)
@@ -109,6 +149,7 @@ class _Int(RuntimeMixin):
 
     def _init_int(self, qweight: Tensor, qscale: Tensor, bits: int, width: int, shape) -> None:
         """qweight: int8 (out, in) for width 8 (see ``stored_int``), else the file's packed bytes."""
+        check_int(qweight, qscale, bits, width, shape)
         self.weight_shape, self.bits, self.width = tuple(shape), bits, width
         self.kind = f"int{bits}"
         self.register_buffer("qweight", qweight)

@@ -90,12 +90,46 @@ def _keeps_base_forward(like: nn.Module) -> bool:
 
 
 def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
+    """Replace the existing parameter or buffer ``key`` (checked by ``check_keys``; never a new attribute)."""
     owner, _, attr = key.rpartition(".")
     mod = model.get_submodule(owner)
     if attr in mod._buffers:
         mod._buffers[attr] = value
-    else:  # a Parameter, or a weight a runtime layer does not take
-        setattr(mod, attr, nn.Parameter(value, requires_grad=False))
+    elif attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        raise ValueError(f"the .qnz sets {key!r}, which is no parameter or buffer of the model")
+
+
+def check_keys(model: nn.Module, tensors: Dict[str, Tensor], meta: dict) -> None:
+    """ValueError (one line) unless every key of a checked map (``quantnoise.export.check_map``) names a tensor of
+    ``model`` as built (on ``meta``) by the model's own code, with the shape the file gives it: a compressed layer
+    is a module with that ``weight``; a dense tensor or an alias is a parameter or buffer of ``model.state_dict()``
+    that no compressed layer owns (its bias aside), of the same shape (and, dense, of the same kind: floating or
+    not).  So a file can only fill the model, never add attributes to it or replace a runtime layer's buffers."""
+    state = model.state_dict(keep_vars=True)
+
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{why}; the file does not belong to this architecture")
+
+    shapes = {}  # compressed layer -> the shape of its weight in the model ((in, out) for a transposed one)
+    for name, e in meta["layers"].items():
+        need(f"{name}.weight" in state, f"the .qnz compresses layer {name!r}, which is no layer with a weight in the model")
+        have, shapes[name] = list(state[f"{name}.weight"].shape), list(e["shape"])[::-1 if e.get("transposed") else 1]
+        need(have == shapes[name], f"layer {name}: the .qnz stores shape {shapes[name]} but the model has {have}")
+    for key, e in meta["dense"].items():
+        need(key in state, f"the .qnz stores tensor {key!r}, which is no parameter or buffer of the model")
+        t, have = tensors[key], state[key]
+        need(list(t.shape) == list(have.shape),
+             f"tensor {key}: the .qnz stores shape {list(t.shape)} but the model has {list(have.shape)}")
+        need(DTYPES[e["dtype"]].is_floating_point == have.dtype.is_floating_point,
+             f"tensor {key}: the .qnz stores a {e['dtype']} tensor but the model's is {str(have.dtype)[6:]}")
+    for key, target in meta["aliases"].items():
+        need(key in state, f"the .qnz ties {key!r}, which is no parameter or buffer of the model, to {target!r}")
+        shape = shapes[target] if target in shapes else list(tensors[target].shape)
+        need(list(state[key].shape) == shape,
+             f"{key} is tied to {target} in the .qnz, of shape {shape}, but the model's has {list(state[key].shape)}")
 
 
 def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: bool = True) -> nn.Module:
@@ -104,8 +138,10 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
     a tied copy of a compressed weight (``aliases``) as a runtime Linear sharing the same codes.  Layers of
     other kinds (Conv) are decoded, alone.  Raises ValueError naming any parameter or buffer left unfilled.
     The tensors it takes are removed from ``tensors`` as it goes (peak memory: pass a copy to keep them).
-    ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward)."""
+    ``pack``: pack int8 weights for fbgemm now (else at the first CPU forward).  ``meta`` must be a checked map
+    (``quantnoise.export.read_qnz``); its keys are checked against the model first (``check_keys``)."""
     extensions.ensure_for(model)
+    check_keys(model, tensors, meta)
     built, freed = {}, 0
     for name, e in meta["layers"].items():
         like = model.get_submodule(name)

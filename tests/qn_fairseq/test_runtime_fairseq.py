@@ -193,3 +193,50 @@ def _cpu_or_error(t):
     except (NotImplementedError, RuntimeError):
         return "error"
     return "meta"
+
+
+def _resigned(path, out, change):
+    from quantnoise import export
+    import json, zlib
+    from safetensors.torch import save
+
+    tensors, meta = export.read_qnz(path)
+    change(tensors, meta)
+    meta["crc32"] = {k: export._crc(t) for k, t in tensors.items()}
+    text = json.dumps(meta)
+    out.write_bytes(save(tensors, metadata={"qnz": text, "qnz_crc32": str(zlib.crc32(text.encode()))}))
+    return out
+
+
+def _rename_layer(t, m):
+    name = "decoder.layers.0.fc1"
+    m["layers"]["decoder.layers.0.nothere"] = m["layers"].pop(name)
+    for part in ("codes", "centroids"):
+        t[f"decoder.layers.0.nothere.{part}"] = t.pop(f"{name}.{part}")
+
+
+def _junk(t, m):
+    t["decoder.junk"] = torch.zeros(3, dtype=torch.float16)
+    m["dense"]["decoder.junk"] = {"dtype": "float32"}
+
+
+CRAFTED = {  # what each gave before: AttributeError / ValidationError tracebacks, a new parameter
+    "layer_missing": (_rename_layer, "compresses layer 'decoder.layers.0.nothere', which is no layer"),
+    "alias_missing": (lambda t, m: m["aliases"].update({"decoder.nothere.weight": "decoder.embed_tokens"}),
+                      "ties 'decoder.nothere.weight', which is no parameter or buffer"),
+    "dense_junk": (_junk, "stores tensor 'decoder.junk', which is no parameter or buffer"),
+    "bad_cfg": (lambda t, m: m["fairseq"]["cfg"]["model"].update(decoder_layers="many"),
+                "its fairseq config does not build a model"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_maps_are_refused_in_one_line(qnz, lm_data, tmp_path, case):
+    from quantnoise import runtime
+
+    change, why = CRAFTED[case]
+    path = _resigned(qnz["pq"], tmp_path / "m.qnz", change)
+    with pytest.raises(SystemExit) as e:
+        runtime.fairseq_plugin().load_model(path, data=lm_data)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and str(path) in msg and why in msg and len(msg.splitlines()) == 1, msg

@@ -1,0 +1,150 @@
+"""quantnoise.runtime.load with untrusted files: a .qnz can only fill the model it belongs to (no new
+attributes, no runtime-layer buffer replaced, no code beyond its codebook), and a file too large to decode
+says so (issue 22, items 1 and 2)."""
+import json
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from quantnoise import export
+from quantnoise import runtime as R
+from quantnoise.compress.layers import LayerRule
+from quantnoise.runtime.layers import CodesLinear
+
+from test_runtime_layers import int_state, pq_state
+
+
+def encoded(state):
+    return export.encode(state, {}, export.ExportOptions(rest_dtype="float32"))
+
+
+def write_signed(path, tensors, meta):
+    """A .qnz with valid checksums for whatever ``tensors`` / ``meta`` hold (a crafted file)."""
+    meta["crc32"] = {k: export._crc(t) for k, t in tensors.items()}
+    text = json.dumps(meta)
+    path.write_bytes(save(tensors, metadata={"qnz": text, "qnz_crc32": str(zlib.crc32(text.encode()))}))
+    return path
+
+
+def meta_model(out=64, inn=64, extra=False):
+    model = nn.Module()
+    model.lin = nn.Linear(inn, out, device="meta")
+    if extra:
+        model.tied = nn.Linear(inn, out, bias=False, device="meta")
+    return model
+
+
+def codes_onto_pq_layer():
+    """A pq layer (k = 4) and a dense int16 tensor of codes 30000 aliased onto its ``codes`` (what segfaulted
+    ``pq_decode`` with a 4096-wide block)."""
+    tensors, meta = encoded(pq_state("lin", 64, 64, bs=8, k=4))
+    tensors["d"] = torch.full((64, 8), 30000, dtype=torch.int16)
+    meta["dense"]["d"] = {"dtype": "int16"}
+    meta["aliases"]["lin.codes"] = "d"
+    return tensors, meta
+
+
+def test_an_alias_onto_a_runtime_buffer_is_refused_by_the_reader(tmp_path):
+    path = write_signed(tmp_path / "m.qnz", *codes_onto_pq_layer())
+    with pytest.raises(ValueError, match=r"alias 'lin.codes' is not the weight of another layer"):
+        export.read_qnz(path)
+
+
+@pytest.mark.parametrize("case", ["alias_codes", "dense_codes", "dense_new", "dense_book", "dense_shape",
+                                  "alias_shape", "alias_new", "layer_missing", "dense_kind"])
+def test_fill_model_only_fills_tensors_the_model_has(case):
+    """Checked against the model itself, whatever check_map let through: one ValueError line, nothing set."""
+    if case == "alias_codes":
+        tensors, meta = codes_onto_pq_layer()
+        model = meta_model()
+        model.register_buffer("d", torch.empty(64, 8, dtype=torch.int16, device="meta"))  # a dense key it has
+        why = "ties 'lin.codes', which is no parameter or buffer"
+    else:
+        tensors, meta = encoded(int_state("lin", 64, 64, bits=4) if case == "dense_book" else pq_state("lin", 64, 64, k=4))
+        model = meta_model(extra=case.startswith("alias"))
+        if case == "dense_codes":  # the file's own codes replaced by larger ones, as a dense tensor
+            meta["dense"]["lin.codes"] = {"dtype": "int16"}
+            tensors["lin.codes"] = torch.full((64, 8), 3000, dtype=torch.int16)
+            why = "stores tensor 'lin.codes', which is no parameter or buffer"
+        elif case == "dense_new":  # fairseq: decoder.junk became a new parameter
+            meta["dense"]["junk"] = {"dtype": "float32"}
+            tensors["junk"] = torch.zeros(3)
+            why = "stores tensor 'junk', which is no parameter or buffer"
+        elif case == "dense_book":  # int4's byte codebook replaced (k = 1 book, codes up to 233: exit 139)
+            meta["dense"]["lin.book"] = {"dtype": "float32"}
+            tensors["lin.book"] = torch.zeros(1, 2)
+            why = "stores tensor 'lin.book', which is no parameter or buffer"
+        elif case == "dense_shape":
+            tensors["lin.bias"] = torch.zeros(65)
+            why = r"tensor lin.bias: the .qnz stores shape \[65\] but the model has \[64\]"
+        elif case == "dense_kind":
+            tensors["lin.bias"] = torch.zeros(64, dtype=torch.int64)
+            meta["dense"]["lin.bias"] = {"dtype": "int64"}
+            why = "stores a int64 tensor but the model's is float32"
+        elif case == "alias_shape":
+            model.tied = nn.Linear(32, 64, bias=False, device="meta")
+            meta["aliases"]["tied.weight"] = "lin"
+            why = r"tied.weight is tied to lin in the .qnz, of shape \[64, 64\], but the model's has \[64, 32\]"
+        elif case == "alias_new":
+            meta["aliases"]["other.weight"] = "lin"
+            why = "ties 'other.weight', which is no parameter or buffer"
+        else:  # a layer naming a module the model lacks: was an AttributeError traceback
+            meta["layers"]["nothere"] = meta["layers"].pop("lin")
+            why = "compresses layer 'nothere', which is no layer with a weight"
+    with pytest.raises(ValueError, match=why) as e:
+        R.fill_model_(model, tensors, meta)
+    assert len(str(e.value).splitlines()) == 1
+    assert all(t.is_meta for t in model.state_dict().values())  # checked before anything is filled
+
+
+def test_a_runtime_layer_refuses_codes_beyond_its_codebook():
+    cents = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"codes in \[3000, 3000\] but the codebook has 4 centroids"):
+        CodesLinear(64, 16, torch.full((16, 8), 3000, dtype=torch.int16), cents, None)
+    with pytest.raises(ValueError, match=r"codes in \[-1, 0\]"):
+        CodesLinear(64, 16, torch.tensor([-1] + [0] * 127, dtype=torch.int16), cents, None)
+    with pytest.raises(ValueError, match="100 uint8 codes, expected 128"):
+        CodesLinear(64, 16, torch.zeros(100, dtype=torch.uint8), cents, None)
+    layer = CodesLinear(64, 16, torch.zeros(16, 8, dtype=torch.uint8), cents, None)
+    bad = dict(layer.state_dict(), codes=torch.full((16, 8), 200, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codebook has 4 centroids"):  # loading checks them too
+        layer.load_state_dict(bad)
+
+
+def test_block_sizes_are_bounded(tmp_path):
+    """A 0.5 MB file with one 4096-wide block per row decoded to 16 GiB: the block size is bounded at export and
+    read, so a file decodes to at most ~4 * 64 times its size."""
+    with pytest.raises(ValueError, match="block_size=128"):
+        LayerRule(block_size=128)
+    tensors, meta = encoded(pq_state("lin", 4, 4096, bs=8, k=4))
+    meta["layers"]["lin"].update(block_size=4096, shape=[1024, 4096])
+    tensors["lin.codes"] = torch.zeros(1024, dtype=torch.uint8)
+    tensors["lin.centroids"] = torch.zeros(4, 4096, dtype=torch.float16)
+    with pytest.raises(ValueError, match="block_size 4096, beyond the largest quantnoise writes"):
+        export.read_qnz(write_signed(tmp_path / "m.qnz", tensors, meta))
+
+
+def test_decoding_beyond_memory_says_how_much_it_needs(tmp_path):
+    """Under a memory limit the decode says it needs more memory, not that the map does not match its tensors."""
+    tensors, meta = encoded(pq_state("lin", 4096, 2048, bs=64, k=256, bias=False))  # 128 KiB codes -> 32 MiB
+    meta["layers"]["lin"]["dtype"] = "float64"  # 64 MiB decoded
+    path = write_signed(tmp_path / "m.qnz", tensors, meta)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from quantnoise import export
+        tensors, meta = export.read_qnz({str(path)!r})
+        vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+        try:
+            export.decode(tensors, meta)
+        except MemoryError as e:
+            print("MemoryError", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "MemoryError decoding the .qnz needs 0.06 GiB" in out.stdout, (out.stdout, out.stderr[-2000:])
