@@ -5,14 +5,16 @@
   - pretrained.py: ``save_pretrained(model, dir, tokenizer)`` / ``from_pretrained(dir)``, a compressed model
     as a folder (config.json + model.qnz) loaded with runtime layers;
   - quantizer.py: the ``quantnoise`` quantization method of transformers (registered on import), so that
-    ``AutoModel*.from_pretrained(dir)`` of such a folder loads it compressed too.
+    ``AutoModel*.from_pretrained(dir)`` of such a folder loads it compressed too;
+  - trainer.py: ``QuantNoiseCallback``, masks keyed on the Trainer's step and staged iPQ inside ``Trainer``.
 See docs/hf.md.
 """
 from . import conv1d, quantizer  # noqa: F401  (register GPT-2's Conv1D handlers and the quantnoise method)
 from .bert import (accuracy, batches, bits_per_param, cosine, finetune_, forward, load_classifier, load_encoder,
                    load_tokenizer, mean_pool, model_dir, n_params, predict, read_tsv)
 from .pretrained import from_pretrained, save_pretrained
+from .trainer import QuantNoiseCallback
 
 __all__ = ["read_tsv", "batches", "model_dir", "load_tokenizer", "load_classifier", "load_encoder", "forward",
            "mean_pool", "finetune_", "predict", "accuracy", "cosine", "n_params", "bits_per_param",
-           "save_pretrained", "from_pretrained"]
+           "save_pretrained", "from_pretrained", "QuantNoiseCallback"]
