@@ -44,9 +44,9 @@ def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype, compiled: Opti
     straight from the uint8 / int16 codes) for fp32 on CPU when built; else ``index_select``, which copies whole
     centroid rows (17x faster than advanced indexing ``centroids[codes]`` on CPU, 1 thread, 2048x512, b=8)."""
     cents = centroids.to(dtype)
-    if compiled is None:
+    if compiled is None:  # the compiled decode has no backward: a codebook that needs a gradient is indexed
         compiled = (cents.device.type == "cpu" and dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
-                    and runtime_ext.available())
+                    and not (cents.requires_grad and torch.is_grad_enabled()) and runtime_ext.available())
     if compiled and runtime_ext.available():
         return torch.ops.quantnoise.pq_decode(codes.contiguous(), cents.contiguous())
     return cents.index_select(0, codes.reshape(-1).long()).reshape(codes.shape[0], -1)

@@ -19,7 +19,10 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
     quantized on the fly, one scale per call (per token in batch-1 generation).  Without fbgemm:
     ``torch._int_mm`` with one activation scale per token.  Elsewhere (CUDA): decode a chunk of rows at a
     time and matmul.
-  - Embeddings decode only the looked-up rows.
+  - Embeddings decode only the looked-up rows (an id outside [0, rows) raises IndexError, as nn.Embedding does).
+The table kernels and fbgemm have no backward: a forward that autograd must see (input or bias requiring grad)
+takes the decode path, whose input gradient is the decoded layer's.  Lazy fbgemm packing (``pack_`` at the first
+forward) is thread-safe; a packed IntLinear loads its own state dict (then repacks).
 The arithmetic is in quantnoise/runtime/kernels.py (the table product and the decode also compiled:
 quantnoise/runtime/csrc/pq_lut.cpp, when built).  The layers hold the tensors ``quantnoise.export.read_qnz`` read, without copying them (int8: fbgemm's
 packed copy replaces them).  Device and dtype follow the input.  ``quantnoise.runtime.load.fill_model_`` puts them into a model built on
@@ -28,6 +31,7 @@ the ``meta`` device; quantnoise/qn_fairseq/runtime.py builds fairseq models that
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Optional
 
@@ -72,6 +76,24 @@ def check_int(qweight: Tensor, qscale: Tensor, bits: int, width: int, shape) -> 
                          f"does not hold its weights")
     if qscale.numel() != out:
         raise ValueError(f"int{bits} layer {tuple(shape)}: {qscale.numel()} scales for {out} rows")
+
+
+def needs_grad(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Whether autograd must see this forward: the table kernels and fbgemm have no backward, so such a forward
+    takes the decode path (differentiable in x, bias and a codebook that requires grad)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
+def check_ids(ids: Tensor, n: int) -> None:
+    """IndexError, as nn.Embedding raises, for an id outside [0, n) (indexing would wrap -1 to the last row)."""
+    if ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= n:
+            raise IndexError(f"index {int(lo) if int(lo) < 0 else int(hi)} is out of range of an embedding of {n} rows")
+
+
+_PACK_LOCK = threading.Lock()  # lazy fbgemm packing (first forward): one thread packs, the others wait (rare: once
+# per layer)
 
 
 # ---------------------------------------------------------------------------------- layers
@@ -122,7 +144,7 @@ class CodesLinear(_PQ, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes, self.centroids.shape[1]))
-        if lut:
+        if lut and not needs_grad(x2, self.bias, self.centroids):
             y = K.pq_linear_lut(x2, self.codes, self.centroids, bias=self.bias)
         else:
             y = K.pq_linear_decode(x2, self.codes, self.centroids, self.bias)
@@ -141,6 +163,7 @@ class CodesEmbedding(_PQ, nn.Embedding):
         self.kernel = "rows"
 
     def forward(self, ids: Tensor) -> Tensor:
+        check_ids(ids, self.num_embeddings)
         return self.decode_rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
 
 
@@ -161,15 +184,15 @@ class _Int(RuntimeMixin):
         return self.qscale
 
     def int8_weight(self) -> Tensor:
-        if self._packed is not None:
-            return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
-        return self.qweight
+        q = self._buffers.get("qweight")  # read before _packed: packing sets _packed, then drops qweight
+        if q is not None:
+            return q
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def decode_rows(self, rows: Tensor, dtype=None) -> Tensor:
         dtype = dtype or self.qscale.dtype
         if self.width == 8:
-            q = self.int8_weight() if self._packed is not None else self.qweight
-            return q[rows].to(dtype) * self.qscale[rows].to(dtype)
+            return self.int8_weight()[rows].to(dtype) * self.qscale[rows].to(dtype)
         return K.int_rows(self.qweight, self.qscale, self.width, self.bits, rows, self.weight_shape[1], dtype)
 
     def decode_range(self, start: int, stop: int, dtype=None) -> Tensor:
@@ -203,15 +226,36 @@ class IntLinear(_Int, nn.Linear):
         self.register_buffer("book", K.byte_codebook(width, bits).clone() if aligned else None, persistent=False)
 
     def pack_(self) -> "IntLinear":
-        """Replace the int8 weight by fbgemm's packed copy (same bytes; CPU only).  Undone by ``.to()``."""
-        if self._packed is None and self.width == 8 and self.qweight.device.type == "cpu" and K.fbgemm_available():
-            scale = self.qscale.reshape(-1).double()
-            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; fbgemm needs one here
-                warnings.simplefilter("ignore", UserWarning)
-                w = torch._make_per_channel_quantized_tensor(self.qweight, scale, torch.zeros_like(scale, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(w, None)
-            del self._buffers["qweight"]
+        """Replace the int8 weight by fbgemm's packed copy (same bytes; CPU only).  Undone by ``.to()``.  Thread-safe
+        (a lazy pack at the first forward of several threads packs once; the others read ``qweight`` or the copy)."""
+        if self._packed is not None or self.width != 8 or not K.fbgemm_available():
+            return self
+        with _PACK_LOCK:
+            if self._packed is None and self.qweight.device.type == "cpu":
+                self._share_packed(self._prepack(self.qweight))
         return self
+
+    def _prepack(self, q: Tensor):
+        scale = self.qscale.reshape(-1).double()
+        with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; fbgemm needs one here
+            warnings.simplefilter("ignore", UserWarning)
+            w = torch._make_per_channel_quantized_tensor(q, scale, torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(w, None)
+
+    def _share_packed(self, packed) -> None:
+        """Compute with ``packed`` (this weight's fbgemm copy, possibly another layer's: a tied weight) from now on."""
+        self._packed = packed  # first: a thread that finds qweight gone finds the packed copy
+        self._buffers.pop("qweight", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packed = self._packed is not None
+        if packed:  # the state dict holds the plain int8 qweight (_save_to_state_dict): load it as a buffer, repack
+            self.register_buffer("qweight", self.int8_weight())
+            self._packed = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_int(self.qweight, self.qscale, self.bits, self.width, self.weight_shape)
+        if packed:
+            self.pack_()
 
     def _apply(self, fn, recurse=True):
         if self._packed is not None:  # device / dtype moves see the plain int8 weight, then repack on CPU
@@ -240,6 +284,8 @@ class IntLinear(_Int, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = self.choose_kernel(x2)
+        if kernel in ("fbgemm", "lut", "int_mm") and needs_grad(x2, self.bias):  # no backward: decode instead
+            kernel = "bytes" if kernel == "lut" else "decode"
         if kernel == "fbgemm":
             self.pack_()
             y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, K.fbgemm_reduce_range()).to(x.dtype)
@@ -274,4 +320,5 @@ class IntEmbedding(_Int, nn.Embedding):
         self.kernel = "rows"
 
     def forward(self, ids: Tensor) -> Tensor:
+        check_ids(ids, self.num_embeddings)
         return self.decode_rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)

@@ -176,7 +176,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             _set_submodule(model, owner, new)
             built[owner] = new
             if pack and isinstance(new, IntLinear):
-                new.pack_()  # a second (packed) copy of a tied int8 weight: fbgemm needs its own layout
+                new.pack_()  # src packed: shares its copy already; src unpacked (pack=False): packs its own
         else:  # e.g. RoBERTa's lm_head.weight, a bare Parameter read by F.linear
             logger.warning("runtime: %s is a tied copy of %s that is not a Linear layer; decoding it", key, target)
             _set_tensor(model, key, built[target].weight if target in built else model.get_submodule(target).weight)
@@ -213,9 +213,11 @@ def release_freed_memory() -> None:
 def _alias_linear(like: nn.Linear, src: nn.Module) -> nn.Module:
     """A runtime Linear computing with ``src``'s stored weight (same buffers, no copy)."""
     if isinstance(src, _PQ):
-        new = CodesLinear(like.in_features, like.out_features, src.codes, src.centroids, like.bias)
-    else:
-        new = IntLinear(like.in_features, like.out_features, src.qweight, src.qscale, src.bits, src.width, like.bias)
+        return CodesLinear(like.in_features, like.out_features, src.codes, src.centroids, like.bias)
+    q = src.int8_weight() if src.width == 8 else src.qweight  # src packed: its qweight is gone (a transient copy)
+    new = IntLinear(like.in_features, like.out_features, q, src.qscale, src.bits, src.width, like.bias)
+    if src._packed is not None:  # fbgemm's packed weight holds no bias: both layers compute with the one copy
+        new._share_packed(src._packed)
     return new
 
 
