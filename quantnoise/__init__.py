@@ -8,9 +8,10 @@
 from .api import compress_, quantize_, unquantize_, wrapped_layers
 from .compress import IPQPlan, LayerRule
 from .config import QuantNoiseConfig
+from .mixed import LayerBits, MixedPrecisionConfig, load_bit_plan
 from .qnz import load_qnz, save_qnz
 from .nn import QNConv1d, QNConv2d, QNEmbedding, QNLinear, QNMultiheadAttention, QuantNoiseMixin
 
-__all__ = ["QuantNoiseConfig", "quantize_", "unquantize_", "compress_", "save_qnz", "load_qnz", "LayerRule", "IPQPlan", "wrapped_layers",
+__all__ = ["QuantNoiseConfig", "MixedPrecisionConfig", "LayerBits", "load_bit_plan", "quantize_", "unquantize_", "compress_", "save_qnz", "load_qnz", "LayerRule", "IPQPlan", "wrapped_layers",
            "QNLinear", "QNEmbedding", "QNConv1d", "QNConv2d", "QNMultiheadAttention", "QuantNoiseMixin"]
 __version__ = "0.1.0"

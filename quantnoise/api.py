@@ -12,6 +12,7 @@ from . import extensions
 from .compress.layers import CompressedMixin, LayerRule, compress_tied, compressed_class, set_submodule, tied_layers
 from .compress.plan import IPQPlan
 from .config import QuantNoiseConfig
+from .mixed import MixedPrecisionConfig
 from .nn import WRAPPERS, QuantNoiseMixin, wrapper_for
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,25 @@ def selects(cfg: QuantNoiseConfig, name: str) -> bool:
     return not (cfg.exclude is not None and re.search(cfg.exclude, name))
 
 
-def quantize_(model: nn.Module, cfg: QuantNoiseConfig,
+def quantize_(model: nn.Module, cfg: Union[QuantNoiseConfig, MixedPrecisionConfig],
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[str]:
     """Wrap, in place, every supported layer whose qualified name matches ``cfg.include`` (regex,
-    ``re.search``) and not ``cfg.exclude``; return the wrapped names.
+    ``re.search``) and not ``cfg.exclude``; return the wrapped names.  With a ``MixedPrecisionConfig``
+    (a bit plan, quantnoise.mixed): every layer the plan names, each with its own width, scale groups and p.
 
     Supported: the types in ``quantnoise.nn.WRAPPERS`` (Linear, Embedding, Conv1d, Conv2d) and
     subclasses that keep their forward.  Raises ValueError when nothing matches, naming the
-    patterns, or when a block size does not divide a layer (nothing is wrapped then).
+    patterns, or when a block size does not divide a layer (nothing is wrapped then); for a plan, when it
+    names a layer the model lacks or one no wrapper supports.
     """
+    handler = QUANTIZERS.get(type(cfg))
+    if handler is None:
+        raise ValueError(f"quantize_ takes a QuantNoiseConfig or a MixedPrecisionConfig, not a {type(cfg).__name__}")
+    return handler(model, cfg, filter_fn)
+
+
+def _quantize_uniform(model: nn.Module, cfg: QuantNoiseConfig,
+                      filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[str]:
     extensions.ensure_for(model)  # e.g. GPT-2's Conv1D: its wrapper registers when transformers' type is met
     candidates = [(n, m) for n, m in model.named_modules() if n and wrapper_for(m) is not None]
     for n, m in model.named_modules():
@@ -57,14 +68,59 @@ def quantize_(model: nn.Module, cfg: QuantNoiseConfig,
     if cfg.act_bits is not None and not any(isinstance(m, nn.Linear) for _, m in chosen):
         raise ValueError(f"quant-noise act_bits={cfg.act_bits} quantizes the inputs of Linear layers, but the layers "
                          f"selected in {type(model).__name__} include no Linear; set act_bits=None or select Linears")
-    wrapped = [(m, wrapper_for(m).from_float(m, cfg, n)) for n, m in chosen]  # may raise: nothing swapped yet
-    names = {}  # a module registered under several names (tied embeddings) gets one shared wrapper
+    _swap(model, [(n, m, cfg) for n, m in chosen])
+    return [n for n, _ in chosen]
+
+
+def _swap(model: nn.Module, chosen) -> None:
+    """Wrap each (name, module, config); a module registered under several names (tied embeddings) gets one
+    shared wrapper.  Every wrapper is built before the first swap (a bad layer leaves the model as it was)."""
+    wrapped = [(m, wrapper_for(m).from_float(m, cfg, n)) for n, m, cfg in chosen]  # may raise: nothing swapped yet
+    names = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
     for old, new in wrapped:
         for name in names[id(old)]:
             _set_submodule(model, name, new)
-    return [n for n, _ in chosen]
+
+
+def _quantize_planned(model: nn.Module, cfg: MixedPrecisionConfig,
+                      filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[str]:
+    """Each layer of the plan wrapped at its own width (``cfg.layer_config(name)``)."""
+    extensions.ensure_for(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    missing = [n for n in cfg.layers if n not in modules]
+    if missing:
+        layers = [n for n, m in modules.items() if n and _matrix_layer(m)]
+        sample = ", ".join(layers[:6]) + (f", ... ({len(layers)} in all)" if len(layers) > 6 else "") if layers else "none"
+        raise ValueError(f"bit plan names {len(missing)} layer(s) that {type(model).__name__} lacks ({', '.join(missing[:3])}; "
+                         f"its layers: {sample}); the plan was made for another model: recompute it or fix the names")
+    chosen, seen = [], {}
+    for name in cfg.layers:
+        m = modules[name]
+        if filter_fn is not None and not filter_fn(m, name):
+            continue
+        if isinstance(m, QuantNoiseMixin):
+            raise ValueError(f"bit plan layer {name!r} is already wrapped ({type(m).__name__}); unquantize_(model) first")
+        if wrapper_for(m) is None:
+            raise ValueError(f"bit plan layer {name!r} is a {type(m).__name__}, which no quant-noise wrapper supports; "
+                             f"remove it from the plan")
+        layer_cfg = cfg.layer_config(name)
+        if id(m) in seen:  # one module under two names (tied): one width
+            other, other_cfg = seen[id(m)]
+            if (other_cfg.bits, other_cfg.rows_per_scale) != (layer_cfg.bits, layer_cfg.rows_per_scale):
+                raise ValueError(f"bit plan gives the tied layers {other!r} and {name!r} (one module) different widths "
+                                 f"({other_cfg.bits} and {layer_cfg.bits} bits); give them the same")
+            continue
+        seen[id(m)] = (name, layer_cfg)
+        chosen.append((name, m, layer_cfg))
+    if not chosen:
+        raise ValueError(f"bit plan: filter_fn leaves none of its {len(cfg.layers)} layers to wrap")
+    _swap(model, chosen)
+    return [n for n, _, _ in chosen]
+
+
+QUANTIZERS = {QuantNoiseConfig: _quantize_uniform, MixedPrecisionConfig: _quantize_planned}  # config type -> verb
 
 
 def unquantize_(model: nn.Module) -> List[str]:

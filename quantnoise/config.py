@@ -52,6 +52,8 @@ class QuantNoiseConfig:
     symmetric: bool = field(default=True, metadata={"help": "scalar: symmetric (zero point 0) or asymmetric (affine) grid"})
     granularity: str = field(default="channel", metadata={"help": "scalar: one scale per tensor | channel (output row) | group"})
     group_size: int = field(default=64, metadata={"help": "scalar, granularity=group: weights per scale along a row"})
+    rows_per_scale: int = field(default=1, metadata={"help": "scalar, granularity=channel: consecutive output rows sharing "
+                                                              "one scale (Q-BERT's group-wise scales: head_dim on q/k/v = one per head)"})
     observer: str = field(default="minmax", metadata={"help": "scalar: range from current min/max | ema of min/max"})
     ema_momentum: float = field(default=0.01, metadata={"help": "scalar, observer=ema: weight of the newest min/max"})
     # pq
@@ -91,6 +93,10 @@ class QuantNoiseConfig:
             raise bad("granularity", f"choose one of {', '.join(GRANULARITIES)}")
         if not is_int(self.group_size) or self.group_size < 1:
             raise bad("group_size", "use a positive integer")
+        if not is_int(self.rows_per_scale) or self.rows_per_scale < 1:
+            raise bad("rows_per_scale", "use a positive integer that divides each layer's output rows (1 = per row)")
+        if self.rows_per_scale > 1 and (self.scheme != "scalar" or self.granularity != "channel"):
+            raise bad("rows_per_scale", "groups of rows share a scale only with scheme=scalar, granularity=channel")
         if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
             raise bad("observer", f"choose one of {', '.join(OBSERVERS)}")
         if not is_real(self.ema_momentum) or not 0.0 < float(self.ema_momentum) <= 1.0:
@@ -121,7 +127,7 @@ class QuantNoiseConfig:
             raise bad("act_granularity", f"choose one of {', '.join(ACT_GRANULARITIES)} (tensor for Q8BERT)")
         self.p, self.ema_momentum = float(self.p), float(self.ema_momentum)
         self.act_ema_momentum = float(self.act_ema_momentum)
-        for name in ("block_size", "bits", "group_size", "n_centroids", "kmeans_iters", "refresh_every", "seed"):
+        for name in ("block_size", "bits", "group_size", "rows_per_scale", "n_centroids", "kmeans_iters", "refresh_every", "seed"):
             setattr(self, name, int(getattr(self, name)))  # e.g. a numpy integer from a sweep script
         if self.act_bits is not None:
             self.act_bits = int(self.act_bits)

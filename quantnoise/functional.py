@@ -146,6 +146,14 @@ def minmax(w: Tensor, granularity: str, group_size: int) -> Tuple[Tensor, Tensor
     return lo, hi
 
 
+def row_group_minmax(w: Tensor, rows_per_scale: int) -> Tuple[Tensor, Tensor]:
+    """Range of each group of ``rows_per_scale`` consecutive rows of w (out, ...), repeated for every row of
+    the group: (out, 1, 1) each, like ``minmax``'s channel output (Q-BERT's group-wise quantization)."""
+    g = w.reshape(w.shape[0] // rows_per_scale, -1)  # (G, rows_per_scale * row)
+    lo, hi = torch.aminmax(g, dim=1, keepdim=True)  # (G, 1)
+    return (lo.repeat_interleave(rows_per_scale, 0).unsqueeze(-1), hi.repeat_interleave(rows_per_scale, 0).unsqueeze(-1))
+
+
 def scalar_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tuple[Tensor, Tensor]:
     """Scale and zero point covering [lo, hi] (and 0, so zero is exact), Jacob et al. 2018 eq. (1).
     Computed and returned in fp32 (or fp64 for fp64 input): in fp16 the smallest-scale clamp would

@@ -133,6 +133,11 @@ class QuantNoiseMixin:
                 f"block_size={cfg.block_size} does not divide its row length {row}; "
                 f"use a block size that divides {row}, or exclude the layer"
             )
+        out = self._blocked_weight().shape[0]
+        if out % cfg.rows_per_scale:
+            raise ValueError(
+                f"layer '{name}' (weight {tuple(self.weight.shape)}): rows_per_scale={cfg.rows_per_scale} does not "
+                f"divide its {out} output rows; use a divisor of {out}")
         if cfg.scheme == "scalar" and cfg.granularity == "group" and row % cfg.group_size:
             raise ValueError(
                 f"layer '{name}' (weight {tuple(self.weight.shape)}): group_size={cfg.group_size} does not "
@@ -238,7 +243,7 @@ class QuantNoiseMixin:
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
             elif cfg.scheme == "scalar":
                 self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
-                scale, zero = self._scalar_qparams(wd, observe=original)
+                scale, zero = self._scalar_qparams(wd, observe=original, rows=rows)
                 out = QF.scalar_blocks(wd, self.qn_mask, scale, zero, cfg.qmin, cfg.qmax, cfg.granularity,
                                        cfg.group_size, bs)
             else:
@@ -270,10 +275,15 @@ class QuantNoiseMixin:
         ids = rows if rows is not None else torch.arange(out.shape[0], device=out.device)
         return torch.where((ids == pad).view(-1, *[1] * (out.dim() - 1)), w, out)
 
-    def _scalar_qparams(self, w: Tensor, observe: bool):
+    def _scalar_qparams(self, w: Tensor, observe: bool, rows: Optional[Tensor] = None):
         cfg = self.qn_cfg
-        src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
-        lo, hi = QF.minmax(src, cfg.granularity, cfg.group_size)
+        if cfg.rows_per_scale > 1:  # group-wise: a group's range over all its rows (an embedding's whole table)
+            lo, hi = QF.row_group_minmax(w if rows is None else self._blocked_weight().detach(), cfg.rows_per_scale)
+            if rows is not None:
+                lo, hi = lo[rows], hi[rows]
+        else:
+            src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
+            lo, hi = QF.minmax(src, cfg.granularity, cfg.group_size)
         lo, hi = lo.to(QF.compute_dtype(lo.dtype)), hi.to(QF.compute_dtype(hi.dtype))  # fp32 range and EMA state
         if cfg.observer == "ema":
             lo, hi = self._ema(lo, hi, observe)
@@ -328,7 +338,7 @@ class QuantNoiseMixin:
 
     def extra_repr(self) -> str:
         c = self.qn_cfg
-        detail = {"drop": "", "scalar": f", bits={c.bits}, {c.granularity}", "pq": f", centroids={c.n_centroids}"}
+        detail = {"drop": "", "scalar": f", bits={c.bits}, {c.granularity}" + (f"/{c.rows_per_scale} rows" if c.rows_per_scale > 1 else ""), "pq": f", centroids={c.n_centroids}"}
         return f"{super().extra_repr()}, quant_noise={c.scheme}(p={c.p}, block={c.block_size}{detail[c.scheme]})"
 
 

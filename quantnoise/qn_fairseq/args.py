@@ -9,7 +9,7 @@ random ``Linear`` it puts after the embeddings.
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantnoise import QuantNoiseConfig, quantize_
+from quantnoise import MixedPrecisionConfig, QuantNoiseConfig, quantize_
 from quantnoise.checkpoint import FAIRSEQ_QN_FIELDS  # fairseq's own fields, reinterpreted by our archs
 from quantnoise.config import ACT_GRANULARITIES, SCHEMES
 
@@ -33,6 +33,7 @@ FLAGS = {
     "refresh_every": "--quant-noise-refresh-every",
     "act_bits": "--quant-noise-act-bits", "act_ema_momentum": "--quant-noise-act-ema-momentum",
     "act_symmetric": "--quant-noise-act-symmetric", "act_granularity": "--quant-noise-act-granularity",
+    "plan": "--quant-noise-plan",
 }
 
 
@@ -53,6 +54,10 @@ class QuantNoiseArgs:
     quant_noise_act_ema_momentum: float = field(default=0.01, metadata={"help": "activations: weight of the newest batch in the EMA of their range"})
     quant_noise_act_symmetric: bool = field(default=True, metadata={"help": "activations: symmetric grid on max|x| (Q8BERT) instead of affine min/max"})
     quant_noise_act_granularity: ChoiceEnum(ACT_GRANULARITIES) = field(default="tensor", metadata={"help": "activations: one scale per tensor (Q8BERT) | token (per row, dynamic) | channel (per input feature, EMA)"})
+    quant_noise_plan: Optional[str] = field(default=None, metadata={"help": "bit plan YAML / JSON (quantnoise sensitivity -o plan.yaml): "
+                                                                    "scalar fake quantization of each layer it names at its own width and scale groups; "
+                                                                    "--quant-noise-p 0 (default) means full QAT (p=1), else Quant-Noise at that p; "
+                                                                    "evaluation quantized (docs/sensitivity.md)"})
     ipq_plan: Optional[str] = field(default=None, metadata={"help": "iPQ stage plan YAML: quantize layers stage by stage and fine-tune their centroids (docs/ipq_export.md)"})
 
 
@@ -66,11 +71,14 @@ def add_quant_noise_args(parser) -> None:
     gen_parser_from_dataclass(parser, QuantNoiseFlags())
 
 
-def noise_config(args) -> Optional[QuantNoiseConfig]:
-    """The core config the flags ask for (None: no noise).  Zeroes fairseq's own quant-noise fields.
-    Exits with one line naming the flag, the value and what is allowed when a value is bad."""
+def noise_config(args) -> Union[None, QuantNoiseConfig, MixedPrecisionConfig]:
+    """The core config the flags ask for (None: no noise; a MixedPrecisionConfig with --quant-noise-plan).
+    Zeroes fairseq's own quant-noise fields.  Exits with one line naming the flag, the value and what is
+    allowed when a value is bad."""
     _check_keys(args)
     args = _Defaults(args)
+    if args.quant_noise_plan:
+        return plan_config(args)
     fs_pq, fs_scalar = float(getattr(args, "quant_noise_pq", 0) or 0), float(getattr(args, "quant_noise_scalar", 0) or 0)
     kw = dict(scheme=str(args.quant_noise_scheme), p=float(args.quant_noise_p), block_size=int(args.quant_noise_block_size),
               bits=int(args.quant_noise_bits), granularity=str(args.quant_noise_granularity),
@@ -92,6 +100,24 @@ def noise_config(args) -> Optional[QuantNoiseConfig]:
     if cfg.p == 0.0 and not cfg.eval_quantized and cfg.act_bits is None:
         return None
     return cfg
+
+
+def plan_config(args) -> MixedPrecisionConfig:
+    """``--quant-noise-plan FILE``: the plan's widths, p = --quant-noise-p (0: full QAT, p=1), evaluation quantized."""
+    if str(args.quant_noise_scheme) == "pq" or float(getattr(args, "quant_noise_pq", 0) or 0) > 0 \
+            or float(getattr(args, "quant_noise_scalar", 0) or 0) > 0:
+        raise SystemExit("error: --quant-noise-plan gives each layer a scalar width; drop --quant-noise-scheme pq / "
+                         "--quant-noise-pq / --quant-noise-scalar")
+    if args.quant_noise_layers or args.quant_noise_exclude:
+        raise SystemExit("error: --quant-noise-plan names its layers itself; drop --quant-noise-layers / --quant-noise-exclude")
+    args.quant_noise_pq, args.quant_noise_scalar = 0.0, 0.0
+    p = float(args.quant_noise_p) or 1.0
+    try:
+        return MixedPrecisionConfig.from_plan(
+            str(args.quant_noise_plan), p=p, block_size=int(args.quant_noise_block_size) if p < 1 else 1,
+            seed=int(args.quant_noise_seed), act_bits=None if args.quant_noise_act_bits is None else int(args.quant_noise_act_bits))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --quant-noise-plan {args.quant_noise_plan}: {flag_message(str(e))}") from None
 
 
 def _check_keys(args) -> None:
@@ -126,18 +152,29 @@ def flag_message(msg: str) -> str:
     return re.sub(r"\bblock_size=", f"{FLAGS['block_size']}=", msg)
 
 
-def apply_quant_noise(model: nn.Module, cfg: Optional[QuantNoiseConfig]) -> List[str]:
-    """Wrap the model's layers and route fairseq attention through its projection modules."""
+def apply_quant_noise(model: nn.Module, cfg: Union[None, QuantNoiseConfig, MixedPrecisionConfig],
+                      later: tuple = ()) -> List[str]:
+    """Wrap the model's layers and route fairseq attention through its projection modules.  ``later``: name
+    prefixes of layers built after the model (RoBERTa's classification heads), wrapped when they are added."""
     if cfg is None:
         return []
+    if isinstance(cfg, MixedPrecisionConfig):
+        cfg = cfg.subset(lambda n: not n.startswith(later))
+        if cfg is None:
+            return []
     try:
         names = quantize_(model, cfg)
     except ValueError as e:
-        raise SystemExit(f"error: {flag_message(str(e))}") from None
+        flag = "--quant-noise-plan: " if isinstance(cfg, MixedPrecisionConfig) else ""
+        raise SystemExit(f"error: {flag}{flag_message(str(e))}") from None
     from quantnoise.nn import QuantNoiseMixin
 
     route_attention(model, (QuantNoiseMixin,))  # where a projection is wrapped
-    logger.info("quant-noise %s p=%s on %d layers: %s", cfg.scheme, cfg.p, len(names), ", ".join(names))
+    if isinstance(cfg, MixedPrecisionConfig):
+        widths = sorted({s.bits for s in cfg.layers.values()})
+        logger.info("quant-noise bit plan (p=%s, widths %s) on %d layers: %s", cfg.p, widths, len(names), ", ".join(names))
+    else:
+        logger.info("quant-noise %s p=%s on %d layers: %s", cfg.scheme, cfg.p, len(names), ", ".join(names))
     return names
 
 

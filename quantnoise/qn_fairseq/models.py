@@ -27,19 +27,20 @@ from fairseq.models.transformer_lm import (
     base_lm_architecture,
 )
 
-from quantnoise import quantize_
+from quantnoise import MixedPrecisionConfig, quantize_
 from quantnoise.api import selects
 
 from .args import QuantNoiseArgs, add_quant_noise_args, apply_quant_noise, noise_config
 from .ipq import attach_ipq
 
 
-def build_noised(build, args, task):
+def build_noised(build, args, task, later: tuple = ()):
     """fairseq's own ``build(args, task)`` with its quant-noise fields zeroed, then our wrappers
-    (``model.qn_cfg`` keeps the config for layers added later) and the iPQ stage hook."""
+    (``model.qn_cfg`` keeps the config for layers added later, under the name prefixes ``later``) and the
+    iPQ stage hook."""
     cfg = noise_config(args)
     model = build(args, task)
-    apply_quant_noise(model, cfg)
+    apply_quant_noise(model, cfg, later)
     attach_ipq(model, args)
     model.qn_cfg = cfg
     return model
@@ -83,13 +84,18 @@ class QNRobertaModel(RobertaModel):
 
     @classmethod
     def build_model(cls, args, task):
-        return build_noised(super().build_model, args, task)
+        return build_noised(super().build_model, args, task, later=("classification_heads.",))
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
         super().register_classification_head(name, num_classes, inner_dim, **kwargs)
         cfg = getattr(self, "qn_cfg", None)
         prefix = f"classification_heads.{name}."
         if cfg is None:
+            return
+        if isinstance(cfg, MixedPrecisionConfig):  # the head's layers the plan names, at their widths
+            head = cfg.subset(lambda n: n.startswith(prefix))
+            if head is not None:
+                quantize_(self, head)
             return
 
         def in_head(module, n):  # quantize_ also applies cfg.include / cfg.exclude
