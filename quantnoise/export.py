@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_write
 from .config import MAX_BLOCK_SIZE, is_int
+from .nn import ACT_RANGES
 
 FORMAT, VERSION = "quantnoise.qnz", 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -197,7 +198,7 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
         decoded.setdefault(tuple(shape), []).append((name, weight))
     rest, stored = DTYPES[opts.rest_dtype], {}  # stored: (storage, offset, shape, stride, dtype) -> dense key
     for key, t in state.items():
-        if key in owned:
+        if key in owned or key.rpartition(".")[2] in ACT_RANGES:  # act_bits' training ranges: no runtime uses them
             continue
         t = t.detach()
         tied = next((n for n, w in decoded.get(tuple(t.shape), []) if t.dtype.is_floating_point

@@ -11,7 +11,9 @@ What a block is, per layer (always ``block_size`` contiguous entries of a row of
 
 Noise never writes the parameter: each forward builds a new weight tensor (fairseq's hook
 overwrites ``weight.data``).  Observer and codebook state are non-persistent buffers: state dicts
-have exactly the plain layer's keys.
+have exactly the plain layer's keys, except the activation ranges of ``act_bits`` (Q8BERT's EMA ranges,
+``qn_act_lo`` / ``qn_act_hi``), which a trained model is evaluated with and so are saved once set (a state
+dict without them, written before they were saved, loads with one warning; a ``.qnz`` leaves them out).
 
 Masks are a function of (cfg.seed, layer name, update, call) only, never of the rank, the batch
 or the global RNG: ``update`` is the last number given to ``set_num_updates`` (fairseq calls it
@@ -33,6 +35,7 @@ checked (that would be a host sync on every forward).  Finite weights never give
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from typing import Dict, Optional, Type
 
@@ -43,6 +46,8 @@ from torch import Tensor, nn
 from . import functional as QF
 from .config import QuantNoiseConfig
 from .kmeans import kmeans
+
+ACT_RANGES = ("qn_act_lo", "qn_act_hi")  # the EMA input ranges of act_bits, saved in state dicts
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +186,21 @@ class QuantNoiseMixin:
         self._qn_phase, self._qn_replay = self.qn_calls, None  # a new micro-batch starts here
         self.qn_step = max(self.qn_step, num_updates)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        old = False
+        for name in ACT_RANGES:  # saved once set (None: not in a state dict): make room for the loaded ones
+            if name not in self._buffers or name in self._non_persistent_buffers_set:
+                continue
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                if self._buffers[name] is None or self._buffers[name].shape != value.shape:
+                    self._buffers[name] = torch.empty(value.shape, dtype=torch.float32, device=self.weight.device)
+            elif self._buffers[name] is not None:  # a state dict from before the ranges were saved
+                self._buffers[name], old = None, True
+        if old:
+            warnings.warn("quant-noise: the state dict holds no activation ranges (qn_act_lo / qn_act_hi: written "
+                          "before quantnoise saved them); the layers evaluate with each batch's range until trained")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # codebooks and observed ranges describe the old weights: rebuild them from the new ones
         self.qn_codebook = self.qn_codes = self.qn_lo = self.qn_hi = self.qn_eval_codebook = self.qn_eval_codes = None
 
@@ -368,8 +386,8 @@ class QNLinear(QuantNoiseMixin, nn.Linear):
 
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         super()._init_noise(cfg, name)
-        self.register_buffer("qn_act_lo", None, persistent=False)  # EMA of the input range: 0-d or (in,)
-        self.register_buffer("qn_act_hi", None, persistent=False)
+        self.register_buffer("qn_act_lo", None)  # EMA of the input range: 0-d or (in,); saved once set
+        self.register_buffer("qn_act_hi", None)
 
     def forward(self, x: Tensor) -> Tensor:
         p = self._active_p()

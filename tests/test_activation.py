@@ -190,3 +190,53 @@ def test_activation_quantization_keeps_half_precision_dtype_and_matches_fp32(dty
         assert y.dtype == dt and torch.isfinite(y).all()
         outs[dt] = y.float()
     torch.testing.assert_close(outs[dtype], outs[torch.float32], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_trained_ranges_are_saved_and_loaded(granularity):
+    """issue 22 item 5: the EMA ranges were non-persistent, so a reloaded model evaluated with per-batch ranges."""
+    lin, qn = qlinear(act_granularity=granularity)
+    qn.train()
+    for s in (1.0, 3.0, 0.5):
+        qn(s * torch.randn(8, 16))
+    qn.eval()
+    x = 4 * torch.randn(5, 16)
+    want = qn(x)
+    state = qn.state_dict()
+    assert torch.equal(state["qn_act_hi"], qn.qn_act_hi) and torch.equal(state["qn_act_lo"], qn.qn_act_lo)
+    _, fresh = qlinear(act_granularity=granularity)  # never run: no range yet
+    fresh.load_state_dict(state)
+    fresh.eval()
+    assert torch.equal(fresh.qn_act_hi, qn.qn_act_hi) and fresh.qn_act_hi.data_ptr() != qn.qn_act_hi.data_ptr()
+    assert torch.equal(fresh(x), want)
+    torch.save(state, buf := __import__("io").BytesIO())  # and through a file, weights_only
+    buf.seek(0)
+    _, again = qlinear(act_granularity=granularity)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(again.eval()(x), want)
+
+
+def test_a_state_dict_without_ranges_loads_with_a_warning():
+    """A checkpoint written before the ranges were saved (no qn_act_* keys) loads strictly into a layer that has
+    ranges; the layer then has none (per-batch ranges in eval, as that checkpoint was evaluated)."""
+    lin, qn = qlinear()
+    qn.train()
+    qn(torch.randn(4, 16))
+    old = {k: v for k, v in qn.state_dict().items() if not k.startswith("qn_act")}
+    with pytest.warns(UserWarning, match="no activation ranges"):
+        qn.load_state_dict(old)
+    assert qn.qn_act_lo is None and qn.qn_act_hi is None
+    x = torch.randn(3, 16)
+    assert torch.equal(qn.eval()(x), F.linear(ref_sym(x, x.abs().max()), lin.weight, lin.bias))
+
+
+def test_export_leaves_activation_ranges_out():
+    """The ranges are training state of the fake quantization: a .qnz (run by fbgemm / the stock layers) holds
+    none, so it still fits the plain architecture."""
+    from quantnoise import export
+
+    _, qn = qlinear()
+    qn.train()
+    qn(torch.randn(4, 16))
+    tensors, meta = export.encode({f"fc.{k}": v for k, v in qn.state_dict().items()}, {}, export.ExportOptions())
+    assert sorted(meta["dense"]) == ["fc.bias", "fc.weight"] and sorted(tensors) == ["fc.bias", "fc.weight"]

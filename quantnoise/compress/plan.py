@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..config import is_int
+from ..nn import ACT_RANGES
 from .layers import LayerRule, pq_quantize, scalar_decode, scalar_quantize
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def quantize_state_dict(state: Dict[str, Tensor], plan: IPQPlan,
         if skey in done:  # tied copy of a weight quantized above
             continue
         del out[f"{name}.weight"]
+        for key in ACT_RANGES:  # a QNLinear's activation ranges: the compressed layer has none
+            out.pop(f"{name}.{key}", None)
         out[f"{name}.weight_size"] = torch.tensor(w.shape)
         if rule.scheme == "pq":
             codes, cents = pq_quantize(w, rule.block_size, rule.n_centroids, rule.kmeans_iters,

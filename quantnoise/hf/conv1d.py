@@ -50,8 +50,8 @@ class QNConv1D(QuantNoiseMixin, Conv1D):
 
     def _init_noise(self, cfg: QuantNoiseConfig, name: str) -> None:
         super()._init_noise(cfg, name)
-        self.register_buffer("qn_act_lo", None, persistent=False)
-        self.register_buffer("qn_act_hi", None, persistent=False)
+        self.register_buffer("qn_act_lo", None)  # saved once set, as QNLinear's
+        self.register_buffer("qn_act_hi", None)
 
     quantize_input = QNLinear.quantize_input
 
