@@ -43,6 +43,7 @@ def train(model, out, callbacks, max_steps=6, resume=None, save_steps=3):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_draws_the_same_masks_and_ends_bit_identical(tmp_path):
     full = train(gpt2(), tmp_path / "a", [QuantNoiseCallback()])
     resumed = train(gpt2(), tmp_path / "b", [QuantNoiseCallback()], resume=str(tmp_path / "a" / "checkpoint-3"))
