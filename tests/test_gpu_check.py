@@ -14,12 +14,14 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
 def check(out, **env) -> subprocess.CompletedProcess:
+    # GPU_CHECK_* of an enclosing run (this file runs inside the check's own pytest step) must not leak in
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
     return subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env})
+                          env={**base, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: run the real check")
-def test_without_cuda_it_stops_at_once_saying_so(tmp_path):
+def test_without_a_gpu_it_stops_at_once_saying_so(tmp_path):
     out = check(tmp_path / "gc")
     assert out.returncode == 1
     summary = (tmp_path / "gc" / "summary.md").read_text()
