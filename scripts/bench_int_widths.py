@@ -31,7 +31,8 @@ def loaded_layer(w: torch.Tensor, bits: int) -> nn.Module:
     model = nn.Module()
     model.lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     fill_model_(model, dict(tensors), meta)
-    raw = IntLinear(w.shape[1], w.shape[0], tensors["lin.qweight"], tensors["lin.qscale"], bits, bits, None)
+    raw = None if bits in (2, 4, 8) else IntLinear(w.shape[1], w.shape[0], tensors["lin.qweight"], tensors["lin.qscale"],
+                                                   bits, bits, None)  # the file's stream as it is (decode + matmul)
     return model.lin, raw
 
 
@@ -67,7 +68,7 @@ def main() -> None:
             for bits in range(2, 9):
                 layer, raw = loaded_layer(w, bits)
                 ms = median_ms(layer, x, args.repeats)
-                raw_ms = median_ms(raw, x, args.repeats) if bits not in (2, 4, 8) else float("nan")
+                raw_ms = median_ms(raw, x, args.repeats) if raw is not None else float("nan")
                 file_b, mem_b = out * inn * bits / 8, out * inn * layer.width / 8
                 print(f"{shape:>10s} {tokens:4d} {bits:4d} {layer.choose_kernel(x):>8s} {ms:8.3f} "
                       f"{1e6 * ms / file_b:10.3f} {1e6 * ms / mem_b:9.3f} {raw_ms:8.3f}")

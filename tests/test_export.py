@@ -102,6 +102,10 @@ def test_version_1_file_still_loads_and_widths_are_checked_per_version(tmp_path,
     assert meta["format_version"] == 1 and meta["layers"]["1"]["pack_width"] == export.legacy_pack_width(bits)
     assert tensors["1.qweight"].numel() == 24 * 16 * export.legacy_pack_width(bits) // 8
     assert torch.equal(export.decode(tensors, meta)["1.weight"], m[1].weight)
+    row = next(r for r in export.layer_sizes(tensors, meta) if r["name"] == "1")  # what `quantnoise inspect` prints
+    old = export.legacy_pack_width(bits)
+    assert row["scheme"] == (f"int{bits}" if old == bits else f"int{bits} in {old} bits")
+    assert row["bytes"] == 24 * 16 * old // 8 + 24 * 4 and row["bound_bits"] == 24 * 16 * bits + 24 * 32
     if export.legacy_pack_width(bits) != bits:  # each version accepts its own width only
         t, e = export.encode(state, {}, export.ExportOptions())
         e["format_version"] = 1
