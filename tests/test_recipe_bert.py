@@ -64,7 +64,8 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "job 1: stages int8_qat,qn_int4" in p.stderr
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"}
+    ipq = {"ipq_posthoc", "ipq_qn", "ipq_qn_int8"}
+    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"} | ipq
     for r in res.values():
         assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
@@ -74,8 +75,21 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert sum(q["layers_at_bits"].values()) == 2 + 6 * 6 + 2  # MiniLM: word/position emb., 6 x 6 Linear, pooler, head
     assert "| int8_qat |" in (out / "results.md").read_text() and "| qbert_mixed |" in (out / "results.md").read_text()
     assert (out / "sensitivity.txt").read_text().startswith("layer")
+    # iPQ rows: 38 layers (6 x 6 Linear + word / position embeddings) through compress_, each .qnz read back
+    for k in ipq:
+        assert res[k]["file"].endswith(".qnz") and (out / "ckpt" / res[k]["file"]).exists()
+        assert res[k]["bytes"] == (out / "ckpt" / res[k]["file"]).stat().st_size
+        assert res["fp32"]["bytes"] / res[k]["bytes"] > 20  # the issue's >= 20x (pooler, head, LayerNorms stay fp32)
+    assert res["ipq_posthoc"]["layers"] == res["ipq_qn"]["layers"] == 38
+    assert res["ipq_qn_int8"]["bytes"] < res["ipq_qn"]["bytes"] < res["int4_posthoc"]["bytes"]
+    q = res["ipq_qn"]  # chosen on DEV among the tiny size's three candidates
+    assert len(q["candidates"]) == 3 and q["chosen"] in q["candidates"]
+    assert q["dev_acc"] == max(c["dev_acc"] for c in q["candidates"].values())
+    assert res["ipq_qn_int8"]["chosen"] == q["chosen"] and res["ipq_posthoc"]["noise"] is None
+    md = (out / "results.md").read_text()
+    assert "| ipq_qn_int8 |" in md and "chosen **" + q["chosen"] in md
     p2 = run(*data, out, "--size", "tiny")  # every stage done: skipped, same table
-    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8
+    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6
     assert json.loads((out / "results.json").read_text()) == res
 
 

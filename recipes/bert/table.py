@@ -20,6 +20,7 @@ import logging
 import os
 import pathlib
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -28,11 +29,11 @@ import time
 import torch
 from torch import nn
 
-from quantnoise import quantize_, unquantize_
+from quantnoise import IPQPlan, QuantNoiseConfig, compress_, quantize_, unquantize_
 from quantnoise import hf, ptq
 from quantnoise.compress.bitplan import allocate_bits
 from quantnoise.checkpoint import atomic_write
-from quantnoise.export import ExportOptions, pack_width, save_state_dict
+from quantnoise.export import ExportOptions, load_state_dict, pack_width, save_state_dict
 from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert, qn_int4
 from quantnoise.compress.sensitivity import format_table, hessian_sensitivity
@@ -40,28 +41,61 @@ from quantnoise.compress.sensitivity import format_table, hessian_sensitivity
 log = logging.getLogger("recipes.bert")
 SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 (texts truncated to max_len tokens)
     # tiny: the tests' smoke size (a few sentences); small: ~1 epoch of 5,000 lines in ~20 min on 2 cores
+    # iPQ rows: cont_steps plain (ipq_posthoc) or noise (ipq_qn) steps from the fp32 model at cont_lr, then
+    # iPQ and ipq_steps of fine-tuning at ipq_lr (k-means: kmeans_iters); qn_candidates: (noise kind, p) tried on DEV
     "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
-                 sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1),
+                 sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1,
+                 cont_steps=2, cont_lr=5e-5, ipq_steps=3, ipq_lr=1e-4, kmeans_iters=2,
+                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("drop", 0.1)]),
     "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
-                  sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4),
+                  sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4,
+                  cont_steps=100, cont_lr=5e-5, ipq_steps=200, ipq_lr=1e-4, kmeans_iters=20,
+                  qn_candidates=[("pq", 0.05), ("pq", 0.1), ("pq", 0.2)]),
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
-                 sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4),
+                 sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4,
+                 cont_steps=300, cont_lr=5e-5, ipq_steps=600, ipq_lr=1e-4, kmeans_iters=20,
+                 qn_candidates=[("pq", 0.05), ("pq", 0.1), ("pq", 0.2)]),
 }
+# iPQ as Quant-Noise (Fan et al. 2020) compresses RoBERTa: blocks of 8 weights for the FFN and the
+# embeddings, 4 for attention, 256 centroids; stages in this order (FFN -> embeddings -> attention)
+IPQ_GROUPS = [("ffn", r"layer\.\d+\.(intermediate|output)\.dense$", 8),
+              ("emb", r"embeddings\.(word|position)_embeddings$", 8),
+              ("attn", r"attention\.(self\.(query|key|value)|output\.dense)$", 4)]
+IPQ_K = 256
+IPQ_STAGED = True       # chosen on DEV (results.md, recipes/bert/README.md): stages vs all at once
+IPQ_DISTILL = 2.0       # chosen on DEV: KL to the fp32 model's logits at this temperature (None: the labels)
+IPQ_TRAIN_ALL = True    # chosen on DEV: fine-tune LayerNorms, biases, pooler and head with the centroids
 PTQ_CANDIDATES = [("minmax", 100.0), ("percentile", 99.99), ("percentile", 99.9)]
 ORDER = ["fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"]  # rows of the table
+IPQ_ROWS = ["ipq_posthoc", "ipq_qn", "ipq_qn_int8"]  # the iPQ table (ipq_qn picks among the candidate stages)
 FP32_CHAIN = ["fp32", "dq", "ptq", "int4_posthoc", "qbert_mixed", "pretrained_cosine"]  # need fp32 (but the last)
 TRAININGS = ["int8_qat", "qn_int4"]  # independent of fp32: fine-tuned from the pretrained model
 STAGES = FP32_CHAIN[:-1] + TRAININGS  # run order in one process: the cheap post-training rows first
 
 
-def job_groups(jobs: int):
+def candidate_name(kind: str, p: float) -> str:
+    return f"ipq_qn_{kind}_{p:g}"
+
+
+def ipq_stages(cfg: dict):
+    """Every stage of the iPQ rows, in run order (they need fp32): the post-hoc row, one per noise
+    candidate, then ipq_qn (the DEV-best candidate's file on TEST) and its int8-centroid export."""
+    return ["ipq_posthoc"] + [candidate_name(k, p) for k, p in cfg["qn_candidates"]] + ["ipq_qn", "ipq_qn_int8"]
+
+
+def job_groups(jobs: int, cfg: dict):
     """The stages of each of ``jobs`` processes: the fp32 chain in the first, the independent
-    trainings spread over the others (all in one process when jobs == 1)."""
+    trainings spread over the others (all in one process when jobs == 1); the iPQ rows (which need
+    fp32, and ipq_qn every candidate: a job waits for them) after them, the post-hoc row and the first
+    candidate in the first job, the other candidates and the choice in the last."""
+    ipq = ipq_stages(cfg)
     if jobs <= 1:
-        return [STAGES + ["pretrained_cosine"]]
+        return [STAGES + ["pretrained_cosine"] + ipq]
     groups = [list(FP32_CHAIN)] + [[] for _ in range(min(jobs, 1 + len(TRAININGS)) - 1)]
     for i, name in enumerate(TRAININGS):
         groups[1 + i % (len(groups) - 1)].append(name)
+    groups[0] += ipq[:2]
+    groups[-1] += ipq[2:]
     return groups
 
 
@@ -270,6 +304,163 @@ class Run:
                         f"(layers at 2/4/8: {widths['2']}/{widths['4']}/{widths['8']}); post-hoc, per row")
         return res
 
+    # ------------------------------------------------------------------ iPQ rows
+    def runner(self, name: str):
+        kinds = {candidate_name(k, p): (k, p) for k, p in self.cfg["qn_candidates"]}
+        if name in kinds:
+            return lambda: self.run_ipq_candidate(*kinds[name])
+        return getattr(self, f"run_{name}")
+
+    def wait_for(self, names) -> None:
+        """Block until the stages ``names`` are done (another ``--jobs`` process runs them)."""
+        t = time.time()
+        while not all((self.out / "stages" / f"{n}.json").exists() for n in names):
+            if (self.args.child and os.getppid() == 1) or time.time() - t > 4 * 3600:  # orphaned, or waited too long
+                raise SystemExit(f"error: stages {names} are not done; run them (`--stages {','.join(names)}`)")
+            time.sleep(5)
+
+    def teacher(self):
+        """The fp32 model's logits on every TRAIN batch (eval mode), cached: the distillation targets."""
+        path = self.out / "ckpt" / "teacher_logits.pt"
+        if not path.exists():
+            with torch.no_grad():
+                logits = [hf.forward(self.fp32(), b).logits for b in self.train]
+            atomic_write(str(path), lambda tmp: torch.save(logits, tmp))
+        return torch.load(path, weights_only=True)
+
+    def train_steps_(self, model: nn.Module, steps: int, lr: float, tag: str, params=None, distill=None) -> list:
+        """``steps`` AdamW steps on TRAIN batches in a seeded order (cycling), linear warm-up 10 % then
+        decay, clip 1.0; loss: cross-entropy on the labels, or with ``distill`` = T the KL divergence to the
+        fp32 model's logits at temperature T (times T^2, Hinton et al.)."""
+        params = [q for q in (model.parameters() if params is None else params) if q.requires_grad]
+        torch.manual_seed(self.args.seed)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+        teacher = self.teacher() if distill else None
+        order, losses, rng = [], [], random.Random(self.args.seed)
+        model.train()
+        for step in range(steps):
+            if not order:
+                order = list(range(len(self.train)))
+                rng.shuffle(order)
+            i = order.pop()
+            b = self.train[i]
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            if distill:
+                t = distill
+                loss = nn.functional.kl_div(nn.functional.log_softmax(logits / t, -1),
+                                            nn.functional.log_softmax(teacher[i] / t, -1),
+                                            log_target=True, reduction="batchmean") * t * t
+            else:
+                loss = nn.functional.cross_entropy(logits, b["labels"])
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            if (step + 1) % 20 == 0 or step + 1 == steps:
+                log.info("%s step %d/%d loss %.4f", tag, step + 1, steps, sum(losses[-20:]) / len(losses[-20:]))
+        model.eval()
+        return losses
+
+    def ipq_(self, model: nn.Module, tag: str, staged: bool = IPQ_STAGED, distill=IPQ_DISTILL,
+             train_all: bool = IPQ_TRAIN_ALL, steps=None, lr=None, groups=None) -> dict:
+        """iPQ of ``model`` in place through ``quantnoise.compress_`` (IPQ_GROUPS: FFN and embeddings in
+        blocks of 8, attention in blocks of 4, 256 centroids), then ``ipq_steps`` of fine-tuning: after each
+        stage (``staged``, the steps split evenly) or once after all.  ``train_all``: the centroids and
+        every parameter iPQ leaves (LayerNorms, biases, pooler, head); else the centroids only."""
+        c = self.cfg
+        steps = c["ipq_steps"] if steps is None else steps
+        lr = c["ipq_lr"] if lr is None else lr
+        rules = [LayerRule(pattern=pat, scheme="pq", block_size=bs, n_centroids=IPQ_K, kmeans_iters=c["kmeans_iters"])
+                 for g, pat, bs in IPQ_GROUPS if groups is None or g in groups]
+        unquantize_(model)  # a noise fine-tune ends here: every row gets the same iPQ of plain layers
+        phases = [[r] for r in rules] if staged else [rules]
+        t_km, n, losses = 0.0, 0, []
+        for i, phase in enumerate(phases):
+            t = time.time()
+            n += len(compress_(model, IPQPlan(stages=phase, seed=self.args.seed)))
+            t_km += time.time() - t
+            k = steps // len(phases) + (1 if i < steps % len(phases) else 0)
+            params = None if train_all else [q for name, q in model.named_parameters() if name.endswith(".centroids")]
+            if k:
+                losses += self.train_steps_(model, k, lr, f"{tag} iPQ {i + 1}/{len(phases)}", params, distill)
+        return {"layers": n, "kmeans_seconds": round(t_km, 1), "ipq_steps": steps, "ipq_lr": lr, "staged": staged,
+                "distill_T": distill, "train_all": train_all, "last_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)}
+
+    def noise_(self, model: nn.Module, kind: str, p: float) -> None:
+        """Quant-Noise on the iPQ layers in place, with iPQ's block sizes (``kind``: drop | pq; pq noise's
+        codebooks are k-means of the current weights, refreshed every 50 training forwards)."""
+        for g, pat, bs in IPQ_GROUPS:
+            quantize_(model, QuantNoiseConfig(scheme=kind, p=p, block_size=bs, n_centroids=IPQ_K, include=pat,
+                                              kmeans_iters=self.cfg["kmeans_iters"], refresh_every=50, seed=self.args.seed))
+
+    def dev_acc(self, model: nn.Module) -> float:
+        return hf.accuracy(hf.predict(model, self.dev)[0], self.ydev)
+
+    def ipq_row(self, name: str, kind=None, p: float = 0.0) -> dict:
+        """The fp32 model continued ``cont_steps`` (plainly, or with ``kind`` noise at rate ``p``), DEV, then
+        iPQ + fine-tuning, exported to ckpt/NAME.qnz; DEV accuracy of the model read back from the file."""
+        self.wait_for(["fp32"])
+        c = self.cfg
+        model = copy.deepcopy(self.fp32())
+        if kind:
+            self.noise_(model, kind, p)
+        self.train_steps_(model, c["cont_steps"], c["cont_lr"], f"{name} {'noise' if kind else 'plain'} continuation")
+        res = {"noise": kind, "p": p, "cont_steps": c["cont_steps"], "cont_lr": c["cont_lr"],
+               "cont_dev_acc": self.dev_acc(model)}
+        res.update(self.ipq_(model, name))
+        path = self.out / "ckpt" / f"{name}.qnz"
+        res["bytes"] = qnz_bytes(model, path)
+        res["dev_acc"] = self.dev_acc(self.from_qnz(path))
+        int8 = self.out / "ckpt" / f"{name}_int8.qnz"  # the same codes, int8 centroids: the iPQ + int8 row
+        save_state_dict(int8, model.state_dict(), ExportOptions(rest_dtype="float32", centroids_dtype="int8"))
+        return res
+
+    def from_qnz(self, path) -> nn.Module:
+        model = self.new_model()
+        model.load_state_dict(load_state_dict(path))
+        return model.eval()
+
+    def test_from_qnz(self, name: str, path) -> dict:
+        res = self.score(name, self.from_qnz(path), path.stat().st_size)
+        res["file"] = path.name
+        return res
+
+    def run_ipq_posthoc(self) -> dict:
+        res = self.ipq_row("ipq_posthoc")
+        res.update(self.test_from_qnz("ipq_posthoc", self.out / "ckpt" / "ipq_posthoc.qnz"))
+        res["note"] = (f"fp32 + {res['cont_steps']} plain steps, iPQ {res['layers']} layers "
+                       f"({'staged' if res['staged'] else 'all at once'}) + {res['ipq_steps']} fine-tune steps")
+        return res
+
+    def run_ipq_candidate(self, kind: str, p: float) -> dict:
+        return self.ipq_row(candidate_name(kind, p), kind, p)  # DEV only: the choice of ipq_qn
+
+    def run_ipq_qn(self) -> dict:
+        names = [candidate_name(k, p) for k, p in self.cfg["qn_candidates"]]
+        self.wait_for(names)
+        cands = {n: json.loads((self.out / "stages" / f"{n}.json").read_text()) for n in names}
+        best = max(names, key=lambda n: cands[n]["dev_acc"])  # the first of equals: the order of qn_candidates
+        res = dict(cands[best])
+        res.update(self.test_from_qnz("ipq_qn", self.out / "ckpt" / f"{best}.qnz"))
+        res["chosen"] = best
+        res["candidates"] = {n: {k: cands[n][k] for k in ("noise", "p", "cont_dev_acc", "dev_acc", "seconds")} for n in names}
+        res["note"] = (f"fp32 + {res['cont_steps']} steps of {res['noise']} noise p={res['p']:g} (chosen on DEV), "
+                       f"then the iPQ of ipq_posthoc")
+        return res
+
+    def run_ipq_qn_int8(self) -> dict:
+        self.wait_for(["ipq_qn"])
+        chosen = json.loads((self.out / "stages" / "ipq_qn.json").read_text())["chosen"]
+        path = self.out / "ckpt" / f"{chosen}_int8.qnz"
+        res = self.test_from_qnz("ipq_qn_int8", path)
+        res["dev_acc"] = self.dev_acc(self.from_qnz(path))
+        res.update(chosen=chosen, note=f"ipq_qn ({chosen}) exported with int8 centroids (one scale per layer)")
+        return res
+
     def run_pretrained_cosine(self) -> dict:
         """The sentence-embedding use of all-MiniLM-L6-v2 (no fine-tuning): cosine of each post-training
         scheme's mean-pooled embeddings to the fp32 encoder's, on the TEST sentences."""
@@ -316,6 +507,7 @@ class Run:
         speed = "; ".join(f"{k}: fp32 {v['fp32_s']} s, DQ {v['dq_s']} s, speed-up {v['speedup']}x" for k, v in sp.items())
         a = self.args
         secs = {k: r.get("seconds") for k, r in results.items()}
+        secs.update({n: c["seconds"] for n, c in results["ipq_qn"]["candidates"].items()})
         text = (f"# Q8BERT table: all-MiniLM-L6-v2, size={a.size}\n\n"
                 f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --size {a.size} --jobs {a.jobs} "
                 f"--threads {a.threads}`\n\n"
@@ -326,8 +518,36 @@ class Run:
                 "\n\nSentence embeddings of the pretrained all-MiniLM-L6-v2 (no fine-tuning), mean cosine to fp32 on the TEST "
                 f"sentences: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items() if k != "seconds") +
                 f"\n\nDQ forward time on {min(len(self.test), self.cfg['speed_batches'])} test batches (best of 3, "
-                f"interleaved): {speed}\n\nThis invocation: {self.usage()}\n")
+                f"interleaved): {speed}\n\n" + self.ipq_report(results) + f"\n\nThis invocation: {self.usage()}\n")
         atomic_write(str(self.out / "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
+
+    def ipq_report(self, results: dict) -> str:
+        """The iPQ table: TEST accuracy of each row read back from its .qnz, bytes, ratio to fp32's .qnz."""
+        fp, c = results["fp32"], self.cfg
+        rows = ["## iPQ (Quant-Noise's extreme compression): every row's .qnz read back and scored on TEST", "",
+                "| row | DEV acc | test acc | iPQ loss vs fp32 (test) | bytes | fp32 .qnz / this | note |",
+                "|---|---|---|---|---|---|---|",
+                f"| fp32 | {fp['dev_acc']:.4f} | {fp['acc']:.4f} | 0 | {fp['bytes']:,} | 1.0x | |"]
+        for k in IPQ_ROWS:
+            r = results[k]
+            rows.append(f"| {k} | {r['dev_acc']:.4f} | {r['acc']:.4f} | {fp['acc'] - r['acc']:+.4f} | {r['bytes']:,} | "
+                        f"{fp['bytes'] / r['bytes']:.1f}x | {r['note']} |")
+        q, ph = results["ipq_qn"], results["ipq_posthoc"]
+        cands = "; ".join(f"{n}: DEV {v['dev_acc']:.4f} after iPQ ({v['cont_dev_acc']:.4f} before)"
+                          for n, v in q["candidates"].items())
+        loss_ph, loss_qn = fp["acc"] - ph["acc"], fp["acc"] - q["acc"]
+        cut = f"{100 * (1 - loss_qn / loss_ph):.0f} %" if loss_ph > 0 else "n/a (ipq_posthoc loses nothing)"
+        return "\n".join(rows) + (
+            f"\n\nNoise candidates (from the fp32 model, {c['cont_steps']} steps at lr {c['cont_lr']:g}; "
+            f"chosen on DEV after the same iPQ): {cands}; chosen **{q['chosen']}**. ipq_posthoc: the same "
+            f"{c['cont_steps']} steps without noise (equal compute; DEV {ph['cont_dev_acc']:.4f} before iPQ).\n\n"
+            f"iPQ of every row alike: {ph['layers']} layers (FFN and word / position embeddings in blocks of 8, "
+            f"attention in blocks of 4, {IPQ_K} centroids, k-means {c['kmeans_iters']} iterations), "
+            f"{'in stages FFN -> embeddings -> attention, each followed by' if ph['staged'] else 'all at once, then'} "
+            f"fine-tuning ({c['ipq_steps']} steps in all, lr {c['ipq_lr']:g}, "
+            f"{'the centroids and every other parameter' if ph['train_all'] else 'the centroids only'}, "
+            + (f"distillation from the fp32 model at T={ph['distill_T']:g}" if ph["distill_T"] else "the labels")
+            + f"). iPQ loss (fp32 minus iPQ, TEST): ipq_posthoc {loss_ph:+.4f}, ipq_qn {loss_qn:+.4f}: cut {cut}.")
 
     def usage(self) -> str:
         """Wall and CPU seconds of this invocation (this process and its jobs) and the load average."""
@@ -340,7 +560,7 @@ class Run:
         """Run the unfinished stages in ``--jobs`` child processes (this script with ``--stages``), each
         on ``--threads`` threads; wait for all.  SystemExit when one fails."""
         a, done = self.args, lambda n: (self.out / "stages" / f"{n}.json").exists()
-        groups = [g for g in job_groups(a.jobs) if not all(done(n) for n in g)]
+        groups = [g for g in job_groups(a.jobs, self.cfg) if not all(done(n) for n in g)]
         if a.jobs <= 1 or not groups:
             return
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
@@ -359,11 +579,19 @@ class Run:
         results, self.t0, self.load0 = {}, time.time(), os.getloadavg()[0]
         if not self.args.stages:
             self.spawn()
-        for name in self.args.stages or STAGES + ["pretrained_cosine"]:
-            results[name] = self.stage(name, getattr(self, f"run_{name}"))
+        for name in self.args.stages or STAGES + ["pretrained_cosine"] + ipq_stages(self.cfg):
+            results[name] = self.stage(name, self.runner(name))
         if self.args.stages:  # a partial run (e.g. stages in parallel processes): the report comes with a full one
+            if not self.args.child and all((self.out / "stages" / f"{n}.json").exists() for n in ["fp32"] + IPQ_ROWS):
+                done = {n: json.loads((self.out / "stages" / f"{n}.json").read_text()) for n in ["fp32"] + IPQ_ROWS}
+                text = self.ipq_report(done) + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n"
+                atomic_write(str(self.out / "results_ipq.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
+                log.info("wrote %s", self.out / "results_ipq.md")
             return results
         cos = results.pop("pretrained_cosine")
+        for name in ipq_stages(self.cfg):
+            if name not in IPQ_ROWS:
+                results.pop(name)  # a candidate: listed in ipq_qn["candidates"]
         self.report(results, cos)
         log.info("wrote %s and %s; %s", self.out / "results.md", self.out / "results.json", self.usage())
         return results
@@ -380,7 +608,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the size's fine-tune epochs")
     ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     ap.add_argument("--stages", type=lambda v: v.split(","), default=None,
-                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine to run now, in this process "
+                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine,{','.join(ipq_stages(SIZES['small']))} "
+                         f"(the candidates ipq_qn_KIND_P follow the size's qn_candidates) to run now, in this process "
                          f"(no report); stages after fp32 need fp32 done, except int8_qat and qn_int4")
     ap.add_argument("--jobs", type=int, default=2,
                     help="processes for a full run: the fp32 chain in one, the int8 QAT / Quant-Noise trainings in the "
@@ -392,9 +621,10 @@ def main(argv=None) -> int:
     if args.jobs < 1 or args.threads < 1:
         print(f"error: --jobs {args.jobs} / --threads {args.threads}: both must be >= 1", file=sys.stderr)
         return 2
-    unknown = [n for n in args.stages or [] if n not in STAGES + ["pretrained_cosine"]]
+    known = STAGES + ["pretrained_cosine"] + ipq_stages(SIZES[args.size])
+    unknown = [n for n in args.stages or [] if n not in known]
     if unknown:
-        print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(STAGES)},pretrained_cosine", file=sys.stderr)
+        print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(known)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
