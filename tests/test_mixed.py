@@ -175,3 +175,59 @@ def test_bert_qat_with_a_plan_exports_each_layer_at_its_width(tmp_path):
         torch.testing.assert_close(state[f"{n}.weight"], qat[n], atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_groups_use_the_whole_table_and_match_the_compressed_rows():
+    """An Embedding's group-wise scales come from whole groups of the table, whichever rows a batch looks up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 8))
+    cfg = MixedPrecisionConfig.from_plan({"0": {"bits": 3, "rows_per_scale": 4}})
+    quantize_(model, cfg)
+    q, scale = scalar_quantize(model[0].weight, 3, rows_per_scale=4)
+    table = scalar_decode(q, scale, (40, 8))
+    ids = torch.tensor([[3, 17, 3], [39, 0, 22]])
+    for mode in (True, False):
+        model.train(mode)
+        torch.testing.assert_close(model(ids), table[ids], atol=0, rtol=0)
+    compress_(model, cfg.to_ipq_plan())
+    torch.testing.assert_close(model(ids), table[ids], atol=0, rtol=0)
+
+
+def test_gpt2_plan_qat_with_trainer_exports_conv1d_at_its_width(tmp_path):
+    """GPT-2 (Conv1D layers, weights stored (in, out)) fine-tuned by a real transformers.Trainer with the plan's
+    quantizers (QuantNoiseCallback keeping the masks' step), then compressed: the .qnz holds c_attn at 3 bits with
+    one scale per 8 output features, decoding to the QAT model's own weights."""
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from quantnoise.hf import QuantNoiseCallback
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    plan = {"transformer.h.0.attn.c_attn": {"bits": 3, "rows_per_scale": 8}, "transformer.h.0.mlp.c_fc": 5,
+            "transformer.h.0.mlp.c_proj": {"bits": 2, "p": 0.5}}
+    cfg = MixedPrecisionConfig.from_plan(plan)
+    assert quantize_(model, cfg) == list(plan)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16, 12), generator=g)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = tf.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+                                learning_rate=1e-3, save_strategy="no", report_to=[], logging_steps=100, seed=0,
+                                use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    tf.Trainer(model=model, args=args, train_dataset=data, callbacks=[QuantNoiseCallback()]).train()
+    assert not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
+    model.eval()
+    qat = {n: model.get_submodule(n).noisy(model.get_submodule(n)._blocked_weight(), 1.0).detach().t() for n in plan}
+    compress_(model, cfg.to_ipq_plan())
+    save_qnz(model, tmp_path / "gpt2.qnz")
+    tensors, meta = read_qnz(tmp_path / "gpt2.qnz")
+    from quantnoise.export import decode
+
+    state = decode(tensors, meta)
+    for n, spec in cfg.layers.items():
+        e = meta["layers"][n]
+        assert (e["bits"], e["pack_width"], e.get("rows_per_scale", 1)) == (spec.bits, spec.bits, spec.rows_per_scale)
+        w = state[f"{n}.weight"]
+        w = w if w.shape == qat[n].shape else w.t()  # a Conv1D's entry may be stored as the Linear of W.T
+        torch.testing.assert_close(w, qat[n], atol=0, rtol=0)
