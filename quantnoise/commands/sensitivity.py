@@ -4,7 +4,8 @@ and optionally a mixed-precision bit plan for ``quantnoise quantize --config``.
 Prints one row per Linear / Embedding layer, most sensitive first: weights, mean and std over the
 batches of the dominant Hessian eigenvalue's magnitude, and the score mean + std (Shen et al. 2020).
 With ``-o plan.yaml`` and a budget (``--avg-bits`` or ``--budget-mb``), writes the bit plan that
-minimises sum(score * weights * 4^-bits) under it (exact knapsack, quantnoise.compress.bitplan).
+minimises sum(score * weights * 4^-bits) under it (exact knapsack, quantnoise.compress.bitplan), each width
+costing the bits a .qnz stores it in (``export.pack_width``: int3 3 bits).
 """
 import argparse
 import importlib
@@ -14,6 +15,7 @@ import sys
 from ..compress.bitplan import allocate_bits
 from ..checkpoint import check_output
 from ..compress.sensitivity import format_table
+from ..export import pack_width
 
 
 def add_parser(sub) -> None:
@@ -58,7 +60,7 @@ def run(args) -> int:
             raise ValueError("-o/--output writes a bit plan: give exactly one of --avg-bits or --budget-mb")
         check_output(args.output)  # before the long computation, as is the budget where it can be
         if args.avg_bits is not None:
-            allocate_bits({"all": 1.0}, {"all": 1}, bits=widths, avg_bits=args.avg_bits)
+            allocate_bits({"all": 1.0}, {"all": 1}, bits=widths, avg_bits=args.avg_bits, bit_cost=pack_width)
     elif args.avg_bits is not None or args.budget_mb is not None:
         raise ValueError("--avg-bits / --budget-mb set a bit plan's budget: also pass -o plan.yaml")
     scores = _plugin_module().checkpoint_sensitivity(
@@ -67,7 +69,7 @@ def run(args) -> int:
     plan = None
     if args.output:
         plan = allocate_bits({n: s.score for n, s in scores.items()}, {n: s.numel for n, s in scores.items()},
-                             bits=widths, avg_bits=args.avg_bits,
+                             bits=widths, avg_bits=args.avg_bits, bit_cost=pack_width,  # what a .qnz stores: int3 in 3 bits
                              budget_bytes=None if args.budget_mb is None else args.budget_mb * 1e6)
         plan.save_yaml(args.output, {n: s.score for n, s in scores.items()})
     print(format_table(scores, plan.bits if plan else None))
