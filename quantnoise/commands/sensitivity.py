@@ -21,7 +21,7 @@ from ..export import pack_width
 def add_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="Q-BERT Hessian sensitivity per layer of a fairseq checkpoint (+ bit plan)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="fairseq checkpoint (.pt)")
+    p.add_argument("checkpoint", help="fairseq checkpoint (.pt), or a .qnz of one (scored decoded)")
     p.add_argument("data", help="data-bin folder of the checkpoint's task (dictionary and the --subset split)")
     p.add_argument("--subset", default="valid", help="data split whose first batches are used")
     p.add_argument("--batches", type=int, default=4, help="batches (score = mean + std over them)")

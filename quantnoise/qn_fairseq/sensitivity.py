@@ -14,12 +14,18 @@ def load_for_sensitivity(path, data, subset: str = "valid", batches: int = 4, ma
     """(model in eval mode, criterion, list of samples) of a fairseq checkpoint (or .qnz, decoded)."""
     from fairseq import checkpoint_utils, utils
 
+    from .runtime import load_model
+
     try:
-        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+        if str(path).endswith(".qnz"):  # decoded: the Hessians need the fp32 Linear / Embedding layers, not runtime ones
+            model, cfg, task = load_model(path, data=data, decoded=True)
+        else:
+            models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+            model = models[0]
     except (FileNotFoundError, OSError) as e:
         raise ValueError(f"cannot load {path} with data {data} ({str(e).splitlines()[0]}); pass a fairseq checkpoint "
                          f"and the data-bin folder it was trained on") from None
-    model = models[0].float().eval()
+    model = model.float().eval()
     try:
         task.load_dataset(subset)
     except (FileNotFoundError, OSError) as e:

@@ -29,3 +29,27 @@ def test_sensitivity_table_plan_and_quantize(tiny_lm_ckpt, lm_data, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--batches 0 is invalid" in err[0] and "avg_bits=9.0 is above the largest" in err[1]
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_plan_fits_its_budget_on_disk_and_a_qnz_is_scored(tiny_lm_ckpt, lm_data, tmp_path, capsys):
+    """issue 22 items 6 and 9: the plan's budget holds for the exported .qnz's bytes (int3 was planned at 3 bits
+    but stored in 4: +11 % over budget), and ``sensitivity`` accepts a .qnz (decoded; it found no layer)."""
+    from quantnoise import export
+
+    plan = tmp_path / "plan.yaml"
+    assert main(["sensitivity", str(tiny_lm_ckpt), str(lm_data), "--batches", "2", "--max-tokens", "64", "--iters",
+                 "3", "-o", str(plan), "--avg-bits", "3", "--bits", "2,3,4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:] if line and not line.startswith("plan:")]
+    bits = {r[0]: int(r[5]) for r in rows}
+    assert 3 in bits.values(), bits  # the case that was over budget
+    assert main(["quantize", str(tiny_lm_ckpt), "-o", str(tmp_path / "q.pt"), "--config", str(plan)]) == 0
+    assert main(["export", str(tmp_path / "q.pt"), "-o", str(tmp_path / "q.qnz")]) == 0
+    tensors, meta = export.read_qnz(tmp_path / "q.qnz")
+    stored = sum(tensors[f"{n}.qweight"].numel() * 8 for n in bits)
+    weights = sum(int(r[1]) for r in rows)
+    assert stored <= 3 * weights + 8 * len(bits), (stored / weights)  # at most a padding byte per layer
+    capsys.readouterr()
+    assert main(["sensitivity", str(tmp_path / "q.qnz"), str(lm_data), "--batches", "1", "--max-tokens", "64",
+                 "--iters", "2"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert sorted(names) == sorted(bits)
