@@ -114,3 +114,37 @@ def test_roberta_tiny_end_to_end_and_resume(data, tmp_path):
     p2 = run(*data, out, "--model", "roberta", "--size", "tiny")
     assert p2.returncode == 0 and "resuming: 11 of 11 steps already done" in p2.stdout
     assert json.loads((out / "results.json").read_text()) == res
+
+
+def _table_module():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "recipes" / "bert"))
+    import table
+
+    return table
+
+
+def test_sensitivity_lines_are_a_seeded_random_subset():
+    """issue 22 item 11: Q-BERT's batches were the first TRAIN lines: one class of a label-sorted TSV."""
+    table = _table_module()
+    labels = [i // 100 for i in range(900)]  # a TSV sorted by label: 9 classes of 100 lines
+    lines = table.sensitivity_lines(900, 32, seed=1)
+    assert len(set(lines)) == 32 and len({labels[i] for i in lines}) >= 5
+    assert lines == table.sensitivity_lines(900, 32, seed=1) != table.sensitivity_lines(900, 32, seed=2)
+
+
+def test_a_failed_run_leaves_torch_threads_as_they_were(data, tmp_path):
+    """issue 22 item 14: main() set torch's thread count and left it changed when the run failed."""
+    import torch
+
+    table = _table_module()
+    train, dev, test = data
+    dev.write_text("sport\tA goal in the last minute.\n", encoding="utf-8")  # a label TRAIN lacks: ValueError
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert table.main([str(train), str(dev), str(test), str(tmp_path / "out"), "--threads", "1"]) == 2
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -102,3 +102,16 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
     again = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny", timeout=300)
     assert again.returncode == 0 and "resuming:" in again.stdout and "] [" not in again.stdout, again.stdout
     assert (out / "results.json").read_bytes() == before
+
+
+def test_command_output_is_read_back_after_non_ascii_lines(tmp_path):
+    """issue 22 item 10: the output was sliced at a byte offset of a str: earlier non-ASCII lines in the same
+    log shifted it (eval_lm then found no perplexity, or parsed the wrong text)."""
+    rec = R.Recipe(tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "s.txt", tmp_path / "out", "tiny", 1)
+    (rec.out / "logs").mkdir(parents=True)
+    rec.cpu = {}  # set by run(): the CPU seconds per step
+    (rec.out / "logs" / "eval.log").write_text("« earlier run » — ünïcödé " * 20 + "\n", encoding="utf-8")
+    out = rec.sh("eval", [sys.executable, "-c", "print('naïve | Perplexity: 12.50')"], log="eval")
+    assert out == "naïve | Perplexity: 12.50\n"
+    again = rec.sh("eval", [sys.executable, "-c", "print('second')"], log="eval")
+    assert again == "second\n"

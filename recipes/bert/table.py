@@ -13,6 +13,7 @@ progress goes to stderr and OUTDIR/log.txt.  Writes OUTDIR/results.json and OUTD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -25,6 +26,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import List
 
 import torch
 from torch import nn
@@ -128,13 +130,29 @@ def torch_save_bytes(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count ``n`` inside, the caller's again after (also when the block raises)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def sensitivity_lines(n_lines: int, n: int, seed: int) -> List[int]:
+    """Indices of ``n`` TRAIN lines for Q-BERT's Hessian batches: a seeded random subset, not the first lines in
+    file order (a TSV sorted by label would give the Hessians of one class)."""
+    return torch.randperm(n_lines, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
 def timed(model: nn.Module, data, threads: int) -> float:
-    torch.set_num_threads(threads)
-    t = time.perf_counter()
-    with torch.no_grad():
+    with torch_threads(threads), torch.no_grad():
+        t = time.perf_counter()
         for b in data:
             hf.forward(model, b)
-    return time.perf_counter() - t
+        return time.perf_counter() - t
 
 
 class Run:
@@ -224,7 +242,7 @@ class Run:
         dq = ptq.dynamic_int8(base)
         res = self.score("dq", dq, torch_save_bytes(dq))
         res["note"] = "torch.ao quantize_dynamic (real int8 kernels); bytes = torch.save of its state dict"
-        threads0, speed = torch.get_num_threads(), {}
+        speed = {}
         data = self.test[: min(len(self.test), self.cfg["speed_batches"])]
         for threads in (1, 2):
             t_fp, t_dq = [], []
@@ -235,7 +253,6 @@ class Run:
                                    "speedup": round(min(t_fp) / min(t_dq), 3)}
             log.info("[dq] %d thread(s): fp32 %.2f s, dq %.2f s, speed-up %.2fx", threads, min(t_fp), min(t_dq),
                      min(t_fp) / min(t_dq))
-        torch.set_num_threads(threads0)
         res["speed"] = speed
         return res
 
@@ -270,12 +287,14 @@ class Run:
         return res
 
     def run_qbert_mixed(self) -> dict:
-        """Q-BERT: Hessian sensitivity of each Q8BERT layer of the fine-tuned fp32 model on the first TRAIN
-        lines (no DEV, no TEST), an exact bit plan over widths 2/4/8 at their .qnz cost with the weight
+        """Q-BERT: Hessian sensitivity of each Q8BERT layer of the fine-tuned fp32 model on a seeded random subset
+        of TRAIN lines (``sensitivity_lines``; no DEV, no TEST), an exact bit plan over widths 2/4/8 at their .qnz cost with the weight
         bits of uniform int4 as the budget (so never more bytes than int4_posthoc), then post-hoc int-N."""
         c, base = self.cfg, self.fp32()
         n = c["sens_batches"] * c["sens_batch"]
-        data = hf.batches(self.tok, self.xtr[:n], self.ytr[:n], c["sens_batch"], c["max_len"])
+        lines = sensitivity_lines(len(self.xtr), n, self.args.seed)
+        data = hf.batches(self.tok, [self.xtr[i] for i in lines], [self.ytr[i] for i in lines], c["sens_batch"],
+                          c["max_len"])
         model = copy.deepcopy(base).eval()  # eval: no dropout, each batch's loss a fixed function of the weights
 
         def loss_fn(m, b):
@@ -626,14 +645,14 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(known)}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
     fmt = "%(asctime)s " + (f"({args.stages[0]} job) " if args.child else "") + "%(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stderr),
                                   logging.FileHandler(os.path.join(args.outdir, "log.txt"))])
     try:
-        Run(args).main()
+        with torch_threads(args.threads):  # restored after, whatever happens (the tests run main in process)
+            Run(args).main()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -157,7 +157,7 @@ class Recipe:
             proc.returncode = os.waitstatus_to_exitcode(status)
         with self.lock:
             self.cpu[step] = self.cpu.get(step, 0.0) + usage.ru_utime + usage.ru_stime
-        text = path.read_text(encoding="utf-8", errors="replace")[start:]
+        text = path.read_bytes()[start:].decode("utf-8", errors="replace")  # start: a byte offset
         if proc.returncode != 0:
             tail = [l for l in text.splitlines() if l.strip()][-1:] or ["(no output)"]
             raise RuntimeError(f"{pathlib.Path(exe).name} exited {proc.returncode} ({tail[0][:300]}); full log: {path}")
