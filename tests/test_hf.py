@@ -78,3 +78,21 @@ def test_hf_bert_qnz_round_trip_identical_outputs(tmp_path, tok):
         fresh.load_state_dict(load_state_dict(path))
         assert torch.equal(hf.forward(fresh, batch).logits, hf.forward(m, batch).logits), name
     assert (tmp_path / "int8.qnz").stat().st_size < 0.3 * (tmp_path / "fp32.qnz").stat().st_size
+
+
+def test_loading_changes_no_process_wide_state(monkeypatch):
+    """issue 22 item 14: loading set HF_HUB_OFFLINE and transformers' verbosity for the whole process."""
+    import os
+
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_info()
+    try:
+        hf.load_tokenizer()
+        hf.load_encoder()
+        assert "HF_HUB_OFFLINE" not in os.environ
+        assert transformers.logging.get_verbosity() == transformers.logging.INFO
+    finally:
+        transformers.logging.set_verbosity(level)

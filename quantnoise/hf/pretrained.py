@@ -64,9 +64,13 @@ def _write_text(path: pathlib.Path, text: str) -> None:
 def from_pretrained(load_dir, model_class=None) -> nn.Module:
     """The model of a folder written by ``save_pretrained``, running compressed (eval mode).  ``model_class``:
     a transformers class to build instead of ``config.architectures[0]`` (e.g. ``AutoModel`` for the base model)."""
-    from .bert import _offline
+    from .bert import _quiet
 
-    tf = _offline()
+    with _quiet() as tf:  # transformers' logging quiet while building, the caller's level after
+        return _from_pretrained(tf, load_dir, model_class)
+
+
+def _from_pretrained(tf, load_dir, model_class) -> nn.Module:
     folder = pathlib.Path(load_dir)
     if not (folder / "config.json").is_file() or not (folder / WEIGHTS).is_file():
         raise ValueError(f"{folder} is not a quantnoise model folder (it needs config.json and {WEIGHTS}): write one "
