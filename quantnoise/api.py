@@ -65,9 +65,10 @@ def _quantize_uniform(model: nn.Module, cfg: QuantNoiseConfig,
             f"{type(model).__name__} (supported: {kinds}; first candidate names: {sample}); "
             f"fix the pattern (a regex searched in model.named_modules() names)"
         )
-    if cfg.act_bits is not None and not any(isinstance(m, nn.Linear) for _, m in chosen):
-        raise ValueError(f"quant-noise act_bits={cfg.act_bits} quantizes the inputs of Linear layers, but the layers "
-                         f"selected in {type(model).__name__} include no Linear; set act_bits=None or select Linears")
+    if cfg.act_bits is not None and not any(hasattr(wrapper_for(m), "quantize_input") for _, m in chosen):
+        raise ValueError(f"quant-noise act_bits={cfg.act_bits} quantizes the inputs of Linear (and GPT-2 Conv1D) layers, "
+                         f"but the layers selected in {type(model).__name__} include none; set act_bits=None or select "
+                         f"Linears")
     _swap(model, [(n, m, cfg) for n, m in chosen])
     return [n for n, _ in chosen]
 

@@ -98,3 +98,18 @@ def test_runtime_layer_equals_the_decoded_conv1d(tmp_path, scheme):
         linear = nn.Sequential(nn.Linear(32, 24))
     with pytest.raises(ValueError, match=r"0\.weight \[32, 24\] in the file, \[24, 32\] in the model"):
         load_qnz(tmp_path / "c.qnz", linear)
+
+
+def test_activation_quantization_as_for_a_linear():
+    c = conv()
+    lin = nn.Linear(16, 12)
+    lin.weight, lin.bias = nn.Parameter(c.weight.detach().t().clone()), nn.Parameter(c.bias.detach().clone())
+    cfg = QuantNoiseConfig(scheme="scalar", p=0.3, block_size=4, bits=8, act_bits=8)
+    model_c, model_l = nn.Sequential(c), nn.Sequential(lin)
+    quantize_(model_c, cfg)  # a Conv1D alone is enough for act_bits
+    quantize_(model_l, cfg)
+    x = torch.randn(2, 5, 16)
+    for train in (True, False):
+        model_c.train(train), model_l.train(train)
+        torch.testing.assert_close(model_c(x), model_l(x))
+    assert model_c[0].qn_act_lo is not None
