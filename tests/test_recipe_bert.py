@@ -65,7 +65,8 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert "job 1: stages int8_qat,qn_int4" in p.stderr
     res = json.loads((out / "results.json").read_text())
     ipq = {"ipq_posthoc", "ipq_qn", "ipq_qn_int8"}
-    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"} | ipq
+    qbert3 = {"int3_posthoc", "int3_qat", "qbert3_mixed", "qbert3_qn", "qbert3_inverted"}
+    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"} | ipq | qbert3
     for r in res.values():
         assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
@@ -88,8 +89,24 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert res["ipq_qn_int8"]["chosen"] == q["chosen"] and res["ipq_posthoc"]["noise"] is None
     md = (out / "results.md").read_text()
     assert "| ipq_qn_int8 |" in md and "chosen **" + q["chosen"] in md
+    # ~3-bit rows: each .qnz at its planned widths (int3 in 3 bits), never more bytes than uniform int3
+    from quantnoise.export import read_qnz
+
+    plan = json.loads((out / "stages" / "qbert3_plan.json").read_text())
+    assert plan["hessian"]["avg_bits"] <= 3.0 and plan["inverted"]["avg_bits"] <= 3.0
+    for k, which in (("qbert3_mixed", "hessian"), ("qbert3_qn", "hessian"), ("qbert3_inverted", "inverted"),
+                     ("int3_qat", None)):
+        _, meta = read_qnz(out / "ckpt" / res[k]["file"])
+        bits = plan[which]["bits"] if which else {n: 3 for n in plan["hessian"]["bits"]}
+        assert {n: meta["layers"][n]["bits"] for n in bits} == bits, k
+        assert all(meta["layers"][n]["pack_width"] == b for n, b in bits.items())
+        assert res[k]["weight_bits"] <= 3.0 and res[k]["bytes"] <= res["int3_posthoc"]["bytes"] + 64, k
+        qkv = [n for n in bits if n.endswith(("query", "key", "value"))]
+        assert all(meta["layers"][n].get("rows_per_scale", 1) == (1 if k == "int3_qat" else 32) for n in qkv), k
+    assert res["qbert3_qn"]["p"] == 0.5 and res["qbert3_mixed"]["p"] == 1.0
+    assert "| qbert3_inverted |" in md
     p2 = run(*data, out, "--size", "tiny")  # every stage done: skipped, same table
-    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6
+    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6 + 6
     assert json.loads((out / "results.json").read_text()) == res
 
 

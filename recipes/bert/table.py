@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -31,7 +34,7 @@ from typing import List
 import torch
 from torch import nn
 
-from quantnoise import IPQPlan, QuantNoiseConfig, compress_, quantize_, unquantize_
+from quantnoise import IPQPlan, LayerBits, MixedPrecisionConfig, QuantNoiseConfig, compress_, quantize_, unquantize_
 from quantnoise import hf, ptq
 from quantnoise.compress.bitplan import allocate_bits
 from quantnoise.checkpoint import atomic_write
@@ -45,18 +48,19 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 
     # tiny: the tests' smoke size (a few sentences); small: ~1 epoch of 5,000 lines in ~20 min on 2 cores
     # iPQ rows: cont_steps plain (ipq_posthoc) or noise (ipq_qn) steps from the fp32 model at cont_lr, then
     # iPQ and ipq_steps of fine-tuning at ipq_lr (k-means: kmeans_iters); qn_candidates: (noise kind, p) tried on DEV
+    # ~3-bit rows: qat3_steps of fine-tuning from the fp32 model at qat3_lr with the quantizers in place (not tuned)
     "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
                  sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1,
                  cont_steps=2, cont_lr=5e-5, ipq_steps=3, ipq_lr=1e-4, kmeans_iters=2,
-                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("drop", 0.1)]),
+                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5),
     "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
                   sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4,
                   cont_steps=100, cont_lr=5e-5, ipq_steps=200, ipq_lr=1e-4, kmeans_iters=20,
-                  qn_candidates=[("pq", 0.05), ("pq", 0.1), ("pq", 0.2)]),
+                  qn_candidates=[("pq", 0.05), ("pq", 0.1), ("pq", 0.2)], qat3_steps=200, qat3_lr=5e-5),
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
                  sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4,
                  cont_steps=300, cont_lr=5e-5, ipq_steps=600, ipq_lr=1e-4, kmeans_iters=20,
-                 qn_candidates=[("pq", 0.05), ("pq", 0.1), ("pq", 0.2)]),
+                 qn_candidates=[("pq", 0.05), ("pq", 0.1), ("pq", 0.2)], qat3_steps=600, qat3_lr=5e-5),
 }
 # iPQ as Quant-Noise (Fan et al. 2020) compresses RoBERTa: blocks of 8 weights for the FFN and the
 # embeddings, 4 for attention, 256 centroids; stages in this order (FFN -> embeddings -> attention)
@@ -70,6 +74,12 @@ IPQ_TRAIN_ALL = True    # chosen on DEV: fine-tune LayerNorms, biases, pooler an
 PTQ_CANDIDATES = [("minmax", 100.0), ("percentile", 99.99), ("percentile", 99.9)]
 ORDER = ["fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"]  # rows of the table
 IPQ_ROWS = ["ipq_posthoc", "ipq_qn", "ipq_qn_int8"]  # the iPQ table (ipq_qn picks among the candidate stages)
+# Q-BERT at ~3 bits (issue 20): uniform int3 post hoc and QAT, the Hessian plan over 2/3/4/8 at int3's weight bits
+# with group-wise q/k/v scales (one per head) under QAT and under Quant-Noise, and the inverted-ranking control
+QBERT3_ROWS = ["int3_posthoc", "int3_qat", "qbert3_mixed", "qbert3_qn", "qbert3_inverted"]
+QBERT3_STAGES = ["qbert3_plan"] + QBERT3_ROWS  # the plans first (they need the fp32 model)
+QBERT3_BITS, QBERT3_AVG = (2, 3, 4, 8), 3.0
+QKV = r"attention\.self\.(query|key|value)$"  # group-wise: one scale per attention head
 FP32_CHAIN = ["fp32", "dq", "ptq", "int4_posthoc", "qbert_mixed", "pretrained_cosine"]  # need fp32 (but the last)
 TRAININGS = ["int8_qat", "qn_int4"]  # independent of fp32: fine-tuned from the pretrained model
 STAGES = FP32_CHAIN[:-1] + TRAININGS  # run order in one process: the cheap post-training rows first
@@ -92,12 +102,13 @@ def job_groups(jobs: int, cfg: dict):
     candidate in the first job, the other candidates and the choice in the last."""
     ipq = ipq_stages(cfg)
     if jobs <= 1:
-        return [STAGES + ["pretrained_cosine"] + ipq]
+        return [STAGES + ["pretrained_cosine"] + ipq + QBERT3_STAGES]
     groups = [list(FP32_CHAIN)] + [[] for _ in range(min(jobs, 1 + len(TRAININGS)) - 1)]
     for i, name in enumerate(TRAININGS):
         groups[1 + i % (len(groups) - 1)].append(name)
     groups[0] += ipq[:2]
     groups[-1] += ipq[2:]
+    groups[-1 if len(groups) < 3 else 1] += QBERT3_STAGES  # after its trainings; waits for fp32
     return groups
 
 
@@ -290,27 +301,14 @@ class Run:
         """Q-BERT: Hessian sensitivity of each Q8BERT layer of the fine-tuned fp32 model on a seeded random subset
         of TRAIN lines (``sensitivity_lines``; no DEV, no TEST), an exact bit plan over widths 2/4/8 at their .qnz cost with the weight
         bits of uniform int4 as the budget (so never more bytes than int4_posthoc), then post-hoc int-N."""
-        c, base = self.cfg, self.fp32()
-        n = c["sens_batches"] * c["sens_batch"]
-        lines = sensitivity_lines(len(self.xtr), n, self.args.seed)
-        data = hf.batches(self.tok, [self.xtr[i] for i in lines], [self.ytr[i] for i in lines], c["sens_batch"],
-                          c["max_len"])
-        model = copy.deepcopy(base).eval()  # eval: no dropout, each batch's loss a fixed function of the weights
-
-        def loss_fn(m, b):
-            return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-
-        t = time.time()
-        scores = hessian_sensitivity(model, loss_fn, data, layers=Q8BERT_LAYERS, iters=c["sens_iters"], tol=1e-3,
-                                     seed=self.args.seed)
-        sens_s = time.time() - t
-        del model
+        base = self.fp32()
+        scores, sens_s, n_batches = self.sensitivity()
         plan = allocate_bits({k: v.score for k, v in scores.items()}, {k: v.numel for k, v in scores.items()},
                              bits=(2, 4, 8), avg_bits=4.0, bit_cost=pack_width)
         table = format_table(scores, plan.bits)
         atomic_write(str(self.out / "sensitivity.txt"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
         plan.save_yaml(str(self.out / "ckpt" / "qbert_plan.yaml"), {k: v.score for k, v in scores.items()})
-        log.info("[qbert_mixed] sensitivity of %d layers on %d batches in %.0f s; plan:\n%s", len(scores), len(data),
+        log.info("[qbert_mixed] sensitivity of %d layers on %d batches in %.0f s; plan:\n%s", len(scores), n_batches,
                  sens_s, table)
         model = compressed(base, plan.bits)
         res = self.score("qbert_mixed", model, qnz_bytes(model, self.out / "ckpt" / "qbert_mixed.qnz"))
@@ -318,10 +316,139 @@ class Run:
         top = sorted(scores.values(), key=lambda v: -v.score)[:5]
         res.update(plan_avg_bits=round(plan.avg_bits, 4), layers_at_bits=widths, plan_method=plan.method,
                    uniform_int4=all(v == 4 for v in plan.bits.values()), sens_seconds=round(sens_s, 1),
-                   sens_batches=len(data), most_sensitive=[[v.name, round(v.score, 4)] for v in top],
+                   sens_batches=n_batches, most_sensitive=[[v.name, round(v.score, 4)] for v in top],
                    note=f"Hessian plan over 2/4/8 bits at the weight bits of uniform int4 "
                         f"(layers at 2/4/8: {widths['2']}/{widths['4']}/{widths['8']}); post-hoc, per row")
         return res
+
+    def sensitivity(self):
+        """(scores {layer: SensitivityScore}, seconds, batches): Q-BERT's Hessian sensitivity of each Q8BERT layer
+        of the fine-tuned fp32 model on a seeded random subset of TRAIN lines (``sensitivity_lines``; no DEV, no TEST);
+        computed once, cached in ckpt/."""
+        from quantnoise.compress.sensitivity import SensitivityScore
+
+        path = self.out / "ckpt" / "sensitivity.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            return ({k: SensitivityScore(name=v["name"], numel=v["numel"], eigs=tuple(v["eigs"])) for k, v in d["scores"].items()},
+                    d["seconds"], d["batches"])
+        c = self.cfg
+        n = c["sens_batches"] * c["sens_batch"]
+        lines = sensitivity_lines(len(self.xtr), n, self.args.seed)
+        data = hf.batches(self.tok, [self.xtr[i] for i in lines], [self.ytr[i] for i in lines], c["sens_batch"],
+                          c["max_len"])
+        model = copy.deepcopy(self.fp32()).eval()  # eval: no dropout, each batch's loss a fixed function of the weights
+
+        def loss_fn(m, b):
+            return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+        t = time.time()
+        scores = hessian_sensitivity(model, loss_fn, data, layers=Q8BERT_LAYERS, iters=c["sens_iters"], tol=1e-3,
+                                     seed=self.args.seed)
+        secs = time.time() - t
+        write_json(path, {"scores": {k: dataclasses.asdict(v) for k, v in scores.items()}, "seconds": secs,
+                          "batches": len(data)})
+        return scores, secs, len(data)
+
+    # ------------------------------------------------------------- ~3-bit rows
+    def run_qbert3_plan(self) -> dict:
+        """The Hessian plan over widths 2/3/4/8 at uniform int3's weight bits (each width at its .qnz cost: int3
+        3 bits), and the control: the same knapsack on the reversed ranking (the i-th most sensitive layer given
+        the i-th least sensitive's score).  Both written to ckpt/ as plan YAMLs with one scale per head on q/k/v."""
+        self.wait_for(["fp32"])
+        scores, secs, n_batches = self.sensitivity()
+        sizes = {k: v.numel for k, v in scores.items()}
+        ranked = sorted(scores, key=lambda k: -scores[k].score)
+        inverted = {ranked[i]: scores[ranked[-1 - i]].score for i in range(len(ranked))}
+        res = {"sens_seconds": round(secs, 1), "sens_batches": n_batches, "head_rows": self.head_rows()}
+        for name, s in (("hessian", {k: v.score for k, v in scores.items()}), ("inverted", inverted)):
+            plan = allocate_bits(s, sizes, bits=QBERT3_BITS, avg_bits=QBERT3_AVG, bit_cost=pack_width)
+            rps = {k: res["head_rows"] for k in plan.bits if re.search(QKV, k)}
+            plan.save_yaml(str(self.out / "ckpt" / f"qbert3_{name}_plan.yaml"), s, rows_per_scale=rps)
+            res[name] = {"bits": plan.bits, "avg_bits": round(plan.avg_bits, 4), "method": plan.method,
+                         "layers_at_bits": {str(b): sum(1 for v in plan.bits.values() if v == b) for b in QBERT3_BITS}}
+        return res
+
+    def head_rows(self) -> int:
+        c = self.new_model().config
+        return c.hidden_size // c.num_attention_heads
+
+    def qat3_row(self, name: str, layers: dict, p: float, note: str) -> dict:
+        """The fp32 model fine-tuned qat3_steps with ``layers``' quantizers in place (p=1: QAT, else Quant-Noise),
+        compressed at their widths (the QAT model's own integers), exported to ckpt/NAME.qnz; DEV and TEST
+        accuracy of the model read back from the file."""
+        self.wait_for(["fp32"])
+        c = self.cfg
+        model = copy.deepcopy(self.fp32())
+        cfg = MixedPrecisionConfig(layers=layers, p=p, seed=self.args.seed)
+        quantize_(model, cfg)
+        losses = self.train_steps_(model, c["qat3_steps"], c["qat3_lr"], name)
+        compress_(model, cfg.to_ipq_plan(seed=self.args.seed))
+        path = self.out / "ckpt" / f"{name}.qnz"
+        qnz_bytes(model, path)
+        res = self.test_from_qnz(name, path)
+        res.update(dev_acc=self.dev_acc(self.from_qnz(path)), p=p, steps=c["qat3_steps"], lr=c["qat3_lr"],
+                   last_loss=round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4), note=note,
+                   weight_bits=round(sum(self.numel(n) * s.bits for n, s in layers.items()) /
+                                     sum(self.numel(n) for n in layers), 4))
+        return res
+
+    def numel(self, name: str) -> int:
+        return self.fp32().get_submodule(name).weight.numel()
+
+    def plan3(self, which: str) -> dict:
+        self.wait_for(["qbert3_plan"])
+        plan = json.loads((self.out / "stages" / "qbert3_plan.json").read_text())
+        rows = plan["head_rows"]
+        return {k: LayerBits(bits=b, rows_per_scale=rows if re.search(QKV, k) else 1) for k, b in plan[which]["bits"].items()}
+
+    def run_int3_posthoc(self) -> dict:
+        self.wait_for(["fp32"])
+        model = compressed(self.fp32(), 3)
+        path = self.out / "ckpt" / "int3_posthoc.qnz"
+        qnz_bytes(model, path)
+        res = self.test_from_qnz("int3_posthoc", path)
+        res.update(dev_acc=self.dev_acc(self.from_qnz(path)), weight_bits=3.0,
+                   note="round-to-nearest int3, one scale per row, the Q8BERT layers of the fp32 model")
+        return res
+
+    def run_int3_qat(self) -> dict:
+        names = [n for n in self.plan3("hessian")]  # the same layers as the plans
+        return self.qat3_row("int3_qat", {n: LayerBits(bits=3) for n in names}, 1.0,
+                             "uniform int3 QAT (one scale per row) from the fp32 model")
+
+    def run_qbert3_mixed(self) -> dict:
+        return self.qat3_row("qbert3_mixed", self.plan3("hessian"), 1.0,
+                             "Hessian plan over 2/3/4/8 at int3's weight bits, one scale per head on q/k/v, QAT")
+
+    def run_qbert3_qn(self) -> dict:
+        p = self.cfg["qn_p"]
+        return self.qat3_row("qbert3_qn", self.plan3("hessian"), p, f"the qbert3_mixed plan, Quant-Noise p={p:g}")
+
+    def run_qbert3_inverted(self) -> dict:
+        return self.qat3_row("qbert3_inverted", self.plan3("inverted"), 1.0,
+                             "control: the plan of the reversed sensitivity ranking, same budget, QAT")
+
+    def qbert3_report(self, results: dict) -> str:
+        """The ~3-bit table: DEV / TEST accuracy of each row's .qnz, one standard error of TEST accuracy, bytes."""
+        fp, plan = results["fp32"], json.loads((self.out / "stages" / "qbert3_plan.json").read_text())
+        n = len(self.yte)
+        rows = ["## Q-BERT at ~3 bits: every row's .qnz read back and scored", "",
+                "| row | DEV acc | test acc (± 1 s.e.) | weight bits | bytes | vs int3_posthoc bytes | note |",
+                "|---|---|---|---|---|---|---|",
+                f"| fp32 | {fp['dev_acc']:.4f} | {fp['acc']:.4f} | 32 | {fp['bytes']:,} | | |"]
+        ref = results["int3_posthoc"]["bytes"]
+        for k in QBERT3_ROWS:
+            r = results[k]
+            se = math.sqrt(max(r["acc"] * (1 - r["acc"]), 0.0) / max(n, 1))
+            rows.append(f"| {k} | {r['dev_acc']:.4f} | {r['acc']:.4f} ± {se:.4f} | {r['weight_bits']:.3f} | {r['bytes']:,} | "
+                        f"{r['bytes'] - ref:+,} | {r['note']} |")
+        c = self.cfg
+        return "\n".join(rows) + (
+            f"\n\nPlans (widths {'/'.join(map(str, QBERT3_BITS))} at {QBERT3_AVG} weight bits, .qnz cost; sensitivity on "
+            f"{plan['sens_batches']} TRAIN batches): Hessian layers at 2/3/4/8 {plan['hessian']['layers_at_bits']}, "
+            f"inverted {plan['inverted']['layers_at_bits']}; q/k/v one scale per {plan['head_rows']} rows (a head). "
+            f"Fine-tuning: {c['qat3_steps']} steps at lr {c['qat3_lr']:g} from the fp32 model (not tuned on DEV).")
 
     # ------------------------------------------------------------------ iPQ rows
     def runner(self, name: str):
@@ -537,7 +664,8 @@ class Run:
                 "\n\nSentence embeddings of the pretrained all-MiniLM-L6-v2 (no fine-tuning), mean cosine to fp32 on the TEST "
                 f"sentences: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items() if k != "seconds") +
                 f"\n\nDQ forward time on {min(len(self.test), self.cfg['speed_batches'])} test batches (best of 3, "
-                f"interleaved): {speed}\n\n" + self.ipq_report(results) + f"\n\nThis invocation: {self.usage()}\n")
+                f"interleaved): {speed}\n\n" + self.ipq_report(results) + "\n\n" + self.qbert3_report(results) +
+                f"\n\nThis invocation: {self.usage()}\n")
         atomic_write(str(self.out / "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
 
     def ipq_report(self, results: dict) -> str:
@@ -598,7 +726,7 @@ class Run:
         results, self.t0, self.load0 = {}, time.time(), os.getloadavg()[0]
         if not self.args.stages:
             self.spawn()
-        for name in self.args.stages or STAGES + ["pretrained_cosine"] + ipq_stages(self.cfg):
+        for name in self.args.stages or STAGES + ["pretrained_cosine"] + ipq_stages(self.cfg) + QBERT3_STAGES:
             results[name] = self.stage(name, self.runner(name))
         if self.args.stages:  # a partial run (e.g. stages in parallel processes): the report comes with a full one
             if not self.args.child and all((self.out / "stages" / f"{n}.json").exists() for n in ["fp32"] + IPQ_ROWS):
@@ -608,6 +736,7 @@ class Run:
                 log.info("wrote %s", self.out / "results_ipq.md")
             return results
         cos = results.pop("pretrained_cosine")
+        results.pop("qbert3_plan")  # the plans: in stages/qbert3_plan.json and the ~3-bit table
         for name in ipq_stages(self.cfg):
             if name not in IPQ_ROWS:
                 results.pop(name)  # a candidate: listed in ipq_qn["candidates"]
@@ -627,7 +756,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the size's fine-tune epochs")
     ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     ap.add_argument("--stages", type=lambda v: v.split(","), default=None,
-                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine,{','.join(ipq_stages(SIZES['small']))} "
+                    help=f"comma-separated subset of {','.join(STAGES)},pretrained_cosine,{','.join(ipq_stages(SIZES['small']))},"
+                         f"{','.join(QBERT3_STAGES)} "
                          f"(the candidates ipq_qn_KIND_P follow the size's qn_candidates) to run now, in this process "
                          f"(no report); stages after fp32 need fp32 done, except int8_qat and qn_int4")
     ap.add_argument("--jobs", type=int, default=2,
@@ -640,7 +770,7 @@ def main(argv=None) -> int:
     if args.jobs < 1 or args.threads < 1:
         print(f"error: --jobs {args.jobs} / --threads {args.threads}: both must be >= 1", file=sys.stderr)
         return 2
-    known = STAGES + ["pretrained_cosine"] + ipq_stages(SIZES[args.size])
+    known = STAGES + ["pretrained_cosine"] + ipq_stages(SIZES[args.size]) + QBERT3_STAGES
     unknown = [n for n in args.stages or [] if n not in known]
     if unknown:
         print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(known)}", file=sys.stderr)
