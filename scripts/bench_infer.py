@@ -19,6 +19,9 @@ overhead), after loading and after generating; batch-1 greedy generation, tokens
 (one new token per forward through fairseq's incremental state, 4 warm-up tokens not timed); and
 ``fairseq-eval-lm`` on the valid split (a real corpus; 512-token blocks), tokens/s from its log and its
 peak RSS.  Ratios are taken against fp32 within each round and thread count; the table gives medians.
+A roofline table follows: per case, the bytes and operations a generated token costs in the Linear layers
+against a read bandwidth (over a buffer of that many bytes) and an fp32 matmul peak measured in the case's
+own process right after its generation (``weight_traffic``, ``machine_limits``), and which bound it is at.
 
 ``--model roberta_base``: fairseq's ``roberta_base`` (12x768, FFN 3072; vocabulary: the corpus' dictionary) trained
 1 update with ``--task masked_lm`` on the same corpus, saved without optimizer state (the fp32 file is the model),
@@ -114,7 +117,7 @@ def kernels_used(model, tokens: int) -> str:
             used.add(f"pq-{'lut' if lut else 'decode'}{'-c++' if use_compiled(x, m.codes) else ''}")
         elif isinstance(m, IntLinear):
             kernel = m.choose_kernel(x)
-            c = kernel in ("lut", "bytes") and use_compiled(x, m.qweight)
+            c = kernel in ("lut", "bytes", "int4") and use_compiled(x, m.qweight)
             used.add(f"int{m.bits}-{kernel}{'-c++' if c else ''}")
     return "+".join(sorted(used)) or "fp32 (MKL)"
 
@@ -179,8 +182,55 @@ def bench_lm(model, task, args) -> dict:
         toks = torch.cat([toks, nxt], 1)
         out = model(toks, incremental_state=state)[0]
         n += i >= 4
-    return {"gen_tok_s": n / (time.perf_counter() - t), "gen_kernels": kernels_used(model, 1),
-            "eval_kernels": kernels_used(model, 512)}
+    res = {"gen_tok_s": n / (time.perf_counter() - t), "gen_kernels": kernels_used(model, 1),
+           "eval_kernels": kernels_used(model, 512)}
+    res["tok_bytes"], res["tok_ops"] = weight_traffic(model)
+    return {**res, **machine_limits(res["tok_bytes"], args.threads)}
+
+
+def weight_traffic(model) -> tuple:
+    """(bytes, arithmetic operations) one batch-1 generated token costs in the model's Linear layers (the output
+    projection included; attention over the short cache and the embedding row are left out): each Linear reads
+    its whole stored weight once per token.  fp32: 4 bytes and 2 flops (one multiply-add) per weight; pq (look-up
+    table): its codes and codebook, 2 * k * in flops for the table and out * in / bs adds; int8 (fbgemm): 1 byte
+    and 2 int8 operations per weight; int4 (compiled kernel): half a byte, 2 flops (widened to fp32)."""
+    from torch import nn
+
+    from quantnoise.runtime import CodesLinear, IntLinear
+
+    nbytes = ops = 0
+    for m in model.modules():
+        if isinstance(m, CodesLinear):
+            (k, bs), (out, mm) = m.centroids.shape, m.codes.shape
+            nbytes += m.codes.numel() * m.codes.element_size() + m.centroids.numel() * 4
+            ops += 2 * k * mm * bs + out * mm
+        elif isinstance(m, IntLinear):
+            nbytes += m.out_features * m.in_features * m.width // 8
+            ops += 2 * m.out_features * m.in_features
+        elif isinstance(m, nn.Linear):
+            nbytes += m.weight.numel() * m.weight.element_size()
+            ops += 2 * m.weight.numel()
+    return nbytes, ops
+
+
+def machine_limits(nbytes: int, threads: int, reps: int = 15) -> dict:
+    """Measured now, in this process, at ``threads`` threads: the read bandwidth over a buffer of ``nbytes`` (the
+    case's own working set: the same cache level its weights stream from; one sum of it) and the fp32
+    multiply-add peak (one 512 x 512 x 512 matmul, MKL); each the best of ``reps`` single timings (on a shared
+    machine a median counts the time the process is descheduled; the best is the closest to the limit)."""
+    import torch
+
+    buf = torch.ones(max(1 << 16, nbytes // 4))
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    bw, fl = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        bw.append(buf.numel() * 4 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        a @ b
+        fl.append(2 * 512**3 / (time.perf_counter() - t))
+    return {"bw": max(bw), "peak": max(fl)}
 
 
 def bench_encoder(model, task, args) -> dict:
@@ -362,6 +412,32 @@ def report(rows, s, args, load) -> None:
                 cells.append(f"{_mib(med(lambda x: x['peak'] - x['fixed_peak'])):.1f}")
             cells.append("; ".join(mine[0][k] for _, _, k in speeds))
             print("| " + " | ".join(map(str, cells)) + " |")
+    if lm and all("tok_bytes" in x for x in rows):
+        roofline(rows, args)
+
+
+def roofline(rows, args) -> None:
+    """Per case, batch-1 generation against its two bounds, each measured in the case's own process right after
+    its generation: bytes per token / the read bandwidth over a buffer of that size, and operations per token /
+    the fp32 matmul peak (``weight_traffic``, ``machine_limits``).  The bound is the larger of the two times; the
+    fraction achieved is that time x tokens/s (medians over rounds)."""
+    print("\nRoofline of batch-1 generation (Linear layers only): bytes / bandwidth and operations / fp32 peak, "
+          "both measured in the same process; fraction = bound time / achieved time per token\n")
+    print("| case | threads | MB / token | bandwidth GB/s | memory time us | Gop / token | fp32 peak Gflop/s | "
+          "compute time us | achieved us / token | bound | fraction of bound |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for th in args.threads:
+        for case in args.cases:
+            mine = [x for x in rows if x["case"] == case and x["threads"] == th]
+            if not mine:
+                continue
+            med = lambda f: statistics.median(f(x) for x in mine)  # noqa: E731
+            t_mem = med(lambda x: x["tok_bytes"] / x["bw"]) * 1e6
+            t_ops = med(lambda x: x["tok_ops"] / x["peak"]) * 1e6
+            t = med(lambda x: 1 / x["gen_tok_s"]) * 1e6
+            bound = "memory" if t_mem >= t_ops else "compute"
+            print(f"| {case} | {th} | {mine[0]['tok_bytes'] / 1e6:.1f} | {med(lambda x: x['bw']) / 1e9:.1f} | "
+                  f"{t_mem:.0f} | {mine[0]['tok_ops'] / 1e9:.3f} | {med(lambda x: x['peak']) / 1e9:.0f} | {t_ops:.0f} | "
+                  f"{t:.0f} | {bound} | {max(t_mem, t_ops) / t:.2f} |")
 
 
 if __name__ == "__main__":

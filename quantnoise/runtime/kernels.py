@@ -4,6 +4,8 @@
   table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
 - pq Linear by decode + matmul: C[codes] for a chunk of rows at a time (``pq_linear_decode``), then matmul;
 - int-N: values at any element index of quantnoise.export's packed layout (any width 2..8), decoded rows.
+- int4 Linear for few tokens: the packed nibbles widened in registers (``int4_linear``, compiled only; its
+  pure reference ``int4_linear_pure``).
 Pure PyTorch; device and dtype follow the input.  Two steps also have compiled CPU kernels
 (quantnoise/runtime/csrc/pq_lut.cpp, built by ``python -m quantnoise.runtime``), used for fp32 CPU inputs when built:
 the look-up-table product (``torch.ops.quantnoise.pq_lut_linear``: the table, laid out token-fastest and made
@@ -146,6 +148,34 @@ def int_row_range(packed: Tensor, scale: Tensor, width: int, bits: int, start: i
     u = unpack(packed[a * width // 8: -(-v1 * width // 8)], width, v1 - a)[v0 - a:]
     q = u.to(torch.int16) - (2 ** (bits - 1) - 1)
     return q.to(dtype).reshape(stop - start, cols) * scale[start:stop].to(dtype)
+
+
+# int4 Linear straight from the packed nibbles (compiled ``int4_linear``) up to this many tokens per call, decode +
+# matmul beyond: against the byte look-up table and decode + matmul, 1 thread, shapes 2048x512 and 512x2048, the
+# compiled kernel wins at 1-64 tokens and loses to decode + matmul from 128 (BENCHMARKS.md, issue 19)
+INT4_MAX_TOKENS = 64
+
+
+def int4_compiled(x: Tensor, width: int, inn: int) -> bool:
+    """Whether ``int4_linear`` runs for x (T, in) and an int-N weight held ``width`` bits wide."""
+    return (width == 4 and inn % 2 == 0 and x.device.type == "cpu" and x.dtype == torch.float32
+            and 1 <= x.shape[0] <= INT4_MAX_TOKENS and runtime_ext.available())
+
+
+def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, bits: int, bias: Optional[Tensor] = None) -> Tensor:
+    """x (T, in) @ ((u - qmax) * scale).T [+ bias] for an int-N weight held 4 bits wide (``packed``: the
+    (out * in / 2) bytes of quantnoise.export's layout; ``scale`` (out, 1)), compiled: the nibbles widened to
+    fp32 in registers, fp32 products (equal to the decoded layer within fp32 rounding)."""
+    return torch.ops.quantnoise.int4_linear(x.contiguous(), packed.reshape(-1), scale.reshape(-1).float().contiguous(),
+                                            2 ** (bits - 1) - 1, bias)
+
+
+def int4_linear_pure(x: Tensor, packed: Tensor, scale: Tensor, bits: int, bias: Optional[Tensor] = None) -> Tensor:
+    """The pure PyTorch reference of ``int4_linear``: unpack the nibbles, (u - qmax) * scale, matmul."""
+    out, inn = scale.numel(), x.shape[1]
+    u = torch.stack([packed.reshape(-1) & 15, packed.reshape(-1) >> 4], 1).reshape(out, inn)
+    w = (u.to(torch.int16) - (2 ** (bits - 1) - 1)).to(x.dtype) * scale.reshape(out, 1).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 @functools.lru_cache(None)

@@ -12,8 +12,11 @@ Nothing decodes a whole weight in a forward (``.weight`` does, for code that rea
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
     many tokens (more than ~out/12 with the compiled kernels, 1 without: ``kernels.lut_wins``): decode
     a chunk of rows at a time (the whole weight when the input or output activations are as large) and matmul.
-  - int4 / int2 Linear: a packed row's bytes are pq codes over the fixed codebook of the 256 byte values, so
-    the pq kernels run them (then the row scales).
+  - int4 Linear, few tokens (up to ``kernels.INT4_MAX_TOKENS``, fp32 CPU, compiled kernels built): the packed
+    nibbles widened to fp32 in registers and multiplied there (``kernels.int4_linear``: the file's bytes, no
+    copy, no activation quantization).
+  - int4 (many tokens, or no compiled kernel) / int2 Linear: a packed row's bytes are pq codes over the fixed
+    codebook of the 256 byte values, so the pq kernels run them (then the row scales).
   - int8 Linear on CPU: fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic``, the kernel of
     ``torch.ao.quantization.quantize_dynamic``) on a packed copy of the int8 weight; the activations are
     quantized on the fly, one scale per call (per token in batch-1 generation).  Without fbgemm:
@@ -211,7 +214,8 @@ class _Int(RuntimeMixin):
 class IntLinear(_Int, nn.Linear):
     """int-N Linear.  8 bits on CPU: fbgemm's int8 GEMM (``kernel="fbgemm"``, the weight packed once) or
     ``torch._int_mm`` (``"int_mm"``).  2 / 4 bits: the packed bytes as pq codes over a fixed 256-entry
-    codebook (``"lut"`` for few tokens, ``"bytes"``: decode + matmul).  Otherwise (CUDA int8, rows not
+    codebook (``"lut"`` for few tokens, ``"bytes"``: decode + matmul); 4 bits wide, fp32 on CPU with the compiled
+    kernels, up to ``kernels.INT4_MAX_TOKENS`` tokens: ``"int4"`` (the nibbles widened in registers).  Otherwise (CUDA int8, rows not
     byte-aligned) chunks of rows decoded then matmul (``"decode"``)."""
 
     def __init__(self, in_features: int, out_features: int, qweight: Tensor, qscale: Tensor, bits: int,
@@ -276,6 +280,8 @@ class IntLinear(_Int, nn.Linear):
         if self.width < 8:
             if self.book is None:
                 return "decode"
+            if K.int4_compiled(x, self.width, self.in_features):
+                return "int4"
             return "lut" if K.lut_wins(x, self.qweight.view(self.out_features, -1), self.book.shape[1]) else "bytes"
         if x.device.type != "cpu":
             return "decode"
@@ -284,8 +290,11 @@ class IntLinear(_Int, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = self.choose_kernel(x2)
-        if kernel in ("fbgemm", "lut", "int_mm") and needs_grad(x2, self.bias):  # no backward: decode instead
-            kernel = "bytes" if kernel == "lut" else "decode"
+        if kernel in ("fbgemm", "lut", "int_mm", "int4") and needs_grad(x2, self.bias):  # no backward: decode instead
+            kernel = "bytes" if kernel in ("lut", "int4") else "decode"
+        if kernel == "int4":  # compiled: the nibbles widened in registers, bias added there
+            y = K.int4_linear(x2, self.qweight, self.qscale, self.bits, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         if kernel == "fbgemm":
             self.pack_()
             y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, K.fbgemm_reduce_range()).to(x.dtype)

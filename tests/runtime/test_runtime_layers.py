@@ -133,6 +133,31 @@ def test_packed_int_linear_equals_decoded_layer(bits, inn, dtype):
             torch.testing.assert_close(layer(x), want, **tol)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("out,inn", [(33, 30), (70, 64), (40, 98)])  # in / 2 below, at and off the 16-byte vector
+def test_int4_compiled_kernel_equals_its_reference_and_the_decoded_layer(bits, out, inn):
+    """The compiled int4 Linear (nibbles widened in registers) is what the auto kernel runs for 1 to
+    INT4_MAX_TOKENS tokens; equal to the pure reference and the decoded layer within fp32 rounding (1e-5)."""
+    from quantnoise.runtime import ext
+    if not ext.available():
+        pytest.skip("compiled runtime kernels not built (python -m quantnoise.runtime)")
+    layer, plain = runtime_linear(int_state("lin", out, inn, bits))
+    assert layer.width == 4
+    for tokens in (1, 2, 3, 5, 16, K.INT4_MAX_TOKENS, K.INT4_MAX_TOKENS + 1):
+        x = torch.randn(tokens, inn)
+        assert layer.choose_kernel(x) == ("int4" if tokens <= K.INT4_MAX_TOKENS else "bytes")
+        want = plain(x)
+        for bias in (None, layer.bias):
+            ref = K.int4_linear_pure(x, layer.qweight, layer.qscale, bits, bias)
+            got = K.int4_linear(x, layer.qweight, layer.qscale, bits, bias)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)  # the reference is the decoded layer
+        layer.kernel = "auto"
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        torch.ops.quantnoise.int4_linear(torch.randn(1, inn), layer.qweight[:-1], layer.qscale.reshape(-1), 7, None)
+
+
 def test_int8_linear_packed_state_dict_and_move_keep_the_weight():
     layer, plain = runtime_linear(int_state("lin", 40, 24, 8))
     if not K.fbgemm_available():

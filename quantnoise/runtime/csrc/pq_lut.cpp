@@ -9,7 +9,13 @@
 //    batch-1 generation).
 //  - pq_decode (many tokens): W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64
 //    index copy), for a GEMM by PyTorch.
-// Registered as torch.ops.quantnoise.{pq_lut_linear,pq_decode}.
+//  - int4_linear (few tokens): y[t, o] = scale[o] * sum_i (u[o, i] - qmax) * x[t, i] + bias[o] straight from the
+//    packed nibbles (quantnoise.export's layout: value 2j in the low nibble of byte j, 2j+1 in the high one), each
+//    nibble widened to fp32 in registers and multiplied in fp32 (so equal to the decoded layer within fp32
+//    rounding: no activation quantization); the input split once per call into its even and odd features so a
+//    byte's two nibbles meet contiguous inputs; output rows shared out over torch's intra-op threads.  AVX-512 where
+//    compiled for it (-march=native), a portable loop otherwise.
+// Registered as torch.ops.quantnoise.{pq_lut_linear,pq_decode,int4_linear}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,11 +25,15 @@
 
 #include <cstring>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t kMaxTokens = 16;
-constexpr int64_t kTileBytes = 256 << 10;  // table slice walked by all rows before moving on (fits L2)
+constexpr int64_t kTileBytes = 256 << 10;
+constexpr int64_t kInt4BlockBytes = 32 << 10;  // packed int4 rows walked by all tokens before the next block  // table slice walked by all rows before moving on (fits L2)
 
 // yt (out, T) += sum_{j in [j0, j1)} tile[codes[o, j] * cs + (j - jbase) * T + t] for rows [begin, end): a table
 // (or a tile of it holding block positions jbase...) with its T entries of (c, j) contiguous; T at compile time
@@ -181,13 +191,91 @@ at::Tensor pq_decode(const at::Tensor& codes, const at::Tensor& centroids) {
   return w;
 }
 
+// y[t * out + o] for rows [begin, end) and tokens [t0, t0 + TB): xe / xo (T, half) the even / odd features
+template <int TB>
+void int4_rows(const uint8_t* w, const float* xe, const float* xo, int64_t half, int64_t out, int qmax,
+               const float* scale, const float* bias, float* y, int64_t t0, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* p = w + o * half;
+    float acc[TB];
+    int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 ae[TB], ao[TB];
+    for (int t = 0; t < TB; ++t) ae[t] = _mm512_setzero_ps(), ao[t] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi32(15), off = _mm512_set1_epi32(qmax);
+    for (; j + 16 <= half; j += 16) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, mask), off));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), off));
+      for (int t = 0; t < TB; ++t) {
+        ae[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xe + (t0 + t) * half + j), ae[t]);
+        ao[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xo + (t0 + t) * half + j), ao[t]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) acc[t] = _mm512_reduce_add_ps(_mm512_add_ps(ae[t], ao[t]));
+#else
+    for (int t = 0; t < TB; ++t) acc[t] = 0.f;
+#endif
+    for (; j < half; ++j) {
+      const float lo = static_cast<float>((p[j] & 15) - qmax), hi = static_cast<float>((p[j] >> 4) - qmax);
+      for (int t = 0; t < TB; ++t) acc[t] += lo * xe[(t0 + t) * half + j] + hi * xo[(t0 + t) * half + j];
+    }
+    for (int t = 0; t < TB; ++t)
+      y[(t0 + t) * out + o] = acc[t] * scale[o] + (bias ? bias[o] : 0.f);
+  }
+}
+
+// y (T, out) = x (T, in) @ ((u - qmax) * scale).T [+ bias] for int-N weights held 4 bits wide (packed (out * in / 2)
+// bytes, in even: every row starts on a byte), any number of tokens (meant for few: the weight is re-widened for
+// every 4 tokens)
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t qmax,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_cpu(), "int4_linear: x must be a CPU float32 (T, in) tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.is_cpu(),
+              "int4_linear: the packed weight must be contiguous CPU uint8");
+  const int64_t T = x.size(0), in = x.size(1), half = in / 2, out = scale.numel();
+  TORCH_CHECK(in % 2 == 0 && packed.numel() == out * half, "int4_linear: ", packed.numel(), " bytes do not hold ", out,
+              " rows of ", in, " 4-bit values (in must be even)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "int4_linear: scale must be contiguous float32");
+  TORCH_CHECK(qmax >= 0 && qmax < 16, "int4_linear: qmax ", qmax, " is no 4-bit offset");
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out, "int4_linear: bias of ", bias->numel(), " values for ", out, " outputs");
+    bc = bias->to(at::kFloat).contiguous();
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<float> xs(2 * T * half);  // xe (T, half) then xo (T, half)
+  const float* xp = xc.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < half; ++j) xs[t * half + j] = xp[t * in + 2 * j], xs[(T + t) * half + j] = xp[t * in + 2 * j + 1];
+  at::Tensor y = at::empty({T, out}, x.options());
+  const float *xe = xs.data(), *xo = xs.data() + T * half, *sp = scale.data_ptr<float>();
+  const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int q = static_cast<int>(qmax);
+  const int64_t rows = std::max<int64_t>(1, kInt4BlockBytes / std::max<int64_t>(1, half));  // widened once per 4 tokens
+  at::parallel_for(0, out, std::max<int64_t>(16, rows), [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += rows) {  // a block of rows stays in L1 / L2 while the tokens walk it
+      const int64_t r1 = std::min(end, r0 + rows);
+      int64_t t = 0;
+      for (; t + 4 <= T; t += 4) int4_rows<4>(wp, xe, xo, half, out, q, sp, bp, yp, t, r0, r1);
+      for (; t + 2 <= T; t += 2) int4_rows<2>(wp, xe, xo, half, out, q, sp, bp, yp, t, r0, r1);
+      for (; t < T; ++t) int4_rows<1>(wp, xe, xo, half, out, q, sp, bp, yp, t, r0, r1);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantnoise, m) {
   m.def("pq_decode(Tensor codes, Tensor centroids) -> Tensor");
   m.def("pq_lut_linear(Tensor x, Tensor codes, Tensor centroids, Tensor? bias) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, int qmax, Tensor? bias) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(quantnoise, CPU, m) {
   m.impl("pq_decode", &pq_decode);
   m.impl("pq_lut_linear", &pq_lut_linear);
+  m.impl("int4_linear", &int4_linear);
 }
