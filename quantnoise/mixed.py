@@ -64,10 +64,8 @@ class MixedPrecisionConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping) or not self.layers:
             raise ValueError("bit plan has no layers: give {layer name: LayerBits(bits=...)} for at least one layer")
-        for name, spec in self.layers.items():
-            if not isinstance(name, str) or not isinstance(spec, LayerBits):
-                raise ValueError(f"bit plan entry {name!r}: {spec!r} is not a LayerBits; build the plan with "
-                                 f"load_bit_plan or MixedPrecisionConfig.from_plan")
+        if not all(isinstance(n, str) and isinstance(s, LayerBits) for n, s in self.layers.items()):
+            self.layers = load_bit_plan(self.layers)  # {name: bits | {bits, ...}} (e.g. from YAML / Hydra)
         if not is_real(self.p) or not 0.0 < float(self.p) <= 1.0:
             raise ValueError(f"bit plan p={self.p!r} is invalid: use a probability in (0, 1] (1 = full QAT)")
         if self.observer not in OBSERVERS:

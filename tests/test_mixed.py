@@ -77,6 +77,7 @@ def test_plan_sources_agree(tmp_path):
     assert load_bit_plan(tmp_path / "plan.yaml") == want == load_bit_plan(str(tmp_path / "plan.json"))
     assert load_bit_plan(plan) == {n: LayerBits(bits=b) for n, b in plan.bits.items()}
     assert load_bit_plan({"encoder.layer.0.attention.self.query": 3}) == {"encoder.layer.0.attention.self.query": LayerBits(3)}
+    assert MixedPrecisionConfig(layers={"0": 3, "2": {"bits": 4}}).layers == {"0": LayerBits(3), "2": LayerBits(4)}
     # dotted names survive the stage form's escaped patterns
     from quantnoise.compress.bitplan import BitPlan
 
