@@ -2,6 +2,7 @@
 fairseq-hydra-train -m, quantnoise quantize/export/sweep-report, fairseq-eval-lm), and its bad-input errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,12 +98,67 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
     assert "ppl_valid_ipq" in sweep and "3 of 3 runs finished" in sweep
     assert len(list((out / "sweep").glob("p*/hydra_train.log"))) == 3  # one Hydra multirun job per rate
 
+    # the noise fine-tune: baseline -> plain and noise continuations -> the same iPQ + centroid fine-tune -> TEST
+    ft = res["finetune"]
+    assert ft["updates"] == R.FINETUNE["tiny"]["updates"]
+    assert ft["fp32"]["ppl"] > 1 and all(ft[k]["ppl"] > 1 and 0 < ft[k]["bytes"] < ft["fp32"]["bytes"]
+                                         for k in ("ipq_plain", "ipq_qn"))
+    assert [e["candidate"] for e in ft["candidates"]] == R.FINETUNE["tiny"]["candidates"]
+    best = min(ft["candidates"], key=lambda e: e["ppl_valid_ipq"])
+    assert ft["noise"] == best["candidate"]  # chosen on VALID
+    assert ft["baseline"]["updates"] == R.FINETUNE["tiny"]["base_updates"] and not ft["baseline"]["given"]
+    assert [u for u, _ in ft["baseline"]["valid_curve"]][-1] == R.FINETUNE["tiny"]["base_updates"]
+    assert len(ft["baseline"]["valid_curve"]) >= 5 and isinstance(ft["baseline"]["converged"], bool)
+    for name in ["plain", *R.FINETUNE["tiny"]["candidates"]]:  # each continuation restarted its update count
+        log = (out / "logs" / f"ft_{name}.log").read_text()
+        assert re.findall(r"num_updates (\d+)", log)[-1] == str(ft["updates"])
+    assert "--quant-noise-scheme" in " ".join(ft["candidates"][0]["flags"])
+    assert "## Noise fine-tune" in (out / "results.md").read_text()
+
     # a rerun skips every finished step and changes nothing
     before = (out / "results.json").read_bytes()
     again = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny", timeout=300)
     assert again.returncode == 0 and "resuming:" in again.stdout and "] [" not in again.stdout, again.stdout
     assert (out / "results.json").read_bytes() == before
 
+    # --from CKPT --only finetune: the same baseline given as a checkpoint gives the same plain continuation
+    base = out / "finetune" / "baseline" / "checkpoint_last.pt"
+    out2 = tmp_path / "from"
+    proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out2, "--size", "tiny",
+                  "--only", "finetune", "--from", base, "--ft-candidates", "pq_p0.5_vocab", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert set(res2) == {"finetune", "details"} and res2["finetune"]["baseline"]["given"]
+    assert res2["finetune"]["valid"]["plain_fp32"] == ft["valid"]["plain_fp32"]
+    assert res2["finetune"]["noise"] == "pq_p0.5_vocab"
+    assert R.VOCAB_LAYERS in res2["finetune"]["candidates"][0]["flags"]
+    assert not (out2 / "sweep").exists()  # the from-scratch table was not run
+
+    # a --from checkpoint of another size or a missing one: one line, exit 2, nothing written
+    for ckpt, args, expect in ((base, ("--size", "small"), "is a 1-layer, 32-d, FFN 64 model"),
+                               (tmp_path / "nope.pt", ("--size", "tiny"), "nope.pt' does not exist")):
+        bad = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", tmp_path / "bad", *args,
+                     "--from", ckpt, timeout=120)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and expect in lines[0], bad.stderr
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ["drop_p0", "drop_p1.5", "scalar_p0.1", "pq_0.3", "drop_p0.3_emb"])
+def test_bad_noise_candidate_is_one_line(corpus, tmp_path, name):
+    proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", tmp_path / "out", "--size", "tiny",
+                  "--ft-candidates", name, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and f"noise candidate '{name}'" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_candidate_flags():
+    assert R.candidate_flags("drop_p0.3", 25) == ["--quant-noise-scheme", "drop", "--quant-noise-p", "0.3",
+                                                  "--quant-noise-block-size", "8"]
+    pq = R.candidate_flags("pq_p1_vocab", 25)
+    assert pq[pq.index("--quant-noise-p") + 1] == "1.0" and pq[pq.index("--quant-noise-refresh-every") + 1] == "25"
+    assert pq[-2:] == ["--quant-noise-layers", R.VOCAB_LAYERS]
 
 def test_command_output_is_read_back_after_non_ascii_lines(tmp_path):
     """issue 22 item 10: the output was sliced at a byte offset of a str: earlier non-ASCII lines in the same

@@ -1,6 +1,11 @@
 """The Quant-Noise table on any plain-text corpus (driver of ``recipes/lm/run.sh``; see README.md here).
 
     python recipes/lm/lm_recipe.py TRAIN.txt VALID.txt TEST.txt OUTDIR [--size small|base] [--jobs N]
+        [--only table|finetune] [--from CKPT] [--ft-base-updates U] [--ft-updates N] [--ft-candidates LIST]
+
+Two parts: the from-scratch table (Fan et al. 2020, Table 1/2), and the noise fine-tune of a trained
+model (a baseline, the recipe's or ``--from CKPT``, continued N updates without and with Quant-Noise,
+then the same iPQ + centroid fine-tuning; the noise chosen on VALID).
 
 Every step is a stock fairseq command (``fairseq-preprocess``, ``fairseq-train``,
 ``fairseq-hydra-train -m``, ``fairseq-eval-lm``) with the plugin, or a ``quantnoise`` command
@@ -46,6 +51,20 @@ SIZES = {
                  lr=0.002, warmup=100, rates=[0.0, 0.05, 0.1, 0.2, 0.3], refresh=100),
 }
 IPQ = dict(block_size=8, centroids=256)  # post-hoc iPQ of every Linear and Embedding
+# The noise fine-tune (recipes/lm/README.md, "Noise fine-tune"): a trained baseline (base_updates, or --from CKPT)
+# continued `updates` updates without noise and with each noise candidate (peak lr `lr` of the continuation's
+# inverse_sqrt schedule, restarted, after a warmup of a tenth of the updates), then iPQ + `centroid_updates` of centroid fine-tuning (lr centroid_lr) for all;
+# the candidate with the lowest VALID perplexity after that is the `ipq_qn` row.  Candidates: <drop|pq>_p<rate>,
+# with `_vocab` = noise on the input embedding and the output projection only.
+FINETUNE = {
+    "tiny": dict(base_updates=16, updates=8, lr=0.001, centroid_updates=4, centroid_lr=0.001,
+                 candidates=["drop_p0.3", "pq_p0.3"]),
+    "small": dict(base_updates=8000, updates=1000, lr=0.001, centroid_updates=60, centroid_lr=0.001,
+                  candidates=["drop_p0.1", "drop_p0.3", "pq_p0.3"]),
+    "base": dict(base_updates=8000, updates=2000, lr=0.001, centroid_updates=250, centroid_lr=0.0007,
+                 candidates=["drop_p0.1", "drop_p0.3", "pq_p0.3"]),
+}
+VOCAB_LAYERS = "embed_tokens|output_projection"  # the two vocabulary matrices (79% of the small model's weights)
 # the models trained with fairseq-train: name -> (noise config in configs/quant_noise/, overrides)
 SCALAR_RUNS = {"int4_qn": ("scalar_int4", {}), "int8_qn": ("scalar_int8", {}),
                "int4_qat": ("scalar_int4", {"quant_noise_p": 1.0}), "int8_qat": ("scalar_int8", {"quant_noise_p": 1.0})}
@@ -121,14 +140,61 @@ def noise_flags(config: str, **overrides) -> List[str]:
     return out
 
 
+CANDIDATE = re.compile(r"(drop|pq)_p(0?\.[0-9]+|1(?:\.0*)?)(_vocab)?")
+
+
+def candidate_flags(name: str, refresh: int) -> List[str]:
+    """fairseq-train flags of a noise fine-tune candidate ``<drop|pq>_p<rate>[_vocab]``."""
+    m = CANDIDATE.fullmatch(name)
+    if not m or not 0 < float(m.group(2)) <= 1:
+        raise RecipeError(f"noise candidate '{name}' is not <drop|pq>_p<rate>[_vocab] with 0 < rate <= 1; "
+                          f"e.g. drop_p0.3, pq_p0.5, drop_p0.3_vocab")
+    kind, p, vocab = m.group(1), float(m.group(2)), m.group(3)
+    flags = noise_flags(kind, quant_noise_p=p, **({"quant_noise_refresh_every": refresh} if kind == "pq" else {}))
+    return flags + (["--quant-noise-layers", VOCAB_LAYERS] if vocab else [])
+
+
+def check_checkpoint(path: pathlib.Path, size: str, dict_words: Optional[int] = None) -> None:
+    """A --from checkpoint must be a fairseq LM checkpoint of this --size (and, once the vocabulary is
+    built, of its vocabulary): one line naming the mismatch otherwise.  Reads tensors only."""
+    import torch
+
+    if not path.is_file():
+        raise RecipeError(f"--from checkpoint '{path}' does not exist; pass a fairseq-train checkpoint_last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same user error
+        raise RecipeError(f"--from checkpoint '{path}' is not a readable fairseq checkpoint ({type(e).__name__}); "
+                          f"pass a fairseq-train checkpoint_last.pt") from None
+    model = state.get("model") if isinstance(state, dict) else None
+    emb = model.get("decoder.embed_tokens.weight") if isinstance(model, dict) else None
+    if emb is None:
+        raise RecipeError(f"--from checkpoint '{path}' has no decoder.embed_tokens.weight: not a fairseq language model")
+    s = SIZES[size]
+    layers = len({k.split(".")[2] for k in model if k.startswith("decoder.layers.")})
+    fc1 = model.get("decoder.layers.0.fc1.weight")
+    shape = (layers, int(emb.shape[1]), int(fc1.shape[0]) if fc1 is not None else None)
+    if shape != (s["layers"], s["dim"], s["ffn"]):
+        raise RecipeError(f"--from checkpoint '{path}' is a {shape[0]}-layer, {shape[1]}-d, FFN {shape[2]} model, but "
+                          f"--size {size} is {s['layers']} layers, {s['dim']}-d, FFN {s['ffn']}; pass the matching --size")
+    if dict_words is not None and int(emb.shape[0]) != dict_words + 4:  # fairseq adds <s> <pad> </s> <unk>
+        raise RecipeError(f"--from checkpoint '{path}' has a vocabulary of {int(emb.shape[0])} entries, the one "
+                          f"fairseq-preprocess built from TRAIN has {dict_words + 4}; pass the checkpoint trained on "
+                          f"this TRAIN file (same words, threshold {THRESHOLD})")
+
+
 PPL = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+|inf)")
 VALID_PPL = re.compile(r"valid on 'valid' subset \| loss ([0-9.]+) \| .*?\bppl ([0-9.]+|inf)")
+VALID_CURVE = re.compile(r"valid on 'valid' subset \| .*?\bppl ([0-9.]+|inf) \| .*?\bnum_updates ([0-9]+)")
 
 
 class Recipe:
-    def __init__(self, train, valid, test, out: pathlib.Path, size: str, jobs: int):
+    def __init__(self, train, valid, test, out: pathlib.Path, size: str, jobs: int,
+                 parts=("table", "finetune"), from_ckpt: Optional[pathlib.Path] = None, finetune: Optional[dict] = None):
         self.corpus = dict(train=train.resolve(), valid=valid.resolve(), test=test.resolve())
         self.out, self.size, self.s, self.jobs = out.resolve(), size, SIZES[size], jobs
+        self.parts, self.from_ckpt = tuple(parts), from_ckpt.resolve() if from_ckpt else None
+        self.f = {**FINETUNE[size], **(finetune or {})}  # the noise fine-tune's settings
         self.data = self.out / "data-bin"
         self.t0 = time.time()
         self.lock, self.qn_lock = threading.Lock(), threading.Lock()
@@ -237,12 +303,22 @@ class Recipe:
         return self.results[name]
 
     def define(self) -> None:
-        s, out = self.s, self.out
-        rates = [p for p in s["rates"] if p > 0]
-
         @self.step("preprocess")
         def _():
             return self.preprocess()
+
+        if "table" in self.parts:
+            self.define_table()
+        if "finetune" in self.parts:
+            self.define_finetune()
+
+        @self.step("report", deps=[n for n in self.steps if n != "report"])
+        def _():
+            return self.report()
+
+    def define_table(self) -> None:
+        s, out = self.s, self.out
+        rates = [p for p in s["rates"] if p > 0]
 
         @self.step("sweep", deps=["preprocess"])
         def _():
@@ -294,9 +370,75 @@ class Recipe:
             for col, model in (("posthoc", None), ("qat", f"int{bits}_qat"), ("quant_noise", f"int{bits}_qn")):
                 self.add_scalar(f"int{bits}.{col}", bits, model)
 
-        @self.step("report", deps=[n for n in self.steps if n != "report"])
+    def define_finetune(self) -> None:
+        """The noise fine-tune: baseline -> N plain updates | N updates with each noise candidate -> the same
+        iPQ + centroid fine-tuning -> the candidate chosen on VALID -> export, TEST."""
+        f, out = self.f, self.out
+        names = {c: c for c in f["candidates"]}
+
+        @self.step("ft_baseline", deps=["preprocess"])
         def _():
-            return self.report()
+            return self.ft_baseline()
+
+        for name in ["plain", *names]:
+            flags = [] if name == "plain" else candidate_flags(name, self.s["refresh"])
+            self.add_continue(name, flags)
+            self.add_ipq(f"ft_{name}", lambda name=name: self.r(f"ft_{name}")["checkpoint"], deps=[f"ft_{name}"],
+                         updates=f["centroid_updates"], lr=f["centroid_lr"])
+
+        @self.step("ft_select", deps=[f"ipq_ft_{n}" for n in names])
+        def _():
+            rows = [{"candidate": n, "flags": self.r(f"ft_{n}")["flags"], "ppl_valid_fp32": self.r(f"ft_{n}")["valid"],
+                     "ppl_valid_ipq_no_finetune": self.r(f"ipq_ft_{n}")["valid_noft"],
+                     "ppl_valid_ipq": self.r(f"ipq_ft_{n}")["valid_ft"]} for n in names]
+            best = min(rows, key=lambda e: e["ppl_valid_ipq"])
+            return {"candidate": best["candidate"], "candidates": rows,
+                    "criterion": "lowest VALID perplexity after iPQ + centroid fine-tuning"}
+
+        @self.step("test_ft.fp32", deps=["ft_plain"])
+        def _():
+            qnz = out / "qnz" / "ft.fp32.qnz"
+            self.qn("test_ft.fp32", "export", self.r("ft_plain")["checkpoint"], "-o", qnz, "--rest", "float32", log="export")
+            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm("test_ft.fp32", qnz, "test", "test_ft.fp32")}
+
+        self.add_export("ft.ipq_plain", lambda: self.r("ipq_ft_plain")["finetuned"], deps=["ipq_ft_plain"])
+        self.add_export("ft.ipq_qn", lambda: self.r(f"ipq_ft_{self.r('ft_select')['candidate']}")["finetuned"],
+                        deps=["ft_select"])
+
+    def ft_baseline(self) -> dict:
+        """The model the noise fine-tune starts from: --from CKPT, or the recipe's own, trained base_updates
+        updates with VALID every tenth of them (the convergence check: < 2% better over the last fifth)."""
+        f, s, step = self.f, self.s, "ft_baseline"
+        if self.from_ckpt:
+            check_checkpoint(self.from_ckpt, self.size, self.r("preprocess")["vocab"])
+            return {"checkpoint": str(self.from_ckpt), "given": True,
+                    "valid": self.eval_lm(step, self.from_ckpt, "valid", step)}
+        every = max(1, f["base_updates"] // 10)
+        ckpt = self.fairseq_train(step, self.out / "finetune" / "baseline", ["--validate-interval-updates", every], step,
+                                  f["base_updates"], s["lr"], s["warmup"])
+        curve = {int(u): float(p) for p, u in VALID_CURVE.findall((self.out / "logs" / f"{step}.log").read_text(errors="replace"))}
+        curve = [[u, curve[u]] for u in sorted(curve)]
+        at = {u: p for u, p in curve}
+        u4 = f["base_updates"] - 2 * every  # four fifths of the way (validated there: every tenth)
+        gain = (at[u4] - at[f["base_updates"]]) / at[u4] if u4 in at and f["base_updates"] in at else None
+        return {"checkpoint": str(ckpt), "given": False, "updates": f["base_updates"], "valid_curve": curve,
+                "valid": curve[-1][1] if curve else self.valid_ppl(step),
+                "last_fifth_gain": gain, "converged": gain is not None and gain < 0.02}
+
+    def ft_warmup(self) -> int:
+        return max(1, self.f["updates"] // 10)
+
+    def add_continue(self, name: str, flags: List[str]) -> None:
+        """The baseline continued f["updates"] updates (optimizer, lr schedule, data order restarted) with ``flags``."""
+        f, step = self.f, f"ft_{name}"
+
+        @self.step(step, deps=["ft_baseline"])
+        def _():
+            ckpt = self.fairseq_train(step, self.out / "finetune" / name,
+                                      ["--restore-file", self.r("ft_baseline")["checkpoint"], "--reset-optimizer",
+                                       "--reset-dataloader", "--reset-lr-scheduler", "--reset-meters", *flags],
+                                      step, f["updates"], f["lr"], self.ft_warmup())
+            return {"checkpoint": str(ckpt), "flags": flags, "valid": self.valid_ppl(step)}
 
     def add_train(self, name: str, noise, deps=("preprocess",)) -> None:
         s = self.s
@@ -308,9 +450,12 @@ class Recipe:
                                       s["updates"], s["lr"], s["warmup"])
             return {"checkpoint": str(ckpt), "flags": flags}
 
-    def add_ipq(self, name: str, source: Callable[[], str], deps) -> None:
-        """quantize (iPQ b=8 k=256, every Linear/Embedding) -> VALID ppl -> fine-tune centroids -> VALID ppl."""
+    def add_ipq(self, name: str, source: Callable[[], str], deps, updates: Optional[int] = None,
+                lr: Optional[float] = None) -> None:
+        """quantize (iPQ b=8 k=256, every Linear/Embedding) -> VALID ppl -> fine-tune centroids -> VALID ppl
+        (``updates`` at ``lr``: default the size's ft_updates at lr / 3)."""
         s, step = self.s, f"ipq_{name}"
+        updates, lr = updates or s["ft_updates"], lr or s["lr"] / 3
 
         @self.step(step, deps=deps)
         def _():
@@ -322,7 +467,7 @@ class Recipe:
             noft = self.eval_lm(step, q, "valid", step)
             ckpt = self.fairseq_train(step, d / "ft", ["--restore-file", q, "--reset-optimizer", "--reset-dataloader",
                                                        "--reset-lr-scheduler", "--reset-meters"], step,
-                                      s["ft_updates"], s["lr"] / 3, max(1, s["ft_updates"] // 10))
+                                      updates, lr, max(1, updates // 10))
             return {"quantized": str(q), "finetuned": str(ckpt), "valid_noft": noft,
                     "valid_ft": self.valid_ppl(step)}
 
@@ -464,6 +609,13 @@ class Recipe:
             return "valid ppl fp32 " + ", ".join(f"p={p}: {v:.2f}" if v else f"p={p}: ?" for p, v in r["valid_fp32"].items())
         if name == "preprocess":
             return f"vocabulary {r['vocab']} words"
+        if name == "ft_select":
+            return f"noise {r['candidate']} ({r['criterion']})"
+        if name == "ft_baseline" and r.get("last_fifth_gain") is not None:
+            return (f"valid ppl {r['valid']:.2f}, {100 * r['last_fifth_gain']:.1f}% better over the last fifth "
+                    f"({'converged' if r['converged'] else 'not converged'} by the < 2% rule)")
+        if "valid" in r:
+            return f"valid ppl {r['valid']:.2f}"
         return "ok"
 
     def progress(self, msg: str) -> None:
@@ -495,6 +647,34 @@ class Recipe:
                 "critical_path_s": round(max(chain.values()), 1), "driver_s": round(ru.ru_utime + ru.ru_stime, 1)}
 
     def report(self) -> dict:
+        res = self.table_results() if "table" in self.parts else {
+            "details": {"size": self.size, "model": {k: self.s[k] for k in ("layers", "dim", "ffn", "heads")},
+                        "tokens_per_update": self.s["max_tokens"], "ipq": IPQ, "vocab": self.r("preprocess")["vocab"],
+                        "corpus": {k: str(v) for k, v in self.corpus.items()}}}
+        if "finetune" in self.parts:
+            res["finetune"] = self.finetune_results()
+        res["details"]["cpu"] = self.cpu_account()
+        atomic_write_text(self.out / "results.json", json.dumps(res, indent=1))
+        atomic_write_text(self.out / "results.md", markdown(res))
+        if "table" in self.parts:
+            plot(res, self.out / "results.png")
+        return {"results": str(self.out / "results.json")}
+
+    def finetune_results(self) -> dict:
+        f, base, sel = self.f, self.r("ft_baseline"), self.r("ft_select")
+        fp32, plain, qn = self.r("test_ft.fp32"), self.r("test_ft.ipq_plain"), self.r("test_ft.ipq_qn")
+        gap_plain, gap_qn = plain["ppl"] - fp32["ppl"], qn["ppl"] - fp32["ppl"]
+        return {"updates": f["updates"], "fp32": {k: fp32[k] for k in ("ppl", "bytes")},
+                "ipq_plain": {k: plain[k] for k in ("ppl", "bytes")}, "ipq_qn": {k: qn[k] for k in ("ppl", "bytes")},
+                "gap_cut": 1 - gap_qn / gap_plain if gap_plain > 0 else None, "noise": sel["candidate"],
+                "candidates": sel["candidates"], "criterion": sel["criterion"],
+                "valid": {"plain_fp32": self.r("ft_plain")["valid"], "plain_ipq_no_finetune": self.r("ipq_ft_plain")["valid_noft"],
+                          "plain_ipq": self.r("ipq_ft_plain")["valid_ft"]},
+                "baseline": {k: base.get(k) for k in ("checkpoint", "given", "updates", "valid", "valid_curve",
+                                                       "last_fifth_gain", "converged")},
+                "settings": {"warmup": self.ft_warmup(), **{k: f[k] for k in ("lr", "centroid_updates", "centroid_lr")}}}
+
+    def table_results(self) -> dict:
         res = {"fp32": {k: self.r("fp32")[k] for k in ("ppl", "bytes")}}
         for kind in ("ipq", "int4", "int8"):
             res[kind] = {col: {k: self.r(f"test_{kind}.{col}")[k] for k in ("ppl", "bytes")}
@@ -519,14 +699,48 @@ class Recipe:
                                         "pq_noise": self.r("ipq_pq_noise")["valid_ft"]}},
             "corpus": {k: str(v) for k, v in self.corpus.items()},
         }
-        res["details"]["cpu"] = self.cpu_account()
-        atomic_write_text(self.out / "results.json", json.dumps(res, indent=1))
-        atomic_write_text(self.out / "results.md", markdown(res))
-        plot(res, self.out / "results.png")
-        return {"results": str(self.out / "results.json")}
+        return res
 
 
 def markdown(res: dict) -> str:
+    lines = table_markdown(res) if "fp32" in res else [f"# Noise fine-tune on this corpus ({res['details']['size']})", ""]
+    if "finetune" in res:
+        lines += finetune_markdown(res["finetune"], res["details"])
+    return "\n".join(lines)
+
+
+def finetune_markdown(ft: dict, d: dict) -> List[str]:
+    fp, b = ft["fp32"], ft["baseline"]
+    f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+    origin = (f"the given checkpoint {b['checkpoint']} (VALID {f(b['valid'])})" if b["given"] else
+              f"the recipe's baseline, {b['updates']} updates (VALID {f(b['valid'])}; "
+              f"{100 * b['last_fifth_gain']:.1f}% better over the last fifth: {'converged' if b['converged'] else 'NOT converged'} "
+              f"by the < 2% rule)" if b.get("last_fifth_gain") is not None else f"the recipe's baseline, {b['updates']} updates")
+
+    def cell(e):
+        return f"{e['ppl']:.2f} ({e['bytes'] / 2**20:.3f} MiB, x{fp['bytes'] / e['bytes']:.1f})"
+
+    st = ft["settings"]
+    lines = ["## Noise fine-tune of a trained model (TEST of the exported `.qnz`)", "",
+             f"From {origin}: {ft['updates']} more updates without noise (plain) and with noise ({ft['noise']}, "
+             f"chosen on VALID), lr {st['lr']:g} (inverse_sqrt, warmup {st['warmup']}), then for both iPQ (b={d['ipq']['block_size']}, "
+             f"k={d['ipq']['centroids']}, every layer) + {st['centroid_updates']} centroid fine-tuning updates (lr {st['centroid_lr']:g}).", "",
+             "| model | test ppl (size, ratio to fp32) |", "|---|---|",
+             f"| fp32 (plain continuation) | {fp['ppl']:.2f} ({fp['bytes'] / 2**20:.3f} MiB) |",
+             f"| iPQ of the plain continuation | {cell(ft['ipq_plain'])} |",
+             f"| iPQ of the noise continuation ({ft['noise']}) | {cell(ft['ipq_qn'])} |", ""]
+    gp, gq = ft["ipq_plain"]["ppl"] - fp["ppl"], ft["ipq_qn"]["ppl"] - fp["ppl"]
+    cut = "n/a (no gap)" if ft["gap_cut"] is None else f"{100 * ft['gap_cut']:.0f}%"
+    lines += [f"iPQ gap to the plain continuation's fp32: plain {gp:+.2f}, noise {gq:+.2f}: cut by {cut} (goal: 50%).", "",
+              "Candidates (VALID; the lowest after iPQ + centroid fine-tuning is chosen):", "",
+              "| continuation | valid ppl fp32 | iPQ, no fine-tune | iPQ + fine-tune |", "|---|---|---|---|",
+              f"| plain | {f(ft['valid']['plain_fp32'])} | {f(ft['valid']['plain_ipq_no_finetune'])} | {f(ft['valid']['plain_ipq'])} |"]
+    lines += [f"| {e['candidate']} | {f(e['ppl_valid_fp32'])} | {f(e['ppl_valid_ipq_no_finetune'])} | {f(e['ppl_valid_ipq'])} |"
+              for e in ft["candidates"]]
+    return lines + [""]
+
+
+def table_markdown(res: dict) -> List[str]:
     fp = res["fp32"]
     d = res["details"]
 
@@ -558,7 +772,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| {e['p']:g} | {f(e['ppl_valid_fp32'])} | {f(e['ppl_valid_ipq_no_finetune'])} | {f(e['ppl_valid_ipq'])} |")
     lines += ["", f"Chosen p = {d['drop_p_chosen_on_valid']:g} (lowest VALID perplexity after iPQ + fine-tuning). "
               "Plot: `sweep.png` (`quantnoise sweep-report`), table `sweep_report.md`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(res: dict, path: pathlib.Path) -> None:
@@ -600,18 +814,53 @@ def main(argv=None) -> int:
                     help="model size and training length (recipes/lm/README.md; tiny: for tests)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="steps run at once (default: 2, one thread each, on 2+ cores)")
+    ap.add_argument("--from", dest="from_ckpt", type=pathlib.Path, metavar="CKPT",
+                    help="noise fine-tune: start from this trained checkpoint (a qn_transformer_lm of --size, trained on "
+                         "TRAIN's vocabulary) instead of training the recipe's baseline")
+    ap.add_argument("--only", choices=["table", "finetune"],
+                    help="run one part: the from-scratch table, or the noise fine-tune (default: both)")
+    ap.add_argument("--ft-updates", type=int, metavar="N", help="noise fine-tune: updates of each continuation "
+                    "(default: the size's, recipes/lm/README.md)")
+    ap.add_argument("--ft-base-updates", type=int, metavar="U", help="noise fine-tune: updates of the recipe's own "
+                    "baseline (default: the size's; ignored with --from)")
+    ap.add_argument("--ft-candidates", metavar="LIST", help="noise fine-tune: comma-separated <drop|pq>_p<rate>[_vocab] "
+                    "candidates, one chosen on VALID (default: the size's)")
     a = ap.parse_args(argv)
+    overrides = {}
     try:
         if a.jobs < 1:
             raise RecipeError(f"--jobs {a.jobs} is invalid; use 1 or more")
+        if a.ft_updates is not None:
+            if a.ft_updates < 1:
+                raise RecipeError(f"--ft-updates {a.ft_updates} is invalid; use 1 or more")
+            overrides["updates"] = a.ft_updates
+        if a.ft_base_updates is not None:
+            if a.ft_base_updates < 1:
+                raise RecipeError(f"--ft-base-updates {a.ft_base_updates} is invalid; use 1 or more")
+            overrides["base_updates"] = a.ft_base_updates
+        if a.ft_candidates is not None:
+            cands = [c for c in a.ft_candidates.split(",") if c]
+            if not cands:
+                raise RecipeError(f"--ft-candidates '{a.ft_candidates}' names no candidate; e.g. drop_p0.3,pq_p0.5")
+            for c in cands:
+                candidate_flags(c, 1)
+            overrides["candidates"] = cands
+        if a.only == "table" and (a.from_ckpt or overrides):
+            raise RecipeError("--from and --ft-* belong to the noise fine-tune; drop them, or drop --only table")
         check_inputs(a.train, a.valid, a.test, a.outdir)
+        if a.from_ckpt:
+            check_checkpoint(a.from_ckpt, a.size)
         fp = fingerprint((a.train, a.valid, a.test), a.size)
+        if a.from_ckpt:  # a resumed run must start from the same checkpoint
+            fp["from"] = {"path": str(a.from_ckpt.resolve()), "sha1": hashlib.sha1(a.from_ckpt.read_bytes()).hexdigest()}
+        if overrides:
+            fp["finetune"] = overrides
         stamp = a.outdir / "recipe.json"
         if stamp.is_file():
             old = json.loads(stamp.read_text())
             if old != fp:
                 raise RecipeError(f"OUTDIR '{a.outdir}' holds a run with other inputs or size ({stamp}); pass a new OUTDIR, "
-                                  f"or the same corpus files and --size to resume it")
+                                  f"or the same corpus files, --size, --from and --ft-* values to resume it")
         elif a.outdir.is_dir() and any(a.outdir.iterdir()):
             raise RecipeError(f"OUTDIR '{a.outdir}' is a non-empty folder that is not a recipe run (no recipe.json); "
                               f"pass a new or empty folder")
@@ -621,7 +870,8 @@ def main(argv=None) -> int:
     a.outdir.mkdir(parents=True, exist_ok=True)
     if not (a.outdir / "recipe.json").is_file():
         atomic_write_text(a.outdir / "recipe.json", json.dumps(fp, indent=1))
-    return Recipe(a.train, a.valid, a.test, a.outdir, a.size, a.jobs).run()
+    parts = (a.only,) if a.only else ("table", "finetune")
+    return Recipe(a.train, a.valid, a.test, a.outdir, a.size, a.jobs, parts, a.from_ckpt, overrides).run()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Quant-Noise table on any plain-text corpus (README.md in this folder).
-#   recipes/lm/run.sh TRAIN.txt VALID.txt TEST.txt OUTDIR [--size small|base] [--jobs N]
+#   recipes/lm/run.sh TRAIN.txt VALID.txt TEST.txt OUTDIR [--size small|base] [--jobs N] [--only table|finetune] [--from CKPT]
 # Python: $PYTHON if set, else the repository's .venv (`make venv`, `make demo` or `make test` create it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
