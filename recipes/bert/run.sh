@@ -2,7 +2,7 @@
 # The Q8BERT table on any sentence-classification data: fine-tune all-MiniLM-L6-v2 (+ a classification
 # head) in fp32, then int8 QAT (Q8BERT preset, same budget), dynamic int8 (DQ), static PTQ, int4
 # post-hoc, Quant-Noise int4 and Q-BERT's Hessian mixed precision (qbert_mixed); TEST accuracy, relative error, exported bytes and sentence-embedding
-# cosine to fp32 for each.  Resumable: rerun the same command after a stop.
+# cosine to fp32 for each; then the iPQ rows (ipq_posthoc, ipq_qn, ipq_qn_int8: iPQ through quantnoise.compress_, each .qnz read back).  Resumable: rerun the same command after a stop.
 #
 #   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]
 #       [--epochs N] [--lr X] [--stages a,b]     (recipes/bert/README.md: sizes, times, the measured table)

@@ -1,6 +1,8 @@
 """The Q8BERT table on any sentence-classification TSV (label<TAB>text): fp32, int8 QAT (Q8BERT),
 dynamic int8 (DQ), static PTQ, int4 post-hoc, Quant-Noise int4 and Q-BERT's Hessian mixed precision
-on all-MiniLM-L6-v2.
+on all-MiniLM-L6-v2; and the iPQ table (Quant-Noise's extreme compression): ipq_posthoc (the fp32 model
+continued plainly, then iPQ + fine-tuning), ipq_qn (continued with Quant-Noise, the rate chosen on DEV
+among the size's candidates, then the same iPQ) and ipq_qn_int8 (its int8-centroid file).
 
     python recipes/bert/table.py TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1]
 
