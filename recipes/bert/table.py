@@ -57,7 +57,7 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 
                  qn_candidates=[("pq", 0.1), ("pq", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5),
     "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
                   sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4,
-                  cont_steps=100, cont_lr=5e-5, ipq_steps=300, ipq_lr=1e-4, kmeans_iters=20,
+                  cont_steps=100, cont_lr=5e-5, ipq_steps=150, ipq_lr=1e-4, kmeans_iters=20,
                   qn_candidates=[("pq", 0.1), ("pq", 0.2), ("pq", 0.4)], qat3_steps=200, qat3_lr=5e-5),
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
                  sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4,
