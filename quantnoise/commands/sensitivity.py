@@ -10,7 +10,6 @@ costing the bits a .qnz stores it in (``export.pack_width``: int3 3 bits).
 import argparse
 import importlib
 import pathlib
-import sys
 
 from ..compress.bitplan import allocate_bits
 from ..checkpoint import check_output
@@ -38,11 +37,10 @@ def add_parser(sub) -> None:
 
 
 def _plugin_module():
-    """qn_fairseq.sensitivity, imported as fairseq's --user-dir imports the plugin (see quantnoise.runtime.fairseq_plugin)."""
-    from .user_dir import plugin_dir
+    """qn_fairseq.sensitivity, imported as fairseq's --user-dir imports the plugin (``user_dir.import_plugin``)."""
+    from .user_dir import import_plugin
 
-    if "qn_fairseq" not in sys.modules:
-        sys.path.insert(0, str(plugin_dir().parent))
+    import_plugin()
     return importlib.import_module("qn_fairseq.sensitivity")
 
 

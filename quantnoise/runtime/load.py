@@ -247,11 +247,6 @@ def load_fairseq(path, data: Optional[str] = None, decoded: bool = False):
 def fairseq_plugin():
     """quantnoise/qn_fairseq/runtime.py, imported as fairseq's ``--user-dir`` imports the plugin (top-level
     ``qn_fairseq``), so its models are registered once whichever way a process imports it first."""
-    import importlib
-    import sys
+    from ..commands.user_dir import import_plugin
 
-    from ..commands.user_dir import plugin_dir
-
-    if "qn_fairseq" not in sys.modules:
-        sys.path.insert(0, str(plugin_dir().parent))
-    return importlib.import_module("qn_fairseq.runtime")
+    return import_plugin().runtime

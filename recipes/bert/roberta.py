@@ -51,13 +51,11 @@ def words(text: str, max_len: int) -> str:
 
 
 def route_attention(model) -> None:
-    """fairseq's attention fast path reads q/k/v/out_proj.weight directly; make it call the modules,
-    so that calibration hooks, fake quantization and torch's int8 Linear see them."""
-    from fairseq.modules import MultiheadAttention
+    """fairseq's attention fast path reads q/k/v/out_proj.weight directly; make it call the modules (the plugin's
+    ``route_attention``), so that calibration hooks, fake quantization and torch's int8 Linear see them."""
+    from quantnoise.qn_fairseq.args import route_attention as route  # the plugin, under its one name
 
-    for m in model.modules():
-        if isinstance(m, MultiheadAttention):
-            m._set_skip_embed_dim_check()
+    route(model)
 
 
 class RobertaRecipe(Recipe):
