@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MemoryError) as e:  # MemoryError: a .qnz too large to decode here, with its size
         print(f"quantnoise {args.command}: error: {e}", file=sys.stderr)
         return 2
 

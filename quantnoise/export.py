@@ -274,7 +274,7 @@ def read_safetensors(path: str) -> Tuple[dict, Dict[str, Tensor]]:
         spans = []
         for key, e in header.items():
             ok = isinstance(e, dict) and e.get("dtype") in ST_DTYPES and isinstance(e.get("shape"), list) \
-                and all(is_int(v) and v >= 0 for v in e["shape"]) and isinstance(e.get("data_offsets"), list) \
+                and all(is_int(v) and 0 <= v < 2**62 for v in e["shape"]) and isinstance(e.get("data_offsets"), list) \
                 and len(e["data_offsets"]) == 2 and all(is_int(v) for v in e["data_offsets"])
             _need(ok, f"tensor {key!r} has a malformed header entry")
             (start, end), dtype = e["data_offsets"], ST_DTYPES[e["dtype"]]

@@ -510,3 +510,15 @@ def test_packed_max_reads_only_the_first_n_values_in_chunks(width):
         assert export._packed_max(q, width, n, chunk=chunk) == int(u.max()) < 2**width - 1
     u[n // 2] = 2**width - 1  # the top value inside: found
     assert export._packed_max(export.pack(u, width), width, n, chunk=7) == 2**width - 1
+
+
+def test_a_zero_size_tensor_with_a_huge_dimension_is_refused(tmp_path):
+    """Found in issue 22's second read: shape [0, 2**70] takes 0 bytes, passed the header checks and made torch's
+    reshape raise a RuntimeError traceback."""
+    import struct
+
+    head = json.dumps({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "m.qnz"
+    path.write_bytes(struct.pack("<Q", len(head)) + head)
+    with pytest.raises(ValueError, match="tensor 'a' has a malformed header entry"):
+        export.read_qnz(path)

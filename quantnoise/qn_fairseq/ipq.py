@@ -277,12 +277,17 @@ def _install_qnz_loader() -> None:
         try:
             model_state, meta = load_qnz(path)
             state = stock_checkpoint(model_state, meta)
-        except (ValueError, OSError) as e:  # a bad, forged or missing .qnz: one line, no traceback
+        except (ValueError, OSError, MemoryError) as e:  # a bad, forged, missing or too large .qnz: one line
             raise SystemExit(f"error: {e}") from None
-        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
-        if arg_overrides is not None:
-            overwrite_args_by_name(state["cfg"], arg_overrides)
-        return checkpoint_utils._upgrade_state_dict(state)
+        try:
+            state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+            if arg_overrides is not None:
+                overwrite_args_by_name(state["cfg"], arg_overrides)
+            return checkpoint_utils._upgrade_state_dict(state)
+        except Exception as e:  # the file's config, which omegaconf / fairseq reject their own ways  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise SystemExit(f"error: {path}: its fairseq config is not one this fairseq loads ({type(e).__name__}: "
+                             f"{first}); re-export it from a checkpoint this fairseq loads") from None
 
     load_checkpoint_to_cpu.quantnoise_qnz = True
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

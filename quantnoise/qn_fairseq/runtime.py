@@ -160,17 +160,23 @@ def load_model(path, data: Optional[str] = None, decoded: bool = False, arg_over
     overrides = dict(arg_overrides or {})
     if data is not None:
         overrides["data"] = str(data)
-    if decoded:
-        models, cfg, task = _original()([str(path)], arg_overrides=overrides, task=task)
+    def unbuildable(e: Exception) -> SystemExit:  # the file's config, which fairseq / omegaconf reject their own ways
+        return SystemExit(f"error: {path}: its fairseq config does not build a model ({type(e).__name__}: "
+                          f"{_first_line(e)}); re-export it from a checkpoint this fairseq loads")
+
+    if decoded:  # fairseq's own loader (the .qnz decoded by qn_fairseq/ipq.py's load_checkpoint_to_cpu)
+        try:
+            models, cfg, task = _original()([str(path)], arg_overrides=overrides, task=task)
+        except (FileNotFoundError, OSError) as e:
+            raise SystemExit(f"error: {path}: {_first_line(e)}") from None
+        except Exception as e:  # noqa: BLE001
+            raise unbuildable(e) from None
         return models[0].eval(), cfg, task
     try:
         tensors, meta = read_qnz(path)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     release_freed_memory()  # the checks' temporaries (unpacked int4 chunks...) would stay resident on the heap
-    def unbuildable(e: Exception) -> SystemExit:  # the file's config, which fairseq / omegaconf reject their own ways
-        return SystemExit(f"error: {path}: its fairseq config does not build a model ({type(e).__name__}: "
-                          f"{_first_line(e)}); re-export it from a checkpoint this fairseq loads")
 
     try:
         cfg = qnz_config(meta, overrides)

@@ -128,8 +128,10 @@ class _PQ(RuntimeMixin):
         return self.centroids
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # loaded codes index the codebook unchecked too: checked before they replace the layer's own
+        check_pq(state_dict.get(prefix + "codes", self.codes), state_dict.get(prefix + "centroids", self.centroids),
+                 self.weight_shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        check_pq(self.codes, self.centroids, self.weight_shape)  # loaded codes index the codebook unchecked too
 
     def decode_rows(self, rows: Tensor, dtype=None) -> Tensor:
         return K.pq_rows(self.codes[rows], self.centroids, dtype or self.centroids.dtype)

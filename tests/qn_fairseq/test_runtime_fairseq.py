@@ -240,3 +240,15 @@ def test_crafted_maps_are_refused_in_one_line(qnz, lm_data, tmp_path, case):
         runtime.fairseq_plugin().load_model(path, data=lm_data)
     msg = str(e.value)
     assert msg.startswith("error: ") and str(path) in msg and why in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_a_bad_cfg_is_one_line_on_the_decoded_path_too(qnz, lm_data, tmp_path):
+    """QUANTNOISE_QNZ_DECODE / --restore-file decode the .qnz through qn_fairseq/ipq.py's loader: a config
+    omegaconf rejects was a ValidationError traceback there."""
+    from quantnoise import runtime
+
+    path = _resigned(qnz["pq"], tmp_path / "m.qnz", CRAFTED["bad_cfg"][0])
+    with pytest.raises(SystemExit) as e:
+        runtime.fairseq_plugin().load_model(path, data=lm_data, decoded=True)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "fairseq config" in msg and len(msg.splitlines()) == 1, msg

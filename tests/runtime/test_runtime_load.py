@@ -113,8 +113,9 @@ def test_a_runtime_layer_refuses_codes_beyond_its_codebook():
         CodesLinear(64, 16, torch.zeros(100, dtype=torch.uint8), cents, None)
     layer = CodesLinear(64, 16, torch.zeros(16, 8, dtype=torch.uint8), cents, None)
     bad = dict(layer.state_dict(), codes=torch.full((16, 8), 200, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="codebook has 4 centroids"):  # loading checks them too
+    with pytest.raises(ValueError, match="codebook has 4 centroids"):  # loading checks them too, first
         layer.load_state_dict(bad)
+    assert int(layer.codes.max()) == 0  # the layer's own codes are untouched
 
 
 def test_block_sizes_are_bounded(tmp_path):
