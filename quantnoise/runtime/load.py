@@ -130,6 +130,9 @@ def check_keys(model: nn.Module, tensors: Dict[str, Tensor], meta: dict) -> None
         shape = shapes[target] if target in shapes else list(tensors[target].shape)
         need(list(state[key].shape) == shape,
              f"{key} is tied to {target} in the .qnz, of shape {shape}, but the model's has {list(state[key].shape)}")
+        kind = DTYPES[meta["dense"][target]["dtype"]] if target in meta["dense"] else DTYPES[meta["layers"][target]["dtype"]]
+        need(kind.is_floating_point == state[key].dtype.is_floating_point,
+             f"{key} is tied to {target}, a {str(kind)[6:]} tensor, but the model's is {str(state[key].dtype)[6:]}")
 
 
 def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: bool = True) -> nn.Module:

@@ -57,7 +57,7 @@ def test_an_alias_onto_a_runtime_buffer_is_refused_by_the_reader(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["alias_codes", "dense_codes", "dense_new", "dense_book", "dense_shape",
-                                  "alias_shape", "alias_new", "layer_missing", "dense_kind"])
+                                  "alias_shape", "alias_new", "layer_missing", "dense_kind", "alias_kind"])
 def test_fill_model_only_fills_tensors_the_model_has(case):
     """Checked against the model itself, whatever check_map let through: one ValueError line, nothing set."""
     if case == "alias_codes":
@@ -91,6 +91,12 @@ def test_fill_model_only_fills_tensors_the_model_has(case):
             model.tied = nn.Linear(32, 64, bias=False, device="meta")
             meta["aliases"]["tied.weight"] = "lin"
             why = r"tied.weight is tied to lin in the .qnz, of shape \[64, 64\], but the model's has \[64, 32\]"
+        elif case == "alias_kind":  # a float weight tied to an integer tensor of the file
+            model.register_buffer("ids", torch.empty(64, 64, dtype=torch.int16, device="meta"))
+            tensors["ids"] = torch.zeros(64, 64, dtype=torch.int16)
+            meta["dense"]["ids"] = {"dtype": "int16"}
+            meta["aliases"]["tied.weight"] = "ids"
+            why = "tied.weight is tied to ids, a int16 tensor, but the model's is float32"
         elif case == "alias_new":
             meta["aliases"]["other.weight"] = "lin"
             why = "ties 'other.weight', which is no parameter or buffer"
