@@ -7,11 +7,15 @@ import sys
 from conftest import USER_DIR
 
 # A BufferedIterator (what fairseq's epoch iterators wrap their batches in) over a source whose items are
-# made by many small torch ops, as a masked-LM batch is; the script takes one item and exits while the
+# made by many small torch ops, as a masked-LM batch is (slowly: a thread blocked on a full queue is not in torch);
+# the script takes one item and exits while the
 # prefetching daemon thread is inside torch.  Without the plugin, CPython's pthread_exit of that thread at
-# shutdown unwinds into a noexcept torch frame: SIGABRT (10 of 10 runs on fairseq 0.12.3.1 / torch 2.13).
+# shutdown unwinds into a noexcept torch frame: SIGABRT.  The abort needs the thread to take the GIL while the
+# interpreter finalizes, a window of milliseconds: at load average 12-20 the thread was not scheduled in it (0 of
+# 3 aborts seen once), so the script holds that window open for 0.5 s (SlowExit) and the control is deterministic.
 SCRIPT = """
 import sys
+import time
 import torch
 from fairseq.data import iterators
 if sys.argv[1] != "-":
@@ -25,10 +29,15 @@ class Busy:
     def __iter__(self):
         t = torch.zeros(16)
         while True:
-            for _ in range(500):
+            for _ in range(50000):  # ~0.1-0.3 s an item: the queue (2) is never full before exit
                 t.eq(1)
             yield t
 
+class SlowExit:
+    def __del__(self):  # runs while the interpreter finalizes (after atexit): the GIL is free for 0.5 s, so a
+        time.sleep(0.5)  # daemon thread still in torch takes it now, whatever the machine's load
+
+slow_exit = SlowExit()
 it = iterators.BufferedIterator(2, Busy())
 next(it)
 print("took one batch")
