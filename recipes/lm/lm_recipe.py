@@ -612,8 +612,7 @@ class Recipe:
         if name == "ft_select":
             return f"noise {r['candidate']} ({r['criterion']})"
         if name == "ft_baseline" and r.get("last_fifth_gain") is not None:
-            return (f"valid ppl {r['valid']:.2f}, {100 * r['last_fifth_gain']:.1f}% better over the last fifth "
-                    f"({'converged' if r['converged'] else 'not converged'} by the < 2% rule)")
+            return f"valid ppl {r['valid']:.2f}, {fifth(r['last_fifth_gain'])} ({'converged' if r['converged'] else 'not converged'} by the < 2% rule)"
         if "valid" in r:
             return f"valid ppl {r['valid']:.2f}"
         return "ok"
@@ -709,12 +708,19 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def fifth(gain: float) -> str:
+    """The convergence check's figure in words (a negative gain: VALID got worse, the model overfits)."""
+    if gain < 0:
+        return f"{-100 * gain:.1f}% worse over the last fifth (overfitting: a shorter baseline or a larger corpus)"
+    return f"{100 * gain:.1f}% better over the last fifth"
+
+
 def finetune_markdown(ft: dict, d: dict) -> List[str]:
     fp, b = ft["fp32"], ft["baseline"]
     f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
     origin = (f"the given checkpoint {b['checkpoint']} (VALID {f(b['valid'])})" if b["given"] else
               f"the recipe's baseline, {b['updates']} updates (VALID {f(b['valid'])}; "
-              f"{100 * b['last_fifth_gain']:.1f}% better over the last fifth: {'converged' if b['converged'] else 'NOT converged'} "
+              f"{fifth(b['last_fifth_gain'])}: {'converged' if b['converged'] else 'NOT converged'} "
               f"by the < 2% rule)" if b.get("last_fifth_gain") is not None else f"the recipe's baseline, {b['updates']} updates")
 
     def cell(e):
