@@ -68,7 +68,7 @@ class BitPlan:
 
     def yaml_text(self, scores: Optional[Mapping[str, float]] = None,
                   rows_per_scale: Optional[Mapping[str, int]] = None) -> str:
-        """The plan in the stage YAML of ``quantnoise quantize --config`` (``ipq_plan.load_plan``);
+        """The plan in the stage YAML of ``quantnoise quantize --config`` (``compress.plan.load_plan``);
         ``scores`` go into comments, ``rows_per_scale`` as in ``to_ipq_plan``."""
         rps = rows_per_scale or {}
         lines = [f"# bit plan ({self.method} multiple-choice knapsack, objective sum s*n*4^-b = {self.objective:.6g})",
