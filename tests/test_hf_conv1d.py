@@ -28,10 +28,16 @@ def reference(c: Conv1D, weight):
     return ref
 
 
+def linear_of(c: Conv1D) -> nn.Linear:
+    """The nn.Linear that computes what ``c`` does (weight W.T, same bias), with its own Parameters."""
+    lin = nn.Linear(*c.weight.shape)
+    lin.weight, lin.bias = nn.Parameter(c.weight.detach().t().clone()), nn.Parameter(c.bias.detach().clone())
+    return lin
+
+
 def test_noise_wrapper_is_the_linear_wrapper_on_w_transposed():
     c = conv()
-    lin = nn.Linear(16, 12)
-    lin.weight, lin.bias = nn.Parameter(c.weight.detach().t().clone()), nn.Parameter(c.bias.detach().clone())
+    lin = linear_of(c)
     cfg = QuantNoiseConfig(scheme="pq", p=0.5, block_size=4, n_centroids=8, seed=1)
     model_c, model_l = nn.Sequential(c), nn.Sequential(lin)
     assert quantize_(model_c, cfg) == ["0"] and quantize_(model_l, cfg) == ["0"]
@@ -102,8 +108,7 @@ def test_runtime_layer_equals_the_decoded_conv1d(tmp_path, scheme):
 
 def test_activation_quantization_as_for_a_linear():
     c = conv()
-    lin = nn.Linear(16, 12)
-    lin.weight, lin.bias = nn.Parameter(c.weight.detach().t().clone()), nn.Parameter(c.bias.detach().clone())
+    lin = linear_of(c)
     cfg = QuantNoiseConfig(scheme="scalar", p=0.3, block_size=4, bits=8, act_bits=8)
     model_c, model_l = nn.Sequential(c), nn.Sequential(lin)
     quantize_(model_c, cfg)  # a Conv1D alone is enough for act_bits
