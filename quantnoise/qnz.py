@@ -14,7 +14,6 @@ from typing import Dict, List
 
 from torch import Tensor, nn
 
-from . import extensions
 from .compress.layers import CompressedMixin
 from .export import ExportOptions, encode, read_qnz, write_qnz
 
@@ -54,7 +53,6 @@ def load_qnz(path, model: nn.Module, pack: bool = True) -> nn.Module:
     as stored.  ``model`` is the plain architecture the file was saved from.  ValueError (one line) when the file
     does not fit it (names missing or extra, shapes), before anything is changed.  Returns ``model`` in eval."""
     tensors, meta = read_qnz(path)
-    extensions.ensure_for(model)
     check_fits(model, meta, tensors, os.fspath(path))
     from .runtime.load import fill_model_
 
