@@ -91,3 +91,9 @@ def test_tokenizer_saved_with_the_model_and_bad_folders_are_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not fit the model"):
         hf.from_pretrained(folder)
+    for bad in ("../model.qnz", "/etc/passwd", "sub/model.qnz", "..", 3):  # the weights' name stays inside the folder
+        config["num_hidden_layers"] = 2
+        config["quantization_config"]["weights"] = bad
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="must name a file in that folder"):
+            hf.from_pretrained(folder)

@@ -94,6 +94,9 @@ def fill_from_folder(model: nn.Module, folder) -> nn.Module:
     folder = pathlib.Path(folder)
     weights = ((getattr(model.config, "quantization_config", None) or {}) if hasattr(model, "config") else {})
     name = weights.get("weights", WEIGHTS) if isinstance(weights, dict) else getattr(weights, "weights", WEIGHTS)
+    if not isinstance(name, str) or pathlib.PurePath(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{folder}/config.json's quantization_config.weights is {name!r}: it must name a file in "
+                         f"that folder (e.g. {WEIGHTS!r}); write the folder with quantnoise.hf.save_pretrained")
     load_qnz(folder / name, model)
     return model.eval()
 
