@@ -1,7 +1,7 @@
 """Inference of a .qnz run compressed (quantnoise.runtime) against fp32 and the decoded model.
 
     python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
-    python scripts/bench_infer.py WORKDIR --kernels      # pq Linear: look-up table (PyTorch, C++) vs decode
+    python scripts/bench_infer.py WORKDIR --kernels [--shapes 384x384 ...] [--tokens 1 16]   # pq Linear kernels
     python scripts/bench_infer.py WORKDIR --one-process [--threads 1 2] [--rounds 7]   # all cases in one process
     python scripts/bench_infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
 
@@ -109,13 +109,12 @@ def kernels_used(model, tokens: int) -> str:
     import torch
     from quantnoise.runtime import CodesLinear, IntLinear
 
-    from quantnoise.runtime.kernels import lut_wins, use_compiled
+    from quantnoise.runtime.kernels import use_compiled
 
     used, x = set(), torch.empty(tokens, 1)
     for m in model.modules():
         if isinstance(m, CodesLinear):
-            lut = m.kernel == "lut" or (m.kernel == "auto" and lut_wins(x, m.codes, m.centroids.shape[1]))
-            used.add(f"pq-{'lut' if lut else 'decode'}{'-c++' if use_compiled(x, m.codes) else ''}")
+            used.add(f"pq-{m.choose_kernel(x)}{'-c++' if use_compiled(x, m.codes) else ''}")
         elif isinstance(m, IntLinear):
             kernel = m.choose_kernel(x)
             c = kernel in ("lut", "bytes", "int4") and use_compiled(x, m.qweight)
@@ -194,9 +193,11 @@ def bench_lm(model, task, args, limits: bool = True) -> dict:
 def weight_traffic(model) -> tuple:
     """(bytes, arithmetic operations) one batch-1 generated token costs in the model's Linear layers (the output
     projection included; attention over the short cache and the embedding row are left out): each Linear reads
-    its whole stored weight once per token.  fp32: 4 bytes and 2 flops (one multiply-add) per weight; pq (look-up
-    table): its codes and codebook, 2 * k * in flops for the table and out * in / bs adds; int8 (fbgemm): 1 byte
-    and 2 int8 operations per weight; int4 (compiled kernel): half a byte, 2 flops (widened to fp32)."""
+    its whole stored weight once per token.  fp32: 4 bytes and 2 flops (one multiply-add) per weight; pq: its codes
+    and codebook, and with no table (``pq_linear_direct``) 2 flops per weight, by look-up table 2 * k * in flops
+    for the table and out * in / bs adds; int8 (fbgemm): 1 byte and 2 int8 operations per weight; int4 (compiled
+    kernel): half a byte, 2 flops (widened to fp32)."""
+    import torch
     from torch import nn
 
     from quantnoise.runtime import CodesLinear, IntLinear
@@ -206,7 +207,8 @@ def weight_traffic(model) -> tuple:
         if isinstance(m, CodesLinear):
             (k, bs), (out, mm) = m.centroids.shape, m.codes.shape
             nbytes += m.codes.numel() * m.codes.element_size() + m.centroids.numel() * 4
-            ops += 2 * k * mm * bs + out * mm
+            direct = m.choose_kernel(torch.empty(1, 1)) == "direct"  # no table: fp32's multiply-adds
+            ops += 2 * out * mm * bs if direct else 2 * k * mm * bs + out * mm
         elif isinstance(m, IntLinear):
             nbytes += m.out_features * m.in_features * m.width // 8
             ops += 2 * m.out_features * m.in_features
@@ -279,49 +281,72 @@ def eval_lm(args) -> dict:
 
 
 # --------------------------------------------------------------------------------- kernels
-def bench_kernels(threads: int, rounds: int) -> None:
-    """pq Linear at the 6x512 LM's and roberta_base's shapes: look-up table vs decode + matmul vs fp32, per
-    token count; each a ratio to fp32's time, both the best of ``rounds`` interleaved rounds."""
+KERNEL_SHAPES = ((384, 384), (1536, 384), (384, 1536), (512, 512), (2048, 512), (512, 2048), (768, 768), (3072, 768),
+                 (768, 3072))
+KERNEL_TOKENS = (1, 4, 8, 16, 32, 64, 128, 256, 1024)
+
+
+def bench_kernels(threads, rounds: int, shapes=KERNEL_SHAPES, token_counts=KERNEL_TOKENS) -> None:
+    """pq Linear (b=8, k=256) at the 6x512 LM's, MiniLM's and roberta_base's shapes: no table vs look-up table vs
+    decode + matmul vs fp32, per token count, all in this process: each round times every kernel at every thread
+    count back to back (a shared machine's load is then about the same for all of them).  Each cell: the median
+    over rounds of that round's fp32 time / the kernel's time, then in brackets the same ratio of the best times
+    (a median of times counts the time the process is descheduled; the best is the closest to the kernel)."""
     import torch
     import torch.nn.functional as F
 
     from quantnoise.runtime import ext as runtime_ext
-    from quantnoise.runtime.kernels import lut_wins, pq_linear_decode, pq_linear_lut
+    from quantnoise.runtime.kernels import direct_wins, lut_wins, pq_linear_decode, pq_linear_direct, pq_linear_lut
 
-    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     c = runtime_ext.available()
-    print(f"\n### pq Linear kernels, b=8 k=256, {threads} thread(s), compiled kernels {'built' if c else 'NOT built'}: "
-          f"best of {rounds} rounds\n")
-    print("table / decode+matmul: fp32 time / that kernel's time (> 1: faster than fp32); table (pure): the pure "
-          "PyTorch table; auto: what the runtime picks (quantnoise.runtime.kernels.lut_wins)\n")
-    print("| out x in | tokens | fp32 us | table | decode+matmul | table (pure) | auto |\n|---|---|---|---|---|---|---|")
-    for out, inn in ((384, 384), (1536, 384), (384, 1536), (512, 512), (2048, 512), (512, 2048), (768, 768),
-                     (3072, 768), (768, 3072)):
+    load = os.getloadavg()
+    print(f"\n### pq Linear kernels, b=8 k=256, threads {' / '.join(map(str, threads))}, compiled kernels "
+          f"{'built' if c else 'NOT built'}, {rounds} interleaved rounds; load average {load[0]:.1f} / {load[1]:.1f} / "
+          f"{load[2]:.1f} at the start\n")
+    print("fp32 time / that kernel's time (> 1: faster than fp32), median of the rounds' ratios (ratio of the best "
+          "times); no table: the compiled pq_linear_direct; table (pure): the pure PyTorch table; auto: what the "
+          "runtime picks (quantnoise.runtime.kernels.direct_wins, lut_wins)\n")
+    print("| out x in | tokens | threads | fp32 us (best) | no table | table | decode+matmul | table (pure) | auto |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for out, inn in shapes:
         codes = torch.randint(0, 256, (out, inn // 8), generator=g).to(torch.uint8)
         cents = torch.randn(256, 8, generator=g)
         w = cents[codes.long()].reshape(out, inn)
-        for tokens in (1, 4, 8, 16, 32, 64, 128, 256, 1024):
+        for tokens in token_counts:
             x = torch.randn(tokens, inn, generator=g)
-            fns = [lambda: F.linear(x, w), lambda: pq_linear_lut(x, codes, cents),
-                   lambda: pq_linear_decode(x, codes, cents)]
+            fns = {"fp32": lambda: F.linear(x, w), "table": lambda: pq_linear_lut(x, codes, cents),
+                   "decode": lambda: pq_linear_decode(x, codes, cents)}
+            if c and tokens <= 64:
+                fns["direct"] = lambda: pq_linear_direct(x, codes, cents)
             if tokens <= 16:
-                fns.append(lambda: pq_linear_lut(x, codes, cents, compiled=False))
-            times = [[] for _ in fns]
+                fns["pure"] = lambda: pq_linear_lut(x, codes, cents, compiled=False)
+            times = {(n, th): [] for n in fns for th in threads}
             reps = max(2, min(50, 4_000_000 // (tokens * out * inn // 64 + 1)))
             for _ in range(rounds):
-                for i, f in enumerate(fns):
-                    f()
-                    t = time.perf_counter()
-                    for _ in range(reps):
+                for th in threads:
+                    torch.set_num_threads(th)
+                    for n, f in fns.items():
                         f()
-                    times[i].append((time.perf_counter() - t) / reps * 1e6)
-            ratio = [min(times[0]) / min(ts) for ts in times]  # best of the rounds: on a shared machine the
-            # median also counts the time the process is descheduled
-            pure = f"{ratio[3]:.2f}" if len(ratio) > 3 else "-"
-            auto = "table" if lut_wins(x, codes, 8) else "decode"
-            print(f"| {out}x{inn} | {tokens} | {statistics.median(times[0]):.0f} | {ratio[1]:.2f} | {ratio[2]:.2f} | "
-                  f"{pure} | {auto} |", flush=True)
+                        t = time.perf_counter()
+                        for _ in range(reps):
+                            f()
+                        times[n, th].append((time.perf_counter() - t) / reps * 1e6)
+            auto = "no table" if direct_wins(x, codes) else "table" if lut_wins(x, codes, 8) else "decode"
+            for th in threads:
+                f32 = times["fp32", th]
+
+                def cell(n):
+                    if n not in fns:
+                        return "-"
+                    ts = times[n, th]
+                    return (f"{statistics.median(a / b for a, b in zip(f32, ts)):.2f} "
+                            f"({min(f32) / min(ts):.2f})")
+
+                print(f"| {out}x{inn} | {tokens} | {th} | {min(f32):.0f} | {cell('direct')} | {cell('table')} | "
+                      f"{cell('decode')} | {cell('pure')} | {auto} |", flush=True)
+    end = os.getloadavg()
+    print(f"\nload average at the end {end[0]:.1f} / {end[1]:.1f} / {end[2]:.1f}")
 
 
 def bench_one_process(args, s) -> None:
@@ -375,6 +400,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="roberta_base: timed passes over each batch set")
     p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     p.add_argument("--kernels", action="store_true", help="only the pq Linear kernel crossover table")
+    p.add_argument("--shapes", nargs="+", help="--kernels: layer shapes OUTxIN (default: the LM's, MiniLM's, "
+                   "roberta_base's)")
+    p.add_argument("--tokens", type=int, nargs="+", help="--kernels: token counts (default 1 4 8 ... 1024)")
     p.add_argument("--report", action="store_true", help="only print the table of the model's results.jsonl")
     p.add_argument("--one-process", action="store_true",
                    help="lm: batch-1 generation of every case loaded in one process, rounds interleaved there")
@@ -386,9 +414,8 @@ def main() -> None:
         args.threads = args.threads[0]
         return worker(args)
     if args.kernels:
-        for th in args.threads:
-            bench_kernels(th, args.rounds)
-        return
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes] if args.shapes else KERNEL_SHAPES
+        return bench_kernels(args.threads, args.rounds, shapes, args.tokens or KERNEL_TOKENS)
     s = setup(args.workdir, args.model)
     if args.one_process:
         return bench_one_process(args, s)

@@ -2,8 +2,9 @@
 
     python -m quantnoise.runtime          # build (`make kernels`; ~20 s, g++ and ninja)
 
-A PyTorch C++ extension registering ``torch.ops.quantnoise.pq_lut_linear`` (the pq look-up-table product for
-few tokens) and ``torch.ops.quantnoise.pq_decode`` (codes to rows); quantnoise/runtime/kernels.py falls back to
+A PyTorch C++ extension registering ``torch.ops.quantnoise.pq_direct_linear`` (the pq product with no table, for
+the fewest tokens), ``pq_lut_linear`` (the pq look-up-table product for few tokens), ``pq_decode`` (codes to rows)
+and ``int4_linear``; quantnoise/runtime/kernels.py falls back to
 pure PyTorch when the library is absent.  Built with ``torch.utils.cpp_extension`` into
 ``quantnoise/runtime/csrc/build/`` (``$QUANTNOISE_EXT_DIR`` overrides it, e.g. for a read-only install) under a
 name holding the hash of the source, torch's version, the flags and the CPU (``-march=native``), so a stale

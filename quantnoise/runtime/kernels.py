@@ -2,6 +2,9 @@
 
 - pq Linear by look-up table (Jegou et al. 2011's asymmetric distance computation; AQLM's LUT GEMM):
   table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
+- pq Linear with no table, for few tokens: each row's centroids loaded as the codes select them and multiplied
+  with the input in registers (``pq_linear_direct``, compiled only; its pure reference ``pq_linear_direct_pure``,
+  decode + matmul);
 - pq Linear by decode + matmul: C[codes] for a chunk of rows at a time (``pq_linear_decode``), then matmul;
 - int-N: values at any element index of quantnoise.export's packed layout (any width 2..8), decoded rows.
 - int4 Linear for few tokens: the packed nibbles widened in registers (``int4_linear``, compiled only; its
@@ -38,6 +41,13 @@ LUT_MAX_TOKENS_PURE = 1
 DECODE_ROWS_ELEMS = 1 << 20  # weights decoded per chunk at least (4 MB in fp32)
 LUT_CHUNK_CODES = 1 << 18  # codes turned into int64 table indices per chunk (2 MB)
 COMPILED_MAX_TOKENS = 16  # tokens per call of the compiled table product (csrc/pq_lut.cpp kMaxTokens)
+# The compiled pq Linear with no table (``pq_linear_direct``) up to T * out <= DIRECT_TOKEN_ROWS tokens x output rows,
+# the table beyond (then decode + matmul, ``lut_wins``).  It does fp32's multiply-adds (out x in per token) from
+# the codes' bytes; the table k x in per token plus out x in / bs adds and a ~10 us fixed cost.  From 1-thread
+# micro-benchmarks (BENCHMARKS.md, issue 19, "pq with no table"; b=8 and b=4, k=256, under load 5-8): no table
+# is faster at 1 token on every shape (384 .. 2048 rows), to ~24-32 tokens on 384 / 512-row layers, the table
+# from ~8-16 tokens on 1536 / 2048-row layers (b=4: no table wins more widely: its table gathers twice as often).
+DIRECT_TOKEN_ROWS = 12288
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -66,6 +76,26 @@ def lut_wins(x: Tensor, codes: Tensor, bs: int) -> bool:
     if not use_compiled(x, codes):
         return x.shape[0] <= LUT_MAX_TOKENS_PURE
     return x.shape[0] <= max(1, codes.shape[0] * bs * bs // LUT_ROWS_FACTOR)
+
+
+def direct_wins(x: Tensor, codes: Tensor) -> bool:
+    """Whether the compiled pq Linear with no table runs for x (T, in) and codes (out, in / bs) (fp32 CPU,
+    compiled kernels built, T * out <= ``DIRECT_TOKEN_ROWS``)."""
+    return use_compiled(x, codes) and x.shape[0] * codes.shape[0] <= DIRECT_TOKEN_ROWS
+
+
+def pq_linear_direct(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x (T, in) @ decode(codes, centroids).T [+ bias]: (T, out), compiled (fp32 CPU): for each output row and
+    block, the centroid its code selects multiplied with the input's block in registers, for a tile of rows x
+    tokens; no table, no decoded copy; x read in place at its row stride.  Equal to ``pq_linear_direct_pure``
+    within fp32 rounding (the same products, summed in another order)."""
+    return torch.ops.quantnoise.pq_direct_linear(x, codes.contiguous(), centroids.float(), bias)
+
+
+def pq_linear_direct_pure(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The pure PyTorch reference of ``pq_linear_direct``: decode the whole weight (``index_select``), matmul."""
+    w = pq_rows(codes, centroids, x.dtype, compiled=False)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def pq_linear_lut(x: Tensor, codes: Tensor, centroids: Tensor, compiled: Optional[bool] = None,

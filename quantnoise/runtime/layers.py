@@ -8,7 +8,9 @@ centroids); these are for inference only.  They subclass the layer they replace 
     (``load.runtime_width``) holds int3 4 bits wide and int5-7 as int8, so they run int4's / int8's kernels; a
     layer built with width 3, 5, 6 or 7 (the file's bit stream as it is) runs decode + matmul.
 Nothing decodes a whole weight in a forward (``.weight`` does, for code that reads it):
-  - pq Linear, few tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
+  - pq Linear, few tokens (fp32 CPU, compiled kernels built, tokens x rows <= ``kernels.DIRECT_TOKEN_ROWS``): no
+    table: each code's centroid loaded and multiplied with the input in registers (``kernels.pq_linear_direct``);
+  - pq Linear, a few more tokens: look-up table (Jegou et al. 2011, asymmetric distance; AQLM's LUT GEMM):
     table[t, j, c] = <x[t, j*bs:(j+1)*bs], C[c]>  (T, in/bs, k), then y[t, o] = sum_j table[t, j, codes[o, j]];
     many tokens (more than ~out/12 with the compiled kernels, 1 without: ``kernels.lut_wins``): decode
     a chunk of rows at a time (the whole weight when the input or output activations are as large) and matmul.
@@ -138,7 +140,8 @@ class _PQ(RuntimeMixin):
 
 
 class CodesLinear(_PQ, nn.Linear):
-    """pq Linear from its codes: look-up table for few tokens, chunked decode + matmul for many."""
+    """pq Linear from its codes: ``choose_kernel``: the compiled no-table kernel for few tokens, the look-up table
+    for a few more, chunked decode + matmul for many."""
 
     def __init__(self, in_features: int, out_features: int, codes: Tensor, centroids: Tensor, bias: Optional[Tensor]):
         nn.Module.__init__(self)
@@ -146,10 +149,23 @@ class CodesLinear(_PQ, nn.Linear):
         self._init_pq(codes, centroids, (out_features, in_features))
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
+    def choose_kernel(self, x: Tensor) -> str:
+        """``kernel`` unless "auto": "direct" (compiled, no table: few tokens), "lut" (look-up table) or "decode"
+        (decode + matmul: many tokens), by ``kernels.direct_wins`` / ``kernels.lut_wins``."""
+        if self.kernel != "auto":
+            return self.kernel
+        if K.direct_wins(x, self.codes):
+            return "direct"
+        return "lut" if K.lut_wins(x, self.codes, self.centroids.shape[1]) else "decode"
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        lut = self.kernel == "lut" or (self.kernel == "auto" and K.lut_wins(x2, self.codes, self.centroids.shape[1]))
-        if lut and not needs_grad(x2, self.bias, self.centroids):
+        kernel = self.choose_kernel(x2)
+        if kernel in ("direct", "lut") and needs_grad(x2, self.bias, self.centroids):  # no backward: decode instead
+            kernel = "decode"
+        if kernel == "direct" and K.use_compiled(x2, self.codes):
+            y = K.pq_linear_direct(x2, self.codes, self.centroids, self.bias)
+        elif kernel in ("direct", "lut"):  # "direct" set by hand where it cannot run (CUDA, bf16): the table
             y = K.pq_linear_lut(x2, self.codes, self.centroids, bias=self.bias)
         else:
             y = K.pq_linear_decode(x2, self.codes, self.centroids, self.bias)

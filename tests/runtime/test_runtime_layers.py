@@ -76,6 +76,8 @@ def test_pq_linear_table_and_decode_paths_agree(tokens):
     b = layer(x)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not torch.equal(a, torch.zeros_like(a))
+    layer.kernel = "direct"  # compiled where built, else the table
+    torch.testing.assert_close(layer(x), b, atol=1e-4, rtol=1e-4)
 
 
 def test_pq_linear_int16_codes_and_int8_centroids():
@@ -87,7 +89,7 @@ def test_pq_linear_int16_codes_and_int8_centroids():
     R.fill_model_(model, tensors, meta)
     assert model.lin.codes.dtype == torch.int16
     x = torch.randn(7, 512)
-    for kernel in ("lut", "decode"):
+    for kernel in ("lut", "decode", "direct"):
         model.lin.kernel = kernel
         torch.testing.assert_close(model.lin(x), x @ ref.t(), atol=1e-3, rtol=1e-4)
 
@@ -294,6 +296,66 @@ def test_compiled_lut_equals_pure_pytorch(bs, k, codes_dtype):
         assert got.shape == want.shape == (tokens, out)
         assert ((got - want).abs() <= 1e-5 * scale + 1e-6).all()
         assert not torch.equal(got, torch.zeros_like(got))
+
+
+def direct_cases(bs, k, codes_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    for out, m in ((1, 3), (5, 1), (37, 6), (70, 17), (300, 384 // bs)):  # rows below / off / at the tiles,
+        codes = torch.randint(0, k, (out, m), generator=g).to(codes_dtype)  # features off / at the vector width
+        yield codes, torch.randn(k, bs, generator=g), torch.randn(out, generator=g), g
+
+
+@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime)")
+@pytest.mark.parametrize("bs,k,codes_dtype", [(4, 256, torch.uint8), (8, 256, torch.uint8), (8, 16, torch.uint8),
+                                              (16, 64, torch.uint8), (5, 32, torch.uint8), (4, 1024, torch.int16),
+                                              (8, 300, torch.int16)])
+def test_direct_kernel_equals_its_reference(bs, k, codes_dtype):
+    """The compiled pq Linear with no table (bs 4 / 8 / 16 vectorised, 5 on the portable loop) against its pure
+    reference (decode + matmul): the same products summed in another order, so equal within fp32 rounding, a
+    relative 1e-5 of the sum of |terms|; contiguous, row-strided (read in place) and column-strided (copied)
+    inputs; bias or not; token counts below, at and past the 8-token tile."""
+    for codes, cents, bias, g in direct_cases(bs, k, codes_dtype, bs * k):
+        out, m = codes.shape
+        w = K.pq_linear_direct_pure(torch.eye(m * bs), codes, cents).t()  # (out, in): the decoded weight
+        torch.testing.assert_close(w, cents[codes.long()].reshape(out, m * bs), atol=0, rtol=0)
+        for tokens in (1, 3, 16, 33):
+            wide = torch.randn(tokens, 2 * m * bs + 3, generator=g)
+            for x in (wide[:, :m * bs].contiguous(), wide[:, 3:3 + m * bs], wide[:, 3::2][:, :m * bs]):
+                scale = x.abs() @ w.abs().t()  # (T, out): sum of |terms|
+                for b in (None, bias):
+                    got, want = K.pq_linear_direct(x, codes, cents, b), K.pq_linear_direct_pure(x, codes, cents, b)
+                    assert got.shape == want.shape == (tokens, out) and got.dtype == torch.float32
+                    assert ((got - want).abs() <= 1e-5 * scale + 1e-6).all(), (got - want).abs().max()
+        assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime)")
+def test_direct_kernel_threads_and_layer_dispatch():
+    """Output rows shared out over 2 threads give the 1-thread result exactly (each row summed by one thread);
+    the layer runs the kernel for few tokens (``direct_wins``), the table / decode beyond, all equal to the
+    decoded layer; a bad shape is one clear error."""
+    layer, plain = runtime_linear(pq_state("lin", 512, 384, bs=8, k=256, seed=4))
+    x = torch.randn(2, 5, 384)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = K.pq_linear_direct(x[0], layer.codes, layer.centroids, layer.bias)
+        torch.set_num_threads(2)
+        two = K.pq_linear_direct(x[0], layer.codes, layer.centroids, layer.bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    for tokens in (1, 3, K.DIRECT_TOKEN_ROWS // 512, K.DIRECT_TOKEN_ROWS // 512 + 1, 64):
+        x2 = torch.randn(tokens, 384)
+        kernel = layer.choose_kernel(x2)
+        assert (kernel == "direct") == (tokens * 512 <= K.DIRECT_TOKEN_ROWS)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x2), plain(x2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer(x), plain(x), atol=1e-4, rtol=1e-4)  # (2, 5, in): 10 tokens
+    with pytest.raises(RuntimeError, match="x has 380 features, the codes 384"):
+        K.pq_linear_direct(torch.randn(1, 380), layer.codes, layer.centroids)
+    with pytest.raises(RuntimeError, match="bias of 3 values for 512 outputs"):
+        K.pq_linear_direct(torch.randn(1, 384), layer.codes, layer.centroids, torch.zeros(3))
 
 
 @pytest.mark.skipif(not K.runtime_ext.available(), reason="compiled kernel not built (python -m quantnoise.runtime)")

@@ -7,6 +7,14 @@
 //    so the sums of all tokens run together; tiles shared out over torch's intra-op threads, each summing into
 //    its own partial result; then the bias.  Up to 16 tokens per call (one call: per-call overhead matters in
 //    batch-1 generation).
+//  - pq_direct_linear (few tokens, no table): y[t, o] = sum_j <C[codes[o, j]], x[t, j*bs:(j+1)*bs]> + bias[o], the weight
+//    decoded into registers as it is used (the int4 kernel's way): each code selects its centroid (bs floats; the
+//    codebook, k x bs, stays in L1 / L2), two (bs = 8) or four (bs = 4) centroids make one vector register, multiplied
+//    with the input's matching features for a tile of rows x tokens (accumulators in registers, summed across the
+//    vector once per row and token at the end); x read in place (any row stride); output rows shared out over torch's
+//    intra-op threads.  Work: fp32's multiply-adds exactly (no k x in/bs table per token), memory: the codes.
+//    AVX-512 or AVX2 + FMA where compiled for it (-march=native), a portable loop otherwise; bs 4, 8, 16
+//    vectorised, any other block size on the portable loop.
 //  - pq_decode (many tokens): W[o, j*bs:(j+1)*bs] = C[codes[o, j]], straight from the uint8 / int16 codes (no int64
 //    index copy), for a GEMM by PyTorch.
 //  - int4_linear (few tokens): y[t, o] = scale[o] * sum_i (u[o, i] - qmax) * x[t, i] + bias[o] straight from the
@@ -15,7 +23,7 @@
 //    rounding: no activation quantization); the input split once per call into its even and odd features so a
 //    byte's two nibbles meet contiguous inputs; output rows shared out over torch's intra-op threads.  AVX-512 where
 //    compiled for it (-march=native), a portable loop otherwise.
-// Registered as torch.ops.quantnoise.{pq_lut_linear,pq_decode,int4_linear}.
+// Registered as torch.ops.quantnoise.{pq_lut_linear,pq_direct_linear,pq_decode,int4_linear}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,9 +31,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -145,6 +154,223 @@ at::Tensor pq_lut_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     TORCH_CHECK(bias->numel() == out, "pq_lut_linear: bias of ", bias->numel(), " values for ", out, " outputs");
     y.add_(bias->to(at::kFloat).view({1, out}));
   }
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------- pq_direct_linear
+#if defined(__AVX512F__)
+#define QN_DIRECT_SIMD 1
+using dvec = __m512;
+constexpr int kVW = 16;  // floats per vector register
+inline dvec dv_zero() { return _mm512_setzero_ps(); }
+inline dvec dv_load(const float* p) { return _mm512_loadu_ps(p); }
+inline dvec dv_fma(dvec a, dvec b, dvec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float dv_sum(dvec a) { return _mm512_reduce_add_ps(a); }
+inline dvec dv_join(__m256 lo, __m256 hi) {  // AVX512F only (no DQ needed)
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+inline __m256 join128(const float* lo, const float* hi) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+}
+// the kVW weights of features [i, i + kVW) of a row whose codes are c: its centroids side by side
+template <int BS, typename code_t>
+inline dvec dv_weights(const float* cents, const code_t* c, int64_t i) {
+  if constexpr (BS == 16) {
+    return dv_load(cents + static_cast<int64_t>(c[i / 16]) * 16);
+  } else if constexpr (BS == 8) {
+    const int64_t j = i / 8;
+    return dv_join(_mm256_loadu_ps(cents + static_cast<int64_t>(c[j]) * 8),
+                   _mm256_loadu_ps(cents + static_cast<int64_t>(c[j + 1]) * 8));
+  } else {  // 4
+    const int64_t j = i / 4;
+    return dv_join(join128(cents + static_cast<int64_t>(c[j]) * 4, cents + static_cast<int64_t>(c[j + 1]) * 4),
+                   join128(cents + static_cast<int64_t>(c[j + 2]) * 4, cents + static_cast<int64_t>(c[j + 3]) * 4));
+  }
+}
+constexpr int kDirectAcc = 16;  // accumulator registers per tile (of 32)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QN_DIRECT_SIMD 1
+using dvec = __m256;
+constexpr int kVW = 8;
+inline dvec dv_zero() { return _mm256_setzero_ps(); }
+inline dvec dv_load(const float* p) { return _mm256_loadu_ps(p); }
+inline dvec dv_fma(dvec a, dvec b, dvec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float dv_sum(dvec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+template <int BS, typename code_t>
+inline dvec dv_weights(const float* cents, const code_t* c, int64_t i) {
+  if constexpr (BS == 16) {
+    return dv_load(cents + static_cast<int64_t>(c[i / 16]) * 16 + i % 16);
+  } else if constexpr (BS == 8) {
+    return dv_load(cents + static_cast<int64_t>(c[i / 8]) * 8);
+  } else {  // 4
+    const int64_t j = i / 4;
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cents + static_cast<int64_t>(c[j]) * 4)),
+                                _mm_loadu_ps(cents + static_cast<int64_t>(c[j + 1]) * 4), 1);
+  }
+}
+constexpr int kDirectAcc = 8;  // of 16 registers
+#endif
+
+#ifdef QN_DIRECT_SIMD
+// as dv_weights, the codes being bytes n0, n0 + 1, ... of a 64-bit word
+template <int BS>
+inline dvec dv_weights_word(const float* cents, uint64_t word, int n0) {
+  uint8_t c[kVW / BS];
+  for (int p = 0; p < kVW / BS; ++p) c[p] = static_cast<uint8_t>(word >> (8 * (n0 + p)));
+  return dv_weights<BS>(cents, c, 0);
+}
+#endif
+
+struct DirectArgs {
+  const float* cents;
+  const float* x;  // (T, in), row stride ldx
+  int64_t ldx, m, out;
+  const float* bias;  // nullptr: none
+  float* y;  // (T, out)
+};
+
+#ifdef QN_DIRECT_SIMD
+// rows [r, r + R) x tokens [t0, t0 + TB): R * TB accumulators, R weight registers, one input register
+template <int BS, int R, int TB, typename code_t>
+inline void direct_tile(const DirectArgs& a, const code_t* codes, int64_t r, int64_t t0) {
+  const int64_t in = a.m * BS;
+  const code_t* c[R];
+  for (int q = 0; q < R; ++q) c[q] = codes + (r + q) * a.m;
+  dvec acc[R][TB];
+  for (int q = 0; q < R; ++q)
+    for (int t = 0; t < TB; ++t) acc[q][t] = dv_zero();
+  int64_t i = 0;
+  if constexpr (sizeof(code_t) == 1 && BS <= kVW) {  // uint8 codes: 8 at a time in one 64-bit load, taken
+    constexpr int kWord = 8 * BS;                         // apart in registers (fewer loads: the few-token bound)
+    for (; i + kWord <= in; i += kWord) {
+      uint64_t cw[R];
+      for (int q = 0; q < R; ++q) std::memcpy(&cw[q], c[q] + i / BS, 8);
+      for (int u = 0; u < kWord / kVW; ++u) {
+        dvec w[R];
+        for (int q = 0; q < R; ++q) w[q] = dv_weights_word<BS>(a.cents, cw[q], u * (kVW / BS));
+        for (int t = 0; t < TB; ++t) {
+          const dvec xv = dv_load(a.x + (t0 + t) * a.ldx + i + u * kVW);
+          for (int q = 0; q < R; ++q) acc[q][t] = dv_fma(w[q], xv, acc[q][t]);
+        }
+      }
+    }
+  }
+  for (; i + kVW <= in; i += kVW) {
+    dvec w[R];
+    for (int q = 0; q < R; ++q) w[q] = dv_weights<BS>(a.cents, c[q], i);
+    for (int t = 0; t < TB; ++t) {
+      const dvec xv = dv_load(a.x + (t0 + t) * a.ldx + i);
+      for (int q = 0; q < R; ++q) acc[q][t] = dv_fma(w[q], xv, acc[q][t]);
+    }
+  }
+  float s[R][TB];
+  for (int q = 0; q < R; ++q)
+    for (int t = 0; t < TB; ++t) s[q][t] = dv_sum(acc[q][t]);
+  for (; i < in; i += BS) {  // in % kVW features left (BS divides in)
+    for (int q = 0; q < R; ++q) {
+      const float* e = a.cents + static_cast<int64_t>(c[q][i / BS]) * BS;
+      for (int t = 0; t < TB; ++t) {
+        const float* xp = a.x + (t0 + t) * a.ldx + i;
+        for (int b = 0; b < BS; ++b) s[q][t] += e[b] * xp[b];
+      }
+    }
+  }
+  for (int q = 0; q < R; ++q)
+    for (int t = 0; t < TB; ++t) a.y[(t0 + t) * a.out + r + q] = s[q][t] + (a.bias ? a.bias[r + q] : 0.f);
+}
+
+// tokens [t0, t0 + TB) for rows [r0, r1): R rows at a time, then one at a time
+template <int BS, int R, int TB, typename code_t>
+inline void direct_tokens(const DirectArgs& a, const code_t* codes, int64_t r0, int64_t r1, int64_t t0) {
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) direct_tile<BS, R, TB>(a, codes, r, t0);
+  for (; r < r1; ++r) direct_tile<BS, 1, TB>(a, codes, r, t0);
+}
+
+constexpr int64_t kDirectRowBlock = 32;  // rows whose codes (L1) all token groups walk before the next block
+
+template <int BS, typename code_t>
+void direct_rows(const DirectArgs& a, const code_t* codes, int64_t T, int64_t begin, int64_t end) {
+  constexpr int TB8 = kDirectAcc / 2, R8 = 2;  // AVX-512: 2 rows x 8 tokens; AVX2: 2 x 4
+  for (int64_t r0 = begin; r0 < end; r0 += kDirectRowBlock) {
+    const int64_t r1 = std::min(end, r0 + kDirectRowBlock);
+    int64_t t = 0;
+    for (; t + TB8 <= T; t += TB8) direct_tokens<BS, R8, TB8>(a, codes, r0, r1, t);
+    if constexpr (TB8 > 4) {
+      for (; t + 4 <= T; t += 4) direct_tokens<BS, kDirectAcc / 4, 4>(a, codes, r0, r1, t);
+    }
+    for (; t + 2 <= T; t += 2) direct_tokens<BS, 4, 2>(a, codes, r0, r1, t);
+    for (; t < T; ++t) direct_tokens<BS, 4, 1>(a, codes, r0, r1, t);
+  }
+}
+#endif
+
+// the portable loop (any block size; the compiler may vectorise the inner products)
+template <typename code_t>
+void direct_rows_any(const DirectArgs& a, const code_t* codes, int64_t bs, int64_t T, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const code_t* c = codes + r * a.m;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xp = a.x + t * a.ldx;
+      float s = 0.f;
+      for (int64_t j = 0; j < a.m; ++j) {
+        const float* e = a.cents + static_cast<int64_t>(c[j]) * bs;
+        for (int64_t b = 0; b < bs; ++b) s += e[b] * xp[j * bs + b];
+      }
+      a.y[t * a.out + r] = s + (a.bias ? a.bias[r] : 0.f);
+    }
+  }
+}
+
+template <typename code_t>
+void direct_dispatch(const DirectArgs& a, const code_t* codes, int64_t bs, int64_t T, int64_t begin, int64_t end) {
+#ifdef QN_DIRECT_SIMD
+  switch (bs) {
+    case 4: return direct_rows<4>(a, codes, T, begin, end);
+    case 8: return direct_rows<8>(a, codes, T, begin, end);
+    case 16: return direct_rows<16>(a, codes, T, begin, end);
+    default: break;
+  }
+#endif
+  direct_rows_any(a, codes, bs, T, begin, end);
+}
+
+// y (T, out) = x (T, in) @ decode(codes, C).T [+ bias], the weight decoded into registers (no table, no copy)
+at::Tensor pq_direct_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& centroids,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_cpu(),
+              "pq_direct_linear: x must be a CPU float32 (T, in) tensor");
+  TORCH_CHECK(centroids.dim() == 2 && centroids.scalar_type() == at::kFloat && centroids.is_cpu(),
+              "pq_direct_linear: centroids must be a CPU float32 (k, bs) tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu(),
+              "pq_direct_linear: codes must be a contiguous CPU (out, m) tensor");
+  TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort,
+              "pq_direct_linear: codes must be uint8 or int16, got ", codes.scalar_type());
+  const int64_t T = x.size(0), bs = centroids.size(1), out = codes.size(0), m = codes.size(1);
+  TORCH_CHECK(x.size(1) == m * bs, "pq_direct_linear: x has ", x.size(1), " features, the codes ", m * bs);
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out, "pq_direct_linear: bias of ", bias->numel(), " values for ", out, " outputs");
+    bc = bias->to(at::kFloat).contiguous();
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();  // rows read in place at their stride
+  const at::Tensor cc = centroids.contiguous();
+  at::Tensor y = at::empty({T, out}, x.options());
+  if (T == 0 || out == 0) return y;
+  const DirectArgs a{cc.data_ptr<float>(), xc.data_ptr<float>(), T > 1 ? xc.stride(0) : m * bs, m, out,
+                     bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>()};
+  // at least ~64 K multiply-adds per thread: a smaller share costs more in waking a thread than it saves
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(1, m * bs * T));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    if (codes.scalar_type() == at::kByte)
+      direct_dispatch(a, codes.data_ptr<uint8_t>(), bs, T, begin, end);
+    else
+      direct_dispatch(a, codes.data_ptr<int16_t>(), bs, T, begin, end);
+  });
   return y;
 }
 
@@ -272,10 +498,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY(quantnoise, m) {
   m.def("pq_decode(Tensor codes, Tensor centroids) -> Tensor");
   m.def("pq_lut_linear(Tensor x, Tensor codes, Tensor centroids, Tensor? bias) -> Tensor");
+  m.def("pq_direct_linear(Tensor x, Tensor codes, Tensor centroids, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, int qmax, Tensor? bias) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(quantnoise, CPU, m) {
   m.impl("pq_decode", &pq_decode);
   m.impl("pq_lut_linear", &pq_lut_linear);
+  m.impl("pq_direct_linear", &pq_direct_linear);
   m.impl("int4_linear", &int4_linear);
 }
