@@ -9,18 +9,13 @@ from typing import Callable, List, Optional, Union
 from torch import nn
 
 from . import extensions
-from .compress.layers import CompressedMixin, LayerRule, compress_tied, compressed_class, set_submodule, tied_layers
+from .compress.layers import CompressedMixin, LayerRule, compress_tied, compressed_class, tied_layers
 from .compress.plan import IPQPlan
 from .config import QuantNoiseConfig
 from .mixed import MixedPrecisionConfig
-from .nn import WRAPPERS, QuantNoiseMixin, wrapper_for
+from .nn import WRAPPERS, QuantNoiseMixin, set_submodule, wrapper_for
 
 logger = logging.getLogger(__name__)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
 
 
 def selects(cfg: QuantNoiseConfig, name: str) -> bool:
@@ -82,7 +77,7 @@ def _swap(model: nn.Module, chosen) -> None:
         names.setdefault(id(m), []).append(n)
     for old, new in wrapped:
         for name in names[id(old)]:
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
 
 
 def _quantize_planned(model: nn.Module, cfg: MixedPrecisionConfig,
@@ -133,7 +128,7 @@ def unquantize_(model: nn.Module) -> List[str]:
         if id(m) not in plain:
             plain[id(m)] = m.to_float()
             names.append(name)
-        _set_submodule(model, name, plain[id(m)])
+        set_submodule(model, name, plain[id(m)])
     return names
 
 

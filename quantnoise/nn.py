@@ -76,6 +76,12 @@ def wrapper_for(module: nn.Module) -> Optional[Type["QuantNoiseMixin"]]:
     return None
 
 
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the dotted ``name`` is in ``model`` (the layer swap of every verb)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
 def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 

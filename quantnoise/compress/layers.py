@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import functional as QF
 from ..config import MAX_BLOCK_SIZE, is_int, regex_error
 from ..kmeans import kmeans
+from ..nn import set_submodule  # noqa: F401  (the verbs import it from here too)
 
 logger = logging.getLogger(__name__)
 
@@ -366,11 +367,6 @@ def empty_like_state(module: nn.Module, state: Dict[str, Tensor], prefix: str) -
                    torch.empty_like(state[prefix + "qscale"], device=device, dtype=torch.float32),
                    int(state[prefix + "qbits"]))
     return None
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 def tied_layers(model: nn.Module) -> List[List[Tuple[str, nn.Module]]]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import extensions
 from ..export import DTYPES, decode, legacy_pack_width, pack, unpack
-from ..nn import QuantNoiseMixin
+from ..nn import QuantNoiseMixin, set_submodule
 from .layers import CodesEmbedding, CodesLinear, IntEmbedding, IntLinear, RuntimeMixin, _PQ
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             _set_tensor(model, f"{name}.weight", part[f"{name}.weight"])
             continue
         built[name] = new
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
             t = tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
             freed += 0 if t is None else t.numel() * t.element_size()
@@ -176,7 +176,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
         like, src = model.get_submodule(owner), built.get(target)
         if attr == "weight" and isinstance(like, nn.Linear) and src is not None and owner not in built:
             new = _alias_linear(like, src)
-            _set_submodule(model, owner, new)
+            set_submodule(model, owner, new)
             built[owner] = new
             if pack and isinstance(new, IntLinear):
                 new.pack_()  # src packed: shares its copy already; src unpacked (pack=False): packs its own
@@ -222,11 +222,6 @@ def _alias_linear(like: nn.Linear, src: nn.Module) -> nn.Module:
     if src._packed is not None:  # fbgemm's packed weight holds no bias: both layers compute with the one copy
         new._share_packed(src._packed)
     return new
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner), attr, new)
 
 
 def runtime_summary(model: nn.Module) -> Dict[str, int]:
