@@ -1,6 +1,7 @@
 """Issue 18's goals on Hugging Face models loaded compressed by ``quantnoise.hf.from_pretrained``.
 
-    python scripts/bench_hf.py WORKDIR [--rounds 5] [--sentences 16] [--new-tokens 32] [--skip-gpt2]
+    python scripts/bench_hf.py WORKDIR [--rounds 5] [--sentences 16] [--new-tokens 32] [--skip-gpt2] [--skip-rss]
+                               [--table-too]
 
   1. prepare (once, cached in WORKDIR): all-MiniLM-L6-v2 (``quantnoise.hf.load_encoder()``, offline) with every
      Linear and Embedding as pq b=8 k=256 (``compress_``, k-means 20 iterations), saved by ``hf.save_pretrained``
@@ -113,11 +114,12 @@ def timed(fn, *args):
     return time.perf_counter() - t
 
 
-def speed(work: pathlib.Path, rounds: int, sentences: int, new_tokens: int, skip_gpt2: bool) -> dict:
+def speed(work: pathlib.Path, rounds: int, sentences: int, new_tokens: int, skip_gpt2: bool,
+          table_too: bool = False) -> dict:
     import transformers as tf
 
     from quantnoise import hf
-    from quantnoise.runtime import RuntimeMixin
+    from quantnoise.runtime import CodesLinear, RuntimeMixin
     from transformers.pytorch_utils import Conv1D
 
     torch.set_num_threads(1)
@@ -145,15 +147,31 @@ def speed(work: pathlib.Path, rounds: int, sentences: int, new_tokens: int, skip
                 with torch.no_grad():
                     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=0)
+        codes_layers = [m for m in pq.modules() if isinstance(m, CodesLinear)]
+
+        def pq_kernel(kernel):  # "auto": what the runtime picks; "lut": every pq Linear by look-up table
+            for m in codes_layers:
+                m.kernel = kernel
+            return pq
+
         run(fp32), run(pq)  # warm-up
-        times = {"fp32": [], "pq": []}
+        times = {"fp32": [], "pq": [], **({"pq_table": []} if table_too else {})}
         for _ in range(rounds):
             times["fp32"].append(timed(run, fp32))
-            times["pq"].append(timed(run, pq))
-        ratios = sorted(f / q for f, q in zip(times["fp32"], times["pq"]))
-        out[kind] = {"fp32_s": min(times["fp32"]), "pq_s": min(times["pq"]), "speedup": ratios[len(ratios) // 2],
+            times["pq"].append(timed(run, pq_kernel("auto")))
+            if table_too:
+                times["pq_table"].append(timed(run, pq_kernel("lut")))
+        pq_kernel("auto")
+
+        def median_ratio(key):
+            ratios = sorted(f / q for f, q in zip(times["fp32"], times[key]))
+            return ratios[len(ratios) // 2]
+
+        out[kind] = {"fp32_s": min(times["fp32"]), "pq_s": min(times["pq"]), "speedup": median_ratio("pq"),
                      "rounds": times, "plain_layers": plain, "rel_err": err,
                      "runtime_layers": sum(isinstance(m, RuntimeMixin) for m in pq.modules())}
+        if table_too:
+            out[kind].update(pq_table_s=min(times["pq_table"]), table_speedup=median_ratio("pq_table"))
     return out
 
 
@@ -164,6 +182,10 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-gpt2", action="store_true")
+    p.add_argument("--skip-rss", action="store_true", help="speed only (no resident-memory children)")
+    p.add_argument("--table-too", action="store_true",
+                   help="also time the pq model with every pq Linear on the look-up table (kernel='lut'), "
+                        "interleaved in the same rounds")
     p.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "WARMUP", "KIND"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rss_child:
@@ -176,7 +198,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, 1 thread")
     print("\n| model | .qnz MiB | RSS growth after from_pretrained MiB (x .qnz) | after one forward MiB (x .qnz) |")
     print("|---|---|---|---|")
-    for kind in ("minilm",) + (() if a.skip_gpt2 else ("gpt2",)):
+    for kind in () if a.skip_rss else ("minilm",) + (() if a.skip_gpt2 else ("gpt2",)):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         res = subprocess.run([sys.executable, __file__, a.workdir, "--rss-child", str(work / f"{kind}_pq"),
                               str(work / f"{kind}_warmup"), kind], capture_output=True, text=True, env=env, check=True)
@@ -184,7 +206,7 @@ def main() -> None:
         grow, fwd = r["after"] - r["before"], r["after_forward"] - r["before"]
         print(f"| {kind} pq b=8 k=256 | {r['qnz'] / mib:.2f} | {grow / mib:.2f} ({grow / r['qnz']:.2f}x) "
               f"| {fwd / mib:.2f} ({fwd / r['qnz']:.2f}x) |", flush=True)
-    res = speed(work, a.rounds, a.sentences, a.new_tokens, a.skip_gpt2)
+    res = speed(work, a.rounds, a.sentences, a.new_tokens, a.skip_gpt2, a.table_too)
     print("\n| model | task | fp32 s (best round) | pq s (best round) | pq speed / fp32 (median of rounds) | runtime layers | plain (decoded) layers | max rel. diff "
           "to the compressed model |")
     print("|---|---|---|---|---|---|---|---|")
@@ -193,6 +215,9 @@ def main() -> None:
             f"batch-1 generate, {a.new_tokens} tokens"
         print(f"| {kind} | {task} | {r['fp32_s']:.3f} | {r['pq_s']:.3f} | {r['speedup']:.2f}x | {r['runtime_layers']} "
               f"| {len(r['plain_layers'])} | {r['rel_err']:.1e} |")
+        if a.table_too:
+            print(f"| {kind} | the same, every pq Linear by look-up table | | {r['pq_table_s']:.3f} | "
+                  f"{r['table_speedup']:.2f}x | | | |")
     print("\nrounds (s):", json.dumps({k: v["rounds"] for k, v in res.items()}))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

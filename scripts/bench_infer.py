@@ -358,12 +358,18 @@ def bench_one_process(args, s) -> None:
     from fairseq import checkpoint_utils, utils
 
     utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
+    from quantnoise.runtime import CodesLinear
+
     cases = [c for c in args.cases if c != "decoded-pq"]
     models = {}
     for case in cases:
-        ms, _, task = checkpoint_utils.load_model_ensemble_and_task([str(s["paths"][case])],
-                                                                    arg_overrides={"data": str(s["data"])})
+        path = s["paths"]["pq" if case == "pq-table" else case]
+        ms, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(s["data"])})
         models[case] = ms[0].eval()
+        if case == "pq-table":  # the pq model with every pq Linear on the look-up table (the kernel before no-table)
+            for m in models[case].modules():
+                if isinstance(m, CodesLinear):
+                    m.kernel = "lut"
     load, rng = os.getloadavg(), random.Random(0)
     speed = {(c, th): [] for c in cases for th in args.threads}
     with torch.inference_mode():
@@ -398,7 +404,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--reps", type=int, default=3, help="roberta_base: timed passes over each batch set")
-    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES + ["pq-table"],
+                   help="pq-table (--one-process only): the pq model with every pq Linear on the look-up table")
     p.add_argument("--kernels", action="store_true", help="only the pq Linear kernel crossover table")
     p.add_argument("--shapes", nargs="+", help="--kernels: layer shapes OUTxIN (default: the LM's, MiniLM's, "
                    "roberta_base's)")
@@ -417,6 +424,8 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes] if args.shapes else KERNEL_SHAPES
         return bench_kernels(args.threads, args.rounds, shapes, args.tokens or KERNEL_TOKENS)
     s = setup(args.workdir, args.model)
+    if "pq-table" in args.cases and not args.one_process:
+        raise SystemExit("--cases pq-table: only with --one-process")
     if args.one_process:
         return bench_one_process(args, s)
     if args.report:
