@@ -61,13 +61,16 @@ def pq_rows(codes: Tensor, centroids: Tensor, dtype: torch.dtype, compiled: Opti
                     and not (cents.requires_grad and torch.is_grad_enabled()) and runtime_ext.available())
     if compiled and runtime_ext.available():
         return torch.ops.quantnoise.pq_decode(codes.contiguous(), cents.contiguous())
-    return cents.index_select(0, codes.reshape(-1).long()).reshape(codes.shape[0], -1)
+    return cents.index_select(0, codes.reshape(-1).long()).reshape(codes.shape[0], codes.shape[1] * cents.shape[1])
+
+
+_COMPILED_CODES = (torch.uint8, torch.int16)
 
 
 def use_compiled(x: Tensor, codes: Tensor) -> bool:
     """Whether ``pq_linear_lut`` runs the compiled table product for this input (when not told)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and codes.dtype in (torch.uint8, torch.int16)
-            and x.shape[0] >= 1 and runtime_ext.available())
+    return (x.is_cpu and x.dtype == torch.float32 and codes.dtype in _COMPILED_CODES and x.shape[0] >= 1
+            and runtime_ext.available())
 
 
 def lut_wins(x: Tensor, codes: Tensor, bs: int) -> bool:
@@ -89,7 +92,10 @@ def pq_linear_direct(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional
     block, the centroid its code selects multiplied with the input's block in registers, for a tile of rows x
     tokens; no table, no decoded copy; x read in place at its row stride.  Equal to ``pq_linear_direct_pure``
     within fp32 rounding (the same products, summed in another order)."""
-    return torch.ops.quantnoise.pq_direct_linear(x, codes.contiguous(), centroids.float(), bias)
+    if centroids.dtype != torch.float32:
+        centroids = centroids.float()
+    return torch.ops.quantnoise.pq_direct_linear(x, codes if codes.is_contiguous() else codes.contiguous(), centroids,
+                                                 bias)
 
 
 def pq_linear_direct_pure(x: Tensor, codes: Tensor, centroids: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -154,22 +154,26 @@ class CodesLinear(_PQ, nn.Linear):
         (decode + matmul: many tokens), by ``kernels.direct_wins`` / ``kernels.lut_wins``."""
         if self.kernel != "auto":
             return self.kernel
-        if K.direct_wins(x, self.codes):
+        codes = self._buffers["codes"]
+        if K.direct_wins(x, codes):
             return "direct"
-        return "lut" if K.lut_wins(x, self.codes, self.centroids.shape[1]) else "decode"
+        return "lut" if K.lut_wins(x, codes, self._buffers["centroids"].shape[1]) else "decode"
 
     def forward(self, x: Tensor) -> Tensor:
+        # batch-1 generation calls this once per layer and token: the buffers read once (a Module attribute
+        # lookup each costs as much as a small kernel's arithmetic), the compiled no-table op called directly
         x2 = x.reshape(-1, self.in_features)
+        codes, cents, bias = self._buffers["codes"], self._buffers["centroids"], self.bias
         kernel = self.choose_kernel(x2)
-        if kernel in ("direct", "lut") and needs_grad(x2, self.bias, self.centroids):  # no backward: decode instead
+        if kernel in ("direct", "lut") and needs_grad(x2, bias, cents):  # no backward: decode instead
             kernel = "decode"
-        if kernel == "direct" and K.use_compiled(x2, self.codes):
-            y = K.pq_linear_direct(x2, self.codes, self.centroids, self.bias)
+        if kernel == "direct" and (self.kernel == "auto" or K.use_compiled(x2, codes)):  # "auto": direct_wins checked
+            y = K.pq_linear_direct(x2, codes, cents, bias)
         elif kernel in ("direct", "lut"):  # "direct" set by hand where it cannot run (CUDA, bf16): the table
-            y = K.pq_linear_lut(x2, self.codes, self.centroids, bias=self.bias)
+            y = K.pq_linear_lut(x2, codes, cents, bias=bias)
         else:
-            y = K.pq_linear_decode(x2, self.codes, self.centroids, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = K.pq_linear_decode(x2, codes, cents, bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 class CodesEmbedding(_PQ, nn.Embedding):
