@@ -151,6 +151,31 @@ def test_sensitivity_lines_are_a_seeded_random_subset():
     assert lines == table.sensitivity_lines(900, 32, seed=1) != table.sensitivity_lines(900, 32, seed=2)
 
 
+def test_noise_on_one_ipq_group_only():
+    """issue 23: a noise kind pq_G puts Quant-Noise on the iPQ group G only (pq_ffn: the 12 FFN Linears, which
+    carry MiniLM's iPQ loss); pq on every iPQ layer; a group that does not exist is one clear error."""
+    import argparse
+
+    pytest.importorskip("transformers")
+    from quantnoise import hf
+    from quantnoise.nn import QuantNoiseMixin
+
+    table = _table_module()
+    run = object.__new__(table.Run)  # noise_ needs only the size's settings and the seed
+    run.cfg, run.args = dict(table.SIZES["tiny"], kmeans_iters=1), argparse.Namespace(seed=1)
+
+    def noised(kind):
+        model = hf.load_classifier(2, seed=1)
+        run.noise_(model, kind, 0.5)
+        return {n for n, m in model.named_modules() if isinstance(m, QuantNoiseMixin)}
+
+    ffn = noised("pq_ffn")
+    assert len(ffn) == 12 and all(n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n for n in ffn)
+    assert len(noised("pq")) == 38
+    with pytest.raises(ValueError, match="noise kind 'pq_mlp': the group after '_' must be one of ffn, emb, attn"):
+        run.noise_(hf.load_classifier(2, seed=1), "pq_mlp", 0.5)
+
+
 def test_a_failed_run_leaves_torch_threads_as_they_were(data, tmp_path):
     """issue 22 item 14: main() set torch's thread count and left it changed when the run failed."""
     import torch

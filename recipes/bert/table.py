@@ -54,11 +54,11 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 
     "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
                  sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1,
                  cont_steps=2, cont_lr=5e-5, ipq_steps=3, ipq_lr=1e-4, kmeans_iters=2,
-                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5),
+                 qn_candidates=[("pq", 0.1), ("pq_ffn", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5),
     "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
                   sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4,
-                  cont_steps=100, cont_lr=5e-5, ipq_steps=150, ipq_lr=1e-4, kmeans_iters=20,
-                  qn_candidates=[("pq", 0.1), ("pq", 0.2), ("pq", 0.4)], qat3_steps=200, qat3_lr=5e-5),
+                  cont_steps=300, cont_lr=5e-5, ipq_steps=450, ipq_lr=1e-4, kmeans_iters=20,
+                  qn_candidates=[("pq", 0.3), ("pq", 0.5), ("pq", 0.8), ("pq_ffn", 0.8)], qat3_steps=200, qat3_lr=5e-5),
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
                  sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4,
                  cont_steps=300, cont_lr=5e-5, ipq_steps=600, ipq_lr=1e-4, kmeans_iters=20,
@@ -101,16 +101,18 @@ def job_groups(jobs: int, cfg: dict):
     """The stages of each of ``jobs`` processes: the fp32 chain in the first, the independent
     trainings spread over the others (all in one process when jobs == 1); the iPQ rows (which need
     fp32, and ipq_qn every candidate: a job waits for them) after them, the post-hoc row and the first
-    candidate in the first job, the other candidates and the choice in the last."""
+    half of the candidates in the first job, the other candidates and the choice in the last."""
     ipq = ipq_stages(cfg)
     if jobs <= 1:
         return [STAGES + ["pretrained_cosine"] + ipq + QBERT3_STAGES]
     groups = [list(FP32_CHAIN)] + [[] for _ in range(min(jobs, 1 + len(TRAININGS)) - 1)]
     for i, name in enumerate(TRAININGS):
         groups[1 + i % (len(groups) - 1)].append(name)
-    groups[0] += ipq[:2]
-    groups[-1] += ipq[2:]
+    half = 1 + (len(ipq) - 2) // 2  # the post-hoc row and the first half of the candidates (~equal CPU per job)
+    groups[0] += ipq[:half]
+    groups[-1] += ipq[half:-2]
     groups[-1 if len(groups) < 3 else 1] += QBERT3_STAGES  # after its trainings; waits for fp32
+    groups[-1] += ipq[-2:]  # the choice last: it waits for the first job's candidates
     return groups
 
 
@@ -539,11 +541,18 @@ class Run:
                 "distill_T": distill, "train_all": train_all, "last_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)}
 
     def noise_(self, model: nn.Module, kind: str, p: float) -> None:
-        """Quant-Noise on the iPQ layers in place, with iPQ's block sizes (``kind``: drop | pq; pq noise's
-        codebooks are k-means of the current weights, refreshed every 50 training forwards)."""
+        """Quant-Noise on the iPQ layers in place, with iPQ's block sizes (``kind``: drop | pq, on every iPQ
+        group, or drop_G | pq_G: on the IPQ_GROUPS group G only, e.g. pq_ffn; pq noise's codebooks are k-means
+        of the current weights, refreshed every 50 training forwards)."""
+        scheme, _, only = kind.partition("_")
+        if only and only not in [g for g, _, _ in IPQ_GROUPS]:
+            raise ValueError(f"noise kind {kind!r}: the group after '_' must be one of "
+                             f"{', '.join(g for g, _, _ in IPQ_GROUPS)} (e.g. pq_ffn), or none (pq: every iPQ layer)")
         for g, pat, bs in IPQ_GROUPS:
-            quantize_(model, QuantNoiseConfig(scheme=kind, p=p, block_size=bs, n_centroids=IPQ_K, include=pat,
-                                              kmeans_iters=self.cfg["kmeans_iters"], refresh_every=50, seed=self.args.seed))
+            if not only or g == only:
+                quantize_(model, QuantNoiseConfig(scheme=scheme, p=p, block_size=bs, n_centroids=IPQ_K, include=pat,
+                                                  kmeans_iters=self.cfg["kmeans_iters"], refresh_every=50,
+                                                  seed=self.args.seed))
 
     def dev_acc(self, model: nn.Module) -> float:
         return hf.accuracy(hf.predict(model, self.dev)[0], self.ydev)
