@@ -612,7 +612,7 @@ class Recipe:
         if name == "ft_select":
             return f"noise {r['candidate']} ({r['criterion']})"
         if name == "ft_baseline" and r.get("last_fifth_gain") is not None:
-            return f"valid ppl {r['valid']:.2f}, {fifth(r['last_fifth_gain'])} ({'converged' if r['converged'] else 'not converged'} by the < 2% rule)"
+            return f"valid ppl {r['valid']:.2f}, {fifth(r['last_fifth_gain'])} ({verdict(r['converged'], r['last_fifth_gain'])})"
         if "valid" in r:
             return f"valid ppl {r['valid']:.2f}"
         return "ok"
@@ -708,6 +708,14 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(converged: bool, gain) -> str:
+    """The < 2% rule in words: an overfitting baseline (VALID worse over the last fifth) has stopped improving,
+    so the rule calls it converged, but past its best."""
+    if gain is not None and gain < 0:
+        return "converged by the < 2% rule, but past its best VALID"
+    return "converged by the < 2% rule" if converged else "NOT converged by the < 2% rule"
+
+
 def fifth(gain: float) -> str:
     """The convergence check's figure in words (a negative gain: VALID got worse, the model overfits)."""
     if gain < 0:
@@ -720,8 +728,7 @@ def finetune_markdown(ft: dict, d: dict) -> List[str]:
     f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
     origin = (f"the given checkpoint {b['checkpoint']} (VALID {f(b['valid'])})" if b["given"] else
               f"the recipe's baseline, {b['updates']} updates (VALID {f(b['valid'])}; "
-              f"{fifth(b['last_fifth_gain'])}: {'converged' if b['converged'] else 'NOT converged'} "
-              f"by the < 2% rule)" if b.get("last_fifth_gain") is not None else f"the recipe's baseline, {b['updates']} updates")
+              f"{fifth(b['last_fifth_gain'])}: {verdict(b['converged'], b['last_fifth_gain'])})" if b.get("last_fifth_gain") is not None else f"the recipe's baseline, {b['updates']} updates")
 
     def cell(e):
         return f"{e['ppl']:.2f} ({e['bytes'] / 2**20:.3f} MiB, x{fp['bytes'] / e['bytes']:.1f})"
