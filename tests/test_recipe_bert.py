@@ -108,6 +108,13 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     p2 = run(*data, out, "--size", "tiny")  # every stage done: skipped, same table
     assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6 + 6
     assert json.loads((out / "results.json").read_text()) == res
+    for n in ("qbert3_plan", "qbert3_inverted"):
+        (out / "stages" / f"{n}.json").unlink()
+    p3 = run(*data, out, "--size", "tiny", "--stages", "int3_qat,qbert3_inverted")  # the plan unlisted: made, not waited for
+    assert p3.returncode == 0 and "[qbert3_plan] start" in p3.stderr and "[qbert3_inverted] start" in p3.stderr, p3.stderr[-2000:]
+    assert json.loads((out / "stages" / "qbert3_plan.json").read_text())["inverted"]["bits"] == plan["inverted"]["bits"]
+    md3 = (out / "results_qbert3.md").read_text()  # every ~3-bit stage done: the partial run writes their table
+    assert "| qbert3_inverted |" in md3 and "fp32 .qnz / this" in md3 and "--stages int3_qat,qbert3_inverted" in md3
 
 
 @pytest.mark.slow  # 5 fairseq processes (2 fairseq-preprocess, 3 fairseq-train of a few updates): ~30 s

@@ -50,7 +50,8 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 
     # tiny: the tests' smoke size (a few sentences); small: ~1 epoch of 5,000 lines in ~20 min on 2 cores
     # iPQ rows: cont_steps plain (ipq_posthoc) or noise (ipq_qn) steps from the fp32 model at cont_lr, then
     # iPQ and ipq_steps of fine-tuning at ipq_lr (k-means: kmeans_iters); qn_candidates: (noise kind, p) tried on DEV
-    # ~3-bit rows: qat3_steps of fine-tuning from the fp32 model at qat3_lr with the quantizers in place (not tuned)
+    # ~3-bit rows: qat3_steps of fine-tuning from the fp32 model at qat3_lr with the quantizers in place (not tuned on
+    # DEV; small measured once at these settings: BENCHMARKS.md, issue 20: ~3-bit rows)
     "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
                  sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1,
                  cont_steps=2, cont_lr=5e-5, ipq_steps=3, ipq_lr=1e-4, kmeans_iters=2,
@@ -401,7 +402,10 @@ class Run:
         return self.fp32().get_submodule(name).weight.numel()
 
     def plan3(self, which: str) -> dict:
-        self.wait_for(["qbert3_plan"])
+        if "qbert3_plan" in (self.args.stages or QBERT3_STAGES):
+            self.wait_for(["qbert3_plan"])  # this process or another job runs it
+        else:  # --stages int3_qat,... without the plan: make it here (its sensitivity is cached in ckpt/)
+            self.stage("qbert3_plan", self.run_qbert3_plan)
         plan = json.loads((self.out / "stages" / "qbert3_plan.json").read_text())
         rows = plan["head_rows"]
         return {k: LayerBits(bits=b, rows_per_scale=rows if re.search(QKV, k) else 1) for k, b in plan[which]["bits"].items()}
@@ -438,15 +442,16 @@ class Run:
         fp, plan = results["fp32"], json.loads((self.out / "stages" / "qbert3_plan.json").read_text())
         n = len(self.yte)
         rows = ["## Q-BERT at ~3 bits: every row's .qnz read back and scored", "",
-                "| row | DEV acc | test acc (± 1 s.e.) | weight bits | bytes | vs int3_posthoc bytes | note |",
-                "|---|---|---|---|---|---|---|",
-                f"| fp32 | {fp['dev_acc']:.4f} | {fp['acc']:.4f} | 32 | {fp['bytes']:,} | | |"]
+                "| row | DEV acc | test acc (± 1 s.e.) | weight bits | bytes | fp32 .qnz / this | bits/param | "
+                "vs int3_posthoc bytes | note |",
+                "|---|---|---|---|---|---|---|---|---|",
+                f"| fp32 | {fp['dev_acc']:.4f} | {fp['acc']:.4f} | 32 | {fp['bytes']:,} | 1.0x | {fp['avg_bits']:.2f} | | |"]
         ref = results["int3_posthoc"]["bytes"]
         for k in QBERT3_ROWS:
             r = results[k]
             se = math.sqrt(max(r["acc"] * (1 - r["acc"]), 0.0) / max(n, 1))
             rows.append(f"| {k} | {r['dev_acc']:.4f} | {r['acc']:.4f} ± {se:.4f} | {r['weight_bits']:.3f} | {r['bytes']:,} | "
-                        f"{r['bytes'] - ref:+,} | {r['note']} |")
+                        f"{fp['bytes'] / r['bytes']:.1f}x | {r['avg_bits']:.2f} | {r['bytes'] - ref:+,} | {r['note']} |")
         c = self.cfg
         return "\n".join(rows) + (
             f"\n\nPlans (widths {'/'.join(map(str, QBERT3_BITS))} at {QBERT3_AVG} weight bits, .qnz cost; sensitivity on "
@@ -745,6 +750,12 @@ class Run:
                 text = self.ipq_report(done) + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n"
                 atomic_write(str(self.out / "results_ipq.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
                 log.info("wrote %s", self.out / "results_ipq.md")
+            if (not self.args.child and set(self.args.stages) & set(QBERT3_STAGES)
+                    and all((self.out / "stages" / f"{n}.json").exists() for n in ["fp32"] + QBERT3_STAGES)):
+                done = {n: json.loads((self.out / "stages" / f"{n}.json").read_text()) for n in ["fp32"] + QBERT3_ROWS}
+                text = self.qbert3_report(done) + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n"
+                atomic_write(str(self.out / "results_qbert3.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
+                log.info("wrote %s", self.out / "results_qbert3.md")
             return results
         cos = results.pop("pretrained_cosine")
         results.pop("qbert3_plan")  # the plans: in stages/qbert3_plan.json and the ~3-bit table
