@@ -151,10 +151,11 @@ class CodesLinear(_PQ, nn.Linear):
 
     def choose_kernel(self, x: Tensor) -> str:
         """``kernel`` unless "auto": "direct" (compiled, no table: few tokens), "lut" (look-up table) or "decode"
-        (decode + matmul: many tokens), by ``kernels.direct_wins`` / ``kernels.lut_wins``."""
-        if self.kernel != "auto":
-            return self.kernel
+        (decode + matmul: many tokens), by ``kernels.direct_wins`` / ``kernels.lut_wins``.  "direct" set by hand
+        where the compiled op cannot run (CUDA, bf16, no build) is the table."""
         codes = self._buffers["codes"]
+        if self.kernel != "auto":
+            return "lut" if self.kernel == "direct" and not K.use_compiled(x, codes) else self.kernel
         if K.direct_wins(x, codes):
             return "direct"
         return "lut" if K.lut_wins(x, codes, self._buffers["centroids"].shape[1]) else "decode"
@@ -167,9 +168,9 @@ class CodesLinear(_PQ, nn.Linear):
         kernel = self.choose_kernel(x2)
         if kernel in ("direct", "lut") and needs_grad(x2, bias, cents):  # no backward: decode instead
             kernel = "decode"
-        if kernel == "direct" and (self.kernel == "auto" or K.use_compiled(x2, codes)):  # "auto": direct_wins checked
+        if kernel == "direct":
             y = K.pq_linear_direct(x2, codes, cents, bias)
-        elif kernel in ("direct", "lut"):  # "direct" set by hand where it cannot run (CUDA, bf16): the table
+        elif kernel == "lut":
             y = K.pq_linear_lut(x2, codes, cents, bias=bias)
         else:
             y = K.pq_linear_decode(x2, codes, cents, bias)
