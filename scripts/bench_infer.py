@@ -52,12 +52,19 @@ QUANT = {"pq": ["--scheme", "pq", "--block-size", "8", "--centroids", "256", "--
 MODELS = {  # fairseq-train flags of each benchmarked model (1 update, then quantized as QUANT says)
     "lm": ["--task", "language_modeling", "--arch", "transformer_lm", "--share-decoder-input-output-embed",
            "--tokens-per-sample", "512", "--max-tokens", "2048"],
+    "lm16": ["--task", "language_modeling", "--arch", "transformer_lm", "--share-decoder-input-output-embed",
+             "--decoder-layers", "16", "--decoder-embed-dim", "1024", "--decoder-ffn-embed-dim", "4096",
+             "--decoder-attention-heads", "16", "--tokens-per-sample", "512", "--max-tokens", "1024"],
     "roberta_base": ["--task", "masked_lm", "--criterion", "masked_lm", "--arch", "roberta_base",
                      "--tokens-per-sample", "128", "--max-tokens", "1024", "--no-save-optimizer-state"],
 }
-MODEL_DIR = {"lm": ".", "roberta_base": "roberta_base"}
+MODEL_DIR = {"lm": ".", "lm16": "lm16", "roberta_base": "roberta_base"}
+DATA = {"lm": ("bin", 6000, ["--thresholdsrc", "2"]), "lm16": ("bin4k", 40000, ["--nwordssrc", "4000"]),
+        "roberta_base": ("bin", 6000, ["--thresholdsrc", "2"])}  # binarised corpus: folder, lines, dictionary flags
+LMS = ("lm", "lm16")
 SPEEDS = {  # (result key, column, key of the kernels it used) per model
     "lm": [("gen_tok_s", "gen", "gen_kernels"), ("eval_tok_s", "eval-lm", "eval_kernels")],
+    "lm16": [("gen_tok_s", "gen", "gen_kernels"), ("eval_tok_s", "eval-lm", "eval_kernels")],
     "roberta_base": [("b1_tok_s", "batch-1", "b1_kernels"), ("b8_tok_s", "8x128", "b8_kernels")],
 }
 ENCODE_LENGTHS = (12, 16, 20, 24, 28, 32, 16, 24)  # batch 1: short sentences, one forward each
@@ -75,11 +82,12 @@ def setup(work: pathlib.Path, model: str = "lm") -> dict:
     """The corpus (WORKDIR/bin, shared), and the fp32 checkpoint and .qnz files of ``model`` (WORKDIR for the
     LM, WORKDIR/roberta_base for the encoder) with its results file."""
     work.mkdir(parents=True, exist_ok=True)
-    data, mdir = work / "bin", work / MODEL_DIR[model]
+    folder, lines, dict_flags = DATA[model]
+    data, txt, mdir = work / folder, work / f"txt{lines}", work / MODEL_DIR[model]
     if not (data / "dict.txt").exists():
-        sh([sys.executable, ROOT / "scripts" / "make_corpus.py", work / "txt", "--max-lines", "6000"])
-        sh([BIN / "fairseq-preprocess", "--only-source", "--trainpref", work / "txt" / "train.txt", "--validpref",
-            work / "txt" / "valid.txt", "--destdir", data, "--workers", "1", "--thresholdsrc", "2"])
+        sh([sys.executable, ROOT / "scripts" / "make_corpus.py", txt, "--max-lines", lines])
+        sh([BIN / "fairseq-preprocess", "--only-source", "--trainpref", txt / "train.txt", "--validpref",
+            txt / "valid.txt", "--destdir", data, "--workers", "1", *dict_flags])
     ckpt = mdir / "fp32" / "checkpoint_last.pt"
     if not ckpt.exists():
         sh([BIN / "fairseq-train", data, *MODELS[model], "--optimizer", "adam", "--lr", "0.0005", "--max-update", "1",
@@ -144,7 +152,7 @@ def worker(args) -> None:
         task.build_model(cfg.model)  # first model (~70 MiB: sympy, ...)
     fixed_rss, fixed_peak = proc.memory_info().rss, _peak()
     t = time.perf_counter()
-    if args.model == "lm":
+    if args.model in LMS:
         models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(args.path)],
                                                                         arg_overrides={"data": str(args.data)})
         model = models[0].eval()
@@ -159,9 +167,9 @@ def worker(args) -> None:
     res = {"case": args.worker, "threads": args.threads, "fixed_rss": fixed_rss, "fixed_peak": fixed_peak,
            "load_rss": proc.memory_info().rss, "load_s": time.perf_counter() - t}
     with torch.inference_mode():
-        res.update((bench_lm if args.model == "lm" else bench_encoder)(model, task, args))
+        res.update((bench_lm if args.model in LMS else bench_encoder)(model, task, args))
     res["peak"] = _peak()
-    if args.model == "lm":
+    if args.model in LMS:
         del model, models
         res.update(eval_lm(args))
     print("RESULT " + json.dumps(res))
@@ -399,7 +407,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", type=pathlib.Path)
     p.add_argument("--model", choices=list(MODELS), default="lm",
-                   help="lm: the 6x512 transformer_lm; roberta_base: the encoder (in WORKDIR/roberta_base)")
+                   help="lm: the 6x512 transformer_lm; lm16: 16x1024 (FFN 4096, 16 heads, 4,000-word dictionary; in "
+                   "WORKDIR/lm16); roberta_base: the encoder (in WORKDIR/roberta_base)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=48)
@@ -458,7 +467,7 @@ def main() -> None:
 
 def report(rows, s, args, load) -> None:
     sizes = {c: pathlib.Path(s["paths"][c]).stat().st_size for c in args.cases}
-    speeds, lm = SPEEDS[args.model], args.model == "lm"
+    speeds, lm = SPEEDS[args.model], args.model in LMS
     what = (f"{args.gen_tokens} generated tokens, eval-lm on the valid split ({rows[0]['eval_tokens']} tokens)" if lm else
             f"masked-LM forwards, {args.reps} timed passes: batch 1 over sentences of {ENCODE_LENGTHS} tokens, "
             f"and one batch of 8 x 128 tokens")

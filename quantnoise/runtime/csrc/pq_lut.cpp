@@ -21,8 +21,8 @@
 //    packed nibbles (quantnoise.export's layout: value 2j in the low nibble of byte j, 2j+1 in the high one), each
 //    nibble widened to fp32 in registers and multiplied in fp32 (so equal to the decoded layer within fp32
 //    rounding: no activation quantization); the input split once per call into its even and odd features so a
-//    byte's two nibbles meet contiguous inputs; output rows shared out over torch's intra-op threads.  AVX-512 where
-//    compiled for it (-march=native), a portable loop otherwise.
+//    byte's two nibbles meet contiguous inputs; output rows shared out over torch's intra-op threads.  AVX-512 or
+//    AVX2 + FMA where compiled for it (-march=native), a portable loop otherwise.
 // Registered as torch.ops.quantnoise.{pq_lut_linear,pq_direct_linear,pq_decode,int4_linear}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -41,8 +41,8 @@
 namespace {
 
 constexpr int64_t kMaxTokens = 16;
-constexpr int64_t kTileBytes = 256 << 10;
-constexpr int64_t kInt4BlockBytes = 32 << 10;  // packed int4 rows walked by all tokens before the next block  // table slice walked by all rows before moving on (fits L2)
+constexpr int64_t kTileBytes = 256 << 10;  // table slice walked by all rows before moving on (fits L2)
+constexpr int64_t kInt4BlockBytes = 32 << 10;  // packed int4 rows walked by all tokens before the next block
 
 // yt (out, T) += sum_{j in [j0, j1)} tile[codes[o, j] * cs + (j - jbase) * T + t] for rows [begin, end): a table
 // (or a tile of it holding block positions jbase...) with its T entries of (c, j) contiguous; T at compile time
@@ -439,6 +439,25 @@ void int4_rows(const uint8_t* w, const float* xe, const float* xo, int64_t half,
       }
     }
     for (int t = 0; t < TB; ++t) acc[t] = _mm512_reduce_add_ps(_mm512_add_ps(ae[t], ao[t]));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 ae[TB], ao[TB];  // 8 bytes (16 weights) a step; 2 x TB accumulators + 5 of the 16 registers
+    for (int t = 0; t < TB; ++t) ae[t] = _mm256_setzero_ps(), ao[t] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi32(15), off = _mm256_set1_epi32(qmax);
+    for (; j + 8 <= half; j += 8) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, mask), off));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), off));
+      for (int t = 0; t < TB; ++t) {
+        ae[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe + (t0 + t) * half + j), ae[t]);
+        ao[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xo + (t0 + t) * half + j), ao[t]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) {
+      const __m256 a = _mm256_add_ps(ae[t], ao[t]);
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      acc[t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+    }
 #else
     for (int t = 0; t < TB; ++t) acc[t] = 0.f;
 #endif
