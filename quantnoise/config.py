@@ -12,6 +12,7 @@ from typing import Optional
 SCHEMES = ("drop", "scalar", "pq")
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "ema")
+CLIPS = ("minmax", "mse")  # scalar weight range: min/max | MSE-optimal clip (functional.mse_clip)
 ACT_GRANULARITIES = ("tensor", "token", "channel")
 # The largest pq block: a stored code (one byte) decodes to MAX_BLOCK_SIZE weights, so a .qnz decodes to at most
 # ~4 * MAX_BLOCK_SIZE times its size in fp32 (iPQ uses 4-9; a larger block is a crafted file: a 0.5 MB file with
@@ -56,6 +57,10 @@ class QuantNoiseConfig:
                                                               "one scale (Q-BERT's group-wise scales: head_dim on q/k/v = one per head)"})
     observer: str = field(default="minmax", metadata={"help": "scalar: range from current min/max | ema of min/max"})
     ema_momentum: float = field(default=0.01, metadata={"help": "scalar, observer=ema: weight of the newest min/max"})
+    clip: str = field(default="minmax", metadata={"help": "scalar: symmetric range = max|w| per scale group (minmax) | mse: "
+                                                           "r * max|w|, r of 20 in [0.3, 1] minimising the group's squared "
+                                                           "error, searched on every forward (for int2-4; needs symmetric, "
+                                                           "observer=minmax)"})
     # pq
     n_centroids: int = field(default=256, metadata={"help": "pq: codebook size per layer (capped at the layer's block count)"})
     kmeans_iters: int = field(default=20, metadata={"help": "pq: k-means iterations per codebook refresh"})
@@ -99,6 +104,10 @@ class QuantNoiseConfig:
             raise bad("rows_per_scale", "groups of rows share a scale only with scheme=scalar, granularity=channel")
         if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
             raise bad("observer", f"choose one of {', '.join(OBSERVERS)}")
+        if not isinstance(self.clip, str) or self.clip not in CLIPS:
+            raise bad("clip", f"choose one of {', '.join(CLIPS)}")
+        if self.clip == "mse" and (not self.symmetric or self.observer != "minmax"):
+            raise bad("clip", "mse searches a symmetric range on the current weights: use symmetric=true, observer=minmax")
         if not is_real(self.ema_momentum) or not 0.0 < float(self.ema_momentum) <= 1.0:
             raise bad("ema_momentum", "use a number in (0, 1]")
         if not is_int(self.n_centroids) or self.n_centroids < 2:

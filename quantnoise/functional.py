@@ -154,6 +154,37 @@ def row_group_minmax(w: Tensor, rows_per_scale: int) -> Tuple[Tensor, Tensor]:
     return (lo.repeat_interleave(rows_per_scale, 0).unsqueeze(-1), hi.repeat_interleave(rows_per_scale, 0).unsqueeze(-1))
 
 
+# Clip ratios searched by ``mse_clip``: 20 evenly spaced in [0.3, 1.0] (1.0 = min-max, the unclipped range)
+CLIP_RATIOS = tuple(round(0.3 + 0.7 * i / 19, 6) for i in range(20))
+
+
+def mse_clip(g: Tensor, bits: int, ratios=CLIP_RATIOS, chunk: int = 1 << 22) -> Tensor:
+    """MSE-clipped symmetric range of each scale group: g (..., n), one group per last-dim vector; returns
+    a (..., 1), fp32, the a = r * max|g| (r in ``ratios``) whose grid (scale a / qmax, ``scalar_qparams``)
+    minimises sum (Q(g) - g)^2 over the group (ties: the largest r).  Pure and deterministic: the same
+    g gives the same a, so post-hoc quantization, fake quantization and export agree bit for bit.  Low
+    widths need it: min-max int2 is ternary {-s, 0, s} with s = max|g|, rounding nearly every weight to 0."""
+    qmax = 2 ** (bits - 1) - 1
+    x = g.detach().to(compute_dtype(g.dtype)).reshape(-1, g.shape[-1])  # (G, n)
+    amax = x.abs().amax(-1, keepdim=True)  # (G, 1)
+    out = torch.empty_like(amax)
+    step = max(1, chunk // max(1, x.shape[1]))
+    for i in range(0, x.shape[0], step):  # row chunks bound the temporary to ~chunk values
+        xs, am = x[i:i + step], amax[i:i + step]
+        best_err = best = None
+        for r in sorted(ratios, reverse=True):  # strict < keeps the larger ratio on a tie
+            a = am * r
+            s = a.div(qmax).clamp_min(torch.finfo(torch.float32).tiny)  # as scalar_qparams
+            err = xs.div(s).round_().clamp_(-qmax, qmax).mul_(s).sub_(xs).square_().sum(-1, keepdim=True)
+            if best is None:
+                best_err, best = err, a
+            else:
+                take = err < best_err
+                best_err, best = torch.where(take, err, best_err), torch.where(take, a, best)
+        out[i:i + step] = best
+    return out.reshape(*g.shape[:-1], 1)
+
+
 def scalar_qparams(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> Tuple[Tensor, Tensor]:
     """Scale and zero point covering [lo, hi] (and 0, so zero is exact), Jacob et al. 2018 eq. (1).
     Computed and returned in fp32 (or fp64 for fp64 input): in fp16 the smallest-scale clamp would

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Mapping, Optional
 
-from .config import OBSERVERS, QuantNoiseConfig, is_int, is_real
+from .config import CLIPS, OBSERVERS, QuantNoiseConfig, is_int, is_real
 
 
 @dataclass
@@ -35,6 +35,7 @@ class LayerBits:
     rows_per_scale: int = field(default=1, metadata={"help": "consecutive output rows sharing one scale (1 = per row, "
                                                               "0 = one per tensor, head_dim = one per attention head)"})
     p: Optional[float] = field(default=None, metadata={"help": "this layer's noise rate (None: the config's p)"})
+    clip: Optional[str] = field(default=None, metadata={"help": "this layer's range: minmax | mse (None: the config's clip)"})
 
     def __post_init__(self) -> None:
         if not is_int(self.bits) or not 2 <= self.bits <= 8:
@@ -44,6 +45,8 @@ class LayerBits:
                              f"or a divisor of the layer's output rows")
         if self.p is not None and (not is_real(self.p) or not 0.0 < float(self.p) <= 1.0):
             raise ValueError(f"p={self.p!r} is invalid: use a probability in (0, 1] (1 = full QAT)")
+        if self.clip is not None and self.clip not in CLIPS:
+            raise ValueError(f"clip={self.clip!r} is invalid: choose one of {', '.join(CLIPS)} (None: the config's)")
         self.bits, self.rows_per_scale = int(self.bits), int(self.rows_per_scale)
         self.p = None if self.p is None else float(self.p)
 
@@ -57,6 +60,9 @@ class MixedPrecisionConfig:
     block_size: int = field(default=1, metadata={"help": "p < 1: weights per noised block (1: each weight on its own, as "
                                                          "fairseq's scalar quant-noise)"})
     observer: str = field(default="minmax", metadata={"help": "range: minmax of the current weights (what compress_ stores) | ema"})
+    clip: str = field(default="minmax", metadata={"help": "range of the layers that set none: max|w| per scale group "
+                                                           "(minmax) | mse: its MSE-optimal clip, searched every forward and "
+                                                           "by compress_ alike (for 2-4 bits)"})
     eval_quantized: bool = field(default=True, metadata={"help": "evaluate with every weight quantized (the model as exported)"})
     act_bits: Optional[int] = field(default=None, metadata={"help": "Linear input activations: bits, or None (float)"})
     seed: int = field(default=0, metadata={"help": "seed of the noise masks (p < 1)"})
@@ -70,6 +76,8 @@ class MixedPrecisionConfig:
             raise ValueError(f"bit plan p={self.p!r} is invalid: use a probability in (0, 1] (1 = full QAT)")
         if self.observer not in OBSERVERS:
             raise ValueError(f"bit plan observer={self.observer!r} is invalid: choose one of {', '.join(OBSERVERS)}")
+        if self.clip not in CLIPS:
+            raise ValueError(f"bit plan clip={self.clip!r} is invalid: choose one of {', '.join(CLIPS)}")
         self.layers, self.p = dict(self.layers), float(self.p)
         for name in self.layers:  # every per-layer config is checked now, not when the model is met
             self.layer_config(name)
@@ -87,10 +95,15 @@ class MixedPrecisionConfig:
             return QuantNoiseConfig(scheme="scalar", p=p, block_size=self.block_size, bits=spec.bits, symmetric=True,
                                     granularity="tensor" if spec.rows_per_scale == 0 else "channel",
                                     rows_per_scale=max(spec.rows_per_scale, 1), observer=self.observer,
+                                    clip=self.layer_clip(name),
                                     eval_quantized=self.eval_quantized, act_bits=self.act_bits, seed=self.seed,
                                     include=f"^{re.escape(name)}$")
         except ValueError as e:
             raise ValueError(f"bit plan layer {name!r}: {e}") from None
+
+    def layer_clip(self, name: str) -> str:
+        spec = self.layers[name]
+        return self.clip if spec.clip is None else spec.clip
 
     def to_ipq_plan(self, seed: int = 0):
         """The post-training step as an ``IPQPlan`` for ``compress_`` / ``quantize_state_dict``: one scalar stage
@@ -99,7 +112,8 @@ class MixedPrecisionConfig:
         from .compress.plan import IPQPlan
 
         return IPQPlan(stages=[LayerRule(pattern=f"^{re.escape(n)}$", scheme="scalar", bits=s.bits,
-                                         rows_per_scale=s.rows_per_scale) for n, s in self.layers.items()], seed=seed)
+                                         rows_per_scale=s.rows_per_scale, clip=self.layer_clip(n))
+                                for n, s in self.layers.items()], seed=seed)
 
     def subset(self, keep: Callable[[str], bool]) -> Optional["MixedPrecisionConfig"]:
         """The same config restricted to the layers whose name ``keep`` accepts (None when none is)."""
@@ -135,7 +149,8 @@ def load_bit_plan(source, where: str = "bit plan") -> Dict[str, LayerBits]:
             if rule.scheme != "scalar":
                 raise ValueError(f"{where}: stage {i} ({rule.pattern!r}) has scheme {rule.scheme!r}; a bit plan's "
                                  f"stages are scalar")
-            out[_name_of(rule.pattern, f"{where} stage {i}")] = LayerBits(bits=rule.bits, rows_per_scale=rule.rows_per_scale)
+            out[_name_of(rule.pattern, f"{where} stage {i}")] = LayerBits(
+                bits=rule.bits, rows_per_scale=rule.rows_per_scale, clip=None if rule.clip == "minmax" else rule.clip)
         return out
     if isinstance(source, (str, pathlib.Path)):
         return _load_file(pathlib.Path(source))

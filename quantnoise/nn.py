@@ -301,6 +301,9 @@ class QuantNoiseMixin:
 
     def _scalar_qparams(self, w: Tensor, observe: bool, rows: Optional[Tensor] = None):
         cfg = self.qn_cfg
+        if cfg.clip == "mse":  # searched on the current weights every forward, as compress_ does on the final ones
+            a = self._mse_range(w, rows)
+            return QF.scalar_qparams(-a, a, cfg.bits, cfg.symmetric)
         if cfg.rows_per_scale > 1:  # group-wise: a group's range over all its rows (an embedding's whole table)
             lo, hi = QF.row_group_minmax(w if rows is None else self._blocked_weight().detach(), cfg.rows_per_scale)
             if rows is not None:
@@ -312,6 +315,17 @@ class QuantNoiseMixin:
         if cfg.observer == "ema":
             lo, hi = self._ema(lo, hi, observe)
         return QF.scalar_qparams(lo, hi, cfg.bits, cfg.symmetric)
+
+    def _mse_range(self, w: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """MSE-clipped max|w| per scale group (``QF.mse_clip``), shaped like ``QF.minmax``'s output."""
+        cfg = self.qn_cfg
+        if cfg.rows_per_scale > 1:  # a group's search over all its rows, as scalar_quantize's
+            full = w if rows is None else self._blocked_weight().detach()
+            a = QF.mse_clip(full.reshape(full.shape[0] // cfg.rows_per_scale, -1), cfg.bits)  # (G, 1)
+            a = a.repeat_interleave(cfg.rows_per_scale, 0).unsqueeze(-1)  # (out, 1, 1)
+            return a if rows is None else a[rows]
+        src = self.weight.detach() if cfg.granularity == "tensor" else w  # per-tensor: whole table
+        return QF.mse_clip(QF.group_view(src, cfg.granularity, cfg.group_size), cfg.bits)
 
     def _ema(self, lo: Tensor, hi: Tensor, observe: bool):
         """Exponential moving average of the range, updated on training forwards only (not when

@@ -33,16 +33,18 @@ def test_each_layer_gets_its_planned_width_groups_and_p():
     assert all(m.get_submodule(n).qn_cfg.scheme == "scalar" and m.get_submodule(n).qn_cfg.eval_quantized for n in names)
 
 
-def test_qat_forward_is_the_group_wise_quantized_layer_and_compress_stores_it():
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_qat_forward_is_the_group_wise_quantized_layer_and_compress_stores_it(clip):
     """p=1: the training and eval forwards compute with exactly scalar_quantize's weights (one scale per group of
     rows_per_scale rows); compress_ with cfg.to_ipq_plan() then gives the same layer, int at its width."""
     m = mlp()
-    cfg = MixedPrecisionConfig.from_plan(PLAN)
+    cfg = MixedPrecisionConfig.from_plan(PLAN, clip=clip)
     quantize_(m, cfg)
+    assert all(m.get_submodule(n).qn_cfg.clip == clip for n in ("0", "2", "4"))
     x = torch.randn(7, 16)
     for mode in (True, False):
         m.train(mode)
-        q, scale = scalar_quantize(m[0].weight, 3, rows_per_scale=8)
+        q, scale = scalar_quantize(m[0].weight, 3, rows_per_scale=8, clip=clip)
         assert scale.shape == (4, 1)  # 32 rows, one scale per 8
         want = F.linear(x, scalar_decode(q, scale, (32, 16)), m[0].bias)
         torch.testing.assert_close(m[0](x), want, atol=0, rtol=0)
@@ -133,7 +135,8 @@ def tiny_bert():
     return BertForSequenceClassification(cfg).eval()
 
 
-def test_bert_qat_with_a_plan_exports_each_layer_at_its_width(tmp_path):
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_bert_qat_with_a_plan_exports_each_layer_at_its_width(tmp_path, clip):
     """A transformers BERT fine-tuned with the plan's quantizers in place (QAT, one scale per attention head on
     q/k/v), then compressed and saved: the .qnz stores every layer at its planned width (bit-packed: int3 in 3
     bits), and decodes to the QAT model's own quantized weights."""
@@ -142,7 +145,7 @@ def test_bert_qat_with_a_plan_exports_each_layer_at_its_width(tmp_path):
     widths = [2, 3, 4, 8]
     plan = {n: {"bits": widths[i % 4], "rows_per_scale": 8 if n.endswith(("query", "key", "value")) else 1}
             for i, n in enumerate(names)}
-    cfg = MixedPrecisionConfig.from_plan(plan)
+    cfg = MixedPrecisionConfig.from_plan(plan, clip=clip)
     assert quantize_(model, cfg) == names
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 60, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -178,13 +181,14 @@ def test_bert_qat_with_a_plan_exports_each_layer_at_its_width(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-5)
 
 
-def test_embedding_groups_use_the_whole_table_and_match_the_compressed_rows():
+@pytest.mark.parametrize("clip,rps", [("minmax", 4), ("mse", 4), ("mse", 1)])
+def test_embedding_groups_use_the_whole_table_and_match_the_compressed_rows(clip, rps):
     """An Embedding's group-wise scales come from whole groups of the table, whichever rows a batch looks up."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(40, 8))
-    cfg = MixedPrecisionConfig.from_plan({"0": {"bits": 3, "rows_per_scale": 4}})
+    cfg = MixedPrecisionConfig.from_plan({"0": {"bits": 3, "rows_per_scale": rps, "clip": clip}})
     quantize_(model, cfg)
-    q, scale = scalar_quantize(model[0].weight, 3, rows_per_scale=4)
+    q, scale = scalar_quantize(model[0].weight, 3, rows_per_scale=rps, clip=clip)
     table = scalar_decode(q, scale, (40, 8))
     ids = torch.tensor([[3, 17, 3], [39, 0, 22]])
     for mode in (True, False):
@@ -232,3 +236,17 @@ def test_gpt2_plan_qat_with_trainer_exports_conv1d_at_its_width(tmp_path):
         w = state[f"{n}.weight"]
         w = w if w.shape == qat[n].shape else w.t()  # a Conv1D's entry may be stored as the Linear of W.T
         torch.testing.assert_close(w, qat[n], atol=0, rtol=0)
+
+
+def test_clip_in_a_plan_file_reaches_the_layers_and_the_ipq_plan(tmp_path):
+    """clip: per layer in a plan mapping or a stage YAML (BitPlan.save_yaml(clip=...)); the config's clip for the rest."""
+    plan = allocate_bits({"0": 1.0, "2": 2.0}, {"0": 512, "2": 768}, bits=(2, 4), avg_bits=3.0)
+    plan.save_yaml(tmp_path / "p.yaml", clip="mse")
+    assert "clip: mse" in (tmp_path / "p.yaml").read_text()
+    layers = load_bit_plan(tmp_path / "p.yaml")
+    assert {s.clip for s in layers.values()} == {"mse"}
+    cfg = MixedPrecisionConfig.from_plan({"0": {"bits": 2, "clip": "mse"}, "2": 3})
+    assert [cfg.layer_config(n).clip for n in ("0", "2")] == ["mse", "minmax"]
+    assert [r.clip for r in cfg.to_ipq_plan().stages] == ["mse", "minmax"]
+    with pytest.raises(ValueError, match="clip='l1' is invalid"):
+        MixedPrecisionConfig.from_plan({"0": {"bits": 2, "clip": "l1"}})

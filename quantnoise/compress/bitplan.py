@@ -55,19 +55,20 @@ class BitPlan:
         """Stored bits per weight of the planned layers."""
         return self.used_bits / sum(self.sizes.values())
 
-    def to_ipq_plan(self, seed: int = 0, rows_per_scale: Optional[Mapping[str, int]] = None):
+    def to_ipq_plan(self, seed: int = 0, rows_per_scale: Optional[Mapping[str, int]] = None, clip: str = "minmax"):
         """The plan as an ``IPQPlan``: one scalar ``LayerRule`` per layer, pattern ``^name$``;
         ``rows_per_scale``: {layer: rows sharing a scale} (group-wise scales, e.g. head_dim on the q/k/v
-        projections), 1 for the layers it does not name."""
+        projections), 1 for the layers it does not name; ``clip``: every layer's range (minmax | mse)."""
         from .layers import LayerRule
         from .plan import IPQPlan
 
         rps = rows_per_scale or {}
         return IPQPlan(stages=[LayerRule(pattern=f"^{re.escape(n)}$", scheme="scalar", bits=b,
-                                         rows_per_scale=rps.get(n, 1)) for n, b in self.bits.items()], seed=seed)
+                                         rows_per_scale=rps.get(n, 1), clip=clip) for n, b in self.bits.items()],
+                       seed=seed)
 
     def yaml_text(self, scores: Optional[Mapping[str, float]] = None,
-                  rows_per_scale: Optional[Mapping[str, int]] = None) -> str:
+                  rows_per_scale: Optional[Mapping[str, int]] = None, clip: str = "minmax") -> str:
         """The plan in the stage YAML of ``quantnoise quantize --config`` (``compress.plan.load_plan``);
         ``scores`` go into comments, ``rows_per_scale`` as in ``to_ipq_plan``."""
         rps = rows_per_scale or {}
@@ -77,17 +78,18 @@ class BitPlan:
         for n, b in self.bits.items():
             note = f"  # {self.sizes[n]} weights" + (f", score {scores[n]:.4g}" if scores and n in scores else "")
             group = f", rows_per_scale: {rps[n]}" if rps.get(n, 1) != 1 else ""
+            group += f", clip: {clip}" if clip != "minmax" else ""
             lines.append(f"  - {{pattern: '{_yaml_quote(f'^{re.escape(n)}$')}', scheme: scalar, bits: {b}{group}}}{note}")
         return "\n".join(lines) + "\n"
 
     def save_yaml(self, path, scores: Optional[Mapping[str, float]] = None,
-                  rows_per_scale: Optional[Mapping[str, int]] = None) -> None:
+                  rows_per_scale: Optional[Mapping[str, int]] = None, clip: str = "minmax") -> None:
         """Write ``yaml_text`` atomically (temp file + rename)."""
         import pathlib
 
         from ..checkpoint import atomic_write
 
-        text = self.yaml_text(scores, rows_per_scale)
+        text = self.yaml_text(scores, rows_per_scale, clip)
         atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
     def configs(self, base: Optional[QuantNoiseConfig] = None) -> List[QuantNoiseConfig]:

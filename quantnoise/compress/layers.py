@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as QF
-from ..config import MAX_BLOCK_SIZE, is_int, regex_error
+from ..config import CLIPS, MAX_BLOCK_SIZE, is_int, regex_error
 from ..kmeans import kmeans
 from ..nn import set_submodule  # noqa: F401  (the verbs import it from here too)
 
@@ -74,11 +74,14 @@ def pq_quantize(w: Tensor, block_size: int, n_centroids: int, niter: int = 20, s
     return all_codes.to(codes_dtype(k_live + 1)), centroids
 
 
-def scalar_quantize(w: Tensor, bits: int, name: str = "weight", rows_per_scale: int = 1) -> Tuple[Tensor, Tensor]:
+def scalar_quantize(w: Tensor, bits: int, name: str = "weight", rows_per_scale: int = 1,
+                    clip: str = "minmax") -> Tuple[Tensor, Tensor]:
     """Symmetric integer weights with one scale per group of ``rows_per_scale`` consecutive output rows
     (1: per row; head_dim on a q/k/v projection: one per attention head, Q-BERT's group-wise
     quantization; 0 or the row count: per tensor): (q (out, row) int8 in [-(2^(b-1)-1), 2^(b-1)-1],
-    scale (out / rows_per_scale, 1) fp32); w_hat = q * the scale of its row's group.  Raises ValueError
+    scale (out / rows_per_scale, 1) fp32); w_hat = q * the scale of its row's group.  ``clip``: the group's
+    range is max|w| (``minmax``) or the MSE-optimal clip of it (``mse``, ``functional.mse_clip``: what a
+    ``clip="mse"`` fake quantizer uses, so the integers are the same).  Raises ValueError
     for NaN/inf weights or a ``rows_per_scale`` that does not divide the row count, naming ``name``."""
     rows = w.detach().float().reshape(w.shape[0], -1)
     bad = int((~torch.isfinite(rows)).sum())
@@ -91,7 +94,13 @@ def scalar_quantize(w: Tensor, bits: int, name: str = "weight", rows_per_scale: 
         raise ValueError(f"{name} (shape {tuple(w.shape)}): rows_per_scale={rows_per_scale!r} does not divide its "
                          f"{w.shape[0]} output rows; use a divisor of {w.shape[0]} (1 = one scale per row, 0 = per tensor)")
     groups = rows.reshape(w.shape[0] // rows_per_scale, -1)  # (G, rows_per_scale * row)
-    lo, hi = QF.minmax(groups, "channel", 1)
+    if clip == "mse":
+        hi = QF.mse_clip(groups, bits).unsqueeze(-1)  # (G, 1, 1)
+        lo = -hi
+    elif clip == "minmax":
+        lo, hi = QF.minmax(groups, "channel", 1)
+    else:
+        raise ValueError(f"{name}: clip={clip!r} is invalid: choose minmax or mse")
     scale, _ = QF.scalar_qparams(lo, hi, bits, symmetric=True)  # (G, 1, 1)
     qmax = 2 ** (bits - 1) - 1
     q = torch.round(groups / scale[:, 0]).clamp_(-qmax, qmax)
@@ -295,6 +304,8 @@ class LayerRule:
     updates: int = field(default=0, metadata={"help": "stage plans: updates of centroid fine-tuning after this stage"})
     rows_per_scale: int = field(default=1, metadata={"help": "scalar: consecutive output rows sharing one scale (1 = per "
                                                              "row; head_dim = per attention head; must divide the rows; 0 = one per tensor)"})
+    clip: str = field(default="minmax", metadata={"help": "scalar: range max|w| per scale group (minmax) | mse: the "
+                                                           "MSE-optimal clip of it (for int2-4; functional.mse_clip)"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -319,6 +330,8 @@ class LayerRule:
         if not is_int(self.rows_per_scale) or self.rows_per_scale < 0:
             raise bad("rows_per_scale", "use a positive integer that divides the layer's output rows (1 = per row), "
                                         "or 0 for one scale per tensor")
+        if not isinstance(self.clip, str) or self.clip not in CLIPS:
+            raise bad("clip", f"choose one of {', '.join(CLIPS)}")
         if not is_int(self.updates) or self.updates < 0:
             raise bad("updates", "use a non-negative integer")
 
@@ -338,7 +351,7 @@ def compress_module(module: nn.Module, rule: LayerRule, name: str, seed: int = 0
         codes, centroids = pq_quantize(w, rule.block_size, rule.n_centroids, rule.kmeans_iters,
                                        seed=seed, name=f"layer '{name}'")
         return cls(module, codes, centroids.to(w.dtype), rule.block_size)
-    q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale)
+    q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale, clip=rule.clip)
     return cls(module, q, scale, rule.bits)
 
 

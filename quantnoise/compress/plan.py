@@ -137,7 +137,8 @@ def quantize_state_dict(state: Dict[str, Tensor], plan: IPQPlan,
             out[f"{name}.codes"], out[f"{name}.centroids"] = codes, cents.to(w.dtype)
             decoded = cents[codes.long()].reshape(w.shape).to(w.dtype)
         else:
-            q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale)
+            q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale,
+                                       clip=rule.clip)
             out[f"{name}.qweight"], out[f"{name}.qscale"], out[f"{name}.qbits"] = q, scale, torch.tensor(rule.bits)
             decoded = scalar_decode(q, scale, w.shape, w.dtype)
         done[skey] = name

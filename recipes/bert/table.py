@@ -82,6 +82,9 @@ IPQ_ROWS = ["ipq_posthoc", "ipq_qn", "ipq_qn_int8"]  # the iPQ table (ipq_qn pic
 QBERT3_ROWS = ["int3_posthoc", "int3_qat", "qbert3_mixed", "qbert3_qn", "qbert3_inverted"]
 QBERT3_STAGES = ["qbert3_plan"] + QBERT3_ROWS  # the plans first (they need the fp32 model)
 QBERT3_BITS, QBERT3_AVG = (2, 3, 4, 8), 3.0
+# every ~3-bit row (uniform and plans, post hoc and QAT): MSE-clipped scales (functional.mse_clip); min-max int2
+# is ternary with s = max|w| and rounds nearly every weight to 0 (BENCHMARKS.md, issue 20)
+QBERT3_CLIP = "mse"
 QKV = r"attention\.self\.(query|key|value)$"  # group-wise: one scale per attention head
 FP32_CHAIN = ["fp32", "dq", "ptq", "int4_posthoc", "qbert_mixed", "pretrained_cosine"]  # need fp32 (but the last)
 TRAININGS = ["int8_qat", "qn_int4"]  # independent of fp32: fine-tuned from the pretrained model
@@ -122,15 +125,17 @@ def write_json(path: pathlib.Path, obj) -> None:
     atomic_write(str(path), lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
-def compressed(model: nn.Module, bits) -> nn.Module:
+def compressed(model: nn.Module, bits, clip: str = "minmax") -> nn.Module:
     """A copy of ``model`` whose Q8BERT layers are int ``bits`` layers (one scale per row): the
-    model a .qnz stores.  ``bits``: one width for every such layer, or {layer name: width} (a bit plan)."""
+    model a .qnz stores.  ``bits``: one width for every such layer, or {layer name: width} (a bit plan);
+    ``clip``: the scales' range (minmax | mse, ``scalar_quantize``)."""
     model = copy.deepcopy(model)
     unquantize_(model)
-    rule = LayerRule(pattern=Q8BERT_LAYERS, scheme="scalar", bits=bits if isinstance(bits, int) else 8)
+    rule = LayerRule(pattern=Q8BERT_LAYERS, scheme="scalar", bits=bits if isinstance(bits, int) else 8, clip=clip)
     for name, m in list(model.named_modules()):
         if name and isinstance(m, (nn.Linear, nn.Embedding)) and rule.matches(name):
-            r = rule if isinstance(bits, int) else LayerRule(pattern=rule.pattern, scheme="scalar", bits=bits[name])
+            r = rule if isinstance(bits, int) else LayerRule(pattern=rule.pattern, scheme="scalar", bits=bits[name],
+                                                             clip=clip)
             set_submodule(model, name, compress_module(m, r, name))
     return model
 
@@ -369,7 +374,7 @@ class Run:
         for name, s in (("hessian", {k: v.score for k, v in scores.items()}), ("inverted", inverted)):
             plan = allocate_bits(s, sizes, bits=QBERT3_BITS, avg_bits=QBERT3_AVG, bit_cost=pack_width)
             rps = {k: res["head_rows"] for k in plan.bits if re.search(QKV, k)}
-            plan.save_yaml(str(self.out / "ckpt" / f"qbert3_{name}_plan.yaml"), s, rows_per_scale=rps)
+            plan.save_yaml(str(self.out / "ckpt" / f"qbert3_{name}_plan.yaml"), s, rows_per_scale=rps, clip=QBERT3_CLIP)
             res[name] = {"bits": plan.bits, "avg_bits": round(plan.avg_bits, 4), "method": plan.method,
                          "layers_at_bits": {str(b): sum(1 for v in plan.bits.values() if v == b) for b in QBERT3_BITS}}
         return res
@@ -385,7 +390,7 @@ class Run:
         self.wait_for(["fp32"])
         c = self.cfg
         model = copy.deepcopy(self.fp32())
-        cfg = MixedPrecisionConfig(layers=layers, p=p, seed=self.args.seed)
+        cfg = MixedPrecisionConfig(layers=layers, p=p, seed=self.args.seed, clip=QBERT3_CLIP)
         quantize_(model, cfg)
         losses = self.train_steps_(model, c["qat3_steps"], c["qat3_lr"], name)
         compress_(model, cfg.to_ipq_plan(seed=self.args.seed))
@@ -412,12 +417,12 @@ class Run:
 
     def run_int3_posthoc(self) -> dict:
         self.wait_for(["fp32"])
-        model = compressed(self.fp32(), 3)
+        model = compressed(self.fp32(), 3, clip=QBERT3_CLIP)
         path = self.out / "ckpt" / "int3_posthoc.qnz"
         qnz_bytes(model, path)
         res = self.test_from_qnz("int3_posthoc", path)
         res.update(dev_acc=self.dev_acc(self.from_qnz(path)), weight_bits=3.0,
-                   note="round-to-nearest int3, one scale per row, the Q8BERT layers of the fp32 model")
+                   note=f"round-to-nearest int3, one scale per row ({QBERT3_CLIP} clip), the Q8BERT layers of the fp32 model")
         return res
 
     def run_int3_qat(self) -> dict:
@@ -457,6 +462,7 @@ class Run:
             f"\n\nPlans (widths {'/'.join(map(str, QBERT3_BITS))} at {QBERT3_AVG} weight bits, .qnz cost; sensitivity on "
             f"{plan['sens_batches']} TRAIN batches): Hessian layers at 2/3/4/8 {plan['hessian']['layers_at_bits']}, "
             f"inverted {plan['inverted']['layers_at_bits']}; q/k/v one scale per {plan['head_rows']} rows (a head). "
+            f"Scales: {QBERT3_CLIP} clip on every row. "
             f"Fine-tuning: {c['qat3_steps']} steps at lr {c['qat3_lr']:g} from the fp32 model (not tuned on DEV).")
 
     # ------------------------------------------------------------------ iPQ rows
