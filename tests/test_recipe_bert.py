@@ -125,9 +125,20 @@ def test_roberta_tiny_end_to_end_and_resume(data, tmp_path):
     p = run(*data, out, "--model", "roberta", "--size", "tiny")
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"}
+    ipq = {"ipq_posthoc", "ipq_qn", "ipq_qn_int8"}
+    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4"} | ipq
     for r in res.values():
         assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and r["avg_bits"] > 0
+    # iPQ rows: staged by fairseq-train --ipq-plan from the continued fp32 model, read back from their .qnz
+    assert res["ipq_qn"]["source"] == "pq_p0.5" and set(res["ipq_qn"]["candidates"]) == {"pq_p0.5"}
+    assert res["ipq_posthoc"]["source"] == "plain" and res["ipq_qn_int8"]["source"] == "pq_p0.5"
+    assert res["ipq_qn_int8"]["bytes"] < res["ipq_qn"]["bytes"] < res["fp32"]["bytes"]  # tiny: the fp32 rest dominates
+    for k in ipq:
+        assert (out / "qnz" / res[k]["file"]).stat().st_size == res[k]["bytes"]
+        assert 0.0 <= res[k]["dev_acc"] <= 1.0 and 0.0 <= res[k]["dev_acc_before_ipq"] <= 1.0
+    log = (out / "logs" / "ipq_plain.log").read_text()
+    assert "--ipq-plan" in log and "--quant-noise-scheme pq" in (out / "logs" / "cont_pq_p0.5.log").read_text()
+    assert "iPQ rows:" in (out / "results.md").read_text()
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["fp32"]["bytes"]
     assert res["qn_int4"]["bytes"] < res["ptq"]["bytes"] and res["dq"]["bytes"] < res["fp32"]["bytes"]
     for name in ("fp32", "int8_qat"):  # the recipe's own DEV evaluation agrees with fairseq-train's validation
@@ -136,7 +147,7 @@ def test_roberta_tiny_end_to_end_and_resume(data, tmp_path):
     assert "--quant-noise-act-bits 8" in (out / "logs" / "train_int8_qat.log").read_text()
     assert "| qn_int4 |" in (out / "results.md").read_text()
     p2 = run(*data, out, "--model", "roberta", "--size", "tiny")
-    assert p2.returncode == 0 and "resuming: 11 of 11 steps already done" in p2.stdout
+    assert p2.returncode == 0 and "resuming: 18 of 18 steps already done" in p2.stdout
     assert json.loads((out / "results.json").read_text()) == res
 
 

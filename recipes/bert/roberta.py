@@ -30,17 +30,29 @@ sys.path[:0] = [str(ROOT), str(ROOT / "recipes" / "lm"), str(ROOT / "recipes" / 
 
 import torch  # noqa: E402
 
-from lm_recipe import THRESHOLD, USER_DIR, Recipe, atomic_write_text, fingerprint, noise_flags  # noqa: E402
+from lm_recipe import (THRESHOLD, USER_DIR, Recipe, atomic_write_text, candidate_flags, fingerprint,  # noqa: E402
+                       noise_flags)
 from quantnoise import hf, ptq  # noqa: E402
 from quantnoise.presets import q8bert  # noqa: E402
 from table import ORDER, PTQ_CANDIDATES, torch_save_bytes  # noqa: E402
 
 HEAD = "sentence_classification_head"
 SIZES = {  # the same budget for fp32, int8 QAT and Quant-Noise int4; texts cut to max_len - 2 words
-    "tiny": dict(layers=1, dim=32, ffn=64, heads=2, max_len=16, batch=4, epochs=1, lr=1e-3, calib_batches=1),
-    "small": dict(layers=2, dim=128, ffn=512, heads=4, max_len=64, batch=32, epochs=5, lr=5e-4, calib_batches=8),
+    "tiny": dict(layers=1, dim=32, ffn=64, heads=2, max_len=16, batch=4, epochs=1, lr=1e-3, calib_batches=1,
+                 cont_epochs=1, cont_lr=1e-3, ipq_epochs=1, ipq_lr=1e-3, candidates=["pq_p0.5"]),
+    "small": dict(layers=2, dim=128, ffn=512, heads=4, max_len=64, batch=32, epochs=5, lr=5e-4, calib_batches=8,
+                  cont_epochs=1, cont_lr=1e-4, ipq_epochs=2, ipq_lr=2e-4, candidates=["pq_p0.3", "pq_p0.5", "pq_p0.8"]),
 }
 TRAININGS = {"fp32": [], "int8_qat": noise_flags("q8bert"), "qn_int4": noise_flags("scalar_int4")}
+# The iPQ rows (issue 23 A), as table.py's for MiniLM but through fairseq-train: the fp32 model continued
+# cont_epochs without noise (ipq_posthoc: equal compute) or with each Quant-Noise candidate, then
+# ``fairseq-train --ipq-plan`` (the paper's order and blocks: FFN b=8 -> embeddings b=8 -> attention b=4, 256
+# centroids, each stage followed by a third of ipq_epochs of fine-tuning of the centroids and the rest on the labels;
+# fairseq-train has no teacher, so no distillation here), exported to .qnz (fp32 rest, as the fp32 row);
+# ipq_qn = the candidate best on DEV from its .qnz; ipq_qn_int8 = the same checkpoint with int8 centroids.
+IPQ_STAGES = [("FFN", r"layers\.\d+\.fc[12]$", 8), ("embeddings", r"embed_tokens$|embed_positions$", 8),
+              ("attention", r"layers\.\d+\.self_attn\.(q|k|v|out)_proj$", 4)]
+IPQ_ROWS = ["ipq_posthoc", "ipq_qn", "ipq_qn_int8"]
 WORD = re.compile(r"\w+|[^\w\s]")
 DEV_ACC = re.compile(r"valid on 'valid' subset \|.*?\| accuracy ([0-9.]+)")
 
@@ -66,8 +78,10 @@ class RobertaRecipe(Recipe):
         self.labels = sorted(set(ytr))
         self.tsv = {"train": (ytr, xtr), "dev": hf.read_tsv(a.dev, self.labels), "test": hf.read_tsv(a.test, self.labels)}
         s = {**SIZES[a.size], **{k: v for k, v in (("epochs", a.epochs), ("lr", a.lr)) if v is not None}}
-        updates = s["epochs"] * math.ceil(len(xtr) / s["batch"])
-        self.s, self.seed = {**s, "updates": updates, "warmup": max(1, updates // 10)}, a.seed
+        epoch = math.ceil(len(xtr) / s["batch"])
+        updates = s["epochs"] * epoch
+        self.s, self.seed = {**s, "updates": updates, "warmup": max(1, updates // 10), "cont_updates": s["cont_epochs"] * epoch,
+                             "ipq_updates": max(3, s["ipq_epochs"] * epoch)}, a.seed
         self._n_params, self.load_lock = None, threading.Lock()
         torch.set_num_threads(1)
         from fairseq import utils  # the plugin, before the steps' threads: it allowlists argparse.Namespace in
@@ -180,7 +194,72 @@ class RobertaRecipe(Recipe):
                 "int4_posthoc": self.row_int4_posthoc, "qn_int4": self.row_qn_int4}
         for row, fn in rows.items():
             self.step(row, deps=[f"train_{row if row in TRAININGS else 'fp32'}"])(fn)
-        self.step("report", deps=list(rows))(self.report)
+        sources = ["plain", *self.s["candidates"]]
+        for name in sources:
+            self.add_ipq_source(name)
+        self.step("ipq_posthoc", deps=["ipq_plain"])(lambda: self.ipq_row("plain"))
+        self.step("ipq_qn", deps=[f"ipq_{n}" for n in self.s["candidates"]])(self.row_ipq_qn)
+        self.step("ipq_qn_int8", deps=["ipq_qn"])(self.row_ipq_qn_int8)
+        self.step("report", deps=list(rows) + IPQ_ROWS)(self.report)
+
+    def add_ipq_source(self, name: str) -> None:
+        """cont_<name>: the fp32 model continued cont_updates (plain, or with the noise candidate ``name``);
+        ipq_<name>: its staged iPQ + fine-tune by fairseq-train --ipq-plan, exported, DEV accuracy from the .qnz."""
+        s = self.s
+        flags = [] if name == "plain" else candidate_flags(name, max(1, s["cont_updates"] // 4))
+        resets = ["--reset-optimizer", "--reset-dataloader", "--reset-lr-scheduler", "--reset-meters"]
+
+        @self.step(f"cont_{name}", deps=["train_fp32"])
+        def _():
+            n = s["cont_updates"]
+            ckpt = self.fairseq_train(f"cont_{name}", self.out / "cont" / name,
+                                      ["--restore-file", self.ckpt("fp32"), *resets, "--total-num-update", n, *flags],
+                                      f"cont_{name}", n, s["cont_lr"], max(1, n // 10))
+            return {"checkpoint": str(ckpt), "flags": flags, "dev_acc": self.accuracy(*self.load(ckpt), "dev")}
+
+        @self.step(f"ipq_{name}", deps=[f"cont_{name}"])
+        def _():
+            n, d = s["ipq_updates"], self.out / "ipq" / name
+            d.mkdir(parents=True, exist_ok=True)
+            per = [n // 3, n // 3, n - 2 * (n // 3)]
+            plan = {"seed": self.seed, "stages": [{"pattern": pat, "block_size": bs, "n_centroids": 256, "updates": u}
+                                                  for (_, pat, bs), u in zip(IPQ_STAGES, per)]}
+            atomic_write_text(d / "plan.yaml", json.dumps(plan))  # JSON is YAML
+            ckpt = self.fairseq_train(f"ipq_{name}", d / "ft",
+                                      ["--restore-file", self.r(f"cont_{name}")["checkpoint"], *resets,
+                                       "--total-num-update", n, "--ipq-plan", d / "plan.yaml"], f"ipq_{name}", n,
+                                      s["ipq_lr"], max(1, n // 10))
+            qnz = self.out / "qnz" / f"ipq_{name}.qnz"
+            self.qn(f"ipq_{name}", "export", ckpt, "-o", qnz, "--rest", "float32", log="export")
+            return {"checkpoint": str(ckpt), "qnz": str(qnz), "dev_acc": self.accuracy(*self.load(qnz), "dev"),
+                    "dev_acc_before_ipq": self.r(f"cont_{name}")["dev_acc"]}
+
+    def ipq_row(self, name: str, int8: bool = False) -> dict:
+        r = self.r(f"ipq_{name}")
+        qnz = pathlib.Path(r["qnz"])
+        if int8:
+            qnz = self.out / "qnz" / f"ipq_{name}_int8.qnz"
+            self.qn("ipq_qn_int8", "export", r["checkpoint"], "-o", qnz, "--rest", "float32", "--centroids", "int8",
+                    log="export")
+        model, task = self.load(qnz)
+        res = self.score(model, task, qnz.stat().st_size, dev=True)
+        plan = " -> ".join(f"{what} b={bs}" for what, _, bs in IPQ_STAGES)
+        cont = "plain" if name == "plain" else f"Quant-Noise {name}"
+        res.update(source=name, dev_acc_before_ipq=r["dev_acc_before_ipq"], file=qnz.name,
+                   note=f"fp32 + {self.s['cont_updates']} {cont} updates, staged iPQ ({plan}; k=256) + "
+                        f"{self.s['ipq_updates']} fine-tune updates" + (", int8 centroids" if int8 else ""))
+        return res
+
+    def row_ipq_qn(self) -> dict:
+        cands = {n: self.r(f"ipq_{n}") for n in self.s["candidates"]}
+        best = max(cands, key=lambda n: cands[n]["dev_acc"])  # DEV after iPQ, from each .qnz
+        res = self.ipq_row(best)
+        res["candidates"] = {n: {"dev_acc": c["dev_acc"], "dev_acc_before_ipq": c["dev_acc_before_ipq"]}
+                             for n, c in cands.items()}
+        return res
+
+    def row_ipq_qn_int8(self) -> dict:
+        return self.ipq_row(self.r("ipq_qn")["source"], int8=True)
 
     def row_fp32(self) -> dict:
         qnz = self.qnz("fp32", "fp32")
@@ -234,7 +313,7 @@ class RobertaRecipe(Recipe):
         return ", ".join(f"{k} {v}" for k, v in r.items() if not isinstance(v, (list, dict)))[:80] or "ok"
 
     def report(self) -> dict:
-        res = {k: dict(self.r(k)) for k in ORDER if k in self.steps}
+        res = {k: dict(self.r(k)) for k in ORDER + IPQ_ROWS if k in self.steps}
         fp = res["fp32"]["acc"]
         for r in res.values():
             r["rel_err"] = round((fp - r["acc"]) / fp, 5) if fp else None
@@ -255,12 +334,26 @@ class RobertaRecipe(Recipe):
                 f"{len(self.tsv['dev'][0])} dev / {len(self.tsv['test'][0])} test lines; {self.s['updates']} updates of "
                 f"batch {s['batch']} (lr {s['lr']}) per training.\n\n" + "\n".join(rows) +
                 f"\n\nDEV accuracy: {dev}; PTQ calibration chosen on DEV: {res['ptq']['method']} {res['ptq']['percentile']} "
-                f"({res['ptq']['calib_batches']} TRAIN batches).\n\nThis invocation: {time.time() - self.t0:.0f} s wall; CPU seconds of the fairseq processes "
+                f"({res['ptq']['calib_batches']} TRAIN batches).\n\n" + self.ipq_text(res) +
+                f"\n\nThis invocation: {time.time() - self.t0:.0f} s wall; CPU seconds of the fairseq processes "
                 f"{cpu['fairseq_total_s']} (all runs of this OUTDIR), of this driver {cpu['driver_s']} (evaluation, "
                 f"quantize, export); 1-min load average {self.load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
                 f"host {platform.node()}, torch {torch.__version__}, {os.cpu_count()} CPUs.\n")
         atomic_write_text(self.out / "results.md", text)
         return {"results": str(self.out / "results.json")}
+
+
+    def ipq_text(self, res: dict) -> str:
+        """The iPQ rows against fp32 (DEV before / after iPQ of every continuation, the choice, the loss cut)."""
+        fp, post, qn = res["fp32"]["acc"], res["ipq_posthoc"], res["ipq_qn"]
+        cands = "; ".join(f"{n}: DEV {c['dev_acc_before_ipq']:.4f} before iPQ, {c['dev_acc']:.4f} after"
+                          for n, c in qn["candidates"].items())
+        lost = fp - post["acc"]
+        cut = f"{100 * (1 - (fp - qn['acc']) / lost):+.0f} %" if lost > 0 else "n/a (no iPQ loss)"
+        return (f"iPQ rows: plain continuation DEV {post['dev_acc_before_ipq']:.4f} before iPQ, {post['dev_acc']:.4f} "
+                f"after; Quant-Noise candidates: {cands}; chosen on DEV: **{qn['source']}**. iPQ loss (TEST, fp32 minus "
+                f"iPQ): ipq_posthoc {lost:+.4f}, ipq_qn {fp - qn['acc']:+.4f}: cut {cut}; fp32 .qnz / ipq_qn .qnz "
+                f"{res['fp32']['bytes'] / qn['bytes']:.1f}x.")
 
 
 def run(model, tokens):
