@@ -64,9 +64,9 @@ DATA = {"lm": ("bin", 6000, ["--thresholdsrc", "2"]), "lm16": ("bin4k", 40000, [
 LMS = ("lm", "lm16")
 SPEEDS = {  # (result key, column, key of the kernels it used) per model
     "lm": [("gen_tok_s", "gen", "gen_kernels"), ("eval_tok_s", "eval-lm", "eval_kernels")],
-    "lm16": [("gen_tok_s", "gen", "gen_kernels"), ("eval_tok_s", "eval-lm", "eval_kernels")],
     "roberta_base": [("b1_tok_s", "batch-1", "b1_kernels"), ("b8_tok_s", "8x128", "b8_kernels")],
 }
+SPEEDS["lm16"] = SPEEDS["lm"]
 ENCODE_LENGTHS = (12, 16, 20, 24, 28, 32, 16, 24)  # batch 1: short sentences, one forward each
 
 
@@ -79,8 +79,9 @@ def sh(cmd, env=None, **kw):
 
 
 def setup(work: pathlib.Path, model: str = "lm") -> dict:
-    """The corpus (WORKDIR/bin, shared), and the fp32 checkpoint and .qnz files of ``model`` (WORKDIR for the
-    LM, WORKDIR/roberta_base for the encoder) with its results file."""
+    """The corpus (``DATA``: WORKDIR/bin, shared by the 6x512 LM and the encoder; WORKDIR/bin4k for lm16), and the
+    fp32 checkpoint and .qnz files of ``model`` (``MODEL_DIR``: WORKDIR for the 6x512 LM, WORKDIR/lm16,
+    WORKDIR/roberta_base) with its results file."""
     work.mkdir(parents=True, exist_ok=True)
     folder, lines, dict_flags = DATA[model]
     data, txt, mdir = work / folder, work / f"txt{lines}", work / MODEL_DIR[model]

@@ -242,7 +242,8 @@ class RobertaRecipe(Recipe):
             self.qn("ipq_qn_int8", "export", r["checkpoint"], "-o", qnz, "--rest", "float32", "--centroids", "int8",
                     log="export")
         model, task = self.load(qnz)
-        res = self.score(model, task, qnz.stat().st_size, dev=True)
+        res = self.score(model, task, qnz.stat().st_size, dev=int8)  # ipq_<name> scored this .qnz on DEV already
+        res.setdefault("dev_acc", r["dev_acc"])
         plan = " -> ".join(f"{what} b={bs}" for what, _, bs in IPQ_STAGES)
         cont = "plain" if name == "plain" else f"Quant-Noise {name}"
         res.update(source=name, dev_acc_before_ipq=r["dev_acc_before_ipq"], file=qnz.name,
@@ -341,7 +342,6 @@ class RobertaRecipe(Recipe):
                 f"host {platform.node()}, torch {torch.__version__}, {os.cpu_count()} CPUs.\n")
         atomic_write_text(self.out / "results.md", text)
         return {"results": str(self.out / "results.json")}
-
 
     def ipq_text(self, res: dict) -> str:
         """The iPQ rows against fp32 (DEV before / after iPQ of every continuation, the choice, the loss cut)."""

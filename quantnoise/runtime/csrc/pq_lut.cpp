@@ -452,12 +452,7 @@ void int4_rows(const uint8_t* w, const float* xe, const float* xo, int64_t half,
         ao[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xo + (t0 + t) * half + j), ao[t]);
       }
     }
-    for (int t = 0; t < TB; ++t) {
-      const __m256 a = _mm256_add_ps(ae[t], ao[t]);
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      acc[t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-    }
+    for (int t = 0; t < TB; ++t) acc[t] = dv_sum(_mm256_add_ps(ae[t], ao[t]));  // the no-table kernel's AVX2 sum
 #else
     for (int t = 0; t < TB; ++t) acc[t] = 0.f;
 #endif
