@@ -13,7 +13,9 @@ update by ``fairseq-train`` (speed and memory do not depend on training); ``quan
 Cases, each in its own process (``--worker``), interleaved in a shuffled order every round:
   fp32         the fairseq checkpoint, stock loader;
   decoded-pq   pq.qnz with QUANTNOISE_QNZ_DECODE=1 (decoded to fp32 when loaded, the pre-runtime path);
-  pq/int8/int4 the .qnz through the plugin, compressed runtime layers.
+  pq/int8/int4 the .qnz through the plugin, compressed runtime layers (and the runtime's lean incremental step:
+               qn_fairseq/runtime.py ``use_lean_step``);
+  (--one-process only: pq-table, pq on the look-up table; fp32-lean, fp32 through the same lean step.)
 Per case: RSS (psutil) and peak RSS (getrusage ru_maxrss) before loading (imports, the task's dictionary and
 one build of the architecture on the meta device, which imports ~70 MiB of modules: the process' fixed
 overhead), after loading and after generating; batch-1 greedy generation, tokens/s
@@ -367,18 +369,20 @@ def bench_one_process(args, s) -> None:
     from fairseq import checkpoint_utils, utils
 
     utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
-    from quantnoise.runtime import CodesLinear
+    from quantnoise.runtime import CodesLinear, fairseq_plugin
 
     cases = [c for c in args.cases if c != "decoded-pq"]
     models = {}
     for case in cases:
-        path = s["paths"]["pq" if case == "pq-table" else case]
+        path = s["paths"]["pq" if case == "pq-table" else "fp32" if case == "fp32-lean" else case]
         ms, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(s["data"])})
         models[case] = ms[0].eval()
         if case == "pq-table":  # the pq model with every pq Linear on the look-up table (the kernel before no-table)
             for m in models[case].modules():
                 if isinstance(m, CodesLinear):
                     m.kernel = "lut"
+        if case == "fp32-lean":  # the fp32 model through the runtime's lean incremental step (what it buys alone)
+            fairseq_plugin().use_lean_step(models[case])
     load, rng = os.getloadavg(), random.Random(0)
     speed = {(c, th): [] for c in cases for th in args.threads}
     with torch.inference_mode():
@@ -414,8 +418,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--reps", type=int, default=3, help="roberta_base: timed passes over each batch set")
-    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES + ["pq-table"],
-                   help="pq-table (--one-process only): the pq model with every pq Linear on the look-up table")
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES + ["pq-table", "fp32-lean"],
+                   help="--one-process only: pq-table, the pq model with every pq Linear on the look-up table; "
+                   "fp32-lean, the fp32 model through the runtime's lean incremental step")
     p.add_argument("--kernels", action="store_true", help="only the pq Linear kernel crossover table")
     p.add_argument("--shapes", nargs="+", help="--kernels: layer shapes OUTxIN (default: the LM's, MiniLM's, "
                    "roberta_base's)")
@@ -434,8 +439,9 @@ def main() -> None:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes] if args.shapes else KERNEL_SHAPES
         return bench_kernels(args.threads, args.rounds, shapes, args.tokens or KERNEL_TOKENS)
     s = setup(args.workdir, args.model)
-    if "pq-table" in args.cases and not args.one_process:
-        raise SystemExit("--cases pq-table: only with --one-process")
+    for case in ("pq-table", "fp32-lean"):
+        if case in args.cases and not args.one_process:
+            raise SystemExit(f"--cases {case}: only with --one-process")
     if args.one_process:
         return bench_one_process(args, s)
     if args.report:

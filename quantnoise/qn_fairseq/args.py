@@ -199,18 +199,44 @@ class RoutedMultiheadAttention(MultiheadAttention):
     bias_k/v, no zero attention), it computes the same thing: projections through the modules, then
     ``F.scaled_dot_product_attention`` with fairseq's masks merged as torch's function merges them
     (the fused kernel, instead of fairseq's manual bmm / softmax / bmm path, 1.6x slower on CPU).
-    Anything else: fairseq's own forward."""
+    Incremental decoding's self-attention with no masks (batch-1 generation: one token per step) likewise: the
+    new key / value appended to the cache fairseq keeps in ``incremental_state`` (same entries, same layout, so
+    beam reordering and fairseq's own forward on a later step read it), then the fused attention: ~15 tensor
+    ops where fairseq's path has ~40.  Anything else: fairseq's own forward."""
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
                 static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
-        if (incremental_state is not None or static_kv or need_weights or need_head_weights or before_softmax
+        if (static_kv or need_weights or need_head_weights or before_softmax
                 or key is None or value is None or self.onnx_trace or self.use_xformers
                 or self.bias_k is not None or self.add_zero_attn or query.device.type == "xla"
                 or ((self.training or self.dropout_module.apply_during_inference) and self.dropout_module.p > 0)
                 or torch.jit.is_scripting()):
-            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
-                                   static_kv, attn_mask, before_softmax, need_head_weights)
-        return self._sdpa(query, key, value, key_padding_mask, attn_mask), None
+            pass
+        elif incremental_state is None:
+            return self._sdpa(query, key, value, key_padding_mask, attn_mask), None
+        elif self.self_attention and key_padding_mask is None and attn_mask is None:
+            saved = self._get_input_buffer(incremental_state)
+            if saved.get("prev_key_padding_mask") is None:  # no padding so far (else fairseq keeps extending it)
+                return self._sdpa_step(query, saved, incremental_state), None
+        return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
+                               static_kv, attn_mask, before_softmax, need_head_weights)
+
+    def _sdpa_step(self, query, saved, incremental_state):
+        """One incremental step: fairseq's ``prev_key`` / ``prev_value`` (B, H, S, hd), contiguous, grown by the new
+        positions; the queries attend to every cached position (fairseq's incremental decoding has no mask)."""
+        tgt, bsz, dim = query.shape
+        heads = self.num_heads
+        q = self.q_proj(query).view(tgt, bsz, heads, -1).permute(1, 2, 0, 3)  # (B, H, T, hd)
+        k = self.k_proj(query).view(tgt, bsz, heads, -1).permute(1, 2, 0, 3)
+        v = self.v_proj(query).view(tgt, bsz, heads, -1).permute(1, 2, 0, 3)
+        if "prev_key" in saved:
+            k, v = torch.cat([saved["prev_key"], k], 2), torch.cat([saved["prev_value"], v], 2)
+        else:
+            k, v = k.contiguous(), v.contiguous()
+        saved["prev_key"], saved["prev_value"], saved["prev_key_padding_mask"] = k, v, None
+        self._set_input_buffer(incremental_state, saved)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt, bsz, dim))
 
     def _sdpa(self, query, key, value, key_padding_mask, attn_mask):
         tgt, bsz, dim = query.shape

@@ -20,6 +20,7 @@ import torch
 from fairseq import utils as fairseq_utils
 from fairseq.models.roberta.model import RobertaLMHead
 from fairseq.modules import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
+from fairseq.modules.transformer_layer import TransformerDecoderLayer, TransformerDecoderLayerBase
 from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
@@ -57,14 +58,26 @@ def _setup_task(cfg):
 
 
 def _fix_non_state(model: nn.Module) -> None:
-    """Tensors the build made on ``meta`` that no state dict holds, and attention routing."""
+    """Tensors the build made on ``meta`` that no state dict holds, attention routing, the decoder layers' lean step."""
     for m in model.modules():
         if isinstance(m, SinusoidalPositionalEmbedding) and m.weights.is_meta:
             if type(m) is SinusoidalPositionalEmbedding:
                 LazySinusoidalPositionalEmbedding.from_meta_(m)
             else:  # a subclass with its own forward: the full table, as fairseq builds it
                 m.weights = m.get_embedding(m.weights.shape[0], m.embedding_dim, m.padding_idx)
-    route_attention(model, (RuntimeMixin,))  # call the projection modules, not F.multi_head_attention_forward
+    use_lean_step(model, (RuntimeMixin,))
+
+
+def use_lean_step(model: nn.Module, wrapped_by: Optional[tuple] = None) -> nn.Module:
+    """Attention that calls its projection modules (``route_attention``; with ``wrapped_by``, only where a
+    projection is one of these classes), with the fused kernel and the lean incremental step, and decoder layers
+    with the lean step (``LeanDecoderStep``).  The runtime's models get it when loaded; ``scripts/bench_infer.py``
+    gives it to the fp32 model too (case ``fp32-lean``), to show what it buys without compression."""
+    route_attention(model, wrapped_by)  # call the projection modules, not F.multi_head_attention_forward
+    for m in model.modules():
+        if isinstance(m, TransformerDecoderLayerBase) and not isinstance(m, LeanDecoderStep):
+            m.__class__ = _lean_layer(type(m))
+    return model
 
 
 class LazySinusoidalPositionalEmbedding(SinusoidalPositionalEmbedding):
@@ -93,6 +106,52 @@ class LazySinusoidalPositionalEmbedding(SinusoidalPositionalEmbedding):
             rows = max(need, min(2 * have, self.built_size))
             self.weights = self.get_embedding(rows, self.embedding_dim, self.padding_idx).to(self.weights)
         return super().forward(input, incremental_state, timestep, positions)
+
+
+class LeanDecoderStep:
+    """A fairseq decoder layer whose incremental step (generation: eval, a decoder-only model, nothing but
+    attention, residuals, layer norms and the FFN in the layer) runs without the branches and module calls of
+    fairseq's forward that do nothing there (dropouts, optional norms and scales): the same operations in the
+    same order (outputs equal).  Mixed into the layer's own class by ``_lean_layer``; anything else goes to
+    fairseq's forward."""
+
+    def forward(self, x, encoder_out=None, encoder_padding_mask=None, incremental_state=None,
+                prev_self_attn_state=None, prev_attn_state=None, self_attn_mask=None, self_attn_padding_mask=None,
+                need_attn=False, need_head_weights=False):
+        if (incremental_state is None or self.training or encoder_out is not None or prev_self_attn_state is not None
+                or self.cross_self_attention or self.c_attn is not None or self.attn_ln is not None
+                or self.ffn_layernorm is not None or self.w_resid is not None or self.onnx_trace
+                or self.dropout_module.apply_during_inference or self.activation_dropout_module.apply_during_inference
+                or type(self).residual_connection is not TransformerDecoderLayerBase.residual_connection):
+            return super().forward(x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state,
+                                   prev_attn_state, self_attn_mask, self_attn_padding_mask, need_attn, need_head_weights)
+        pre = self.normalize_before
+        h = self.self_attn_layer_norm(x) if pre else x
+        h, _ = self.self_attn(query=h, key=h, value=h, key_padding_mask=self_attn_padding_mask,
+                              incremental_state=incremental_state, need_weights=False, attn_mask=self_attn_mask)
+        x = h + x
+        if not pre:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if pre else x
+        x = self.fc2(self.activation_fn(self.fc1(h))) + x
+        if not pre:
+            x = self.final_layer_norm(x)
+        return x, None, None
+
+
+_LEAN_LAYERS: dict = {}  # decoder layer class -> its LeanDecoderStep subclass
+
+
+def _lean_layer(cls: type) -> type:
+    if cls not in _LEAN_LAYERS:
+        _LEAN_LAYERS[cls] = type(f"Lean{cls.__name__}", (LeanDecoderStep, cls),
+                                 {"__module__": __name__, "__qualname__": f"Lean{cls.__name__}"})
+        globals().setdefault(f"Lean{cls.__name__}", _LEAN_LAYERS[cls])  # importable by name: a pickled model loads
+    return _LEAN_LAYERS[cls]
+
+
+for _cls in (TransformerDecoderLayerBase, TransformerDecoderLayer):  # fairseq's own: defined at import (pickle)
+    _lean_layer(_cls)
 
 
 class RuntimeLearnedPositions(LearnedPositionalEmbedding):

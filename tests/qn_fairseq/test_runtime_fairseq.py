@@ -252,3 +252,60 @@ def test_a_bad_cfg_is_one_line_on_the_decoded_path_too(qnz, lm_data, tmp_path):
         runtime.fairseq_plugin().load_model(path, data=lm_data, decoded=True)
     msg = str(e.value)
     assert msg.startswith("error: ") and "fairseq config" in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_lean_incremental_step_equals_fairseqs_and_keeps_its_cache(qnz, lm_data, monkeypatch):
+    """Generation through the runtime's lean step (decoder layers without fairseq's no-op branches, attention
+    appending to fairseq's key / value cache) computes what fairseq's own forwards compute from the same model,
+    and leaves the cache in fairseq's layout: a beam reorder, fairseq's own path continuing a lean state, and a
+    left-padded batch (a padding mask: fairseq's path, for every later step too)."""
+    from fairseq.modules import MultiheadAttention
+
+    from quantnoise import runtime
+
+    plugin = runtime.fairseq_plugin()
+    model, _, task = runtime.load_fairseq(qnz["pq"], data=lm_data)
+    routed = type(model.decoder.layers[0].self_attn)
+    assert routed.__name__ == "RoutedMultiheadAttention"
+    assert all(isinstance(layer, plugin.LeanDecoderStep) for layer in model.decoder.layers)
+    lean_steps = []
+    step = routed._sdpa_step
+    monkeypatch.setattr(routed, "_sdpa_step", lambda self, *a: lean_steps.append(1) or step(self, *a))
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, (plugin.LeanDecoderStep, routed))]
+
+    def fairseq_path(on: bool) -> None:  # the same modules as fairseq's own classes (its forwards), or back
+        for m, cls in swapped:
+            m.__class__ = (MultiheadAttention if cls is routed else cls.__bases__[1]) if on else cls
+
+    def decode(toks, state, t0, t1, fairseq=False):
+        fairseq_path(fairseq)
+        try:
+            return torch.stack([model(toks[:, : t + 1], incremental_state=state)[0][:, -1] for t in range(t0, t1)], 1)
+        finally:
+            fairseq_path(False)
+
+    toks = torch.randint(4, len(task.dictionary), (3, 12), generator=torch.Generator().manual_seed(1))
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        lean, stock = {}, {}
+        a, b = decode(toks, lean, 0, 7), decode(toks, stock, 0, 7, fairseq=True)
+        assert len(lean_steps) == 7 * len(model.decoder.layers)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for state in (lean, stock):
+            model.decoder.reorder_incremental_state_scripting(state, order)
+        mixed = {k: dict(v) for k, v in lean.items()}
+        a, b = decode(toks[order], lean, 7, 12), decode(toks[order], stock, 7, 12, fairseq=True)
+        c = decode(toks[order], mixed, 7, 12, fairseq=True)  # fairseq's forward reads the lean cache
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c, b, atol=1e-5, rtol=1e-5)
+        padded = toks.clone()
+        padded[1, :3] = task.dictionary.pad()
+        lean_steps.clear()
+        a, b = decode(padded, {}, 0, 12), decode(padded, {}, 0, 12, fairseq=True)
+        assert not a[[0, 2]].isnan().any()  # (the padded row attends to nothing at step 0: NaN, in fairseq's too)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
+        assert not lean_steps  # a padding mask from the first step on: fairseq's path throughout
+    import pickle
+
+    layer = model.decoder.layers[0]
+    assert type(pickle.loads(pickle.dumps(layer))) is type(layer)  # a module-level class (fairseq's --ema deep-copies)
