@@ -47,7 +47,10 @@ COMPILED_MAX_TOKENS = 16  # tokens per call of the compiled table product (csrc/
 # micro-benchmarks (BENCHMARKS.md, issue 19, "pq with no table"; b=8 and b=4, k=256, under load 5-8): no table
 # is faster at 1 token on every shape (384 .. 2048 rows), to ~24-32 tokens on 384 / 512-row layers, the table
 # from ~8-16 tokens on 1536 / 2048-row layers (b=4: no table wins more widely: its table gathers twice as often).
-DIRECT_TOKEN_ROWS = 12288
+# Fitted per instruction set, the two CPUs this was measured on (BENCHMARKS.md, issue 19, "crossover"): 12288 with
+# AVX-512 (Intel Sapphire Rapids); 16384 with AVX2 only (AMD EPYC Zen 3: no table still 1.2x faster at 4 tokens on
+# 4,096 rows and 8 tokens on 2,048, the table ahead from 16 tokens on 1,024 rows).  One token: no table on both.
+DIRECT_TOKEN_ROWS = 12288 if b"avx512f" in runtime_ext._cpu() else 16384
 
 
 # ------------------------------------------------------------------------------ pure functions
