@@ -94,6 +94,9 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
 
     plan = json.loads((out / "stages" / "qbert3_plan.json").read_text())
     assert plan["hessian"]["avg_bits"] <= 3.0 and plan["inverted"]["avg_bits"] <= 3.0
+    # the knapsack's cost: the rows' own quantizer's squared error on the fp32 weights at every width
+    assert plan["cost"] == "measured" and set(plan["errors"]) == set(plan["hessian"]["bits"])
+    assert all(e["2"] > e["3"] > e["4"] > e["8"] > 0 for e in plan["errors"].values())
     for k, which in (("qbert3_mixed", "hessian"), ("qbert3_qn", "hessian"), ("qbert3_inverted", "inverted"),
                      ("int3_qat", None)):
         _, meta = read_qnz(out / "ckpt" / res[k]["file"])

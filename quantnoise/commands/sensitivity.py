@@ -5,7 +5,9 @@ Prints one row per Linear / Embedding layer, most sensitive first: weights, mean
 batches of the dominant Hessian eigenvalue's magnitude, and the score mean + std (Shen et al. 2020).
 With ``-o plan.yaml`` and a budget (``--avg-bits`` or ``--budget-mb``), writes the bit plan that
 minimises sum(score * weights * 4^-bits) under it (exact knapsack, quantnoise.compress.bitplan), each width
-costing the bits a .qnz stores it in (``export.pack_width``: int3 3 bits).
+costing the bits a .qnz stores it in (``export.pack_width``: int3 3 bits).  ``--cost measured`` replaces the
+4^-bits model by each layer's measured squared quantization error ||W - Q_b(W)||^2 under the plan's quantizer
+(one scale per row, ``--clip``; Q-BERT / HAWQ-V2): the model ignores the weights' scale and the clip.
 """
 import argparse
 import importlib
@@ -33,6 +35,11 @@ def add_parser(sub) -> None:
     p.add_argument("--avg-bits", type=float, help="plan budget: stored bits per weight of the scored layers")
     p.add_argument("--budget-mb", type=float, help="plan budget: MB (10^6 bytes) of the scored layers' weights")
     p.add_argument("--bits", default="2,3,4,8", help="allowed widths, comma-separated")
+    p.add_argument("--cost", choices=("model", "measured"), default="model",
+                   help="plan cost per layer and width: score x weights x 4^-bits (model) or score x the measured "
+                        "squared error of the quantizer (measured)")
+    p.add_argument("--clip", choices=("minmax", "mse"), default="minmax",
+                   help="the plan's scales (written to its YAML; what --cost measured measures)")
     p.set_defaults(func=run)
 
 
@@ -61,16 +68,22 @@ def run(args) -> int:
             allocate_bits({"all": 1.0}, {"all": 1}, bits=widths, avg_bits=args.avg_bits, bit_cost=pack_width)
     elif args.avg_bits is not None or args.budget_mb is not None:
         raise ValueError("--avg-bits / --budget-mb set a bit plan's budget: also pass -o plan.yaml")
+    elif args.cost != "model" or args.clip != "minmax":
+        raise ValueError("--cost / --clip set how a bit plan is made: also pass -o plan.yaml and a budget")
     scores = _plugin_module().checkpoint_sensitivity(
         args.checkpoint, args.data, subset=args.subset, batches=args.batches, max_tokens=args.max_tokens,
         layers=args.layers, iters=args.iters, tol=args.tol, seed=args.seed)
     plan = None
     if args.output:
+        errors = None
+        if args.cost == "measured":
+            errors = _plugin_module().checkpoint_quant_errors(args.checkpoint, args.data, list(scores), widths, args.clip)
         plan = allocate_bits({n: s.score for n, s in scores.items()}, {n: s.numel for n, s in scores.items()},
                              bits=widths, avg_bits=args.avg_bits, bit_cost=pack_width,  # what a .qnz stores: int3 in 3 bits
-                             budget_bytes=None if args.budget_mb is None else args.budget_mb * 1e6)
-        plan.save_yaml(args.output, {n: s.score for n, s in scores.items()})
+                             budget_bytes=None if args.budget_mb is None else args.budget_mb * 1e6, errors=errors)
+        plan.save_yaml(args.output, {n: s.score for n, s in scores.items()}, clip=args.clip)
     print(format_table(scores, plan.bits if plan else None))
     if plan:
-        print(f"plan: {plan.avg_bits:.3f} bits per weight ({plan.used_bits / 8e6:.3f} MB of weights) -> {args.output}")
+        print(f"plan: {plan.avg_bits:.3f} bits per weight ({plan.used_bits / 8e6:.3f} MB of weights, {plan.cost} cost) "
+              f"-> {args.output}")
     return 0

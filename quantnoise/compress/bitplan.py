@@ -7,6 +7,12 @@ increase of a plan is modelled as
 
     D(b) = sum_i  s_i * n_i * 4^(-b_i)      (s_i: sensitivity, n_i: weights of layer i)
 
+That model ("model" cost) describes a min-max quantizer on a fixed range; it ignores each layer's weight
+scale and how the quantizer actually used (e.g. MSE-clipped scales, group-wise scales) errs at each width.
+The "measured" cost (``quant_errors``, ``allocate_bits(errors=...)``) is Q-BERT / HAWQ-V2's
+Omega_i(b) = s_i * ||W_i - Q_b(W_i)||^2: the layer's per-weight curvature times the squared perturbation
+the real quantizer (``layers.scalar_quantize`` with the layer's rows_per_scale and clip) makes at b bits.
+
 Method: ``allocate_bits`` minimises D exactly under  sum_i n_i * c(b_i) <= budget  (c(b) = stored
 bits per weight, b by default) as a multiple-choice knapsack, by dynamic programming over the
 budget in integer units of u = gcd of all the costs n_i * c(b) (exact).  When the budget spans
@@ -39,6 +45,24 @@ def noise_cost(score: float, numel: int, bits: int) -> float:
     return score * numel * 4.0 ** (-bits)
 
 
+def quant_errors(weight, bits: Sequence[int] = (2, 3, 4, 8), rows_per_scale: int = 1,
+                 clip: str = "minmax") -> Dict[int, float]:
+    """{b: ||W - Q_b(W)||^2} of the quantizer a plan is exported with (``layers.scalar_quantize``: symmetric,
+    one scale per ``rows_per_scale`` rows, ``clip`` minmax | mse), summed over the weights in fp64: the measured
+    perturbation of the "measured" plan cost (Q-BERT / HAWQ-V2), where the 4^-b model assumes a min-max grid and
+    ignores the layer's weight scale.  Deterministic (no randomness); ValueError as ``scalar_quantize``."""
+    from .layers import scalar_decode, scalar_quantize
+
+    w = weight.detach().float()
+    out: Dict[int, float] = {}
+    for b in sorted(set(bits)):
+        if not is_int(b) or not 2 <= b <= 8:
+            raise ValueError(f"quant_errors: bits={list(bits)!r} is invalid; use integers from 2 to 8, e.g. 2,3,4,8")
+        q, scale = scalar_quantize(w, b, rows_per_scale=rows_per_scale, clip=clip)
+        out[int(b)] = float((scalar_decode(q, scale, w.shape) - w).double().square().sum())
+    return out
+
+
 @dataclass
 class BitPlan:
     """Bits per layer (model order) and how the plan sits in its budget."""
@@ -47,8 +71,9 @@ class BitPlan:
     sizes: Dict[str, int]
     budget_bits: int  # the budget, in stored bits
     used_bits: int  # sum_i n_i * c(b_i) <= budget_bits
-    objective: float  # sum_i s_i * n_i * 4^-b_i
+    objective: float  # sum_i s_i * n_i * 4^-b_i ("model" cost) or sum_i s_i * err_i(b_i) ("measured")
     method: str = "exact"  # "exact" (gcd units) | "rounded" (coarse units, costs rounded up)
+    cost: str = "model"  # "model": s * n * 4^-b | "measured": s * ||W - Q_b(W)||^2 (``allocate_bits(errors=)``)
 
     @property
     def avg_bits(self) -> float:
@@ -72,7 +97,8 @@ class BitPlan:
         """The plan in the stage YAML of ``quantnoise quantize --config`` (``compress.plan.load_plan``);
         ``scores`` go into comments, ``rows_per_scale`` as in ``to_ipq_plan``."""
         rps = rows_per_scale or {}
-        lines = [f"# bit plan ({self.method} multiple-choice knapsack, objective sum s*n*4^-b = {self.objective:.6g})",
+        what = "s*n*4^-b" if self.cost == "model" else "s*||W-Q_b(W)||^2 (measured)"
+        lines = [f"# bit plan ({self.method} multiple-choice knapsack, objective sum {what} = {self.objective:.6g})",
                  f"# {len(self.bits)} layers, {self.avg_bits:.4f} stored bits per weight, "
                  f"{self.used_bits} of {self.budget_bits} budget bits", "seed: 0", "stages:"]
         for n, b in self.bits.items():
@@ -111,15 +137,19 @@ def _yaml_quote(s: str) -> str:
 
 def allocate_bits(scores: Mapping[str, float], sizes: Mapping[str, int], *, bits: Sequence[int] = (2, 3, 4, 8),
                   avg_bits: Optional[float] = None, budget_bytes: Optional[float] = None,
-                  bit_cost: Optional[Callable[[int], float]] = None, max_states: int = 1 << 20) -> BitPlan:
-    """Bits per layer minimising sum_i scores[i] * sizes[i] * 4^-b_i with the stored size at most the
+                  bit_cost: Optional[Callable[[int], float]] = None, max_states: int = 1 << 20,
+                  errors: Optional[Mapping[str, Mapping[int, float]]] = None) -> BitPlan:
+    """Bits per layer minimising sum_i scores[i] * sizes[i] * 4^-b_i (or, with ``errors`` = {layer: {b:
+    ||W - Q_b(W)||^2}} from ``quant_errors``, the measured cost sum_i scores[i] * errors[i][b_i]; default
+    None: the 4^-b model, as before) with the stored size at most the
     budget: ``avg_bits`` (stored bits per weight over these layers) or ``budget_bytes`` (bytes of
     their weights; scales and other tensors are not counted).  ``bit_cost(b)``: stored bits per weight
     of width b (default b, what a .qnz stores since format version 2, ``quantnoise.export.pack_width``;
     ``legacy_pack_width`` gives version 1's, where int3 took 4 bits).  Exact multiple-choice knapsack by dynamic programming (see the module docstring).
 
     ValueError (one line): names of ``scores`` and ``sizes`` differ, a negative / non-finite score, a
-    size that is not a positive integer, bits outside 2..8, both or neither budget given, or a budget
+    size that is not a positive integer, bits outside 2..8, ``errors`` missing a layer or width or holding a
+    negative / non-finite error, both or neither budget given, or a budget
     below the smallest width (nothing fits) or above the largest (every layer gets the largest:
     nothing to allocate)."""
     if set(scores) != set(sizes) or not scores:
@@ -135,6 +165,16 @@ def allocate_bits(scores: Mapping[str, float], sizes: Mapping[str, int], *, bits
     widths = sorted(set(bits))
     if not widths or not all(is_int(b) and 2 <= b <= 8 for b in widths):
         raise ValueError(f"bit plan: bits={list(bits)!r} is invalid; use integers from 2 to 8, e.g. 2,3,4,8")
+    if errors is not None:
+        for n in sizes:
+            e = errors.get(n) if isinstance(errors, Mapping) else None
+            if not isinstance(e, Mapping) or any(b not in e for b in widths):
+                raise ValueError(f"bit plan: errors must give every layer's squared error at bits {widths} "
+                                 f"(layer {n!r} has {sorted(e) if isinstance(e, Mapping) else e!r}); use quant_errors")
+            bad = [b for b in widths if not is_real(e[b]) or not math.isfinite(e[b]) or e[b] < 0]
+            if bad:
+                raise ValueError(f"bit plan: error of {n!r} at {bad[0]} bits is {e[bad[0]]!r}; use a finite "
+                                 f"squared error >= 0 (quant_errors)")
     cost = bit_cost or (lambda b: b)
     costs = {b: cost(b) for b in widths}
     if not all(is_real(c) and c > 0 for c in costs.values()):
@@ -161,7 +201,10 @@ def allocate_bits(scores: Mapping[str, float], sizes: Mapping[str, int], *, bits
         raise ValueError(f"bit plan: {what} is above the largest width (every layer at {hi:g} bits fits); {fix}")
     # integer costs (stored bits) per (layer, width); exact when bit_cost gives integers
     w = np.array([[sizes[n] * costs[b] for b in widths] for n in names], dtype=np.float64)  # (L, K)
-    d = np.array([[noise_cost(float(scores[n]), int(sizes[n]), b) for b in widths] for n in names])  # (L, K)
+    if errors is None:
+        d = np.array([[noise_cost(float(scores[n]), int(sizes[n]), b) for b in widths] for n in names])  # (L, K)
+    else:
+        d = np.array([[float(scores[n]) * float(errors[n][b]) for b in widths] for n in names])  # (L, K)
     integral = bool(np.all(w == np.round(w)))
     unit = math.gcd(*[int(v) for v in w.reshape(-1)]) if integral else 0
     cap = math.floor(budget + 1e-9)  # stored bits are integers
@@ -204,7 +247,7 @@ def allocate_bits(scores: Mapping[str, float], sizes: Mapping[str, int], *, bits
     assert used <= budget + 1e-6, (used, budget)
     return BitPlan(bits=plan_bits, sizes={n: int(sizes[n]) for n in names}, budget_bits=int(cap) if integral else budget,
                    used_bits=used, objective=float(sum(d[i, widths.index(plan_bits[n])] for i, n in enumerate(names))),
-                   method=method)
+                   method=method, cost="model" if errors is None else "measured")
 
 
-__all__ = ["BitPlan", "allocate_bits", "noise_cost"]
+__all__ = ["BitPlan", "allocate_bits", "noise_cost", "quant_errors"]

@@ -10,9 +10,10 @@ from quantnoise.compress.sensitivity import SensitivityScore, hessian_sensitivit
 logger = logging.getLogger(__name__)
 
 
-def load_for_sensitivity(path, data, subset: str = "valid", batches: int = 4, max_tokens: int = 1024, seed: int = 0):
-    """(model in eval mode, criterion, list of samples) of a fairseq checkpoint (or .qnz, decoded)."""
-    from fairseq import checkpoint_utils, utils
+def load_checkpoint_model(path, data):
+    """(fp32 model in eval mode, cfg, task) of a fairseq checkpoint (or .qnz, decoded: the Linear / Embedding
+    layers in float)."""
+    from fairseq import checkpoint_utils
 
     from .runtime import load_model
 
@@ -25,7 +26,14 @@ def load_for_sensitivity(path, data, subset: str = "valid", batches: int = 4, ma
     except (FileNotFoundError, OSError) as e:
         raise ValueError(f"cannot load {path} with data {data} ({str(e).splitlines()[0]}); pass a fairseq checkpoint "
                          f"and the data-bin folder it was trained on") from None
-    model = model.float().eval()
+    return model.float().eval(), cfg, task
+
+
+def load_for_sensitivity(path, data, subset: str = "valid", batches: int = 4, max_tokens: int = 1024, seed: int = 0):
+    """(model in eval mode, criterion, list of samples) of a fairseq checkpoint (or .qnz, decoded)."""
+    from fairseq import utils
+
+    model, cfg, task = load_checkpoint_model(path, data)
     try:
         task.load_dataset(subset)
     except (FileNotFoundError, OSError) as e:
@@ -55,3 +63,12 @@ def checkpoint_sensitivity(path, data, subset: str = "valid", batches: int = 4, 
 
     logger.info("sensitivity of %s on %d %s batches", path, len(samples), subset)
     return hessian_sensitivity(model, loss_fn, samples, layers=layers, iters=iters, tol=tol, seed=seed)
+
+
+def checkpoint_quant_errors(path, data, layers: Sequence[str], bits: Sequence[int], clip: str = "minmax"):
+    """{layer: {b: ||W - Q_b(W)||^2}} of the checkpoint's ``layers`` under the scalar quantizer a plan is
+    applied with (one scale per row, ``clip``): the measured cost of ``allocate_bits(errors=...)``."""
+    from quantnoise.compress.bitplan import quant_errors
+
+    model, _, _ = load_checkpoint_model(path, data)
+    return {n: quant_errors(model.get_submodule(n).weight, bits, clip=clip) for n in layers}

@@ -38,7 +38,7 @@ from torch import nn
 
 from quantnoise import IPQPlan, LayerBits, MixedPrecisionConfig, QuantNoiseConfig, compress_, quantize_, unquantize_
 from quantnoise import hf, ptq
-from quantnoise.compress.bitplan import allocate_bits
+from quantnoise.compress.bitplan import allocate_bits, quant_errors
 from quantnoise.checkpoint import atomic_write
 from quantnoise.export import ExportOptions, load_state_dict, pack_width, save_state_dict
 from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
@@ -85,6 +85,10 @@ QBERT3_BITS, QBERT3_AVG = (2, 3, 4, 8), 3.0
 # every ~3-bit row (uniform and plans, post hoc and QAT): MSE-clipped scales (functional.mse_clip); min-max int2
 # is ternary with s = max|w| and rounds nearly every weight to 0 (BENCHMARKS.md, issue 20)
 QBERT3_CLIP = "mse"
+# the ~3-bit plans' knapsack cost: "measured" = score * ||W - Q_b(W)||^2 of the quantizer the rows use (QBERT3_CLIP,
+# one scale per head on q/k/v; Q-BERT / HAWQ-V2), "model" = score * n * 4^-b (runs 1 and 2); chosen on post-hoc DEV
+# (BENCHMARKS.md, issue 20, run 3)
+QBERT3_COST = "measured"
 QKV = r"attention\.self\.(query|key|value)$"  # group-wise: one scale per attention head
 FP32_CHAIN = ["fp32", "dq", "ptq", "int4_posthoc", "qbert_mixed", "pretrained_cosine"]  # need fp32 (but the last)
 TRAININGS = ["int8_qat", "qn_int4"]  # independent of fp32: fine-tuned from the pretrained model
@@ -214,7 +218,8 @@ class Run:
         res = fn()
         res["seconds"] = round(time.time() - t, 1)
         write_json(path, res)
-        log.info("[%s] done in %.0f s: %s", name, res["seconds"], {k: v for k, v in res.items() if k != "speed"})
+        log.info("[%s] done in %.0f s: %s", name, res["seconds"],
+                 {k: v for k, v in res.items() if k not in ("speed", "errors")})  # errors: 4 numbers a layer, in the json
         return res
 
     def new_model(self) -> nn.Module:
@@ -364,16 +369,26 @@ class Run:
     def run_qbert3_plan(self) -> dict:
         """The Hessian plan over widths 2/3/4/8 at uniform int3's weight bits (each width at its .qnz cost: int3
         3 bits), and the control: the same knapsack on the reversed ranking (the i-th most sensitive layer given
-        the i-th least sensitive's score).  Both written to ckpt/ as plan YAMLs with one scale per head on q/k/v."""
+        the i-th least sensitive's score).  Cost QBERT3_COST: "measured" weighs each score by the squared error of
+        the rows' own quantizer on the fp32 weights (``quant_errors``: QBERT3_CLIP, one scale per head on q/k/v),
+        "model" by n * 4^-b.  Both written to ckpt/ as plan YAMLs with one scale per head on q/k/v."""
         self.wait_for(["fp32"])
         scores, secs, n_batches = self.sensitivity()
         sizes = {k: v.numel for k, v in scores.items()}
         ranked = sorted(scores, key=lambda k: -scores[k].score)
         inverted = {ranked[i]: scores[ranked[-1 - i]].score for i in range(len(ranked))}
-        res = {"sens_seconds": round(secs, 1), "sens_batches": n_batches, "head_rows": self.head_rows()}
+        res = {"sens_seconds": round(secs, 1), "sens_batches": n_batches, "head_rows": self.head_rows(),
+               "cost": QBERT3_COST}
+        rps = {k: res["head_rows"] for k in sizes if re.search(QKV, k)}
+        errors = None
+        if QBERT3_COST == "measured":
+            t = time.time()
+            errors = {k: quant_errors(self.fp32().get_submodule(k).weight, QBERT3_BITS, rps.get(k, 1), QBERT3_CLIP)
+                      for k in sizes}
+            res["errors"] = {k: {str(b): e for b, e in v.items()} for k, v in errors.items()}
+            res["errors_seconds"] = round(time.time() - t, 1)
         for name, s in (("hessian", {k: v.score for k, v in scores.items()}), ("inverted", inverted)):
-            plan = allocate_bits(s, sizes, bits=QBERT3_BITS, avg_bits=QBERT3_AVG, bit_cost=pack_width)
-            rps = {k: res["head_rows"] for k in plan.bits if re.search(QKV, k)}
+            plan = allocate_bits(s, sizes, bits=QBERT3_BITS, avg_bits=QBERT3_AVG, bit_cost=pack_width, errors=errors)
             plan.save_yaml(str(self.out / "ckpt" / f"qbert3_{name}_plan.yaml"), s, rows_per_scale=rps, clip=QBERT3_CLIP)
             res[name] = {"bits": plan.bits, "avg_bits": round(plan.avg_bits, 4), "method": plan.method,
                          "layers_at_bits": {str(b): sum(1 for v in plan.bits.values() if v == b) for b in QBERT3_BITS}}
@@ -461,7 +476,9 @@ class Run:
         return "\n".join(rows) + (
             f"\n\nPlans (widths {'/'.join(map(str, QBERT3_BITS))} at {QBERT3_AVG} weight bits, .qnz cost; sensitivity on "
             f"{plan['sens_batches']} TRAIN batches): Hessian layers at 2/3/4/8 {plan['hessian']['layers_at_bits']}, "
-            f"inverted {plan['inverted']['layers_at_bits']}; q/k/v one scale per {plan['head_rows']} rows (a head). "
+            f"inverted {plan['inverted']['layers_at_bits']}; knapsack cost {plan.get('cost', 'model')} "
+            f"({'score x measured squared error of the quantizer' if plan.get('cost') == 'measured' else 'score x n x 4^-b'}); "
+            f"q/k/v one scale per {plan['head_rows']} rows (a head). "
             f"Scales: {QBERT3_CLIP} clip on every row. "
             f"Fine-tuning: {c['qat3_steps']} steps at lr {c['qat3_lr']:g} from the fp32 model (not tuned on DEV).")
 

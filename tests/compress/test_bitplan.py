@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from quantnoise import quantize_, wrapped_layers
-from quantnoise.compress.bitplan import allocate_bits
+from quantnoise.compress.bitplan import allocate_bits, quant_errors
+from quantnoise.compress.layers import scalar_decode, scalar_quantize
 from quantnoise.export import legacy_pack_width, pack_width
 from quantnoise.compress.plan import load_plan, quantize_state_dict
 
@@ -91,6 +92,10 @@ def test_plan_feeds_quantize_config_and_quantize_(tmp_path):
     (dict(avg_bits=4, scores={"a": -1.0, "b": 1.0}), "score of 'a' is -1.0"),
     (dict(avg_bits=4, scores={"a": 1.0}), "scores and sizes must name the same"),
     (dict(avg_bits=4, sizes={"a": 0, "b": 10}), "size of 'a' is 0"),
+    (dict(avg_bits=4, bits=(2, 4), errors={"a": {2: 1.0, 4: 0.1}, "b": {2: 1.0}}), "layer 'b' has \\[2\\]"),
+    (dict(avg_bits=4, bits=(2, 4), errors={"a": {2: 1.0, 4: 0.1}}), "layer 'b' has None"),
+    (dict(avg_bits=4, bits=(2, 4), errors={"a": {2: 1.0, 4: 0.1}, "b": {2: float("nan"), 4: 0.0}}),
+     "error of 'b' at 2 bits is nan"),
 ])
 def test_bad_input_one_line_error(kwargs, message):
     args = dict(scores={"a": 1.0, "b": 2.0}, sizes={"a": 10, "b": 20})
@@ -98,3 +103,65 @@ def test_bad_input_one_line_error(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         allocate_bits(args.pop("scores"), args.pop("sizes"), **args)
     assert "\n" not in str(e.value)
+
+
+def toy_layers():
+    """Two equal-size layers: 'sharp' (high score) holds exactly ternary weights, which int2 (min-max scale
+    max|w|, levels -s, 0, s) represents with no error; 'flat' (low score) holds Gaussian weights."""
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.randint(-1, 2, (16, 32), generator=g).float() * 0.05
+    flat = torch.randn(16, 32, generator=g) * 0.05
+    return {"sharp": sharp, "flat": flat}, {"sharp": 10.0, "flat": 1.0}
+
+
+def test_quant_errors_are_the_quantizers_squared_error_and_deterministic():
+    w = torch.randn(8, 24, generator=torch.Generator().manual_seed(1))
+    for clip, rps in (("minmax", 1), ("mse", 4), ("mse", 0)):
+        e = quant_errors(w, (2, 3, 4, 8), rows_per_scale=rps, clip=clip)
+        for b in (2, 3, 4, 8):
+            q, s = scalar_quantize(w, b, rows_per_scale=rps, clip=clip)
+            assert e[b] == pytest.approx(float((scalar_decode(q, s, w.shape) - w).double().square().sum()), rel=1e-9)
+        assert e == quant_errors(w.clone(), (8, 4, 3, 2), rows_per_scale=rps, clip=clip)  # deterministic, any order
+        assert e[2] > e[3] > e[4] > e[8] >= 0
+    # the clip cuts int2's error much more than the 4^-b model's ratio to int3 assumes
+    mm, mse = quant_errors(w, (2, 3)), quant_errors(w, (2, 3), clip="mse")
+    assert mse[2] / mse[3] < mm[2] / mm[3] and mse[2] < mm[2] / 2
+    with pytest.raises(ValueError, match="bits=\\[1\\] is invalid"):
+        quant_errors(w, (1,))
+    with pytest.raises(ValueError, match="rows_per_scale=5 does not divide"):
+        quant_errors(w, (2,), rows_per_scale=5)
+
+
+def test_measured_cost_flips_the_plan_where_the_4b_model_is_wrong():
+    weights, scores = toy_layers()
+    sizes = {n: w.numel() for n, w in weights.items()}
+    errors = {n: quant_errors(w, (2, 3, 4), clip="minmax") for n, w in weights.items()}
+    assert max(errors["sharp"].values()) < 1e-12 < errors["flat"][4]  # ternary: exact at every width
+    model = allocate_bits(scores, sizes, bits=(2, 3, 4), avg_bits=3.0)
+    measured = allocate_bits(scores, sizes, bits=(2, 3, 4), avg_bits=3.0, errors=errors)
+    # 4^-b model: 10x the score is worth 4 bits, paid for by 2 bits on the flat layer; measured: the sharp
+    # layer loses nothing at 2 bits, so its bits go to the flat one
+    assert model.bits == {"sharp": 4, "flat": 2} and model.cost == "model"
+    assert measured.bits == {"sharp": 2, "flat": 4} and measured.cost == "measured"
+    assert measured.objective == pytest.approx(scores["flat"] * errors["flat"][4] + scores["sharp"] * errors["sharp"][2])
+    assert "(measured)" in measured.yaml_text() and "s*n*4^-b" in model.yaml_text()
+    # errors exactly proportional to n * 4^-b give the model's plan
+    prop = {n: {b: sizes[n] * 4.0 ** -b for b in (2, 3, 4)} for n in sizes}
+    assert allocate_bits(scores, sizes, bits=(2, 3, 4), avg_bits=3.0, errors=prop).bits == model.bits
+
+
+def test_measured_cost_optimal_within_budget_and_deterministic():
+    rng = random.Random(3)
+    for _ in range(40):
+        names = [f"l{i}" for i in range(rng.randint(1, 4))]
+        sizes = {n: rng.choice([3, 6, 10, 64]) for n in names}
+        scores = {n: rng.choice([0.0, rng.random(), 50 * rng.random()]) for n in names}
+        errors = {n: {b: rng.random() * 2.0 ** -b for b in WIDTHS} for n in names}
+        avg = rng.uniform(2, 8)
+        plan = allocate_bits(scores, sizes, bits=WIDTHS, avg_bits=avg, errors=errors)
+        assert plan.used_bits == sum(sizes[n] * plan.bits[n] for n in names) <= avg * sum(sizes.values())
+        best = min(sum(scores[n] * errors[n][b] for n, b in zip(names, combo))
+                   for combo in itertools.product(WIDTHS, repeat=len(names))
+                   if sum(sizes[n] * b for n, b in zip(names, combo)) <= avg * sum(sizes.values()))
+        assert plan.objective == pytest.approx(best, rel=1e-12, abs=1e-15)
+        assert allocate_bits(scores, sizes, bits=WIDTHS, avg_bits=avg, errors=errors) == plan

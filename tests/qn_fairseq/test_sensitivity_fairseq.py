@@ -53,3 +53,34 @@ def test_a_plan_fits_its_budget_on_disk_and_a_qnz_is_scored(tiny_lm_ckpt, lm_dat
                  "--iters", "2"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
     assert sorted(names) == sorted(bits)
+
+
+def test_measured_cost_plan_from_the_checkpoints_weights(tiny_lm_ckpt, lm_data, tmp_path, capsys):
+    """``--cost measured --clip mse``: the knapsack weighs each score by the checkpoint's measured squared
+    quantization error (the plan's own MSE-clipped quantizer); the YAML carries the clip, the budget holds, and
+    the plan is the one ``allocate_bits`` gives on those errors."""
+    from quantnoise.compress.bitplan import allocate_bits
+    from quantnoise.compress.plan import load_plan
+    from quantnoise.export import pack_width
+    from quantnoise.qn_fairseq.sensitivity import checkpoint_quant_errors
+
+    plan = tmp_path / "plan.yaml"
+    args = ["sensitivity", str(tiny_lm_ckpt), str(lm_data), "--batches", "2", "--max-tokens", "64", "--iters", "3",
+            "--avg-bits", "3", "--bits", "2,3,4", "--cost", "measured", "--clip", "mse"]
+    assert main(args + ["-o", str(plan)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "measured cost" in out[-1]
+    rows = [line.split() for line in out[1:] if line and not line.startswith("plan:")]
+    bits, sizes, scores = ({r[0]: int(r[5]) for r in rows}, {r[0]: int(r[1]) for r in rows},
+                           {r[0]: float(r[4]) for r in rows})
+    assert sum(sizes[n] * bits[n] for n in bits) <= 3 * sum(sizes.values())
+    ipq = load_plan(plan)
+    assert all(r.clip == "mse" for r in ipq.stages) and "(measured)" in plan.read_text()
+    errors = checkpoint_quant_errors(tiny_lm_ckpt, lm_data, list(bits), (2, 3, 4), "mse")
+    ref = allocate_bits(scores, sizes, bits=(2, 3, 4), avg_bits=3, bit_cost=pack_width, errors=errors)
+    # the table prints scores rounded: the reference plan is on those, so compare the objective, not every bit
+    got = sum(scores[n] * errors[n][b] for n, b in bits.items())
+    assert got <= ref.objective * (1 + 1e-3) + 1e-12
+    capsys.readouterr()
+    assert main(args[:3] + ["--cost", "measured"]) == 2  # --cost / --clip without -o: one line, exit 2
+    assert "--cost / --clip set how a bit plan is made" in capsys.readouterr().err
