@@ -171,9 +171,11 @@ def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
         name, module = chosen[0]
         rule = plan.rule_for(name)[1]
         unsupported = [(n, m) for n, m in members if compressed_class(m, rule.scheme) is None]
+        tied = len(unsupported) < len(members)  # then it reads the decoded weight of the layer it is tied to
         for n, m in unsupported:
-            logger.warning("compress_: layer %s (%s) matches %r but no compressed layer supports its type; left as it "
-                           "is", n, type(m).__name__, rule.pattern)
+            logger.warning("compress_: layer %s (%s) matches %r but no compressed layer supports its type; %s", n,
+                           type(m).__name__, rule.pattern, "it reads the decoded weight it is tied to" if tied
+                           else "left as it is")
         made = compress_tied(members, rule, seed=plan.layer_seed(name))
         for n, new in made:
             set_submodule(model, n, new)

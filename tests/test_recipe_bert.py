@@ -136,8 +136,12 @@ def test_roberta_tiny_end_to_end_and_resume(data, tmp_path):
     assert res["ipq_qn"]["source"] == "pq_p0.5" and set(res["ipq_qn"]["candidates"]) == {"pq_p0.5"}
     assert res["ipq_posthoc"]["source"] == "plain" and res["ipq_qn_int8"]["source"] == "pq_p0.5"
     assert res["ipq_qn_int8"]["bytes"] < res["ipq_qn"]["bytes"] < res["fp32"]["bytes"]  # tiny: the fp32 rest dominates
+    from quantnoise.export import read_qnz
+
     for k in ipq:
         assert (out / "qnz" / res[k]["file"]).stat().st_size == res[k]["bytes"]
+        aliases, dense = (read_qnz(out / "qnz" / res[k]["file"])[1][m] for m in ("aliases", "dense"))
+        assert "encoder.lm_head.weight" in aliases and "encoder.lm_head.weight" not in dense, k  # no fp32 copy
         assert 0.0 <= res[k]["dev_acc"] <= 1.0 and 0.0 <= res[k]["dev_acc_before_ipq"] <= 1.0
     log = (out / "logs" / "ipq_plain.log").read_text()
     assert "--ipq-plan" in log and "--quant-noise-scheme pq" in (out / "logs" / "cont_pq_p0.5.log").read_text()

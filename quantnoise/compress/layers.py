@@ -407,10 +407,55 @@ def share_codebook(src: nn.Module, like: nn.Module) -> nn.Module:
     return new
 
 
+class TiedWeightView:
+    """Mixin of a module that held a tied ``weight`` Parameter but has no compressed class (RoBERTa's LM
+    head, which calls ``F.linear(x, self.weight)``), once its group is compressed: ``weight`` is the
+    compressed layer's decoded weight, so the tie is kept, the head's gradient reaches the shared
+    centroids and no full-precision copy is left to train apart.  The layer is held in ``__dict__``, not
+    as a submodule, so its codebook is in the state dict once.  The state dict still has ``weight``, as
+    the decoded tensor: stock loaders read it, and ``quantnoise export`` stores a tensor equal to a
+    compressed layer's weight as an alias (no dense copy).  ``load_state_dict`` drops it: it is derived."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.__dict__["qn_weight_of"].weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_VIEWS: Dict[Type[nn.Module], Type[nn.Module]] = {}
+
+
+def tie_weight_view_(module: nn.Module, src: nn.Module) -> nn.Module:
+    """Make ``module``, a holder of ``src``'s tied weight that cannot be compressed itself, read its weight
+    from ``src`` (a compressed layer), in place: its ``weight`` Parameter is dropped and its class becomes
+    ``Tied<Kind>`` (``TiedWeightView`` + its own class: its forward is kept).  Returns ``module``."""
+    shape = tuple(src.weight_shape)[::-1 if src.weight_transposed else 1]  # not src.weight: codes may be unfilled yet
+    if tuple(module.weight.shape) != shape:
+        raise ValueError(f"{type(module).__name__}'s weight {tuple(module.weight.shape)} cannot read the weight "
+                         f"{shape} of {type(src).__name__}")
+    kind = type(module)
+    if kind not in _VIEWS:
+        name = f"Tied{kind.__name__}"
+        _VIEWS[kind] = type(name, (TiedWeightView, kind), {"__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, _VIEWS[kind])  # importable by name: a pickled model loads
+    del module._parameters["weight"]
+    module.__dict__["qn_weight_of"] = src  # not setattr: a submodule would store the codebook twice
+    module.__class__ = _VIEWS[kind]
+    return module
+
+
 def compress_tied(members: List[Tuple[str, nn.Module]], rule: LayerRule, seed: int = 0) -> List[Tuple[str, nn.Module]]:
     """(name, compressed layer) for one group of ``tied_layers``: the first layer is quantized by
     ``rule``, the others share its codebook (``share_codebook``), as post-hoc quantization of the
-    shared weight gives one codebook.  Layers that cannot be compressed are left out."""
+    shared weight gives one codebook.  Layers that cannot be compressed are left out of the list;
+    they are made to read the first's decoded weight, in place (``tie_weight_view_``)."""
     made: Dict[int, nn.Module] = {}
     first = None
     for name, module in members:
@@ -418,6 +463,9 @@ def compress_tied(members: List[Tuple[str, nn.Module]], rule: LayerRule, seed: i
             continue
         made[id(module)] = compress_module(module, rule, name, seed) if first is None else share_codebook(first, module)
         first = first if first is not None else made[id(module)]
+    for name, module in members:
+        if first is not None and id(module) not in made and "weight" in module._parameters:
+            tie_weight_view_(module, first)
     return [(name, made[id(m)]) for name, m in members if id(m) in made]
 
 
@@ -430,7 +478,8 @@ def adopt_state_structure_(model: nn.Module, state: Dict[str, Tensor], prefix: s
 
     Layers of the model that share a weight (``tied_layers``) get one shared codebook.  Where the
     state holds a tied layer's weight as plain (``quantnoise quantize`` writes the decoded copy under
-    the other name), ``state`` is rewritten in place: that name gets the codebook entries too."""
+    the other name), ``state`` is rewritten in place: that name gets the codebook entries too.  A tied
+    holder with no compressed class (RoBERTa's LM head) reads the layer's weight (``tie_weight_view_``)."""
     swapped = []
     for members in tied_layers(model):
         new = src = None
@@ -445,8 +494,10 @@ def adopt_state_structure_(model: nn.Module, state: Dict[str, Tensor], prefix: s
         for name, module in members:
             key = f"{prefix}{name}."
             if id(module) not in made:
-                if compressed_class(module, new.scheme) is None:
-                    continue  # not a Linear/Embedding/Conv: keeps its own Parameter (untied from here on)
+                if compressed_class(module, new.scheme) is None:  # not a Linear/Embedding/Conv: reads new's weight
+                    if "weight" in module._parameters:  # (its decoded copy in state is dropped on load)
+                        tie_weight_view_(module, new)
+                    continue
                 made[id(module)] = share_codebook(new, module)
             if key + "weight" in state and key != src_key:  # the decoded tied copy -> the codebook itself
                 del state[key + "weight"]

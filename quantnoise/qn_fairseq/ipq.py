@@ -6,7 +6,8 @@ of the ``updates`` of the stages before it.  Its layers become PQ layers (codes 
 centroids, mean-gradient rule); already quantized layers train only their centroids; layers of
 later stages keep training in full precision.  A weight held by several layers (tied embedding and
 output projection) is quantized once, at the first stage matching any of their names, into one
-codebook they share.
+codebook they share; a holder that is no Linear / Embedding / Conv (RoBERTa's LM head) then reads the
+decoded weight (``compress.layers.tie_weight_view_``), so the tie holds and it keeps no fp32 copy.
 
 How the pieces hook into fairseq, without patching its trainer:
   - ``attach_ipq(model, args)`` (one call in each plugin ``build_model``) adds a child module
@@ -115,7 +116,7 @@ class IPQState(nn.Module):
                 kept = [n for n, _ in members if n not in dict(new)]
                 if len(new) > 1 or kept:
                     logger.info("ipq: tied weight of %s: one shared codebook%s", ", ".join(n for n, _ in new),
-                                f"; {', '.join(kept)} keep(s) a full-precision copy (not a Linear/Embedding/Conv)"
+                                f"; {', '.join(kept)} read(s) its decoded weight (not a Linear/Embedding/Conv)"
                                 if kept else "")
                 self.pending.append(_Swap(weakref.ref(old), [layer for _, layer in new]))
                 swapped = True

@@ -121,3 +121,77 @@ def test_loading_a_quantized_state_into_a_tied_model_keeps_it_tied():
         model.load_state_dict(state)  # strict: the post-hoc decoded copy became the shared codebook's entries
         assert model.embed_tokens.centroids is model.output_projection.centroids
         assert torch.equal(model.output_projection.weight, model.embed_tokens.weight)
+
+
+class Head(nn.Module):
+    """Like fairseq's RobertaLMHead: a bare weight Parameter (tied to the embedding) read by F.linear, no
+    Linear/Embedding/Conv, so no compressed class."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0]))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + self.bias
+
+
+class TiedMLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(32, 16, padding_idx=1)
+        self.lm_head = Head(self.embed_tokens.weight)
+
+    def forward(self, ids):
+        return self.lm_head(self.embed_tokens(ids))
+
+
+def staged(rule):
+    model = TiedMLM()
+    for name, layer in ipq.compress_tied(ipq.tied_layers(model)[0], rule):  # what fairseq-train --ipq-plan does
+        ipq.set_submodule(model, name, layer)
+    return model
+
+
+def test_a_tied_holder_with_no_compressed_class_reads_the_decoded_weight():
+    from quantnoise import export
+
+    torch.manual_seed(0)
+    model = staged(ipq.LayerRule(block_size=4, n_centroids=8))
+    head, emb = model.lm_head, model.embed_tokens
+    assert isinstance(head, Head) and isinstance(head, ipq.TiedWeightView) and type(head).__name__ == "TiedHead"
+    assert torch.equal(head.weight, emb.weight)
+    assert [n for n, _ in model.named_parameters()] == ["embed_tokens.centroids", "lm_head.bias"]  # no fp32 copy
+    model.lm_head(torch.randn(3, 16)).logsumexp(-1).sum().backward()  # the head alone
+    assert emb.centroids.grad is not None and emb.centroids.grad.abs().sum() > 0  # reaches the shared centroids
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt.step()
+    assert torch.equal(head.weight, emb.weight)  # still tied after a step
+    # the state dict: one codebook, the head's weight as the decoded tensor; a fresh model adopts and loads it
+    state = model.state_dict()
+    assert torch.equal(state["lm_head.weight"], emb.weight) and not [k for k in state if "lm_head.c" in k]
+    fresh = TiedMLM()
+    assert ipq.adopt_state_structure_(fresh, state) == ["embed_tokens"]
+    fresh.load_state_dict(state)  # strict: the derived weight is dropped, not unexpected
+    assert isinstance(fresh.lm_head, ipq.TiedWeightView) and torch.equal(fresh.lm_head.weight, emb.weight)
+    ids = torch.tensor([[2, 5, 9]])
+    assert torch.equal(fresh(ids), model(ids))
+    assert len(list(fresh.parameters())) == 2
+    # export stores the head's weight as an alias of the codebook, no dense copy
+    _, meta = export.encode(state, {}, export.ExportOptions())
+    assert meta["aliases"] == {"lm_head.weight": "embed_tokens"} and "lm_head.weight" not in meta["dense"]
+    copy = pickle.loads(pickle.dumps(model))  # the generated class is importable; the head reads the copy's layer
+    assert torch.equal(copy(ids), model(ids)) and copy.lm_head.qn_weight_of is copy.embed_tokens
+
+
+def test_a_tied_holder_reads_an_int_weight_and_compress_says_so(caplog):
+    from quantnoise import compress_
+
+    torch.manual_seed(0)
+    model = staged(ipq.LayerRule(scheme="scalar", bits=4))
+    assert torch.equal(model.lm_head.weight, model.embed_tokens.weight) and len(list(model.parameters())) == 1
+    model = TiedMLM()
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        assert compress_(model, ipq.LayerRule(block_size=4, n_centroids=8)) == ["embed_tokens"]
+    assert "reads the decoded weight it is tied to" in caplog.text
+    assert isinstance(model.lm_head, ipq.TiedWeightView) and torch.equal(model.lm_head.weight, model.embed_tokens.weight)

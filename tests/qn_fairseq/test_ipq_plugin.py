@@ -2,6 +2,7 @@
 (positional embeddings), staged iPQ of tied embeddings, fairseq's fp32-copy fp16 optimizer, and the
 optimizer step hook's bookkeeping."""
 import gc
+import shutil
 import subprocess
 import sys
 import weakref
@@ -99,6 +100,60 @@ def test_staged_ipq_keeps_a_tied_embedding_and_output_projection_on_one_codebook
     (model,), _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "ck" / "checkpoint_last.pt")])
     assert model.decoder.embed_tokens.centroids is model.decoder.output_projection.centroids
     assert torch.equal(model.decoder.embed_tokens.centroids.detach(), state[f"{emb}.centroids"])
+
+
+ROBERTA_PLAN = """seed: 0
+stages:
+  - {pattern: 'fc[12]', block_size: 8, n_centroids: 16, updates: 2}
+  - {pattern: 'embed_tokens', block_size: 8, n_centroids: 16, updates: 2}
+  - {pattern: '_proj', block_size: 8, n_centroids: 16, updates: 2}
+"""
+
+
+@pytest.mark.slow
+def test_staged_ipq_of_roberta_keeps_the_lm_head_tied_through_resume_export_and_runtime(lm_data, tmp_path):
+    """RoBERTa's LM head holds the embedding's weight as a bare Parameter (no Linear): after the embedding's
+    stage it reads the decoded weight (issue 23 A: it kept an fp32 copy, trained apart, 3.5 MB in the .qnz)."""
+    (tmp_path / "plan.yaml").write_text(ROBERTA_PLAN)
+    common = ["--optimizer", "adam", "--lr", "0.003", "--no-progress-bar", "--num-workers", "0", "--seed", "1",
+              "--no-epoch-checkpoints", "--disable-validation", "--task", "masked_lm", "--criterion", "masked_lm",
+              "--arch", "qn_roberta_tiny", "--tokens-per-sample", "32", "--max-tokens", "512",
+              "--ipq-plan", tmp_path / "plan.yaml", "--save-interval-updates", "3", "--max-update", "6"]
+    out = run(["fairseq-train", lm_data, "--user-dir", USER_DIR, *common, "--save-dir", tmp_path / "full"])
+    log = out.stderr + out.stdout
+    assert "encoder.lm_head read(s) its decoded weight" in log and "full-precision copy" not in log, log[-3000:]
+    emb, head = "encoder.sentence_encoder.embed_tokens", "encoder.lm_head"
+    ck = torch.load(tmp_path / "full" / "checkpoint_last.pt", weights_only=False)
+    state = ck["model"]
+    decoded = state[f"{emb}.centroids"][state[f"{emb}.codes"].long()].reshape(state[f"{emb}.weight_size"].tolist())
+    assert torch.equal(state[f"{head}.weight"], decoded)  # the head's weight is the codebook's, trained with it
+    # the optimizer holds each parameter of the model once (the replaced embedding weight was dropped)
+    plugin()
+    from fairseq import checkpoint_utils
+
+    (model,), _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "full" / "checkpoint_last.pt")])
+    assert type(model.encoder.lm_head).__name__ == "TiedRobertaLMHead"
+    assert f"{head}.weight" not in dict(model.named_parameters())
+    held = [p for g in ck["last_optimizer_state"]["param_groups"] for p in g["params"]]
+    assert len(held) == len(set(held)) == len(list(model.parameters()))
+    # resuming from the mid-plan checkpoint (embedding compressed, _proj pending) ends where the full run does
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint_1_3.pt", tmp_path / "resumed" / "checkpoint_last.pt")
+    run(["fairseq-train", lm_data, "--user-dir", USER_DIR, *common, "--save-dir", tmp_path / "resumed"])
+    a, b = state, torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the .qnz stores the head's weight as an alias of the codebook and loads compressed = decoded
+    run([*QN, "export", tmp_path / "full" / "checkpoint_last.pt", "-o", tmp_path / "m.qnz"])
+    from quantnoise import export, runtime
+
+    _, meta = export.read_qnz(tmp_path / "m.qnz")
+    assert meta["aliases"] == {f"{head}.weight": emb} and f"{head}.weight" not in meta["dense"]
+    compressed, _, task = runtime.load_fairseq(tmp_path / "m.qnz", data=lm_data)
+    plain, _, _ = runtime.load_fairseq(tmp_path / "m.qnz", data=lm_data, decoded=True)
+    assert type(compressed.encoder.lm_head).__name__ == "RuntimeLMHead"
+    toks = torch.randint(4, len(task.source_dictionary), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(toks)[0], plain(toks)[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
