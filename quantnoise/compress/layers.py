@@ -428,6 +428,10 @@ class TiedWeightView:
         state_dict.pop(prefix + "weight", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return f"{own + ', ' if own else ''}weight: the decoded weight of the tied {type(self.qn_weight_of).__name__}"
+
 
 _VIEWS: Dict[Type[nn.Module], Type[nn.Module]] = {}
 

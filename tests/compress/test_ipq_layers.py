@@ -194,4 +194,6 @@ def test_a_tied_holder_reads_an_int_weight_and_compress_says_so(caplog):
     with caplog.at_level("WARNING", logger="quantnoise.api"):
         assert compress_(model, ipq.LayerRule(block_size=4, n_centroids=8)) == ["embed_tokens"]
     assert "reads the decoded weight it is tied to" in caplog.text
-    assert isinstance(model.lm_head, ipq.TiedWeightView) and torch.equal(model.lm_head.weight, model.embed_tokens.weight)
+    assert isinstance(model.lm_head, ipq.TiedWeightView)
+    assert torch.equal(model.lm_head.weight, model.embed_tokens.weight)
+    assert "weight: the decoded weight of the tied PQEmbedding" in repr(model.lm_head)
