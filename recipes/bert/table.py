@@ -144,6 +144,13 @@ def compressed(model: nn.Module, bits, clip: str = "minmax") -> nn.Module:
     return model
 
 
+def plan_layers(plan: dict, which: str) -> dict:
+    """{layer: LayerBits} of ``Run.qbert3_plans``' result ``plan`` ("hessian" | "inverted"): each layer at its
+    width, one scale per head (plan["head_rows"] rows) on q/k/v, per row elsewhere."""
+    rows = plan["head_rows"]
+    return {k: LayerBits(bits=b, rows_per_scale=rows if re.search(QKV, k) else 1) for k, b in plan[which]["bits"].items()}
+
+
 def qnz_bytes(model: nn.Module, path: pathlib.Path, rest_dtype: str = "float32") -> int:
     save_state_dict(path, model.state_dict(), ExportOptions(rest_dtype=rest_dtype))
     return path.stat().st_size
@@ -373,6 +380,11 @@ class Run:
         the rows' own quantizer on the fp32 weights (``quant_errors``: QBERT3_CLIP, one scale per head on q/k/v),
         "model" by n * 4^-b.  Both written to ckpt/ as plan YAMLs with one scale per head on q/k/v."""
         self.wait_for(["fp32"])
+        return self.qbert3_plans()
+
+    def qbert3_plans(self, avg_bits: float = QBERT3_AVG, prefix: str = "qbert3") -> dict:
+        """``run_qbert3_plan``'s plans at a budget of ``avg_bits`` stored weight bits (the recipe: QBERT3_AVG),
+        the YAMLs written to ckpt/PREFIX_{hessian,inverted}_plan.yaml (scripts/bert_budget_dev.py: other budgets)."""
         scores, secs, n_batches = self.sensitivity()
         sizes = {k: v.numel for k, v in scores.items()}
         ranked = sorted(scores, key=lambda k: -scores[k].score)
@@ -388,8 +400,8 @@ class Run:
             res["errors"] = {k: {str(b): e for b, e in v.items()} for k, v in errors.items()}
             res["errors_seconds"] = round(time.time() - t, 1)
         for name, s in (("hessian", {k: v.score for k, v in scores.items()}), ("inverted", inverted)):
-            plan = allocate_bits(s, sizes, bits=QBERT3_BITS, avg_bits=QBERT3_AVG, bit_cost=pack_width, errors=errors)
-            plan.save_yaml(str(self.out / "ckpt" / f"qbert3_{name}_plan.yaml"), s, rows_per_scale=rps, clip=QBERT3_CLIP)
+            plan = allocate_bits(s, sizes, bits=QBERT3_BITS, avg_bits=avg_bits, bit_cost=pack_width, errors=errors)
+            plan.save_yaml(str(self.out / "ckpt" / f"{prefix}_{name}_plan.yaml"), s, rows_per_scale=rps, clip=QBERT3_CLIP)
             res[name] = {"bits": plan.bits, "avg_bits": round(plan.avg_bits, 4), "method": plan.method,
                          "layers_at_bits": {str(b): sum(1 for v in plan.bits.values() if v == b) for b in QBERT3_BITS}}
         return res
@@ -404,11 +416,7 @@ class Run:
         accuracy of the model read back from the file."""
         self.wait_for(["fp32"])
         c = self.cfg
-        model = copy.deepcopy(self.fp32())
-        cfg = MixedPrecisionConfig(layers=layers, p=p, seed=self.args.seed, clip=QBERT3_CLIP)
-        quantize_(model, cfg)
-        losses = self.train_steps_(model, c["qat3_steps"], c["qat3_lr"], name)
-        compress_(model, cfg.to_ipq_plan(seed=self.args.seed))
+        model, losses = self.qat3_model(name, layers, p)
         path = self.out / "ckpt" / f"{name}.qnz"
         qnz_bytes(model, path)
         res = self.test_from_qnz(name, path)
@@ -418,6 +426,23 @@ class Run:
                                      sum(self.numel(n) for n in layers), 4))
         return res
 
+    def qat3_model(self, name: str, layers: dict, p: float):
+        """(model, losses): ``qat3_row``'s model before export, the fp32 model fine-tuned qat3_steps at qat3_lr with
+        ``layers``' quantizers in place (QBERT3_CLIP; p=1: QAT, else Quant-Noise), then compressed at their widths."""
+        model = copy.deepcopy(self.fp32())
+        cfg = MixedPrecisionConfig(layers=layers, p=p, seed=self.args.seed, clip=QBERT3_CLIP)
+        quantize_(model, cfg)
+        losses = self.train_steps_(model, self.cfg["qat3_steps"], self.cfg["qat3_lr"], name)
+        compress_(model, cfg.to_ipq_plan(seed=self.args.seed))
+        return model, losses
+
+    def posthoc3_model(self, layers: dict) -> nn.Module:
+        """The fp32 model compressed round-to-nearest with ``layers``' quantizers (widths, scale groups, QBERT3_CLIP),
+        no fine-tuning: the post-hoc twin of ``qat3_model`` (uniform per-row int3: ``run_int3_posthoc``'s model)."""
+        model = copy.deepcopy(self.fp32())
+        compress_(model, MixedPrecisionConfig(layers=layers, seed=self.args.seed, clip=QBERT3_CLIP).to_ipq_plan(seed=self.args.seed))
+        return model.eval()
+
     def numel(self, name: str) -> int:
         return self.fp32().get_submodule(name).weight.numel()
 
@@ -426,9 +451,7 @@ class Run:
             self.wait_for(["qbert3_plan"])  # this process or another job runs it
         else:  # --stages int3_qat,... without the plan: make it here (its sensitivity is cached in ckpt/)
             self.stage("qbert3_plan", self.run_qbert3_plan)
-        plan = json.loads((self.out / "stages" / "qbert3_plan.json").read_text())
-        rows = plan["head_rows"]
-        return {k: LayerBits(bits=b, rows_per_scale=rows if re.search(QKV, k) else 1) for k, b in plan[which]["bits"].items()}
+        return plan_layers(json.loads((self.out / "stages" / "qbert3_plan.json").read_text()), which)
 
     def run_int3_posthoc(self) -> dict:
         self.wait_for(["fp32"])
