@@ -174,17 +174,24 @@ def compressed_class(module: nn.Module, scheme: str) -> Optional[Type[nn.Module]
     return None
 
 
-_SUBCLASSES: Dict[Tuple[Type[nn.Module], Type[nn.Module]], Type[nn.Module]] = {}
+_MIXED: Dict[Tuple[type, type], type] = {}
+
+
+def mixed_class(mixin: type, kind: type, name: str, namespace: dict) -> type:
+    """The class ``name(mixin, kind)`` (MRO: mixin, then ``kind``'s), made once per pair and put in
+    ``namespace``, a module's globals whose ``__name__`` it takes, so that a pickled model loads.  For a
+    module whose class is swapped in place to add behaviour (compressed subclasses, tied views, fairseq
+    layers' lean step)."""
+    if (mixin, kind) not in _MIXED:
+        _MIXED[mixin, kind] = type(name, (mixin, kind), {"__module__": namespace["__name__"], "__qualname__": name})
+        namespace.setdefault(name, _MIXED[mixin, kind])
+    return _MIXED[mixin, kind]
 
 
 def _compressed_subclass(cls: Type[nn.Module], kind: Type[nn.Module]) -> Type[nn.Module]:
     """``PQLearnedPositionalEmbedding(PQEmbedding, LearnedPositionalEmbedding)``: the mixin's ``weight``
     and construction, ``kind``'s forward and methods (MRO: mixin, kind, base)."""
-    if (cls, kind) not in _SUBCLASSES:
-        name = f"{cls.__name__[: -len(cls.base_class.__name__)]}{kind.__name__}"
-        _SUBCLASSES[cls, kind] = type(name, (cls, kind), {"__module__": __name__, "__qualname__": name})
-        globals().setdefault(name, _SUBCLASSES[cls, kind])  # importable by name: a pickled model loads
-    return _SUBCLASSES[cls, kind]
+    return mixed_class(cls, kind, f"{cls.__name__[: -len(cls.base_class.__name__)]}{kind.__name__}", globals())
 
 
 class CompressedMixin:
@@ -433,9 +440,6 @@ class TiedWeightView:
         return f"{own + ', ' if own else ''}weight: the decoded weight of the tied {type(self.qn_weight_of).__name__}"
 
 
-_VIEWS: Dict[Type[nn.Module], Type[nn.Module]] = {}
-
-
 def tie_weight_view_(module: nn.Module, src: nn.Module) -> nn.Module:
     """Make ``module``, a holder of ``src``'s tied weight that cannot be compressed itself, read its weight
     from ``src`` (a compressed layer), in place: its ``weight`` Parameter is dropped and its class becomes
@@ -444,14 +448,9 @@ def tie_weight_view_(module: nn.Module, src: nn.Module) -> nn.Module:
     if tuple(module.weight.shape) != shape:
         raise ValueError(f"{type(module).__name__}'s weight {tuple(module.weight.shape)} cannot read the weight "
                          f"{shape} of {type(src).__name__}")
-    kind = type(module)
-    if kind not in _VIEWS:
-        name = f"Tied{kind.__name__}"
-        _VIEWS[kind] = type(name, (TiedWeightView, kind), {"__module__": __name__, "__qualname__": name})
-        globals().setdefault(name, _VIEWS[kind])  # importable by name: a pickled model loads
     del module._parameters["weight"]
     module.__dict__["qn_weight_of"] = src  # not setattr: a submodule would store the codebook twice
-    module.__class__ = _VIEWS[kind]
+    module.__class__ = mixed_class(TiedWeightView, type(module), f"Tied{type(module).__name__}", globals())
     return module
 
 

@@ -24,6 +24,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayer, Transform
 from torch import nn
 
 from quantnoise.checkpoint import stock_checkpoint
+from quantnoise.compress.layers import mixed_class
 from quantnoise.export import read_qnz
 from quantnoise.runtime import RuntimeMixin, fill_model_, release_freed_memory, runtime_summary
 
@@ -139,15 +140,8 @@ class LeanDecoderStep:
         return x, None, None
 
 
-_LEAN_LAYERS: dict = {}  # decoder layer class -> its LeanDecoderStep subclass
-
-
 def _lean_layer(cls: type) -> type:
-    if cls not in _LEAN_LAYERS:
-        _LEAN_LAYERS[cls] = type(f"Lean{cls.__name__}", (LeanDecoderStep, cls),
-                                 {"__module__": __name__, "__qualname__": f"Lean{cls.__name__}"})
-        globals().setdefault(f"Lean{cls.__name__}", _LEAN_LAYERS[cls])  # importable by name: a pickled model loads
-    return _LEAN_LAYERS[cls]
+    return mixed_class(LeanDecoderStep, cls, f"Lean{cls.__name__}", globals())
 
 
 for _cls in (TransformerDecoderLayerBase, TransformerDecoderLayer):  # fairseq's own: defined at import (pickle)
