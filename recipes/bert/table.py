@@ -31,7 +31,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -382,18 +382,20 @@ class Run:
         self.wait_for(["fp32"])
         return self.qbert3_plans()
 
-    def qbert3_plans(self, avg_bits: float = QBERT3_AVG, prefix: str = "qbert3") -> dict:
+    def qbert3_plans(self, avg_bits: float = QBERT3_AVG, prefix: str = "qbert3", cost: str = QBERT3_COST,
+                     qkv_rows: Optional[int] = None) -> dict:
         """``run_qbert3_plan``'s plans at a budget of ``avg_bits`` stored weight bits (the recipe: QBERT3_AVG),
-        the YAMLs written to ckpt/PREFIX_{hessian,inverted}_plan.yaml (scripts/bert_budget_dev.py: other budgets)."""
+        the YAMLs written to ckpt/PREFIX_{hessian,inverted}_plan.yaml (scripts/bert_budget_dev.py: other budgets;
+        scripts/bert_plan_posthoc.py: either ``cost``, ``qkv_rows`` rows per scale on q/k/v instead of a head's)."""
         scores, secs, n_batches = self.sensitivity()
         sizes = {k: v.numel for k, v in scores.items()}
         ranked = sorted(scores, key=lambda k: -scores[k].score)
         inverted = {ranked[i]: scores[ranked[-1 - i]].score for i in range(len(ranked))}
-        res = {"sens_seconds": round(secs, 1), "sens_batches": n_batches, "head_rows": self.head_rows(),
-               "cost": QBERT3_COST}
+        res = {"sens_seconds": round(secs, 1), "sens_batches": n_batches, "cost": cost,
+               "head_rows": self.head_rows() if qkv_rows is None else qkv_rows}
         rps = {k: res["head_rows"] for k in sizes if re.search(QKV, k)}
         errors = None
-        if QBERT3_COST == "measured":
+        if cost == "measured":
             t = time.time()
             errors = {k: quant_errors(self.fp32().get_submodule(k).weight, QBERT3_BITS, rps.get(k, 1), QBERT3_CLIP)
                       for k in sizes}
