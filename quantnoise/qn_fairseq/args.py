@@ -206,15 +206,14 @@ class RoutedMultiheadAttention(MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
                 static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
-        if (static_kv or need_weights or need_head_weights or before_softmax
-                or key is None or value is None or self.onnx_trace or self.use_xformers
-                or self.bias_k is not None or self.add_zero_attn or query.device.type == "xla"
-                or ((self.training or self.dropout_module.apply_during_inference) and self.dropout_module.p > 0)
-                or torch.jit.is_scripting()):
-            pass
-        elif incremental_state is None:
+        fused = not (static_kv or need_weights or need_head_weights or before_softmax
+                     or key is None or value is None or self.onnx_trace or self.use_xformers
+                     or self.bias_k is not None or self.add_zero_attn or query.device.type == "xla"
+                     or ((self.training or self.dropout_module.apply_during_inference) and self.dropout_module.p > 0)
+                     or torch.jit.is_scripting())
+        if fused and incremental_state is None:
             return self._sdpa(query, key, value, key_padding_mask, attn_mask), None
-        elif self.self_attention and key_padding_mask is None and attn_mask is None:
+        if fused and self.self_attention and key_padding_mask is None and attn_mask is None:
             saved = self._get_input_buffer(incremental_state)
             if saved.get("prev_key_padding_mask") is None:  # no padding so far (else fairseq keeps extending it)
                 return self._sdpa_step(query, saved, incremental_state), None
