@@ -101,19 +101,28 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
     # the noise fine-tune: baseline -> plain and noise continuations -> the same iPQ + centroid fine-tune -> TEST
     ft = res["finetune"]
     assert ft["updates"] == R.FINETUNE["tiny"]["updates"]
-    assert ft["fp32"]["ppl"] > 1 and all(ft[k]["ppl"] > 1 and 0 < ft[k]["bytes"] < ft["fp32"]["bytes"]
-                                         for k in ("ipq_plain", "ipq_qn"))
-    assert [e["candidate"] for e in ft["candidates"]] == R.FINETUNE["tiny"]["candidates"]
-    best = min(ft["candidates"], key=lambda e: e["ppl_valid_ipq"])
+    assert len(ft["seeds"]) == R.FINETUNE["tiny"]["seeds"] == 1 and ft["gap_cut"]["lo90"] is None  # one seed: no interval
+    e = ft["seeds"][0]
+    assert e["fp32"]["ppl"] > 1 and all(e[k]["ppl"] > 1 and 0 < e[k]["bytes"] < e["fp32"]["bytes"]
+                                        for k in ("ipq_plain", "ipq_qn"))
+    assert e["gap_plain"] == pytest.approx(e["ipq_plain"]["ppl"] - e["reference"]["ppl"])
+    assert [c["candidate"] for c in ft["candidates"]] == R.FINETUNE["tiny"]["candidates"]
+    best = min(ft["candidates"], key=lambda c: c["ppl_valid_ipq"])
     assert ft["noise"] == best["candidate"]  # chosen on VALID
-    assert ft["baseline"]["updates"] == R.FINETUNE["tiny"]["base_updates"] and not ft["baseline"]["given"]
-    assert [u for u, _ in ft["baseline"]["valid_curve"]][-1] == R.FINETUNE["tiny"]["base_updates"]
-    assert len(ft["baseline"]["valid_curve"]) >= 5 and isinstance(ft["baseline"]["converged"], bool)
+    b = ft["baseline"]
+    assert b["updates"] == R.FINETUNE["tiny"]["base_updates"] and not b["given"] and not b["auto"]
+    assert [u for u, _ in b["valid_curve"]][-1] == R.FINETUNE["tiny"]["base_updates"]
+    assert len(b["valid_curve"]) >= 5 and isinstance(b["converged"], bool)
+    assert b["best"]["valid"] == min(v for _, v in b["valid_curve"])  # the reference candidate: its best VALID
+    assert (out / "finetune" / "baseline" / "checkpoint_best.pt").is_file()
     for name in ["plain", *R.FINETUNE["tiny"]["candidates"]]:  # each continuation restarted its update count
-        log = (out / "logs" / f"ft_{name}.log").read_text()
+        log = (out / "logs" / f"ft_{name}.s1.log").read_text()
         assert re.findall(r"num_updates (\d+)", log)[-1] == str(ft["updates"])
     assert "--quant-noise-scheme" in " ".join(ft["candidates"][0]["flags"])
     assert "## Noise fine-tune" in (out / "results.md").read_text()
+    assert (out / "quality_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = json.loads((out / "record.json").read_text())  # the project's record of the run (benchmarks/harness.py)
+    assert rec["figures"] == res and rec["machine"]["cores"] == os.cpu_count() and rec["command"].startswith("recipes/lm/run.sh")
 
     # a rerun skips every finished step and changes nothing
     before = (out / "results.json").read_bytes()
@@ -121,17 +130,26 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
     assert again.returncode == 0 and "resuming:" in again.stdout and "] [" not in again.stdout, again.stdout
     assert (out / "results.json").read_bytes() == before
 
-    # --from CKPT --only finetune: the same baseline given as a checkpoint gives the same plain continuation
+    # --from CKPT --only finetune --seeds 2: the same baseline given as a checkpoint gives seed 1 the same plain
+    # continuation; seed 2 reseeds everything after it (paired: its plain and noise rows share that seed)
     base = out / "finetune" / "baseline" / "checkpoint_last.pt"
     out2 = tmp_path / "from"
     proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out2, "--size", "tiny",
-                  "--only", "finetune", "--from", base, "--ft-candidates", "pq_p0.5_vocab", timeout=900)
+                  "--only", "finetune", "--from", base, "--ft-candidates", "pq_p0.5_vocab", "--seeds", "2", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res2 = json.loads((out2 / "results.json").read_text())
-    assert set(res2) == {"finetune", "details"} and res2["finetune"]["baseline"]["given"]
-    assert res2["finetune"]["valid"]["plain_fp32"] == ft["valid"]["plain_fp32"]
-    assert res2["finetune"]["noise"] == "pq_p0.5_vocab"
-    assert R.VOCAB_LAYERS in res2["finetune"]["candidates"][0]["flags"]
+    ft2 = res2["finetune"]
+    assert set(res2) == {"finetune", "details"} and ft2["baseline"]["given"]
+    step = lambda o, n: json.loads((o / "steps" / f"{n}.json").read_text())["result"]  # noqa: E731
+    assert step(out2, "ft_plain.s1")["valid"] == step(out, "ft_plain.s1")["valid"]
+    assert step(out2, "ft_plain.s2")["valid"] != step(out2, "ft_plain.s1")["valid"]  # another seed, another model
+    assert [e["seed"] for e in ft2["seeds"]] == [1, 2] and ft2["gap_cut"]["n"] <= 2
+    cuts = [e["gap_cut"] for e in ft2["seeds"] if e["gap_cut"] is not None]
+    if len(cuts) == 2:
+        assert ft2["gap_cut"]["mean"] == pytest.approx(sum(cuts) / 2)
+        assert ft2["gap_cut"]["lo90"] <= ft2["gap_cut"]["mean"] <= ft2["gap_cut"]["hi90"]
+    assert ft2["noise"] == "pq_p0.5_vocab" and len(ft2["candidates"][0]["ppl_valid_ipq_seeds"]) == 2
+    assert R.VOCAB_LAYERS in ft2["candidates"][0]["flags"]
     assert not (out2 / "sweep").exists()  # the from-scratch table was not run
 
     # a --from checkpoint of another size or a missing one: one line, exit 2, nothing written
@@ -171,3 +189,56 @@ def test_command_output_is_read_back_after_non_ascii_lines(tmp_path):
     assert out == "naïve | Perplexity: 12.50\n"
     again = rec.sh("eval", [sys.executable, "-c", "print('second')"], log="eval")
     assert again == "second\n"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("--seeds", "0"), "--seeds 0 is invalid"),
+    (("--seeds", "2", "--base-seeds", "3"), "--base-seeds 3 is invalid with 2 seed(s)"),
+    (("--ft-base-updates", "soon"), "--ft-base-updates soon is invalid"),
+    (("--ft-base-patience", "0"), "--ft-base-patience 0 is invalid"),
+])
+def test_bad_seed_and_baseline_options_are_one_line(corpus, tmp_path, args, expect):
+    proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", tmp_path / "out", "--size", "tiny",
+                  *args, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def fake_finetune(tmp_path, rows, base_best_valid=100.0, base_best_ppl=90.0):
+    """A Recipe whose step results are made up: rows = [(plain valid, fp32 test, iPQ plain test, iPQ noise test)]."""
+    rec = R.Recipe(tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "s.txt", tmp_path / "out", "tiny", 1,
+                   parts=("finetune",), finetune={"seeds": len(rows), "candidates": ["pq_p0.5"]})
+    rec.results.update({"ft_baseline": {"best": {"valid": base_best_valid, "updates": 10}, "given": False},
+                        "test_ft_baseline.best": {"ppl": base_best_ppl, "bytes": 1000},
+                        "ft_select": {"candidate": "pq_p0.5", "candidates": [], "criterion": "c"}})
+    for s, (valid, fp32, plain, qn) in enumerate(rows, 1):
+        rec.results.update({f"ft_plain.s{s}": {"valid": valid}, f"ipq_ft_plain.s{s}": {"valid_noft": 1, "valid_ft": 1},
+                            f"test_ft.fp32.s{s}": {"ppl": fp32, "bytes": 1000},
+                            f"test_ft.ipq_plain.s{s}": {"ppl": plain, "bytes": 100},
+                            f"test_ft.ipq_qn.s{s}": {"ppl": qn, "bytes": 100}})
+    return rec.finetune_results()
+
+
+def test_reference_is_the_better_on_valid_and_cuts_are_paired(tmp_path):
+    # seed 1: the plain continuation is better on VALID than the baseline's best -> it is the reference;
+    # seed 2: it is worse (past its best) -> the baseline's best checkpoint is
+    ft = fake_finetune(tmp_path, [(95.0, 80.0, 100.0, 90.0), (105.0, 85.0, 110.0, 95.0)])
+    s1, s2 = ft["seeds"]
+    assert s1["reference"]["from"] == "plain" and s1["gap_cut"] == pytest.approx(1 - 10 / 20)
+    assert s2["reference"]["from"] == "baseline_best" and s2["reference"]["ppl"] == 90.0
+    assert s2["gap_cut"] == pytest.approx(1 - 5 / 20)
+    assert ft["gap_cut"]["mean"] == pytest.approx(0.625) and ft["gap_cut"]["n"] == 2
+    half = 6.3137515 * (0.25 / 2 ** 0.5) / 2 ** 0.5  # t(0.95, 1) * sd / sqrt(2), sd of (0.5, 0.75)
+    assert ft["gap_cut"]["hi90"] - ft["gap_cut"]["mean"] == pytest.approx(half, rel=1e-6)
+    assert ft["verdict"].startswith("cut by 62% (mean of 2 seed(s), 90% interval -16% to 141%)"), ft["verdict"]
+    assert ft["ppl_gain"]["mean"] == pytest.approx(12.5)  # paired: per seed plain minus noise
+
+
+def test_a_noise_model_better_than_the_reference_is_regularisation_not_a_cut(tmp_path):
+    ft = fake_finetune(tmp_path, [(95.0, 80.0, 100.0, 75.0), (95.0, 80.0, 100.0, 90.0)])
+    assert ft["seeds"][0]["regularised"] and ft["seeds"][0]["gap_cut"] > 1 and ft["regularised_seeds"] == 1
+    assert ft["verdict"].startswith("regularisation, not a cut: in 1 of 2 seed(s)") and "%" not in ft["verdict"]
+    md = "\n".join(R.finetune_markdown({**ft, "baseline": {"given": True, "checkpoint": "x.pt", "valid": 1.0}},
+                                       {"ipq": R.IPQ}))
+    assert "| regularisation |" in md and "125%" not in md

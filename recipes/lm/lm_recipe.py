@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's quantnoise (for the in-process commands and the subprocesses)
+from benchmarks.harness import interval, write_record  # noqa: E402  the project's record and seeds' interval
 BIN = pathlib.Path(sys.executable).parent
 USER_DIR = ROOT / "quantnoise" / "qn_fairseq"
 THRESHOLD = 2  # fairseq-preprocess --thresholdsrc: a word needs this many occurrences in TRAIN
@@ -56,13 +57,16 @@ IPQ = dict(block_size=8, centroids=256)  # post-hoc iPQ of every Linear and Embe
 # inverse_sqrt schedule, restarted, after a warmup of a tenth of the updates), then iPQ + `centroid_updates` of centroid fine-tuning (lr centroid_lr) for all;
 # the candidate with the lowest VALID perplexity after that is the `ipq_qn` row.  Candidates: <drop|pq>_p<rate>,
 # with `_vocab` = noise on the input embedding and the output projection only.
+# Seeds: `seeds` runs of everything after the baseline (continuations, k-means, centroid fine-tuning), paired; the
+# baseline shared (`base_seeds` 1) or one per seed.  base_updates "auto": train until VALID has not improved for
+# `base_patience` validations (every base_max / 20 updates), at most `base_max` updates, and continue from the best.
 FINETUNE = {
-    "tiny": dict(base_updates=16, updates=8, lr=0.001, centroid_updates=4, centroid_lr=0.001,
-                 candidates=["drop_p0.3", "pq_p0.3"]),
-    "small": dict(base_updates=8000, updates=2000, lr=0.001, centroid_updates=60, centroid_lr=0.001,
-                  candidates=["pq_p0.5", "pq_p0.75"]),  # BENCHMARKS.md, issue 23 B: TEST gap cut 61% / 57%
-    "base": dict(base_updates=8000, updates=2000, lr=0.001, centroid_updates=250, centroid_lr=0.0007,
-                 candidates=["drop_p0.1", "drop_p0.3", "pq_p0.3"]),
+    "tiny": dict(base_updates=16, base_max=16, base_patience=2, seeds=1, base_seeds=1, updates=8, lr=0.001,
+                 centroid_updates=4, centroid_lr=0.001, candidates=["drop_p0.3", "pq_p0.3"]),
+    "small": dict(base_updates="auto", base_max=8000, base_patience=3, seeds=3, base_seeds=1, updates=2000, lr=0.001,
+                  centroid_updates=60, centroid_lr=0.001, candidates=["pq_p0.5", "pq_p0.75"]),
+    "base": dict(base_updates="auto", base_max=8000, base_patience=3, seeds=3, base_seeds=1, updates=2000, lr=0.001,
+                 centroid_updates=250, centroid_lr=0.0007, candidates=["drop_p0.1", "drop_p0.3", "pq_p0.3"]),
 }
 VOCAB_LAYERS = "embed_tokens|output_projection"  # the two vocabulary matrices (79% of the small model's weights)
 # the models trained with fairseq-train: name -> (noise config in configs/quant_noise/, overrides)
@@ -195,6 +199,7 @@ class Recipe:
         self.out, self.size, self.s, self.jobs = out.resolve(), size, SIZES[size], jobs
         self.parts, self.from_ckpt = tuple(parts), from_ckpt.resolve() if from_ckpt else None
         self.f = {**FINETUNE[size], **(finetune or {})}  # the noise fine-tune's settings
+        self.command, self.record = ["recipes/lm/run.sh", *sys.argv[1:]], None
         self.data = self.out / "data-bin"
         self.t0 = time.time()
         self.lock, self.qn_lock = threading.Lock(), threading.Lock()
@@ -243,21 +248,22 @@ class Recipe:
         if rc:
             raise RuntimeError(f"quantnoise {' '.join(argv)} exited {rc}; see {self.out / 'logs' / 'quantnoise.log'}")
 
-    def model_flags(self) -> List[str]:
+    def model_flags(self, seed: int = 1) -> List[str]:
         s = self.s
         return ["--task", "language_modeling", "--arch", "qn_transformer_lm", "--decoder-layers", s["layers"],
                 "--decoder-embed-dim", s["dim"], "--decoder-input-dim", s["dim"], "--decoder-output-dim", s["dim"],
                 "--decoder-ffn-embed-dim", s["ffn"], "--decoder-attention-heads", s["heads"], "--decoder-normalize-before",
                 "--dropout", "0.1", "--tokens-per-sample", s["tokens"], "--max-tokens", s["max_tokens"],
                 "--sample-break-mode", "none", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "0.0",
-                "--lr-scheduler", "inverse_sqrt", "--seed", "1", "--num-workers", "0", "--log-format", "simple",
+                "--lr-scheduler", "inverse_sqrt", "--seed", seed, "--num-workers", "0", "--log-format", "simple",
                 "--log-interval", max(1, s["updates"] // 10), "--no-epoch-checkpoints", "--validate-interval", "1000",
                 "--save-interval", "1000", "--no-progress-bar"]
 
-    def fairseq_train(self, step: str, save_dir: pathlib.Path, extra: List, log: str, updates: int, lr: float, warmup: int):
+    def fairseq_train(self, step: str, save_dir: pathlib.Path, extra: List, log: str, updates: int, lr: float, warmup: int,
+                      seed: int = 1):
         if save_dir.exists():
             shutil.rmtree(save_dir)  # a killed run's leftovers: this step starts over
-        self.sh(step, ["fairseq-train", self.data, "--user-dir", USER_DIR, *self.model_flags(), "--lr", lr,
+        self.sh(step, ["fairseq-train", self.data, "--user-dir", USER_DIR, *self.model_flags(seed), "--lr", lr,
                        "--warmup-updates", warmup, "--max-update", updates, "--save-dir", save_dir, *extra], log)
         ckpt = save_dir / "checkpoint_last.pt"
         if not ckpt.is_file():
@@ -370,75 +376,126 @@ class Recipe:
             for col, model in (("posthoc", None), ("qat", f"int{bits}_qat"), ("quant_noise", f"int{bits}_qn")):
                 self.add_scalar(f"int{bits}.{col}", bits, model)
 
+    # ------------------------------------------------------------------ the noise fine-tune, over seeds
+    def seeds(self) -> List[int]:
+        return list(range(1, self.f["seeds"] + 1))
+
+    def base_step(self, seed: int) -> str:
+        """The baseline seed ``seed``'s continuations start from: one shared baseline, or one per seed (--base-seeds N)."""
+        return "ft_baseline" if self.f["base_seeds"] == 1 else f"ft_baseline.s{seed}"
+
     def define_finetune(self) -> None:
-        """The noise fine-tune: baseline -> N plain updates | N updates with each noise candidate -> the same
-        iPQ + centroid fine-tuning -> the candidate chosen on VALID -> export, TEST."""
+        """The noise fine-tune, for each seed: baseline -> N plain updates | N updates with each noise candidate ->
+        the same iPQ + centroid fine-tuning -> the candidate chosen on VALID (mean over seeds) -> export, TEST.
+        A seed reseeds everything after the baseline (the continuations' data order, dropout and noise masks, the
+        k-means, the centroid fine-tuning); the baseline is shared unless --base-seeds retrains it per seed."""
         f, out = self.f, self.out
-        names = {c: c for c in f["candidates"]}
+        names = list(f["candidates"])
+        bases = sorted({self.base_step(s) for s in self.seeds()})
+        for b in bases:
+            bseed = int(b.rsplit(".s", 1)[1]) if ".s" in b else 1
 
-        @self.step("ft_baseline", deps=["preprocess"])
+            @self.step(b, deps=["preprocess"])
+            def _(b=b, bseed=bseed):
+                return self.ft_baseline(b, bseed)
+
+            @self.step(f"test_{b}.best", deps=[b])
+            def _(b=b):  # the baseline at its best VALID, on TEST: a reference that is not past its best
+                qnz = out / "qnz" / f"{b}.best.qnz"
+                self.qn(f"test_{b}.best", "export", self.r(b)["best"]["checkpoint"], "-o", qnz, "--rest", "float32",
+                        log="export")
+                return {"qnz": str(qnz), "bytes": qnz.stat().st_size,
+                        "ppl": self.eval_lm(f"test_{b}.best", qnz, "test", f"test_{b}.best")}
+
+        for seed in self.seeds():
+            sfx = f".s{seed}"
+            for name in ["plain", *names]:
+                flags = [] if name == "plain" else candidate_flags(name, self.s["refresh"])
+                self.add_continue(name, flags, seed)
+                self.add_ipq(f"ft_{name}{sfx}", lambda name=name, sfx=sfx: self.r(f"ft_{name}{sfx}")["checkpoint"],
+                             deps=[f"ft_{name}{sfx}"], updates=f["centroid_updates"], lr=f["centroid_lr"], seed=seed)
+
+        @self.step("ft_select", deps=[f"ipq_ft_{n}.s{s}" for n in names for s in self.seeds()])
         def _():
-            return self.ft_baseline()
-
-        for name in ["plain", *names]:
-            flags = [] if name == "plain" else candidate_flags(name, self.s["refresh"])
-            self.add_continue(name, flags)
-            self.add_ipq(f"ft_{name}", lambda name=name: self.r(f"ft_{name}")["checkpoint"], deps=[f"ft_{name}"],
-                         updates=f["centroid_updates"], lr=f["centroid_lr"])
-
-        @self.step("ft_select", deps=[f"ipq_ft_{n}" for n in names])
-        def _():
-            rows = [{"candidate": n, "flags": self.r(f"ft_{n}")["flags"], "ppl_valid_fp32": self.r(f"ft_{n}")["valid"],
-                     "ppl_valid_ipq_no_finetune": self.r(f"ipq_ft_{n}")["valid_noft"],
-                     "ppl_valid_ipq": self.r(f"ipq_ft_{n}")["valid_ft"]} for n in names]
+            def mean(key, n, src):
+                return sum(self.r(f"{src}_{n}.s{s}")[key] for s in self.seeds()) / len(self.seeds())
+            rows = [{"candidate": n, "flags": self.r(f"ft_{n}.s1")["flags"], "ppl_valid_fp32": mean("valid", n, "ft"),
+                     "ppl_valid_ipq_no_finetune": mean("valid_noft", n, "ipq_ft"),
+                     "ppl_valid_ipq": mean("valid_ft", n, "ipq_ft"),
+                     "ppl_valid_ipq_seeds": [self.r(f"ipq_ft_{n}.s{s}")["valid_ft"] for s in self.seeds()]} for n in names]
             best = min(rows, key=lambda e: e["ppl_valid_ipq"])
             return {"candidate": best["candidate"], "candidates": rows,
-                    "criterion": "lowest VALID perplexity after iPQ + centroid fine-tuning"}
+                    "criterion": f"lowest VALID perplexity after iPQ + centroid fine-tuning, mean over {len(self.seeds())} seed(s)"}
 
-        @self.step("test_ft.fp32", deps=["ft_plain"])
-        def _():
-            qnz = out / "qnz" / "ft.fp32.qnz"
-            self.qn("test_ft.fp32", "export", self.r("ft_plain")["checkpoint"], "-o", qnz, "--rest", "float32", log="export")
-            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm("test_ft.fp32", qnz, "test", "test_ft.fp32")}
+        for seed in self.seeds():
+            sfx = f".s{seed}"
 
-        self.add_export("ft.ipq_plain", lambda: self.r("ipq_ft_plain")["finetuned"], deps=["ipq_ft_plain"])
-        self.add_export("ft.ipq_qn", lambda: self.r(f"ipq_ft_{self.r('ft_select')['candidate']}")["finetuned"],
-                        deps=["ft_select"])
+            @self.step(f"test_ft.fp32{sfx}", deps=[f"ft_plain{sfx}"])
+            def _(sfx=sfx):
+                qnz = out / "qnz" / f"ft.fp32{sfx}.qnz"
+                self.qn(f"test_ft.fp32{sfx}", "export", self.r(f"ft_plain{sfx}")["checkpoint"], "-o", qnz, "--rest",
+                        "float32", log="export")
+                return {"qnz": str(qnz), "bytes": qnz.stat().st_size,
+                        "ppl": self.eval_lm(f"test_ft.fp32{sfx}", qnz, "test", f"test_ft.fp32{sfx}")}
 
-    def ft_baseline(self) -> dict:
-        """The model the noise fine-tune starts from: --from CKPT, or the recipe's own, trained base_updates
-        updates with VALID every tenth of them (the convergence check: < 2% better over the last fifth)."""
-        f, s, step = self.f, self.s, "ft_baseline"
+            self.add_export(f"ft.ipq_plain{sfx}", lambda sfx=sfx: self.r(f"ipq_ft_plain{sfx}")["finetuned"],
+                            deps=[f"ipq_ft_plain{sfx}"])
+            self.add_export(f"ft.ipq_qn{sfx}",
+                            lambda sfx=sfx: self.r(f"ipq_ft_{self.r('ft_select')['candidate']}{sfx}")["finetuned"],
+                            deps=["ft_select"])
+
+    def ft_baseline(self, step: str = "ft_baseline", seed: int = 1) -> dict:
+        """The model the noise fine-tune starts from: --from CKPT, or the recipe's own, validated every
+        ``every`` updates.  base_updates "auto": trained until VALID has not improved for ``base_patience``
+        validations (fairseq's --patience), at most ``base_max`` updates, and continued from its best VALID
+        checkpoint; a fixed count: trained that long and continued from its last (the convergence check:
+        < 2% better over the last fifth).  Either way its best VALID checkpoint is kept as the gap's reference."""
+        f, s = self.f, self.s
         if self.from_ckpt:
             check_checkpoint(self.from_ckpt, self.size, self.r("preprocess")["vocab"])
-            return {"checkpoint": str(self.from_ckpt), "given": True,
-                    "valid": self.eval_lm(step, self.from_ckpt, "valid", step)}
-        every = max(1, f["base_updates"] // 10)
-        ckpt = self.fairseq_train(step, self.out / "finetune" / "baseline", ["--validate-interval-updates", every], step,
-                                  f["base_updates"], s["lr"], s["warmup"])
+            valid = self.eval_lm(step, self.from_ckpt, "valid", step)
+            return {"checkpoint": str(self.from_ckpt), "given": True, "valid": valid,
+                    "best": {"checkpoint": str(self.from_ckpt), "valid": valid, "updates": None}}
+        auto = f["base_updates"] == "auto"
+        cap = f["base_max"] if auto else f["base_updates"]
+        every = max(1, cap // (20 if auto else 10))
+        extra = ["--validate-interval-updates", every, "--save-interval-updates", every, "--keep-interval-updates", 1]
+        if auto:
+            extra += ["--patience", f["base_patience"]]
+        save = self.out / "finetune" / ("baseline" if step == "ft_baseline" else step.replace("ft_", "", 1))
+        last = self.fairseq_train(step, save, extra, step, cap, s["lr"], s["warmup"], seed=seed)
         curve = {int(u): float(p) for p, u in VALID_CURVE.findall((self.out / "logs" / f"{step}.log").read_text(errors="replace"))}
         curve = [[u, curve[u]] for u in sorted(curve)]
+        trained = curve[-1][0] if curve else cap
+        best_u, best_v = min(curve, key=lambda c: c[1]) if curve else (trained, self.valid_ppl(step))
+        best_ckpt = save / "checkpoint_best.pt"
+        res = {"given": False, "auto": auto, "cap": cap, "updates": trained, "valid_curve": curve,
+               "valid": curve[-1][1] if curve else best_v, "seed": seed,
+               "best": {"checkpoint": str(best_ckpt if best_ckpt.is_file() else last), "updates": best_u, "valid": best_v}}
+        if auto:
+            stopped = trained < cap
+            return {**res, "checkpoint": res["best"]["checkpoint"], "stopped_early": stopped,
+                    "patience": f["base_patience"], "converged": stopped, "last_fifth_gain": None}
         at = {u: p for u, p in curve}
-        u4 = f["base_updates"] - 2 * every  # four fifths of the way (validated there: every tenth)
-        gain = (at[u4] - at[f["base_updates"]]) / at[u4] if u4 in at and f["base_updates"] in at else None
-        return {"checkpoint": str(ckpt), "given": False, "updates": f["base_updates"], "valid_curve": curve,
-                "valid": curve[-1][1] if curve else self.valid_ppl(step),
-                "last_fifth_gain": gain, "converged": gain is not None and gain < 0.02}
+        u4 = cap - 2 * every  # four fifths of the way (validated there: every tenth)
+        gain = (at[u4] - at[cap]) / at[u4] if u4 in at and cap in at else None
+        return {**res, "checkpoint": str(last), "last_fifth_gain": gain, "converged": gain is not None and gain < 0.02}
 
     def ft_warmup(self) -> int:
         return max(1, self.f["updates"] // 10)
 
-    def add_continue(self, name: str, flags: List[str]) -> None:
+    def add_continue(self, name: str, flags: List[str], seed: int = 1) -> None:
         """The baseline continued f["updates"] updates (optimizer, lr schedule, data order restarted) with ``flags``."""
-        f, step = self.f, f"ft_{name}"
+        f, step = self.f, f"ft_{name}.s{seed}"
 
-        @self.step(step, deps=["ft_baseline"])
+        @self.step(step, deps=[self.base_step(seed)])
         def _():
-            ckpt = self.fairseq_train(step, self.out / "finetune" / name,
-                                      ["--restore-file", self.r("ft_baseline")["checkpoint"], "--reset-optimizer",
+            ckpt = self.fairseq_train(step, self.out / "finetune" / f"{name}.s{seed}",
+                                      ["--restore-file", self.r(self.base_step(seed))["checkpoint"], "--reset-optimizer",
                                        "--reset-dataloader", "--reset-lr-scheduler", "--reset-meters", *flags],
-                                      step, f["updates"], f["lr"], self.ft_warmup())
+                                      step, f["updates"], f["lr"], self.ft_warmup(), seed=seed)
             return {"checkpoint": str(ckpt), "flags": flags, "valid": self.valid_ppl(step)}
+
 
     def add_train(self, name: str, noise, deps=("preprocess",)) -> None:
         s = self.s
@@ -451,7 +508,7 @@ class Recipe:
             return {"checkpoint": str(ckpt), "flags": flags}
 
     def add_ipq(self, name: str, source: Callable[[], str], deps, updates: Optional[int] = None,
-                lr: Optional[float] = None) -> None:
+                lr: Optional[float] = None, seed: Optional[int] = None) -> None:
         """quantize (iPQ b=8 k=256, every Linear/Embedding) -> VALID ppl -> fine-tune centroids -> VALID ppl
         (``updates`` at ``lr``: default the size's ft_updates at lr / 3)."""
         s, step = self.s, f"ipq_{name}"
@@ -463,11 +520,11 @@ class Recipe:
             d.mkdir(parents=True, exist_ok=True)
             q = d / "q.pt"
             self.qn(step, "quantize", source(), "-o", q, "--scheme", "pq", "--block-size", IPQ["block_size"],
-                    "--centroids", IPQ["centroids"], "--seed", "0", log=step)
+                    "--centroids", IPQ["centroids"], "--seed", 0 if seed is None else seed, log=step)
             noft = self.eval_lm(step, q, "valid", step)
             ckpt = self.fairseq_train(step, d / "ft", ["--restore-file", q, "--reset-optimizer", "--reset-dataloader",
                                                        "--reset-lr-scheduler", "--reset-meters"], step,
-                                      updates, lr, max(1, updates // 10))
+                                      updates, lr, max(1, updates // 10), seed=1 if seed is None else seed)
             return {"quantized": str(q), "finetuned": str(ckpt), "valid_noft": noft,
                     "valid_ft": self.valid_ppl(step)}
 
@@ -611,7 +668,11 @@ class Recipe:
             return f"vocabulary {r['vocab']} words"
         if name == "ft_select":
             return f"noise {r['candidate']} ({r['criterion']})"
-        if name == "ft_baseline" and r.get("last_fifth_gain") is not None:
+        if name.startswith("ft_baseline") and r.get("auto"):
+            return (f"valid ppl best {r['best']['valid']:.2f} at {r['best']['updates']} updates, "
+                    + (f"stopped at {r['updates']} (patience {r['patience']})" if r["stopped_early"] else
+                       f"still improving at the cap of {r['cap']}"))
+        if name.startswith("ft_baseline") and r.get("last_fifth_gain") is not None:
             return f"valid ppl {r['valid']:.2f}, {fifth(r['last_fifth_gain'])} ({verdict(r['converged'], r['last_fifth_gain'])})"
         if "valid" in r:
             return f"valid ppl {r['valid']:.2f}"
@@ -657,21 +718,59 @@ class Recipe:
         atomic_write_text(self.out / "results.md", markdown(res))
         if "table" in self.parts:
             plot(res, self.out / "results.png")
+        if "finetune" in self.parts:
+            plot_quality(res["finetune"], self.out / "quality_vs_size.png")
+        write_record("lm_recipe", res, command=self.command, out=self.out / "record.json")
+        if self.record:
+            write_record(self.record.stem, res, command=self.command, out=self.record)
         return {"results": str(self.out / "results.json")}
 
     def finetune_results(self) -> dict:
-        f, base, sel = self.f, self.r("ft_baseline"), self.r("ft_select")
-        fp32, plain, qn = self.r("test_ft.fp32"), self.r("test_ft.ipq_plain"), self.r("test_ft.ipq_qn")
-        gap_plain, gap_qn = plain["ppl"] - fp32["ppl"], qn["ppl"] - fp32["ppl"]
-        return {"updates": f["updates"], "fp32": {k: fp32[k] for k in ("ppl", "bytes")},
-                "ipq_plain": {k: plain[k] for k in ("ppl", "bytes")}, "ipq_qn": {k: qn[k] for k in ("ppl", "bytes")},
-                "gap_cut": 1 - gap_qn / gap_plain if gap_plain > 0 else None, "noise": sel["candidate"],
-                "candidates": sel["candidates"], "criterion": sel["criterion"],
-                "valid": {"plain_fp32": self.r("ft_plain")["valid"], "plain_ipq_no_finetune": self.r("ipq_ft_plain")["valid_noft"],
-                          "plain_ipq": self.r("ipq_ft_plain")["valid_ft"]},
-                "baseline": {k: base.get(k) for k in ("checkpoint", "given", "updates", "valid", "valid_curve",
-                                                       "last_fifth_gain", "converged")},
-                "settings": {"warmup": self.ft_warmup(), **{k: f[k] for k in ("lr", "centroid_updates", "centroid_lr")}}}
+        """Per seed: the reference fp32 (the better on VALID of the plain continuation and the baseline's best
+        checkpoint: never a model past its best), both iPQ rows, their gaps to the reference and the cut; over
+        seeds: the mean cut with a 90% t interval (the cuts are paired: a seed's two rows share everything but the
+        noise).  A seed whose noise model after iPQ beats the reference is regularisation, not a cut."""
+        f, sel = self.f, self.r("ft_select")
+        per_seed = []
+        for s in self.seeds():
+            b, best = self.r(self.base_step(s)), self.r(f"test_{self.base_step(s)}.best")
+            fp32, plain_valid = self.r(f"test_ft.fp32.s{s}"), self.r(f"ft_plain.s{s}")["valid"]
+            if b["best"]["valid"] < plain_valid:
+                ref = {"from": "baseline_best", "ppl": best["ppl"], "valid": b["best"]["valid"],
+                       "updates": b["best"]["updates"]}
+            else:
+                ref = {"from": "plain", "ppl": fp32["ppl"], "valid": plain_valid}
+            plain, qn = self.r(f"test_ft.ipq_plain.s{s}"), self.r(f"test_ft.ipq_qn.s{s}")
+            gp, gq = plain["ppl"] - ref["ppl"], qn["ppl"] - ref["ppl"]
+            per_seed.append({"seed": s, "fp32": {"ppl": fp32["ppl"], "bytes": fp32["bytes"], "valid": plain_valid},
+                             "reference": ref, "ipq_plain": {k: plain[k] for k in ("ppl", "bytes")},
+                             "ipq_qn": {k: qn[k] for k in ("ppl", "bytes")}, "gap_plain": gp, "gap_qn": gq,
+                             "gap_cut": 1 - gq / gp if gp > 0 else None, "regularised": gq < 0})
+        cuts = [e["gap_cut"] for e in per_seed if e["gap_cut"] is not None]
+
+        def mean_row(key):
+            return {"ppl": interval(e[key]["ppl"] for e in per_seed)["mean"], "bytes": per_seed[0][key]["bytes"],
+                    "ppl_interval": interval(e[key]["ppl"] for e in per_seed)}
+
+        res = {"updates": f["updates"], "seeds": per_seed, "gap_cut": interval(cuts),
+               "ppl_gain": interval(e["ipq_plain"]["ppl"] - e["ipq_qn"]["ppl"] for e in per_seed),
+               "regularised_seeds": sum(e["regularised"] for e in per_seed),
+               "fp32": mean_row("fp32"), "ipq_plain": mean_row("ipq_plain"), "ipq_qn": mean_row("ipq_qn"),
+               "reference": {"ppl": interval(e["reference"]["ppl"] for e in per_seed)["mean"],
+                             "from": sorted({e["reference"]["from"] for e in per_seed})},
+               "interval": "mean over seeds +- t(0.95, n-1) * sd / sqrt(n) of the per-seed cuts (paired: a seed's "
+                           "plain and noise rows share the baseline, data order and every seed but the noise)",
+               "noise": sel["candidate"], "candidates": sel["candidates"], "criterion": sel["criterion"],
+               "valid": {"plain_fp32": interval(self.r(f"ft_plain.s{s}")["valid"] for s in self.seeds())["mean"],
+                         "plain_ipq_no_finetune": interval(self.r(f"ipq_ft_plain.s{s}")["valid_noft"] for s in self.seeds())["mean"],
+                         "plain_ipq": interval(self.r(f"ipq_ft_plain.s{s}")["valid_ft"] for s in self.seeds())["mean"]},
+               "baseline": {k: self.r(self.base_step(1)).get(k) for k in (
+                   "checkpoint", "given", "auto", "cap", "updates", "valid", "valid_curve", "best", "stopped_early",
+                   "patience", "last_fifth_gain", "converged")},
+               "base_seeds": f["base_seeds"],
+               "settings": {"warmup": self.ft_warmup(), **{k: f[k] for k in ("lr", "centroid_updates", "centroid_lr")}}}
+        res["verdict"] = cut_verdict(res)
+        return res
 
     def table_results(self) -> dict:
         res = {"fp32": {k: self.r("fp32")[k] for k in ("ppl", "bytes")}}
@@ -723,34 +822,95 @@ def fifth(gain: float) -> str:
     return f"{100 * gain:.1f}% better over the last fifth"
 
 
+def pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def cut_verdict(ft: dict) -> str:
+    """The cut over seeds in one line; never a cut above 100% (that is the noise regularising the model)."""
+    c, n, k = ft["gap_cut"], len(ft["seeds"]), ft["regularised_seeds"]
+    if k:
+        return (f"regularisation, not a cut: in {k} of {n} seed(s) the noise model after iPQ has a lower test perplexity "
+                f"than the fp32 reference (the noise acts as a regulariser of an overfitting model; no cut is reported)")
+    if c["n"] == 0:
+        return "n/a (no gap: iPQ of the plain continuation is no worse than the reference)"
+    span = f", 90% interval {pct(c['lo90'])} to {pct(c['hi90'])}" if c["n"] > 1 else " (one seed: no interval)"
+    return f"cut by {pct(c['mean'])} (mean of {c['n']} seed(s){span})"
+
+
 def finetune_markdown(ft: dict, d: dict) -> List[str]:
-    fp, b = ft["fp32"], ft["baseline"]
+    b = ft["baseline"]
     f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
-    origin = (f"the given checkpoint {b['checkpoint']} (VALID {f(b['valid'])})" if b["given"] else
-              f"the recipe's baseline, {b['updates']} updates (VALID {f(b['valid'])}; "
-              f"{fifth(b['last_fifth_gain'])}: {verdict(b['converged'], b['last_fifth_gain'])})" if b.get("last_fifth_gain") is not None else f"the recipe's baseline, {b['updates']} updates")
-
-    def cell(e):
-        return f"{e['ppl']:.2f} ({e['bytes'] / 2**20:.3f} MiB, x{fp['bytes'] / e['bytes']:.1f})"
-
-    st = ft["settings"]
+    if b["given"]:
+        origin = f"the given checkpoint {pathlib.Path(b['checkpoint']).name} (VALID {f(b['valid'])})"
+    elif b.get("auto"):
+        stop = (f"stopped by patience {b['patience']} at {b['updates']} updates" if b["stopped_early"] else
+                f"NOT stopped by patience {b['patience']}: VALID still improving at the cap of {b['cap']} updates")
+        origin = (f"the recipe's baseline, trained until VALID stopped improving ({stop}); continued from its best "
+                  f"VALID checkpoint ({b['best']['updates']} updates, VALID {f(b['best']['valid'])})")
+    else:
+        origin = f"the recipe's baseline, {b['updates']} updates (VALID {f(b['valid'])}"
+        origin += (f"; {fifth(b['last_fifth_gain'])}: {verdict(b['converged'], b['last_fifth_gain'])})"
+                   if b.get("last_fifth_gain") is not None else ")")
+    st, n = ft["settings"], len(ft["seeds"])
+    shared = "one baseline shared by every seed" if ft.get("base_seeds", 1) == 1 else "one baseline per seed"
     lines = ["## Noise fine-tune of a trained model (TEST of the exported `.qnz`)", "",
              f"From {origin}: {ft['updates']} more updates without noise (plain) and with noise ({ft['noise']}, "
              f"chosen on VALID), lr {st['lr']:g} (inverse_sqrt, warmup {st['warmup']}), then for both iPQ (b={d['ipq']['block_size']}, "
-             f"k={d['ipq']['centroids']}, every layer) + {st['centroid_updates']} centroid fine-tuning updates (lr {st['centroid_lr']:g}).", "",
-             "| model | test ppl (size, ratio to fp32) |", "|---|---|",
-             f"| fp32 (plain continuation) | {fp['ppl']:.2f} ({fp['bytes'] / 2**20:.3f} MiB) |",
-             f"| iPQ of the plain continuation | {cell(ft['ipq_plain'])} |",
-             f"| iPQ of the noise continuation ({ft['noise']}) | {cell(ft['ipq_qn'])} |", ""]
-    gp, gq = ft["ipq_plain"]["ppl"] - fp["ppl"], ft["ipq_qn"]["ppl"] - fp["ppl"]
-    cut = "n/a (no gap)" if ft["gap_cut"] is None else f"{100 * ft['gap_cut']:.0f}%"
-    lines += [f"iPQ gap to the plain continuation's fp32: plain {gp:+.2f}, noise {gq:+.2f}: cut by {cut} (goal: 50%).", "",
-              "Candidates (VALID; the lowest after iPQ + centroid fine-tuning is chosen):", "",
+             f"k={d['ipq']['centroids']}, every layer) + {st['centroid_updates']} centroid fine-tuning updates (lr {st['centroid_lr']:g}). "
+             f"{n} seed(s), {shared}; a seed reseeds the continuations, the k-means and the centroid fine-tuning.", "",
+             "The reference fp32 of each seed is the better on VALID of its plain continuation and the baseline's best "
+             "VALID checkpoint (a model not past its best); the gap is the iPQ test perplexity minus the reference's.", "",
+             "| seed | reference fp32 (from) | fp32 plain continuation | iPQ of plain | iPQ of noise | gap plain | gap noise | cut |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in ft["seeds"]:
+        cut = "regularisation" if e["regularised"] else pct(e["gap_cut"])
+        lines.append(f"| {e['seed']} | {e['reference']['ppl']:.2f} ({e['reference']['from']}) | {e['fp32']['ppl']:.2f} | "
+                     f"{e['ipq_plain']['ppl']:.2f} | {e['ipq_qn']['ppl']:.2f} | {e['gap_plain']:+.2f} | {e['gap_qn']:+.2f} | {cut} |")
+    fp = ft["fp32"]["bytes"]
+    lines += ["", f"Files: fp32 {fp / 2**20:.3f} MiB; iPQ {ft['ipq_plain']['bytes'] / 2**20:.3f} MiB (x{fp / ft['ipq_plain']['bytes']:.1f}), "
+              f"noise model's iPQ {ft['ipq_qn']['bytes'] / 2**20:.3f} MiB (x{fp / ft['ipq_qn']['bytes']:.1f}).", "",
+              f"**iPQ gap {cut_verdict(ft)}** (goal: 50%). {ft['interval']}.", "",
+              "Candidates (VALID, mean over seeds; the lowest after iPQ + centroid fine-tuning is chosen):", "",
               "| continuation | valid ppl fp32 | iPQ, no fine-tune | iPQ + fine-tune |", "|---|---|---|---|",
               f"| plain | {f(ft['valid']['plain_fp32'])} | {f(ft['valid']['plain_ipq_no_finetune'])} | {f(ft['valid']['plain_ipq'])} |"]
     lines += [f"| {e['candidate']} | {f(e['ppl_valid_fp32'])} | {f(e['ppl_valid_ipq_no_finetune'])} | {f(e['ppl_valid_ipq'])} |"
               for e in ft["candidates"]]
     return lines + [""]
+
+
+def plot_quality(ft: dict, path: pathlib.Path) -> None:
+    """Test perplexity against file bytes (log axis): one point per method, the seeds' 90% interval as error bars,
+    the reference fp32 as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ref = interval(e["reference"]["ppl"] for e in ft["seeds"])
+    ax.axhline(ref["mean"], color="black", lw=1, label=f"fp32 reference ({ref['mean']:.1f})")
+    for key, label, color, marker, dx in (("fp32", "fp32, plain continuation", "gray", "D", 1.0),
+                                          ("ipq_plain", "iPQ of the plain continuation", "tab:blue", "o", 0.96),
+                                          ("ipq_qn", f"iPQ of the noise fine-tune ({ft['noise']})", "tab:red", "*", 1.04)):
+        iv = interval(e[key]["ppl"] for e in ft["seeds"])
+        err = [[iv["mean"] - iv["lo90"]], [iv["hi90"] - iv["mean"]]] if iv["n"] > 1 else None
+        # the two iPQ files have the same size: drawn 4% apart so their intervals do not hide each other
+        ax.errorbar([ft[key]["bytes"] * dx], [iv["mean"]], yerr=err, fmt=marker, color=color, capsize=4,
+                    markersize=10 if marker == "*" else 6, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(".qnz file size (bytes, log scale)")
+    ax.set_ylabel("test perplexity")
+    n = len(ft["seeds"])
+    ax.set_title(f"noise fine-tune + iPQ: {n} seed(s), 90% interval" if n > 1 else "noise fine-tune + iPQ (one seed)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def table_markdown(res: dict) -> List[str]:
@@ -834,8 +994,19 @@ def main(argv=None) -> int:
                     help="run one part: the from-scratch table, or the noise fine-tune (default: both)")
     ap.add_argument("--ft-updates", type=int, metavar="N", help="noise fine-tune: updates of each continuation "
                     "(default: the size's, recipes/lm/README.md)")
-    ap.add_argument("--ft-base-updates", type=int, metavar="U", help="noise fine-tune: updates of the recipe's own "
-                    "baseline (default: the size's; ignored with --from)")
+    ap.add_argument("--ft-base-updates", metavar="U|auto", help="noise fine-tune: updates of the recipe's own "
+                    "baseline, or 'auto': until VALID stops improving (--ft-base-patience validations), at most "
+                    "--ft-base-max updates, continued from its best checkpoint (default: the size's; ignored with --from)")
+    ap.add_argument("--ft-base-max", type=int, metavar="U", help="noise fine-tune: the cap of an 'auto' baseline "
+                    "(default: the size's)")
+    ap.add_argument("--ft-base-patience", type=int, metavar="P", help="noise fine-tune: validations without a better "
+                    "VALID before an 'auto' baseline stops (default: the size's)")
+    ap.add_argument("--seeds", type=int, metavar="N", help="noise fine-tune: seeds of everything after the baseline, "
+                    "paired, with a 90%% interval over them (default: the size's; small: 3)")
+    ap.add_argument("--base-seeds", type=int, metavar="M", help="noise fine-tune: 1 (default) shares one baseline, "
+                    "M = --seeds trains one baseline per seed")
+    ap.add_argument("--record", type=pathlib.Path, metavar="JSON", help="also write the run's record (command, "
+                    "commit, machine, figures) here, e.g. results/<name>.json (always written to OUTDIR/record.json)")
     ap.add_argument("--ft-candidates", metavar="LIST", help="noise fine-tune: comma-separated <drop|pq>_p<rate>[_vocab] "
                     "candidates, one chosen on VALID (default: the size's)")
     a = ap.parse_args(argv)
@@ -848,9 +1019,21 @@ def main(argv=None) -> int:
                 raise RecipeError(f"--ft-updates {a.ft_updates} is invalid; use 1 or more")
             overrides["updates"] = a.ft_updates
         if a.ft_base_updates is not None:
-            if a.ft_base_updates < 1:
-                raise RecipeError(f"--ft-base-updates {a.ft_base_updates} is invalid; use 1 or more")
-            overrides["base_updates"] = a.ft_base_updates
+            if a.ft_base_updates != "auto" and not (a.ft_base_updates.isdigit() and int(a.ft_base_updates) >= 1):
+                raise RecipeError(f"--ft-base-updates {a.ft_base_updates} is invalid; use a count of 1 or more, or auto")
+            overrides["base_updates"] = "auto" if a.ft_base_updates == "auto" else int(a.ft_base_updates)
+        for key, value in (("base_max", a.ft_base_max), ("base_patience", a.ft_base_patience), ("seeds", a.seeds)):
+            if value is not None:
+                if value < 1:
+                    raise RecipeError(f"--{'seeds' if key == 'seeds' else 'ft-' + key.replace('_', '-')} {value} is "
+                                      f"invalid; use 1 or more")
+                overrides[key] = value
+        if a.base_seeds is not None:
+            seeds = overrides.get("seeds", FINETUNE[a.size]["seeds"])
+            if a.base_seeds not in (1, seeds):
+                raise RecipeError(f"--base-seeds {a.base_seeds} is invalid with {seeds} seed(s); use 1 (one shared "
+                                  f"baseline) or {seeds} (one per seed)")
+            overrides["base_seeds"] = a.base_seeds
         if a.ft_candidates is not None:
             cands = [c for c in a.ft_candidates.split(",") if c]
             if not cands:
@@ -858,6 +1041,8 @@ def main(argv=None) -> int:
             for c in cands:
                 candidate_flags(c, 1)
             overrides["candidates"] = cands
+        if a.from_ckpt and overrides.get("base_seeds", 1) > 1:
+            raise RecipeError("--base-seeds retrains the baseline per seed, --from gives one; drop one of them")
         if a.only == "table" and (a.from_ckpt or overrides):
             raise RecipeError("--from and --ft-* belong to the noise fine-tune; drop them, or drop --only table")
         check_inputs(a.train, a.valid, a.test, a.outdir)
@@ -884,7 +1069,9 @@ def main(argv=None) -> int:
     if not (a.outdir / "recipe.json").is_file():
         atomic_write_text(a.outdir / "recipe.json", json.dumps(fp, indent=1))
     parts = (a.only,) if a.only else ("table", "finetune")
-    return Recipe(a.train, a.valid, a.test, a.outdir, a.size, a.jobs, parts, a.from_ckpt, overrides).run()
+    recipe = Recipe(a.train, a.valid, a.test, a.outdir, a.size, a.jobs, parts, a.from_ckpt, overrides)
+    recipe.record = a.record.resolve() if a.record else None
+    return recipe.run()
 
 
 if __name__ == "__main__":
