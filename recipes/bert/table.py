@@ -226,7 +226,7 @@ def plot_quality_vs_size(results: dict, path: pathlib.Path, title: str = "") -> 
         yerr = [[y - a["lo90"]], [a["hi90"] - y]] if seeded else None
         ax.errorbar([nbytes], [y], yerr=yerr, fmt="o" if seeded else "s", capsize=3, ms=5,
                     color="C0" if seeded else "C1")
-        ax.annotate(name, (nbytes, y), textcoords="offset points", xytext=(5, 3 + 9 * (i % 3)), fontsize=7)  # staggered
+        ax.annotate(name, (nbytes, y), textcoords="offset points", xytext=(5, 3 + 8 * (i % 5)), fontsize=7)  # staggered
     ax.set_xscale("log")
     ax.set_xlabel("file bytes (.qnz; dq: torch.save), log scale")
     ax.set_ylabel("TEST accuracy")
