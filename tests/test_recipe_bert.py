@@ -76,6 +76,10 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert sorted(f.stem for f in (out / "seeds" / "2" / "stages").iterdir()) == sorted(table.seed_stages(table.SIZES["tiny"]))
     ids = [e["fp32_id"] for e in res["fp32"]["seeds"]]
     assert ids[0] != ids[1] and all(ids)  # two seeds: two fp32 fine-tunes (head init, data order)
+    import torch
+
+    for d, i in ((out, ids[0]), (out / "seeds" / "2", ids[1])):  # the id is of the weights in that seed's OUTDIR
+        assert table.weights_id(torch.load(d / "ckpt" / "fp32.pt", weights_only=True)) == i
     for k in seeded:
         r = res[k]
         assert [e["seed"] for e in r["seeds"]] == [1, 2], k

@@ -241,6 +241,16 @@ def plot_quality_vs_size(results: dict, path: pathlib.Path, title: str = "") -> 
     return pathlib.Path(path)
 
 
+def weights_id(state: dict) -> str:
+    """The first 16 hex digits of the SHA-256 of a state dict's names and tensor bytes: equal for equal weights
+    (a torch.save file's own hash is not: each file carries a random serialization id)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_json(path: pathlib.Path, obj) -> None:
     text = json.dumps(obj, indent=1, sort_keys=True)
     atomic_write(str(path), lambda tmp: pathlib.Path(tmp).write_text(text))
@@ -356,14 +366,10 @@ class Run:
         hf.finetune_(model, self.train, c["epochs"], c["lr"], seed=self.args.seed, tag=tag)
 
     def fp32_info(self) -> dict:
-        """This run's seed and its fp32 model's identity (the first 16 hex digits of ckpt/fp32.pt's SHA-256): each
-        row built from the fp32 model records it, so the pairing of rows over seeds can be checked."""
+        """This run's seed and its fp32 model's identity (``weights_id``): each row built from the fp32 model records
+        it, so the pairing of rows over seeds can be checked."""
         if self._fp32_id is None:
-            h = hashlib.sha256()
-            with open(self.out / "ckpt" / "fp32.pt", "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self._fp32_id = h.hexdigest()[:16]
+            self._fp32_id = weights_id(self.fp32().state_dict())
         return {"seed": self.args.seed, "fp32_id": self._fp32_id}
 
     def seed_dir(self, seed: int) -> pathlib.Path:
