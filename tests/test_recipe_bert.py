@@ -1,5 +1,5 @@
-"""recipes/bert/run.sh: bad input is one clear error line; a tiny end-to-end run (slow) writes the
-table and resumes."""
+"""recipes/bert/run.sh: bad input is one clear error line; a tiny end-to-end run of two seeds (slow) writes the
+table with the seeds' intervals, the record and the picture, and resumes."""
 import json
 import os
 import subprocess
@@ -59,16 +59,45 @@ def test_usage_error(data):
 @pytest.mark.slow
 def test_tiny_end_to_end_and_resume(data, tmp_path):
     pytest.importorskip("transformers")
+    table = _table_module()
     out = tmp_path / "out"
-    p = run(*data, out, "--size", "tiny")  # two jobs of one thread (the default)
+    p = run(*data, out, "--size", "tiny", "--seeds", "2")  # two jobs of one thread (the default)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "job 1: stages int8_qat,qn_int4" in p.stderr
     res = json.loads((out / "results.json").read_text())
     ipq = {"ipq_posthoc", "ipq_qn", "ipq_qn_int8"}
     qbert3 = {"int3_posthoc", "int3_qat", "qbert3_mixed", "qbert3_qn", "qbert3_inverted"}
     assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"} | ipq | qbert3
-    for r in res.values():
-        assert 0.0 <= r["acc"] <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
+    seeded = ["fp32", "ipq_posthoc", "ipq_qn", "int3_qat", "qbert3_mixed"]
+    for k, r in res.items():
+        assert 0.0 <= table.acc_of(r) <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
+        assert isinstance(r["acc"], dict) == (k in seeded), k  # the other rows: seed 1's only
+    # --seeds 2: seed 2 reran exactly the seeded rows' stages, in OUTDIR/seeds/2, from its own fp32 model
+    assert sorted(f.stem for f in (out / "seeds" / "2" / "stages").iterdir()) == sorted(table.seed_stages(table.SIZES["tiny"]))
+    ids = [e["fp32_id"] for e in res["fp32"]["seeds"]]
+    assert ids[0] != ids[1] and all(ids)  # two seeds: two fp32 fine-tunes (head init, data order)
+    import torch
+
+    for d, i in ((out, ids[0]), (out / "seeds" / "2", ids[1])):  # the id is of the weights in that seed's OUTDIR
+        assert table.weights_id(torch.load(d / "ckpt" / "fp32.pt", weights_only=True)) == i
+    for k in seeded:
+        r = res[k]
+        assert [e["seed"] for e in r["seeds"]] == [1, 2], k
+        assert [e["fp32_id"] for e in r["seeds"]] == ids, k  # paired: each seed's row from that seed's fp32 model
+        a, accs = r["acc"], [e["acc"] for e in r["seeds"]]
+        assert a["n"] == 2 and a["mean"] == pytest.approx(sum(accs) / 2) and a["lo90"] <= a["mean"] <= a["hi90"], k
+    for row, base in [("ipq_qn", "ipq_posthoc"), ("qbert3_mixed", "int3_qat")] + [(k, "fp32") for k in seeded[1:]]:
+        d = res[row]["diff"][base]  # the paired difference, seed by seed
+        assert d["seeds"] == [x["acc"] - y["acc"] for x, y in zip(res[row]["seeds"], res[base]["seeds"])], (row, base)
+        assert d["n"] == 2 and d["excludes_0"] == (d["lo90"] > 0 or d["hi90"] < 0)
+    seed2 = {n: json.loads((out / "seeds" / "2" / "stages" / f"{n}.json").read_text()) for n in table.seed_stages(table.SIZES["tiny"])}
+    assert res["ipq_posthoc"]["seeds"][1]["acc"] == seed2["ipq_posthoc"]["acc"] and seed2["int3_qat"]["seed"] == 2
+    md = (out / "results.md").read_text()
+    assert "## Seeds:" in md and "| ipq_qn | ipq_posthoc |" in md and "t(0.95, n-1)" in md and "--seeds 2" in md
+    assert (out / "quality_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = json.loads((out / "record.json").read_text())  # benchmarks.harness's record of the run
+    assert rec["name"] == "recipe_bert" and rec["figures"] == res and "--seeds 2" in rec["command"]
+    assert rec["command"].startswith("recipes/bert/run.sh") and rec["machine"]["cores"] >= 1
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
     assert 7.5 < res["int8_qat"]["avg_bits"] < 9 and 3.5 < res["qn_int4"]["avg_bits"] < 5
     q = res["qbert_mixed"]  # a 2/4/8 plan within uniform int4's weight bits: never more bytes than int4
@@ -83,9 +112,13 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
         assert res["fp32"]["bytes"] / res[k]["bytes"] > 20  # the issue's >= 20x (pooler, head, LayerNorms stay fp32)
     assert res["ipq_posthoc"]["layers"] == res["ipq_qn"]["layers"] == 38
     assert res["ipq_qn_int8"]["bytes"] < res["ipq_qn"]["bytes"] < res["int4_posthoc"]["bytes"]
-    q = res["ipq_qn"]  # chosen on DEV among the tiny size's three candidates
+    q = res["ipq_qn"]  # chosen on DEV among the tiny size's three candidates, by the mean over the two seeds
     assert len(q["candidates"]) == 3 and q["chosen"] in q["candidates"]
-    assert q["dev_acc"] == max(c["dev_acc"] for c in q["candidates"].values())
+    for n, c in q["candidates"].items():
+        assert c["dev_acc_seeds"] == [json.loads((out / "stages" / f"{n}.json").read_text())["dev_acc"], seed2[n]["dev_acc"]]
+        assert c["dev_acc"] == pytest.approx(sum(c["dev_acc_seeds"]) / 2)
+    assert q["candidates"][q["chosen"]]["dev_acc"] == max(c["dev_acc"] for c in q["candidates"].values())
+    assert q["seeds"][1]["dev_acc"] == seed2[q["chosen"]]["dev_acc"]
     assert res["ipq_qn_int8"]["chosen"] == q["chosen"] and res["ipq_posthoc"]["noise"] is None
     md = (out / "results.md").read_text()
     assert "| ipq_qn_int8 |" in md and "chosen **" + q["chosen"] in md
@@ -108,8 +141,8 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
         assert all(meta["layers"][n].get("rows_per_scale", 1) == (1 if k == "int3_qat" else 32) for n in qkv), k
     assert res["qbert3_qn"]["p"] == 0.5 and res["qbert3_mixed"]["p"] == 1.0
     assert "| qbert3_inverted |" in md
-    p2 = run(*data, out, "--size", "tiny")  # every stage done: skipped, same table
-    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6 + 6
+    p2 = run(*data, out, "--size", "tiny", "--seeds", "2")  # every stage done (seed 2's too): skipped, same table
+    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6 + 6 and "seed 2: stages" not in p2.stderr
     assert json.loads((out / "results.json").read_text()) == res
     for n in ("qbert3_plan", "qbert3_inverted"):
         (out / "stages" / f"{n}.json").unlink()
@@ -215,3 +248,45 @@ def test_a_failed_run_leaves_torch_threads_as_they_were(data, tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_seed_summary_pairs_seed_by_seed():
+    """issue 36 A: each row's mean with the harness' 90 % t interval over seeds, and the paired difference of each
+    (row, baseline) taken seed by seed; one seed gives no interval and no verdict."""
+    from benchmarks.harness import interval
+
+    table = _table_module()
+    accs = {"fp32": {1: 0.80, 2: 0.70, 3: 0.75}, "ipq_posthoc": {1: 0.70, 2: 0.61, 3: 0.64},
+            "ipq_qn": {1: 0.74, 2: 0.66, 3: 0.70}}
+    s = table.seed_summary(accs, [1, 2, 3])
+    assert [e["seed"] for e in s["ipq_qn"]["seeds"]] == [1, 2, 3] and s["fp32"]["acc"] == interval([0.80, 0.70, 0.75])
+    d = s["ipq_qn"]["diff"]["ipq_posthoc"]  # +0.04, +0.05, +0.06: far less spread than either row's own
+    assert d["seeds"] == pytest.approx([0.04, 0.05, 0.06]) and d["mean"] == pytest.approx(0.05)
+    assert d["lo90"] > 0 and d["excludes_0"] is True  # paired: outside the seed spread ...
+    a, b = s["ipq_qn"]["acc"], s["ipq_posthoc"]["acc"]
+    assert a["lo90"] < b["hi90"]  # ... though the two rows' own intervals overlap
+    assert set(s["ipq_qn"]["diff"]) == {"ipq_posthoc", "fp32"} and "diff" not in s["fp32"]
+    assert s["ipq_posthoc"]["diff"]["fp32"]["excludes_0"] is True  # -0.10, -0.09, -0.11
+    one = table.seed_summary({k: {1: v[1]} for k, v in accs.items()}, [1])
+    assert one["ipq_qn"]["acc"]["n"] == 1 and one["ipq_qn"]["acc"]["lo90"] is None
+    assert one["ipq_qn"]["diff"]["ipq_posthoc"]["excludes_0"] is None
+
+
+def test_quality_vs_size_png(tmp_path):
+    """issue 36 D: the picture from a results dict (seeded rows with intervals, rows of one seed, n=1 intervals)."""
+    table = _table_module()
+    iv = lambda m, h: {"mean": m, "lo90": m - h, "hi90": m + h, "sd": h, "n": 3}  # noqa: E731
+    results = {"fp32": {"acc": iv(0.76, 0.01), "bytes": 90_893_460}, "ipq_qn": {"acc": iv(0.72, 0.02), "bytes": 4_134_636},
+               "int4_posthoc": {"acc": 0.75, "bytes": 11_714_792},
+               "int3_qat": {"acc": {"mean": 0.7, "lo90": None, "hi90": None, "sd": None, "n": 1}, "bytes": 8_900_000}}
+    path = table.plot_quality_vs_size(results, tmp_path / "q.png", "a title")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == ["q.png"]  # no temp file left
+
+
+def test_bad_seeds_is_one_line_error(data, tmp_path, capsys):
+    table = _table_module()
+    assert table.main([*map(str, data), str(tmp_path / "out"), "--seeds", "0"]) == 2
+    assert "error: --seeds 0: must be >= 1" in capsys.readouterr().err
+    p = run(*data, tmp_path / "out", "--model", "roberta", "--seeds", "3")
+    assert p.returncode == 2 and "--seeds 3: the roberta recipe runs one seed" in p.stderr and "Traceback" not in p.stderr

@@ -368,10 +368,14 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--jobs", type=int, default=2, help="steps at once (one thread each)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=1, help="1 only: seeds and intervals are the MiniLM table's (table.py)")
     ap.add_argument("--epochs", type=int, default=None, help="override the size's training epochs")
     ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     a = ap.parse_args(argv)
     try:
+        if a.seeds != 1:
+            raise ValueError(f"--seeds {a.seeds}: the roberta recipe runs one seed (--seed N); the MiniLM table "
+                             f"(--model minilm, the default) runs several with their intervals")
         if a.jobs < 1 or (a.epochs is not None and a.epochs < 1) or (a.lr is not None and not a.lr > 0):
             raise ValueError(f"--jobs {a.jobs} / --epochs {a.epochs} / --lr {a.lr}: jobs and epochs must be >= 1, lr > 0")
         recipe = RobertaRecipe(a)  # reads and checks the three TSVs before anything is written

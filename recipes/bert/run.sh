@@ -5,18 +5,21 @@
 # cosine to fp32 for each; then the iPQ rows (ipq_posthoc, ipq_qn, ipq_qn_int8: iPQ through quantnoise.compress_, each .qnz read back).  Resumable: rerun the same command after a stop.
 #
 #   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]
-#       [--epochs N] [--lr X] [--stages a,b]     (recipes/bert/README.md: sizes, times, the measured table)
+#       [--seeds N] [--epochs N] [--lr X] [--stages a,b]     (recipes/bert/README.md: sizes, times, the measured table)
+#       --seeds N: fp32, ipq_posthoc, ipq_qn, int3_qat and qbert3_mixed with N seeds (small: 3), each row's mean and
+#       90% interval and the paired differences (README: "Seeds and intervals")
 #   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR --model roberta [--size tiny|small] [--jobs 2] [--seed N]
 #       (a small fairseq RoBERTa trained from scratch with fairseq-train's sentence_prediction: roberta.py)
 #
 # Input: one `label<TAB>text` per line, any number of labels (scripts/make_fortunes_task.py builds
-# one from Debian's fortunes package).  Output: OUTDIR/results.md, OUTDIR/results.json, OUTDIR/log.txt.
+# one from Debian's fortunes package).  Output: OUTDIR/results.md, OUTDIR/results.json, OUTDIR/log.txt,
+# OUTDIR/record.json, OUTDIR/quality_vs_size.png.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if [ $# -lt 4 ]; then
-  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--model minilm|roberta] [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N]" >&2
+  echo "usage: $0 TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--model minilm|roberta] [--size tiny|small|base] [--jobs 2] [--threads 1] [--seed N] [--seeds N]" >&2
   exit 2
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -5,12 +5,16 @@ continued plainly, then iPQ + fine-tuning), ipq_qn (continued with Quant-Noise, 
 among the size's candidates, then the same iPQ) and ipq_qn_int8 (its int8-centroid file).
 
     python recipes/bert/table.py TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1]
+        [--seed 1] [--seeds N]
 
 Every choice (the PTQ calibration method) is made on DEV; the table reports TEST accuracy.  Each
 stage writes OUTDIR/stages/NAME.json when done, so a rerun skips finished stages (resumable);
 progress goes to stderr and OUTDIR/log.txt.  Writes OUTDIR/results.json and OUTDIR/results.md.
 ``--jobs N`` runs the stages in N processes of ``--threads`` torch threads each: the fp32 chain
 (fp32, then the post-training rows) in one, the int8 QAT and Quant-Noise trainings in the others.
+``--seeds N`` reruns the rows of SEEDED_ROWS with seeds SEED+1 .. SEED+N-1 (each in OUTDIR/seeds/S/, every random
+choice from that seed) and reports each row's mean TEST accuracy with its 90 % interval over the seeds and the paired
+differences of PAIRS; OUTDIR/record.json (benchmarks.harness) and OUTDIR/quality_vs_size.png come with the table.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -28,10 +33,15 @@ import platform
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks.harness, the project's one interval and record
 
 import torch
 from torch import nn
@@ -44,6 +54,7 @@ from quantnoise.export import ExportOptions, load_state_dict, pack_width, save_s
 from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert, qn_int4
 from quantnoise.compress.sensitivity import format_table, hessian_sensitivity
+from benchmarks.harness import interval, write_record
 
 log = logging.getLogger("recipes.bert")
 SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 (texts truncated to max_len tokens)
@@ -52,18 +63,20 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 
     # iPQ and ipq_steps of fine-tuning at ipq_lr (k-means: kmeans_iters); qn_candidates: (noise kind, p) tried on DEV
     # ~3-bit rows: qat3_steps of fine-tuning from the fp32 model at qat3_lr with the quantizers in place (not tuned on
     # DEV; small measured once at these settings: BENCHMARKS.md, issue 20: ~3-bit rows)
+    # seeds: how many seeds the rows of SEEDED_ROWS run with by default (--seeds); tiny: one, the tests pass --seeds 2
     "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
                  sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1,
                  cont_steps=2, cont_lr=5e-5, ipq_steps=3, ipq_lr=1e-4, kmeans_iters=2,
-                 qn_candidates=[("pq", 0.1), ("pq_ffn", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5),
+                 qn_candidates=[("pq", 0.1), ("pq_ffn", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5, seeds=1),
     "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
                   sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4,
                   cont_steps=300, cont_lr=5e-5, ipq_steps=450, ipq_lr=1e-4, kmeans_iters=20,
-                  qn_candidates=[("pq", 0.3), ("pq", 0.5), ("pq", 0.8), ("pq_ffn", 0.8)], qat3_steps=200, qat3_lr=5e-5),
+                  qn_candidates=[("pq", 0.3), ("pq", 0.5), ("pq", 0.8), ("pq_ffn", 0.8)], qat3_steps=200, qat3_lr=5e-5,
+                  seeds=3),
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
                  sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4,
                  cont_steps=300, cont_lr=5e-5, ipq_steps=600, ipq_lr=1e-4, kmeans_iters=20,
-                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("pq", 0.4)], qat3_steps=600, qat3_lr=5e-5),
+                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("pq", 0.4)], qat3_steps=600, qat3_lr=5e-5, seeds=3),
 }
 # iPQ as Quant-Noise (Fan et al. 2020) compresses RoBERTa: blocks of 8 weights for the FFN and the
 # embeddings, 4 for attention, 256 centroids; stages in this order (FFN -> embeddings -> attention)
@@ -93,6 +106,11 @@ QKV = r"attention\.self\.(query|key|value)$"  # group-wise: one scale per attent
 FP32_CHAIN = ["fp32", "dq", "ptq", "int4_posthoc", "qbert_mixed", "pretrained_cosine"]  # need fp32 (but the last)
 TRAININGS = ["int8_qat", "qn_int4"]  # independent of fp32: fine-tuned from the pretrained model
 STAGES = FP32_CHAIN[:-1] + TRAININGS  # run order in one process: the cheap post-training rows first
+# --seeds: the rows rerun with every seed (each seed its own fp32 fine-tune, head init, data order, k-means and noise
+# masks; the other rows are of the first seed's fp32 model only), and the paired differences reported: (row, baseline)
+SEEDED_ROWS = ["fp32", "ipq_posthoc", "ipq_qn", "int3_qat", "qbert3_mixed"]
+PAIRS = [("ipq_qn", "ipq_posthoc"), ("qbert3_mixed", "int3_qat")] + [(r, "fp32") for r in SEEDED_ROWS[1:]]
+RECORD = "recipe_bert"  # OUTDIR/record.json's name (benchmarks.harness.write_record)
 
 
 def candidate_name(kind: str, p: float) -> str:
@@ -122,6 +140,115 @@ def job_groups(jobs: int, cfg: dict):
     groups[-1 if len(groups) < 3 else 1] += QBERT3_STAGES  # after its trainings; waits for fp32
     groups[-1] += ipq[-2:]  # the choice last: it waits for the first job's candidates
     return groups
+
+
+def seed_stages(cfg: dict) -> List[str]:
+    """The stages another seed runs (in OUTDIR/seeds/S/) for SEEDED_ROWS: its own fp32 fine-tune, the iPQ post-hoc
+    row and every noise candidate (ipq_qn is chosen and scored in OUTDIR, by the mean over seeds on DEV), its own
+    ~3-bit plan (the sensitivity of its fp32 model) and the two ~3-bit QAT rows."""
+    return (["fp32", "ipq_posthoc"] + [candidate_name(k, p) for k, p in cfg["qn_candidates"]]
+            + ["qbert3_plan", "int3_qat", "qbert3_mixed"])
+
+
+def seed_list(first: int, n: int) -> List[int]:
+    return [first + i for i in range(n)]
+
+
+def excludes_zero(iv: dict) -> Optional[bool]:
+    """Whether a paired difference's interval lies on one side of 0 (None: one seed, no interval)."""
+    if iv.get("lo90") is None:
+        return None
+    return iv["lo90"] > 0 or iv["hi90"] < 0
+
+
+def seed_summary(accs: Dict[str, Dict[int, float]], seeds: Sequence[int], pairs=PAIRS) -> dict:
+    """Per row of ``accs`` ({row: {seed: TEST accuracy}}): its per-seed list, the mean with its 90 % interval over
+    the seeds (``benchmarks.harness.interval``), and for each (row, baseline) of ``pairs`` the interval of the
+    paired differences row - baseline, seed by seed (the same seed: the same fp32 model, data order and masks)."""
+    out = {r: {"seeds": [{"seed": s, "acc": a[s]} for s in seeds], "acc": interval([a[s] for s in seeds])}
+           for r, a in accs.items()}
+    for row, base in pairs:
+        if row in accs and base in accs:
+            d = [accs[row][s] - accs[base][s] for s in seeds]
+            iv = interval(d)
+            out[row].setdefault("diff", {})[base] = {**iv, "seeds": d, "excludes_0": excludes_zero(iv)}
+    return out
+
+
+def acc_of(r: dict) -> float:
+    """A row's TEST accuracy: the mean over seeds for a seeded row (``acc`` an interval), else its one value."""
+    return r["acc"]["mean"] if isinstance(r["acc"], dict) else r["acc"]
+
+
+def dev_of(r: dict) -> float:
+    """A row's DEV accuracy: the mean over its seeds for a seeded row (``acc`` an interval), else its one value."""
+    devs = [e.get("dev_acc") for e in r.get("seeds", [])] if isinstance(r["acc"], dict) else []
+    return statistics.fmean(devs) if devs and None not in devs else r["dev_acc"]
+
+
+def fp32_base(results: dict, row: str) -> float:
+    """The fp32 accuracy a row's loss is measured from: the mean over seeds for a seeded row, the first seed's fp32
+    model (the one it was made from) for a row of one seed."""
+    fp = results["fp32"]
+    return acc_of(fp) if row in SEEDED_ROWS or "seeds" not in fp else fp["seeds"][0]["acc"]
+
+
+def fmt_interval(r: dict) -> str:
+    """`` [0.7501, 0.7739]``: a seeded row's 90 % interval over the seeds; empty for one value or one seed."""
+    a = r["acc"]
+    return f" [{a['lo90']:.4f}, {a['hi90']:.4f}]" if isinstance(a, dict) and a.get("lo90") is not None else ""
+
+
+def fmt_acc(r: dict) -> str:
+    """``0.7620`` for one value, ``0.7620 [0.7501, 0.7739]`` for a mean over seeds with its 90 % interval."""
+    return f"{acc_of(r):.4f}{fmt_interval(r)}"
+
+
+def plot_quality_vs_size(results: dict, path: pathlib.Path, title: str = "") -> pathlib.Path:
+    """OUTDIR/quality_vs_size.png: TEST accuracy against file bytes (log x), one point per row, the seeds' 90 %
+    interval as error bars where a row has one, fp32 as a horizontal line (its interval a band).  Atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fp = results["fp32"]
+    ax.axhline(acc_of(fp), color="k", ls="--", lw=1, label=f"fp32 ({fp['bytes'] / 1e6:.1f} MB, the star)")
+    ax.plot([fp["bytes"]], [acc_of(fp)], "k*", ms=9)
+    if isinstance(fp["acc"], dict) and fp["acc"].get("lo90") is not None:
+        ax.axhspan(fp["acc"]["lo90"], fp["acc"]["hi90"], color="k", alpha=0.08, label="fp32's 90% interval")
+    rows = sorted((r["bytes"], name, r) for name, r in results.items()
+                  if name != "fp32" and "bytes" in r and "acc" in r)
+    for i, (nbytes, name, r) in enumerate(rows):
+        y, a = acc_of(r), r["acc"]
+        seeded = isinstance(a, dict) and a.get("lo90") is not None
+        yerr = [[y - a["lo90"]], [a["hi90"] - y]] if seeded else None
+        ax.errorbar([nbytes], [y], yerr=yerr, fmt="o" if seeded else "s", capsize=3, ms=5,
+                    color="C0" if seeded else "C1")
+        ax.annotate(name, (nbytes, y), textcoords="offset points", xytext=(5, 3 + 8 * (i % 5)), fontsize=7)  # staggered
+    ax.set_xscale("log")
+    ax.set_xlabel("file bytes (.qnz; dq: torch.save), log scale")
+    ax.set_ylabel("TEST accuracy")
+    n = max((r["acc"].get("n", 1) for r in results.values() if isinstance(r.get("acc"), dict)), default=1)
+    ax.set_title((title + "\n" if title else "")
+                 + f"circles: mean over {n} seed(s) with the seeds' 90% interval; squares: the first seed only", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(str(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
+def weights_id(state: dict) -> str:
+    """The first 16 hex digits of the SHA-256 of a state dict's names and tensor bytes: equal for equal weights
+    (a torch.save file's own hash is not: each file carries a random serialization id)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -190,6 +317,7 @@ def timed(model: nn.Module, data, threads: int) -> float:
 class Run:
     def __init__(self, args):
         self.args, self.cfg = args, dict(SIZES[args.size])
+        self.cfg.pop("seeds")  # the default of --seeds (main); this run's seeds are self.seeds
         self.cfg.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
         self.out = pathlib.Path(args.outdir)
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
@@ -211,7 +339,8 @@ class Run:
                  "to %d tokens", len(xtr), len(xdev), len(xte), len(self.labels), args.size, c, cut,
                  100.0 * cut / len(xtr), c["max_len"])
         self.truncated = cut
-        self._fp32 = None
+        self._fp32, self._fp32_id = None, None
+        self.seeds = seed_list(args.seed, getattr(args, "seeds", None) or 1)  # [args.seed]: this seed only
         self.n_params = hf.n_params(self.new_model())
 
     # ------------------------------------------------------------------ helpers
@@ -235,6 +364,17 @@ class Run:
     def finetune(self, model: nn.Module, tag: str) -> None:
         c = self.cfg
         hf.finetune_(model, self.train, c["epochs"], c["lr"], seed=self.args.seed, tag=tag)
+
+    def fp32_info(self) -> dict:
+        """This run's seed and its fp32 model's identity (``weights_id``): each row built from the fp32 model records
+        it, so the pairing of rows over seeds can be checked."""
+        if self._fp32_id is None:
+            self._fp32_id = weights_id(self.fp32().state_dict())
+        return {"seed": self.args.seed, "fp32_id": self._fp32_id}
+
+    def seed_dir(self, seed: int) -> pathlib.Path:
+        """Where seed ``seed``'s stages live: OUTDIR for this run's own seed, OUTDIR/seeds/SEED for the others."""
+        return self.out if seed == self.args.seed else self.out / "seeds" / str(seed)
 
     def fp32(self) -> nn.Module:
         if self._fp32 is None:
@@ -260,7 +400,8 @@ class Run:
             model = self.new_model()
             self.finetune(model, "fp32")
             atomic_write(str(ck), lambda tmp: torch.save(model.state_dict(), tmp))
-        return self.score("fp32", self.fp32(), qnz_bytes(self.fp32(), self.out / "ckpt" / "fp32.qnz"), dev=True)
+        res = self.score("fp32", self.fp32(), qnz_bytes(self.fp32(), self.out / "ckpt" / "fp32.qnz"), dev=True)
+        return {**res, **self.fp32_info()}
 
     def run_int8_qat(self) -> dict:
         model = self.new_model()
@@ -422,6 +563,7 @@ class Run:
         path = self.out / "ckpt" / f"{name}.qnz"
         qnz_bytes(model, path)
         res = self.test_from_qnz(name, path)
+        res.update(self.fp32_info())
         res.update(dev_acc=self.dev_acc(self.from_qnz(path)), p=p, steps=c["qat3_steps"], lr=c["qat3_lr"],
                    last_loss=round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4), note=note,
                    weight_bits=round(sum(self.numel(n) * s.bits for n, s in layers.items()) /
@@ -487,15 +629,16 @@ class Run:
         fp, plan = results["fp32"], json.loads((self.out / "stages" / "qbert3_plan.json").read_text())
         n = len(self.yte)
         rows = ["## Q-BERT at ~3 bits: every row's .qnz read back and scored", "",
-                "| row | DEV acc | test acc (± 1 s.e.) | weight bits | bytes | fp32 .qnz / this | bits/param | "
-                "vs int3_posthoc bytes | note |",
+                "| row | DEV acc | test acc (± 1 s.e. of one TEST pass) [90% interval over seeds] | weight bits | bytes | "
+                "fp32 .qnz / this | bits/param | vs int3_posthoc bytes | note |",
                 "|---|---|---|---|---|---|---|---|---|",
-                f"| fp32 | {fp['dev_acc']:.4f} | {fp['acc']:.4f} | 32 | {fp['bytes']:,} | 1.0x | {fp['avg_bits']:.2f} | | |"]
+                f"| fp32 | {dev_of(fp):.4f} | {fmt_acc(fp)} | 32 | {fp['bytes']:,} | 1.0x | {fp['avg_bits']:.2f} | | |"]
         ref = results["int3_posthoc"]["bytes"]
         for k in QBERT3_ROWS:
             r = results[k]
-            se = math.sqrt(max(r["acc"] * (1 - r["acc"]), 0.0) / max(n, 1))
-            rows.append(f"| {k} | {r['dev_acc']:.4f} | {r['acc']:.4f} ± {se:.4f} | {r['weight_bits']:.3f} | {r['bytes']:,} | "
+            a = acc_of(r)
+            se = math.sqrt(max(a * (1 - a), 0.0) / max(n, 1))
+            rows.append(f"| {k} | {dev_of(r):.4f} | {a:.4f} ± {se:.4f}{fmt_interval(r)} | {r['weight_bits']:.3f} | {r['bytes']:,} | "
                         f"{fp['bytes'] / r['bytes']:.1f}x | {r['avg_bits']:.2f} | {r['bytes'] - ref:+,} | {r['note']} |")
         c = self.cfg
         return "\n".join(rows) + (
@@ -620,7 +763,7 @@ class Run:
             self.noise_(model, kind, p)
         self.train_steps_(model, c["cont_steps"], c["cont_lr"], f"{name} {'noise' if kind else 'plain'} continuation")
         res = {"noise": kind, "p": p, "cont_steps": c["cont_steps"], "cont_lr": c["cont_lr"],
-               "cont_dev_acc": self.dev_acc(model)}
+               "cont_dev_acc": self.dev_acc(model), **self.fp32_info()}
         res.update(self.ipq_(model, name))
         path = self.out / "ckpt" / f"{name}.qnz"
         res["bytes"] = qnz_bytes(model, path)
@@ -649,17 +792,34 @@ class Run:
     def run_ipq_candidate(self, kind: str, p: float) -> dict:
         return self.ipq_row(candidate_name(kind, p), kind, p)  # DEV only: the choice of ipq_qn
 
+    def seed_stage(self, seed: int, name: str) -> dict:
+        """Stage ``name`` of seed ``seed`` (OUTDIR/seeds/SEED/stages/NAME.json); SystemExit naming it when missing."""
+        path = self.seed_dir(seed) / "stages" / f"{name}.json"
+        if not path.exists():
+            raise SystemExit(f"error: seed {seed}'s stage {name} is not done ({path}): run the recipe without --stages "
+                             f"(it runs the other seeds first), or pass --seeds 1")
+        return json.loads(path.read_text())
+
     def run_ipq_qn(self) -> dict:
+        """The noise candidate best on DEV by the mean over the seeds (each seed's candidates: its own fp32 model,
+        continuation, noise masks and iPQ), its .qnz of every seed scored on TEST (``seeds``)."""
         names = [candidate_name(k, p) for k, p in self.cfg["qn_candidates"]]
-        self.wait_for(names)
-        cands = {n: json.loads((self.out / "stages" / f"{n}.json").read_text()) for n in names}
-        best = max(names, key=lambda n: cands[n]["dev_acc"])  # the first of equals: the order of qn_candidates
-        res = dict(cands[best])
+        self.wait_for(names)  # this seed's: this process or another job; the other seeds' ran before
+        cands = {s: {n: self.seed_stage(s, n) for n in names} for s in self.seeds}
+        mean = {n: statistics.fmean(cands[s][n]["dev_acc"] for s in self.seeds) for n in names}
+        best = max(names, key=lambda n: mean[n])  # the first of equals: the order of qn_candidates
+        res = dict(cands[self.args.seed][best])
         res.update(self.test_from_qnz("ipq_qn", self.out / "ckpt" / f"{best}.qnz"))
         res["chosen"] = best
-        res["candidates"] = {n: {k: cands[n][k] for k in ("noise", "p", "cont_dev_acc", "dev_acc", "seconds")} for n in names}
-        res["note"] = (f"fp32 + {res['cont_steps']} steps of {res['noise']} noise p={res['p']:g} (chosen on DEV), "
-                       f"then the iPQ of ipq_posthoc")
+        res["candidates"] = {n: {**{k: cands[self.args.seed][n][k] for k in ("noise", "p", "cont_dev_acc", "seconds")},
+                                 "dev_acc": mean[n], "dev_acc_seeds": [cands[s][n]["dev_acc"] for s in self.seeds]}
+                             for n in names}
+        res["seeds"] = [{"seed": s, "dev_acc": cands[s][best]["dev_acc"], "fp32_id": cands[s][best].get("fp32_id"),
+                         "acc": res["acc"] if s == self.args.seed else
+                         hf.accuracy(hf.predict(self.from_qnz(self.seed_dir(s) / "ckpt" / f"{best}.qnz"), self.test)[0],
+                                     self.yte)} for s in self.seeds]
+        res["note"] = (f"fp32 + {res['cont_steps']} steps of {res['noise']} noise p={res['p']:g} (chosen on DEV"
+                       f"{f', mean of {len(self.seeds)} seeds' if len(self.seeds) > 1 else ''}), then the iPQ of ipq_posthoc")
         return res
 
     def run_ipq_qn_int8(self) -> dict:
@@ -693,19 +853,39 @@ class Run:
                 "int8_weights_only": hf.cosine(emb(compressed(enc, 8)), ref),
                 "int4_weights_only": hf.cosine(emb(compressed(enc, 4)), ref)}
 
+    def add_seeds(self, results: dict) -> None:
+        """SEEDED_ROWS' ``seeds`` (seed, TEST and DEV accuracy, fp32 identity of each seed's stage), ``acc`` (the mean
+        and 90 % interval over the seeds) and ``diff`` (PAIRS' paired differences), in place."""
+        per = {}
+        for row in SEEDED_ROWS:
+            if row == "ipq_qn":  # chosen over the seeds and scored in its own stage
+                per[row] = {e["seed"]: e for e in results[row]["seeds"]}
+            else:
+                per[row] = {s: results[row] if s == self.args.seed else self.seed_stage(s, row) for s in self.seeds}
+        summary = seed_summary({row: {s: e["acc"] for s, e in v.items()} for row, v in per.items()}, self.seeds)
+        for row, v in per.items():
+            r = results[row]
+            r["seeds"] = [{"seed": s, "acc": v[s]["acc"], "dev_acc": v[s].get("dev_acc"), "fp32_id": v[s].get("fp32_id")}
+                          for s in self.seeds]
+            r["acc"] = summary[row]["acc"]
+            if "diff" in summary[row]:
+                r["diff"] = summary[row]["diff"]
+
     def report(self, results: dict, cos: dict) -> None:
-        fp = results["fp32"]["acc"]
+        self.add_seeds(results)
         ref = torch.load(self.out / "ckpt" / "fp32_test_emb.pt", weights_only=True)
         for name, r in results.items():
-            r["rel_err"] = round((fp - r["acc"]) / fp, 5) if fp else None
+            base = fp32_base(results, name)
+            r["rel_err"] = round((base - acc_of(r)) / base, 5) if base else None
             emb = torch.load(self.out / "ckpt" / f"{name}_test_emb.pt", weights_only=True)
             r["cos"] = round(hf.cosine(emb, ref), 5)
         write_json(self.out / "results.json", results)
-        rows = ["| scheme | test acc | rel. error vs fp32 | bytes | avg bits/param | emb. cosine to fp32 | note |",
-                "|---|---|---|---|---|---|---|"]
+        seeded = len(self.seeds) > 1
+        rows = [f"| scheme | test acc{' [90% interval over seeds]' if seeded else ''} | rel. error vs fp32 | bytes | "
+                "avg bits/param | emb. cosine to fp32 | note |", "|---|---|---|---|---|---|---|"]
         for k in ORDER:
             r = results[k]
-            rows.append(f"| {k} | {r['acc']:.4f} | {100 * r['rel_err']:+.2f}% | {r['bytes']:,} | {r['avg_bits']:.2f} | "
+            rows.append(f"| {k} | {fmt_acc(r)} | {100 * r['rel_err']:+.2f}% | {r['bytes']:,} | {r['avg_bits']:.2f} | "
                         f"{r['cos']:.4f} | {r.get('note', '')} |")
         q = results["qbert_mixed"]
         qbert = (f"\n\nqbert_mixed: Hessian sensitivity on {q['sens_batches']} TRAIN batches in {q['sens_seconds']} s "
@@ -720,7 +900,7 @@ class Run:
         secs.update({n: c["seconds"] for n, c in results["ipq_qn"]["candidates"].items()})
         text = (f"# Q8BERT table: all-MiniLM-L6-v2, size={a.size}\n\n"
                 f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --size {a.size} --jobs {a.jobs} "
-                f"--threads {a.threads}`\n\n"
+                f"--threads {a.threads} --seed {a.seed} --seeds {len(self.seeds)}`\n\n"
                 f"{len(self.labels)} labels; {sum(len(b['index']) for b in self.train)} train / {len(self.ydev)} dev / "
                 f"{len(self.yte)} test lines ({self.truncated} train texts truncated to {self.cfg['max_len']} tokens); "
                 f"budget {self.cfg}; host {platform.node()}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
@@ -729,8 +909,42 @@ class Run:
                 f"sentences: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items() if k != "seconds") +
                 f"\n\nDQ forward time on {min(len(self.test), self.cfg['speed_batches'])} test batches (best of 3, "
                 f"interleaved): {speed}\n\n" + self.ipq_report(results) + "\n\n" + self.qbert3_report(results) +
+                "\n\n" + self.seeds_report(results) +
                 f"\n\nThis invocation: {self.usage()}\n")
         atomic_write(str(self.out / "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
+        plot_quality_vs_size(results, self.out / "quality_vs_size.png",
+                             f"all-MiniLM-L6-v2, size={a.size}: TEST accuracy vs file bytes ({len(self.yte)} TEST lines)")
+
+    def seeds_report(self, results: dict) -> str:
+        """The seeds section of results.md: SEEDED_ROWS' accuracy per seed with the mean and 90 % interval, and
+        PAIRS' paired differences, each said to be outside the seed spread (its interval excludes 0) or not."""
+        n = len(self.seeds)
+        f = lambda v: "" if v is None else f"{v:+.4f}"  # noqa: E731
+        rows = [f"## Seeds: {', '.join(SEEDED_ROWS)} over {n} seed(s) ({', '.join(map(str, self.seeds))})", "",
+                "Each seed reruns every random choice of these rows (the fp32 fine-tune's head init and data order, "
+                "the continuations' order, k-means, the noise masks, the ~3-bit plan's sensitivity lines); seed "
+                f"{self.args.seed} is in OUTDIR, the others in OUTDIR/seeds/SEED/. The other rows are of seed "
+                f"{self.args.seed} only.", "",
+                "| row | TEST acc per seed | mean | 90% interval |", "|---|---|---|---|"]
+        for k in SEEDED_ROWS:
+            r = results[k]
+            iv = r["acc"]
+            rows.append(f"| {k} | {', '.join('%.4f' % e['acc'] for e in r['seeds'])} | {iv['mean']:.4f} | "
+                        + (f"[{iv['lo90']:.4f}, {iv['hi90']:.4f}] |" if iv["lo90"] is not None else "n/a (1 seed) |"))
+        rows += ["", "| row | minus | difference per seed | mean | 90% interval | outside the seed spread? |",
+                 "|---|---|---|---|---|---|"]
+        for row, base in PAIRS:
+            d = results[row]["diff"][base]
+            out = {True: "**yes** (the interval excludes 0)", False: "no (the interval contains 0)",
+                   None: "n/a (1 seed: no interval)"}[d["excludes_0"]]
+            rows.append(f"| {row} | {base} | {', '.join(f(x) for x in d['seeds'])} | {f(d['mean'])} | "
+                        + (f"[{f(d['lo90'])}, {f(d['hi90'])}]" if d["lo90"] is not None else "n/a") + f" | {out} |")
+        return "\n".join(rows) + (
+            "\n\nIntervals: mean ± t(0.95, n-1) · sd / √n over the n seeds (Student's t, 90 %; "
+            "`benchmarks.harness.interval`); a difference is paired, the interval of the per-seed differences "
+            "(the same seed: the same fp32 model, data order, k-means and noise seeds, only the method differs), and "
+            "it is outside the seed spread when that interval excludes 0. The noise candidate of ipq_qn is chosen by "
+            "its mean DEV accuracy over the seeds.")
 
     def ipq_report(self, results: dict) -> str:
         """The iPQ table: TEST accuracy of each row read back from its .qnz, bytes, ratio to fp32's .qnz."""
@@ -738,19 +952,21 @@ class Run:
         rows = ["## iPQ (Quant-Noise's extreme compression): every row's .qnz read back and scored on TEST", "",
                 "| row | DEV acc | test acc | iPQ loss vs fp32 (test) | bytes | fp32 .qnz / this | note |",
                 "|---|---|---|---|---|---|---|",
-                f"| fp32 | {fp['dev_acc']:.4f} | {fp['acc']:.4f} | 0 | {fp['bytes']:,} | 1.0x | |"]
+                f"| fp32 | {dev_of(fp):.4f} | {fmt_acc(fp)} | 0 | {fp['bytes']:,} | 1.0x | |"]
         for k in IPQ_ROWS:
             r = results[k]
-            rows.append(f"| {k} | {r['dev_acc']:.4f} | {r['acc']:.4f} | {fp['acc'] - r['acc']:+.4f} | {r['bytes']:,} | "
-                        f"{fp['bytes'] / r['bytes']:.1f}x | {r['note']} |")
+            rows.append(f"| {k} | {dev_of(r):.4f} | {fmt_acc(r)} | {fp32_base(results, k) - acc_of(r):+.4f} | "
+                        f"{r['bytes']:,} | {fp['bytes'] / r['bytes']:.1f}x | {r['note']} |")
         q, ph = results["ipq_qn"], results["ipq_posthoc"]
+        n = len(q.get("seeds", [])) or 1
         cands = "; ".join(f"{n}: DEV {v['dev_acc']:.4f} after iPQ ({v['cont_dev_acc']:.4f} before)"
                           for n, v in q["candidates"].items())
-        loss_ph, loss_qn = fp["acc"] - ph["acc"], fp["acc"] - q["acc"]
+        loss_ph, loss_qn = fp32_base(results, "ipq_posthoc") - acc_of(ph), fp32_base(results, "ipq_qn") - acc_of(q)
         cut = f"{100 * (1 - loss_qn / loss_ph):.0f} %" if loss_ph > 0 else "n/a (ipq_posthoc loses nothing)"
         return "\n".join(rows) + (
             f"\n\nNoise candidates (from the fp32 model, {c['cont_steps']} steps at lr {c['cont_lr']:g}; "
-            f"chosen on DEV after the same iPQ): {cands}; chosen **{q['chosen']}**. ipq_posthoc: the same "
+            f"chosen on DEV after the same iPQ{f', by the mean over {n} seeds' if n > 1 else ''}; before iPQ: seed "
+            f"{self.args.seed}): {cands}; chosen **{q['chosen']}**. ipq_posthoc: the same "
             f"{c['cont_steps']} steps without noise (equal compute; DEV {ph['cont_dev_acc']:.4f} before iPQ).\n\n"
             f"iPQ of every row alike: {ph['layers']} layers (FFN and word / position embeddings in blocks of 8, "
             f"attention in blocks of 4, {IPQ_K} centroids, k-means {c['kmeans_iters']} iterations), "
@@ -758,7 +974,8 @@ class Run:
             f"fine-tuning ({c['ipq_steps']} steps in all, lr {c['ipq_lr']:g}, "
             f"{'the centroids and every other parameter' if ph['train_all'] else 'the centroids only'}, "
             + (f"distillation from the fp32 model at T={ph['distill_T']:g}" if ph["distill_T"] else "the labels")
-            + f"). iPQ loss (fp32 minus iPQ, TEST): ipq_posthoc {loss_ph:+.4f}, ipq_qn {loss_qn:+.4f}: cut {cut}.")
+            + f"). iPQ loss (fp32 minus iPQ, TEST{f', means over {n} seeds' if n > 1 else ''}): ipq_posthoc "
+            f"{loss_ph:+.4f}, ipq_qn {loss_qn:+.4f}: cut {cut}.")
 
     def usage(self) -> str:
         """Wall and CPU seconds of this invocation (this process and its jobs) and the load average."""
@@ -775,20 +992,64 @@ class Run:
         if a.jobs <= 1 or not groups:
             return
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-        base = [sys.executable, os.path.abspath(__file__), a.train, a.dev, a.test, a.outdir, "--size", a.size,
-                "--seed", str(a.seed), "--threads", str(a.threads), "--jobs", "1"]
-        base += [v for k in ("epochs", "lr") if getattr(a, k) is not None for v in (f"--{k}", str(getattr(a, k)))]
         procs = []
         for g in groups:
             log.info("job %d: stages %s (%d thread(s))", len(procs), ",".join(g), a.threads)
-            procs.append(subprocess.Popen(base + ["--stages", ",".join(g), "--child"], env=env))
+            procs.append(subprocess.Popen(self.child_command(a.outdir, a.seed, len(self.seeds), g), env=env))
         failed = [i for i, p in enumerate(procs) if p.wait() != 0]
         if failed:
             raise SystemExit(f"error: job(s) {failed} failed (see {self.out / 'log.txt'}); rerun the same command to resume")
 
+    def child_command(self, outdir, seed: int, seeds: int, stages: List[str]) -> List[str]:
+        """This script on ``stages`` of seed ``seed`` in ``outdir``, in one process (a job of ``spawn`` or a seed)."""
+        a = self.args
+        cmd = [sys.executable, os.path.abspath(__file__), a.train, a.dev, a.test, str(outdir), "--size", a.size,
+               "--seed", str(seed), "--seeds", str(seeds), "--threads", str(a.threads), "--jobs", "1"]
+        cmd += [v for k in ("epochs", "lr") if getattr(a, k) is not None for v in (f"--{k}", str(getattr(a, k)))]
+        return cmd + ["--stages", ",".join(stages), "--child"]
+
+    def run_seeds(self) -> None:
+        """The other seeds' stages (``seed_stages``), each seed in OUTDIR/seeds/SEED/ with ``--seed SEED``: up to
+        ``--jobs`` seeds at a time, one process of ``--threads`` threads each (``--jobs 1``: in this process, in
+        order).  Before this seed's stages, so that ipq_qn can choose by the mean over every seed.  SystemExit when
+        one fails."""
+        a, stages = self.args, seed_stages(self.cfg)
+        todo = [s for s in self.seeds if s != a.seed
+                and not all((self.seed_dir(s) / "stages" / f"{n}.json").exists() for n in stages)]
+        if not todo:
+            return
+        if a.jobs <= 1:
+            for s in todo:
+                log.info("seed %d: stages %s in %s", s, ",".join(stages), self.seed_dir(s))
+                Run(argparse.Namespace(**{**vars(a), "seed": s, "seeds": 1, "outdir": str(self.seed_dir(s)),
+                                          "stages": stages, "child": True})).main()
+            return
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+        for i in range(0, len(todo), a.jobs):
+            procs = []
+            for s in todo[i:i + a.jobs]:
+                log.info("seed %d: stages %s in %s (one process, %d thread(s))", s, ",".join(stages),
+                         self.seed_dir(s), a.threads)
+                procs.append((s, subprocess.Popen(self.child_command(self.seed_dir(s), s, 1, stages), env=env)))
+            failed = [s for s, p in procs if p.wait() != 0]
+            if failed:
+                raise SystemExit(f"error: seed(s) {failed} failed (see {self.seed_dir(failed[0]) / 'log.txt'}); rerun the "
+                                 f"same command to resume")
+
+    def drop_stale_choice(self) -> None:
+        """ipq_qn (and its int8 export) chosen over other seeds than this run's: removed, so that they are redone."""
+        path = self.out / "stages" / "ipq_qn.json"
+        if path.exists() and [e["seed"] for e in json.loads(path.read_text()).get("seeds", [])] != self.seeds:
+            log.info("ipq_qn was chosen over other seeds than %s: redoing ipq_qn and ipq_qn_int8", self.seeds)
+            for n in ("ipq_qn", "ipq_qn_int8"):
+                (self.out / "stages" / f"{n}.json").unlink(missing_ok=True)
+
     def main(self) -> dict:
         results, self.t0, self.load0 = {}, time.time(), os.getloadavg()[0]
+        if not self.args.child and (not self.args.stages or "ipq_qn" in self.args.stages):
+            self.drop_stale_choice()
         if not self.args.stages:
+            self.run_seeds()
             self.spawn()
         for name in self.args.stages or STAGES + ["pretrained_cosine"] + ipq_stages(self.cfg) + QBERT3_STAGES:
             results[name] = self.stage(name, self.runner(name))
@@ -822,7 +1083,10 @@ def main(argv=None) -> int:
     ap.add_argument("test")
     ap.add_argument("outdir")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="the first seed (its rows in OUTDIR; every row of the table)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help=f"seeds for {', '.join(SEEDED_ROWS)}: SEED .. SEED+N-1, the others in OUTDIR/seeds/S/ (default: "
+                         f"the size's, " + ", ".join(f"{k} {v['seeds']}" for k, v in SIZES.items()) + ")")
     ap.add_argument("--epochs", type=int, default=None, help="override the size's fine-tune epochs")
     ap.add_argument("--lr", type=float, default=None, help="override the size's peak learning rate")
     ap.add_argument("--stages", type=lambda v: v.split(","), default=None,
@@ -840,19 +1104,29 @@ def main(argv=None) -> int:
     if args.jobs < 1 or args.threads < 1:
         print(f"error: --jobs {args.jobs} / --threads {args.threads}: both must be >= 1", file=sys.stderr)
         return 2
+    if args.seeds is None:
+        args.seeds = SIZES[args.size]["seeds"]
+    if args.seeds < 1:
+        print(f"error: --seeds {args.seeds}: must be >= 1 (1: the first seed only, no interval)", file=sys.stderr)
+        return 2
     known = STAGES + ["pretrained_cosine"] + ipq_stages(SIZES[args.size]) + QBERT3_STAGES
     unknown = [n for n in args.stages or [] if n not in known]
     if unknown:
         print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(known)}", file=sys.stderr)
         return 2
     os.makedirs(args.outdir, exist_ok=True)
-    fmt = "%(asctime)s " + (f"({args.stages[0]} job) " if args.child else "") + "%(message)s"
+    fmt = "%(asctime)s " + (f"(seed {args.seed} {args.stages[0]} job) " if args.child else "") + "%(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stderr),
                                   logging.FileHandler(os.path.join(args.outdir, "log.txt"))])
     try:
         with torch_threads(args.threads):  # restored after, whatever happens (the tests run main in process)
-            Run(args).main()
+            results = Run(args).main()
+        if not args.stages:  # a full run: its record, for the project's report (scripts/report.py)
+            argv = sys.argv[1:] if argv is None else list(argv)
+            path = write_record(RECORD, results, command=["recipes/bert/run.sh", *argv],
+                                out=pathlib.Path(args.outdir) / "record.json", threads=args.threads)
+            log.info("wrote %s", path)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
