@@ -216,6 +216,7 @@ def fake_finetune(tmp_path, rows, base_best_valid=100.0, base_best_ppl=90.0):
         rec.results.update({f"ft_plain.s{s}": {"valid": valid}, f"ipq_ft_plain.s{s}": {"valid_noft": 1, "valid_ft": 1},
                             f"test_ft.fp32.s{s}": {"ppl": fp32, "bytes": 1000},
                             f"test_ft.ipq_plain.s{s}": {"ppl": plain, "bytes": 100},
+                            f"test_ft.ipq_base.s{s}": {"ppl": plain + 1000, "bytes": 100},
                             f"test_ft.ipq_qn.s{s}": {"ppl": qn, "bytes": 100}})
     return rec.finetune_results()
 
@@ -223,10 +224,12 @@ def fake_finetune(tmp_path, rows, base_best_valid=100.0, base_best_ppl=90.0):
 def test_reference_is_the_better_on_valid_and_cuts_are_paired(tmp_path):
     # seed 1: the plain continuation is better on VALID than the baseline's best -> it is the reference;
     # seed 2: it is worse (past its best) -> the baseline's best checkpoint is
-    ft = fake_finetune(tmp_path, [(95.0, 80.0, 100.0, 90.0), (105.0, 85.0, 110.0, 95.0)])
+    # (and the plain row is then the iPQ of the baseline's best: fake_finetune gives it plain + 1000)
+    ft = fake_finetune(tmp_path, [(95.0, 80.0, 100.0, 90.0), (105.0, 85.0, -890.0, 95.0)])
     s1, s2 = ft["seeds"]
     assert s1["reference"]["from"] == "plain" and s1["gap_cut"] == pytest.approx(1 - 10 / 20)
     assert s2["reference"]["from"] == "baseline_best" and s2["reference"]["ppl"] == 90.0
+    assert s2["ipq_plain"]["ppl"] == 110.0 and s2["ipq_plain_continuation"]["ppl"] == -890.0
     assert s2["gap_cut"] == pytest.approx(1 - 5 / 20)
     assert ft["gap_cut"]["mean"] == pytest.approx(0.625) and ft["gap_cut"]["n"] == 2
     half = 6.3137515 * (0.25 / 2 ** 0.5) / 2 ** 0.5  # t(0.95, 1) * sd / sqrt(2), sd of (0.5, 0.75)

@@ -440,6 +440,13 @@ class Recipe:
 
             self.add_export(f"ft.ipq_plain{sfx}", lambda sfx=sfx: self.r(f"ipq_ft_plain{sfx}")["finetuned"],
                             deps=[f"ipq_ft_plain{sfx}"])
+            # the plain row is the iPQ of the better plain model on VALID: also iPQ the baseline's best with this
+            # seed, for the seeds whose plain continuation is past it (chosen in finetune_results, on VALID)
+            b = self.base_step(seed)
+            self.add_ipq(f"ft_base{sfx}", lambda b=b: self.r(b)["best"]["checkpoint"], deps=[b],
+                         updates=f["centroid_updates"], lr=f["centroid_lr"], seed=seed)
+            self.add_export(f"ft.ipq_base{sfx}", lambda sfx=sfx: self.r(f"ipq_ft_base{sfx}")["finetuned"],
+                            deps=[f"ipq_ft_base{sfx}"])
             self.add_export(f"ft.ipq_qn{sfx}",
                             lambda sfx=sfx: self.r(f"ipq_ft_{self.r('ft_select')['candidate']}{sfx}")["finetuned"],
                             deps=["ft_select"])
@@ -727,7 +734,8 @@ class Recipe:
 
     def finetune_results(self) -> dict:
         """Per seed: the reference fp32 (the better on VALID of the plain continuation and the baseline's best
-        checkpoint: never a model past its best), both iPQ rows, their gaps to the reference and the cut; over
+        checkpoint: never a model past its best), the plain row (iPQ of that reference model: a plain model past
+        its best would inflate the cut) and the noise row, their gaps to the reference and the cut; over
         seeds: the mean cut with a 90% t interval (the cuts are paired: a seed's two rows share everything but the
         noise).  A seed whose noise model after iPQ beats the reference is regularisation, not a cut."""
         f, sel = self.f, self.r("ft_select")
@@ -735,15 +743,19 @@ class Recipe:
         for s in self.seeds():
             b, best = self.r(self.base_step(s)), self.r(f"test_{self.base_step(s)}.best")
             fp32, plain_valid = self.r(f"test_ft.fp32.s{s}"), self.r(f"ft_plain.s{s}")["valid"]
+            cont = self.r(f"test_ft.ipq_plain.s{s}")  # iPQ of the plain continuation
             if b["best"]["valid"] < plain_valid:
                 ref = {"from": "baseline_best", "ppl": best["ppl"], "valid": b["best"]["valid"],
                        "updates": b["best"]["updates"]}
+                plain = self.r(f"test_ft.ipq_base.s{s}")
             else:
                 ref = {"from": "plain", "ppl": fp32["ppl"], "valid": plain_valid}
-            plain, qn = self.r(f"test_ft.ipq_plain.s{s}"), self.r(f"test_ft.ipq_qn.s{s}")
+                plain = cont
+            qn = self.r(f"test_ft.ipq_qn.s{s}")
             gp, gq = plain["ppl"] - ref["ppl"], qn["ppl"] - ref["ppl"]
             per_seed.append({"seed": s, "fp32": {"ppl": fp32["ppl"], "bytes": fp32["bytes"], "valid": plain_valid},
                              "reference": ref, "ipq_plain": {k: plain[k] for k in ("ppl", "bytes")},
+                             "ipq_plain_continuation": {k: cont[k] for k in ("ppl", "bytes")},
                              "ipq_qn": {k: qn[k] for k in ("ppl", "bytes")}, "gap_plain": gp, "gap_qn": gq,
                              "gap_cut": 1 - gq / gp if gp > 0 else None, "regularised": gq < 0})
         cuts = [e["gap_cut"] for e in per_seed if e["gap_cut"] is not None]
@@ -860,7 +872,8 @@ def finetune_markdown(ft: dict, d: dict) -> List[str]:
              f"k={d['ipq']['centroids']}, every layer) + {st['centroid_updates']} centroid fine-tuning updates (lr {st['centroid_lr']:g}). "
              f"{n} seed(s), {shared}; a seed reseeds the continuations, the k-means and the centroid fine-tuning.", "",
              "The reference fp32 of each seed is the better on VALID of its plain continuation and the baseline's best "
-             "VALID checkpoint (a model not past its best); the gap is the iPQ test perplexity minus the reference's.", "",
+             "VALID checkpoint (a model not past its best); the plain iPQ row is the iPQ of that model; the gap is the iPQ "
+             "test perplexity minus the reference's.", "",
              "| seed | reference fp32 (from) | fp32 plain continuation | iPQ of plain | iPQ of noise | gap plain | gap noise | cut |",
              "|---|---|---|---|---|---|---|---|"]
     for e in ft["seeds"]:
@@ -1001,6 +1014,8 @@ def main(argv=None) -> int:
                     "(default: the size's)")
     ap.add_argument("--ft-base-patience", type=int, metavar="P", help="noise fine-tune: validations without a better "
                     "VALID before an 'auto' baseline stops (default: the size's)")
+    ap.add_argument("--ft-centroid-updates", type=int, metavar="N", help="noise fine-tune: centroid fine-tuning "
+                    "updates after iPQ, the same for every row (default: the size's)")
     ap.add_argument("--seeds", type=int, metavar="N", help="noise fine-tune: seeds of everything after the baseline, "
                     "paired, with a 90%% interval over them (default: the size's; small: 3)")
     ap.add_argument("--base-seeds", type=int, metavar="M", help="noise fine-tune: 1 (default) shares one baseline, "
@@ -1022,7 +1037,8 @@ def main(argv=None) -> int:
             if a.ft_base_updates != "auto" and not (a.ft_base_updates.isdigit() and int(a.ft_base_updates) >= 1):
                 raise RecipeError(f"--ft-base-updates {a.ft_base_updates} is invalid; use a count of 1 or more, or auto")
             overrides["base_updates"] = "auto" if a.ft_base_updates == "auto" else int(a.ft_base_updates)
-        for key, value in (("base_max", a.ft_base_max), ("base_patience", a.ft_base_patience), ("seeds", a.seeds)):
+        for key, value in (("base_max", a.ft_base_max), ("base_patience", a.ft_base_patience), ("seeds", a.seeds),
+                           ("centroid_updates", a.ft_centroid_updates)):
             if value is not None:
                 if value < 1:
                     raise RecipeError(f"--{'seeds' if key == 'seeds' else 'ft-' + key.replace('_', '-')} {value} is "
