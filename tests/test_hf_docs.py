@@ -28,4 +28,4 @@ def test_every_block_runs(tmp_path, monkeypatch):
     namespace = {"__name__": "hf_doc"}
     for i, code in enumerate(blocks()):
         exec(compile(code, f"{DOC}:block{i + 1}", "exec"), namespace)
-    assert (tmp_path / "gpt2-pq" / "model.qnz").is_file() and (tmp_path / "llama-pq" / "config.json").is_file()
+    assert (tmp_path / "gpt2-pq" / "model.safetensors").is_file() and (tmp_path / "llama-pq" / "config.json").is_file()

@@ -54,7 +54,7 @@ def test_every_dense_layer_noised_compressed_and_loaded_compressed(tmp_path, arc
     model.eval()
     folder = hf.save_pretrained(model, tmp_path / arch)
     config = json.loads((folder / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "quantnoise" and (folder / "model.qnz").is_file()
+    assert config["quantization_config"]["quant_method"] == "quantnoise" and (folder / "model.safetensors").is_file()
     with torch.no_grad():
         want = model(ids)[0]
     with caplog.at_level("WARNING"):
@@ -91,9 +91,84 @@ def test_tokenizer_saved_with_the_model_and_bad_folders_are_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not fit the model"):
         hf.from_pretrained(folder)
-    for bad in ("../model.qnz", "/etc/passwd", "sub/model.qnz", "..", 3):  # the weights' name stays inside the folder
+    for bad in ("../model.safetensors", "/etc/passwd", "sub/model.safetensors", "..", 3):  # the weights' name stays inside the folder
         config["num_hidden_layers"] = 2
         config["quantization_config"]["weights"] = bad
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match="must name a file in that folder"):
             hf.from_pretrained(folder)
+
+
+def same_qnz(a, b):
+    """Two .qnz files hold the same tensors and the same map."""
+    from quantnoise.export import read_qnz
+
+    (ta, ma), (tb, mb) = read_qnz(a), read_qnz(b)
+    return ma == mb and set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def bert_classifier(seed=0):
+    torch.manual_seed(seed)
+    return tf.BertForSequenceClassification(CONFIGS["bert"]().__class__(**{**CONFIGS["bert"]().to_dict(), "num_labels": 3})).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert_cls"])
+def test_model_save_pretrained_writes_the_quantnoise_folder(tmp_path, arch):
+    model = bert_classifier() if arch == "bert_cls" else build(arch).eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    model.save_pretrained(tmp_path / "theirs")  # transformers' own verb (push_to_hub writes the same folder)
+    ours = hf.save_pretrained(model, tmp_path / "ours")
+    assert same_qnz(tmp_path / "theirs" / "model.safetensors", ours / "model.safetensors")
+    configs = [json.loads((d / "config.json").read_text()) for d in (tmp_path / "theirs", ours)]
+    assert configs[0]["quantization_config"] == configs[1]["quantization_config"]
+    assert configs[0]["quantization_config"]["compressed_layers"] == len(dense_layers(model)) - (arch == "gpt2")
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        want = model(ids).logits
+        for folder in (tmp_path / "theirs", ours):
+            loaded = type(model).from_pretrained(str(folder))
+            assert runtime_summary(loaded) and rel_err(loaded(ids).logits, want) < 1e-3
+
+
+@pytest.mark.parametrize("rule", [LayerRule(block_size=4, n_centroids=16), LayerRule(scheme="scalar", bits=4),
+                                  LayerRule(scheme="scalar", bits=3, rows_per_scale=4),
+                                  LayerRule(scheme="scalar", bits=8)], ids=["pq", "int4", "int3_groups", "int8"])
+def test_a_loaded_model_resaves_both_ways_to_the_same_file(tmp_path, rule):
+    model = build("gpt2").eval()
+    compress_(model, rule)
+    first = hf.save_pretrained(model, tmp_path / "first")
+    for i, loaded in enumerate((hf.from_pretrained(first), tf.AutoModelForCausalLM.from_pretrained(str(first)))):
+        loaded.save_pretrained(tmp_path / f"theirs{i}")
+        hf.save_pretrained(loaded, tmp_path / f"ours{i}")
+        for again in (tmp_path / f"theirs{i}", tmp_path / f"ours{i}"):
+            assert same_qnz(again / "model.safetensors", first / "model.safetensors"), again
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(hf.from_pretrained(tmp_path / "theirs1")(ids).logits, hf.from_pretrained(first)(ids).logits)
+
+
+def test_unsafe_serialization_is_refused_naming_the_fix(tmp_path, caplog):
+    model = build("gpt2").eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "x", safe_serialization=False)
+    assert "safe_serialization=True" in caplog.text
+
+
+def test_a_folder_of_an_earlier_version_still_loads(tmp_path):
+    """model.qnz beside an index of no shard, quantization_config.weights naming it (quantnoise before 33)."""
+    from quantnoise import save_qnz
+
+    model = build("gpt2").eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    save_qnz(model, tmp_path / "model.qnz")
+    config = model.config.to_dict()
+    config.update(architectures=["GPT2LMHeadModel"], quantization_config={"quant_method": "quantnoise",
+                                                                         "weights": "model.qnz"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+        for loaded in (hf.from_pretrained(tmp_path), tf.AutoModelForCausalLM.from_pretrained(str(tmp_path))):
+            assert rel_err(loaded(ids).logits, want) < 1e-3
