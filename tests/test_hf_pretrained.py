@@ -172,3 +172,43 @@ def test_a_folder_of_an_earlier_version_still_loads(tmp_path):
         want = model(ids).logits
         for loaded in (hf.from_pretrained(tmp_path), tf.AutoModelForCausalLM.from_pretrained(str(tmp_path))):
             assert rel_err(loaded(ids).logits, want) < 1e-3
+
+
+def test_automodel_and_the_feature_extraction_pipeline_get_the_base_model_of_a_head_folder(tmp_path):
+    tok = hf.load_tokenizer()
+    torch.manual_seed(0)
+    config = tf.BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           vocab_size=tok.vocab_size, max_position_embeddings=64, num_labels=3)
+    model = tf.BertForSequenceClassification(config).eval()
+    compress_(model, LayerRule(block_size=8, n_centroids=16, kmeans_iters=2))
+    folder = hf.save_pretrained(model, tmp_path / "cls", tokenizer=tok)
+    ids = tok("a small test", return_tensors="pt")
+    with torch.no_grad():
+        want = model.bert(**ids).last_hidden_state
+        for base in (tf.AutoModel.from_pretrained(str(folder)), hf.from_pretrained(folder, model_class=tf.AutoModel)):
+            assert type(base) is tf.BertModel and runtime_summary(base)
+            assert rel_err(base(**ids).last_hidden_state, want) < 1e-2
+    hidden = torch.tensor(tf.pipeline("feature-extraction", model=str(folder))("a small test"))
+    assert hidden.shape == (1, ids["input_ids"].shape[1], 32) and rel_err(hidden, want) < 1e-2
+    gpt2 = build("gpt2").eval()  # GPT2LMHeadModel: its lm_head is a tied copy of transformer.wte
+    compress_(gpt2, LayerRule(block_size=4, n_centroids=16))
+    hf.save_pretrained(gpt2, tmp_path / "lm")
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        base = tf.AutoModel.from_pretrained(str(tmp_path / "lm"))
+        assert type(base) is tf.GPT2Model and rel_err(base(ids).last_hidden_state, gpt2.transformer(ids).last_hidden_state) < 1e-3
+
+
+def test_saving_a_model_with_nothing_compressed_warns(tmp_path, caplog):
+    model = build("gpt2").eval()
+    quantize_(model, QuantNoiseConfig(scheme="pq", p=0.1, block_size=4, n_centroids=16))
+    with caplog.at_level("WARNING"):
+        hf.save_pretrained(model, tmp_path / "dense")
+    assert "no compressed layer (compressed_layers: 0)" in caplog.text and "compress_" in caplog.text
+    caplog.clear()
+    unquantize_(model)
+    with caplog.at_level("WARNING"):
+        model.save_pretrained(tmp_path / "plain")  # transformers' own verb: a plain model, saved as transformers does
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert torch.equal(tf.GPT2LMHeadModel.from_pretrained(str(tmp_path / "plain")).transformer.wte.weight,
+                       model.transformer.wte.weight)
