@@ -223,12 +223,12 @@ def compress_at_load(model, config: QuantNoiseHfConfig) -> None:
     (k-means takes a while on a large model): each layer is seeded by its name, so the result is that of one call."""
     from transformers.utils import logging as tf_logging
 
-    from ..api import compress_
+    from ..api import _matrix_layer, compress_
     from ..compress.layers import tied_layers
 
     plan = config.compression_plan()
-    groups = [{n for n, _ in members} for members in tied_layers(model)
-              if any(plan.rule_for(n)[1] is not None for n, _ in members)]
+    groups = [{n for n, _ in members} for members in tied_layers(model)  # those compress_ would compress
+              if any(_matrix_layer(m) and plan.rule_for(n)[1] is not None for n, m in members)]
     if not groups:
         compress_(model, plan)  # nothing selected: compress_'s own one-line error, naming the layers there are
     for names in tf_logging.tqdm(groups, desc="quantnoise compress", disable=len(groups) < 2):
