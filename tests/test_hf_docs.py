@@ -16,9 +16,9 @@ def blocks():
 
 def test_doc_has_the_whole_path():
     text = "\n".join(blocks())
-    for step in ("quantize_(gpt2", "tf.Trainer(", "compress_(gpt2", "opt.step()", "hf.save_pretrained(",
+    for step in ("quantize_(gpt2", "tf.Trainer(", "compress_(gpt2", "gpt2.save_pretrained(", "hf.save_pretrained(",
                  "hf.from_pretrained(", "AutoModelForCausalLM.from_pretrained(", ".generate(", "LlamaForCausalLM",
-                 "QuantNoiseCallback(plan="):
+                 "QuantNoiseCallback(plan=", "scheme=\"scalar\", bits=4", "QuantNoiseHfConfig(", "torch_dtype="):
         assert step in text, step
 
 
