@@ -152,6 +152,7 @@ def _from_pretrained(tf, load_dir, model_class, dtype) -> nn.Module:
 
     with no_init_weights(), init_empty_weights():  # parameters on meta, buffers made as usual
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    model.tie_weights()  # on meta, as transformers' loader ties them: a head tied to a stored embedding
     fill_from_folder(model, weights_file(model, folder))
     if dtype is not None and dtype != torch.float32:
         model.to(dtype)
@@ -194,45 +195,83 @@ def _cached(model: nn.Module, repo: str, name: str) -> pathlib.Path:
 
 
 def fill_from_folder(model: nn.Module, path) -> nn.Module:
-    """Fill ``model`` (built on meta) from the .qnz at ``path`` (runtime layers).  A base model from a head folder
-    (``AutoModel`` of a ``GPT2LMHeadModel`` folder) takes the tensors under its ``base_model_prefix``, as
-    transformers' loader does; the head's are left out."""
+    """Fill ``model`` (built on meta) from the .qnz at ``path`` (runtime layers).  As transformers' loader does: a
+    base model from a head folder (``AutoModel`` of a ``GPT2LMHeadModel`` folder) takes the tensors under its
+    ``base_model_prefix``; a head model takes the base from a base folder or another head's folder, its own head
+    tied to a stored embedding or newly initialized (a warning names it), another head's tensors left out."""
     from ..runtime.load import fill_model_
 
     tensors, meta = read_qnz(path)
-    tensors, meta = _base_of(model, tensors, meta, str(path))
-    check_fits(model, meta, tensors, str(path))
+    tensors, meta, new = _align(model, tensors, meta, str(path))
+    if new:
+        _initialize(model, new, str(path))
+    stored = {*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]}
+    if set(model.state_dict()) - set(new) != stored:
+        check_fits(model, meta, tensors, str(path))  # its one-line error, naming what differs
     return fill_model_(model, tensors, meta)
 
 
-def _base_of(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, path: str) -> Tuple[Dict[str, Tensor], dict]:
-    """``(tensors, meta)`` with the keys under ``model.base_model_prefix`` stripped of it and the others dropped,
-    when the file is of a head model and ``model`` is its base; else as they are."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    keys = [*[f"{n}.weight" for n in meta["layers"]], *meta["dense"], *meta["aliases"]]
-    if not prefix or hasattr(model, prefix) or not any(k.startswith(prefix + ".") for k in keys):
-        return tensors, meta
-    cut = len(prefix) + 1
-
-    def base(key: str) -> Optional[str]:
-        return key[cut:] if key.startswith(prefix + ".") else None
-
-    layers = {base(n): e for n, e in meta["layers"].items() if base(n)}
-    dense = {base(k): e for k, e in meta["dense"].items() if base(k)}
-    aliases = {}
-    for key, target in meta["aliases"].items():
-        if base(key) and not base(target):
-            raise ValueError(f"{path}: the base model's {key} is stored as a tied copy of the head's {target}; load "
-                             f"the head class ({meta.get('architecture', 'config.architectures[0]')}) instead")
-        if base(key):
-            aliases[base(key)] = base(target)
-    owners = {*layers, *dense}
+def _rename(tensors: Dict[str, Tensor], meta: dict, name) -> Tuple[Dict[str, Tensor], dict]:
+    """``(tensors, meta)`` with every key (layer, dense tensor, alias and its target) renamed by ``name(key)``, those
+    it maps to None left out."""
+    layers = {name(n): e for n, e in meta["layers"].items() if name(n)}
+    dense = {name(k): e for k, e in meta["dense"].items() if name(k)}
+    aliases = {name(k): name(t) for k, t in meta["aliases"].items() if name(k) and name(t)}
     kept = {}
     for key, t in tensors.items():
-        new = base(key)
-        if new is not None and (new in owners or new.rpartition(".")[0] in layers):
+        owner, _, part = key.rpartition(".")
+        new = name(key) if key in meta["dense"] else (f"{name(owner)}.{part}" if name(owner) else None)
+        if new is not None:
             kept[new] = t
     return kept, {**meta, "layers": layers, "dense": dense, "aliases": aliases}
+
+
+def _align(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, path: str):
+    """(tensors, meta, keys to initialize): the file's keys as ``model`` names them (see ``fill_from_folder``)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    keys = [*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]]
+    has = bool(prefix) and any(k.startswith(prefix + ".") for k in keys)
+    expects = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
+    cut = len(prefix) + 1
+    for key, target in meta["aliases"].items():
+        if has and not expects and key.startswith(prefix + ".") and not target.startswith(prefix + "."):
+            raise ValueError(f"{path}: the base model's {key} is stored as a tied copy of the head's {target}; load "
+                             f"the head class (config.architectures[0]) instead")
+    if has and not expects:  # the base of a head folder
+        tensors, meta = _rename(tensors, meta, lambda k: k[cut:] if k.startswith(prefix + ".") else None)
+    elif expects and not has:  # a head model from a base folder
+        tensors, meta = _rename(tensors, meta, lambda k: f"{prefix}.{k}")
+    if not expects:
+        return tensors, meta, []
+    state = model.state_dict(keep_vars=True)
+    stored = {*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]}
+    head = lambda k: not k.startswith(prefix + ".")  # noqa: E731
+    other = {k for k in stored - set(state) if head(k)}  # another head's tensors
+    tensors, meta = _rename(tensors, meta, lambda k: None if k in other or k.rpartition(".")[0] + ".weight" in other
+                            and k.rpartition(".")[0] in meta["layers"] else k)
+    missing = sorted(k for k in set(state) - stored if head(k))
+    owners = {id(state[k]): k for k in stored if k in state}
+    new = []
+    for key in missing:  # a head tied (on meta) to a stored tensor: an alias of it, as the model ties it
+        tied = owners.get(id(state[key]))
+        if tied is not None and key.endswith(".weight"):
+            layer = tied[: -len(".weight")] if tied.endswith(".weight") else None
+            meta["aliases"][key] = layer if layer in meta["layers"] else meta["aliases"].get(tied, tied)
+        else:
+            new.append(key)
+    return tensors, meta, new
+
+
+def _initialize(model: nn.Module, keys, path: str) -> None:
+    """Materialize and initialize (the model's own ``_init_weights``) the head modules holding ``keys``."""
+    owners = {k.rpartition(".")[0] for k in keys}
+    for name in sorted(owners):
+        module = model.get_submodule(name)
+        module.to_empty(device="cpu", recurse=False)
+        if hasattr(model, "_init_weights"):
+            model._init_weights(module)
+    logger.warning("Some weights of %s were not in %s and are newly initialized: %s; train them (the head of "
+                   "another task) before using its predictions", type(model).__name__, path, sorted(keys))
 
 
 def _architecture(tf, config, folder):

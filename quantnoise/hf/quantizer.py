@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from typing import Optional, Union
 
 import torch
@@ -136,7 +135,6 @@ class QuantNoiseHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuantNoiseHfConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.device = None  # the one device of a device_map, moved to after the model is filled
-        self.model_ref = None  # the model attach() gave this quantizer to
 
     def validate_environment(self, *args, **kwargs) -> None:
         devices = _devices(kwargs.get("device_map"))
@@ -179,16 +177,10 @@ class QuantNoiseHfQuantizer(HfQuantizer):
             compress_at_load(model, self.quantization_config)
         if self.device is not None and str(self.device) != "cpu":
             model.to(self.device)
-        self.model_ref = weakref.ref(model)
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
-        model = self.model_ref() if self.model_ref is not None else None
-        if safe_serialization is False and (model is None or is_compressed(model)):
-            logger.warning("quantnoise: a compressed model is saved as safetensors (its model.safetensors is the .qnz): "
-                           "call save_pretrained(dir) with safe_serialization=True (the default)")
-            return False
-        return True
+        return True  # as safetensors; get_state_dict_and_metadata refuses safe_serialization=False (one line)
 
     def get_state_dict_and_metadata(self, model, safe_serialization=False):
         """The .qnz's tensors and its JSON map (the safetensors metadata), so transformers' ``model.safetensors`` is
@@ -199,6 +191,9 @@ class QuantNoiseHfQuantizer(HfQuantizer):
             if isinstance(getattr(model.config, "quantization_config", None), QuantNoiseHfConfig):
                 del model.config.quantization_config  # a plain model: saved and loaded as transformers does
             return None, {}
+        if safe_serialization is False:
+            raise ValueError("a quantnoise compressed model is saved as safetensors (its model.safetensors is the "
+                             ".qnz), not pickled: call save_pretrained(dir) with safe_serialization=True (the default)")
         tensors, metadata, config = qnz_contents(model)
         model.config.quantization_config = config
         return tensors, metadata
@@ -241,9 +236,7 @@ def attach(model) -> None:
     ``compress_`` or ``load_qnz`` meets."""
     if getattr(model, "hf_quantizer", None) is not None or not hasattr(model, "config"):
         return
-    quantizer = QuantNoiseHfQuantizer(QuantNoiseHfConfig(), pre_quantized=False)
-    quantizer.model_ref = weakref.ref(model)
-    model.hf_quantizer = quantizer
+    model.hf_quantizer = QuantNoiseHfQuantizer(QuantNoiseHfConfig(), pre_quantized=False)
 
 
 if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:  # a reload of this module registers nothing twice
