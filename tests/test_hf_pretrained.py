@@ -153,6 +153,10 @@ def test_unsafe_serialization_is_refused_naming_the_fix(tmp_path):
     with pytest.raises(ValueError, match="with safe_serialization=True"):
         model.save_pretrained(tmp_path / "x", safe_serialization=False)
     torch.save(model, tmp_path / "whole.pt")  # the attached quantizer pickles with the model
+    model.save_pretrained(tmp_path / "shards", max_shard_size="2KB")  # transformers cuts the .qnz into shards
+    for load in (tf.AutoModelForCausalLM.from_pretrained, hf.from_pretrained):
+        with pytest.raises(ValueError, match="save it with a max_shard_size larger than the model"):
+            load(str(tmp_path / "shards"))
 
 
 def test_a_folder_of_an_earlier_version_still_loads(tmp_path):
