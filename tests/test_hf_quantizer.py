@@ -37,6 +37,7 @@ def test_the_quantization_config_shows_and_records_what_is_stored(folder):
     path, model = folder
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "quantnoise" and qc["weights"] == "model.safetensors" and qc["format_version"] == 2
+    assert not {"scheme", "bits", "block_size", "include", "plan"} & set(qc)  # compress-at-load fields: not a folder's
     assert qc["rest_dtype"] == "float16" and qc["compressed_layers"] == 9 and qc["aliases"] == {"lm_head.weight": "transformer.wte"}
     pq, = [r for r in qc["rules"] if r["scheme"] == "pq"]
     int4, = [r for r in qc["rules"] if r["scheme"] == "scalar"]

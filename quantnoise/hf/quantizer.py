@@ -38,6 +38,7 @@ from .pretrained import WEIGHTS, fill_from_folder, weights_file
 
 logger = logging.getLogger(__name__)
 METHOD = "quantnoise"
+REQUEST = ("scheme", "block_size", "n_centroids", "bits", "include", "exclude", "kmeans_iters", "rows_per_scale", "plan")
 
 
 class QuantNoiseHfConfig(QuantizationConfigMixin):
@@ -84,7 +85,11 @@ class QuantNoiseHfConfig(QuantizationConfigMixin):
         return ExportOptions(rest_dtype=self.rest_dtype, centroids_dtype=self.centroids_dtype)
 
     def to_dict(self) -> dict:
+        """The fields; a folder's config (one with a ``format_version``) without the compression request's fields,
+        which loading it ignores (its ``rules`` say how it is compressed)."""
         out = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        if "format_version" in out:
+            return {k: v for k, v in out.items() if k not in REQUEST}
         if self.plan is not None:
             out["plan"] = {"type": type(self.plan).__name__, **dataclasses.asdict(self.plan)}
         return out
