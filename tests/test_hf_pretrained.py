@@ -239,3 +239,16 @@ def test_a_head_class_loads_the_base_of_another_folder_its_head_tied_or_newly_in
             assert "newly initialized: ['score.weight']" in caplog.text
             assert rel_err(score.transformer(ids).last_hidden_state, lm.transformer(ids).last_hidden_state) < 1e-3
             assert score(ids).logits.shape == (1, 2) and bool(torch.isfinite(score(ids).logits).all())
+
+
+def test_another_task_of_the_same_base_loads_with_the_unused_and_new_tensors_named(tmp_path, caplog):
+    model = bert_classifier()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    folder = hf.save_pretrained(model, tmp_path / "cls")
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        masked = tf.BertForMaskedLM.from_pretrained(str(folder))  # no pooler, another head: its decoder tied
+        assert rel_err(masked.bert(ids).last_hidden_state, model.bert(ids).last_hidden_state) < 1e-2
+        assert type(masked.cls.predictions.decoder).__name__ == "CodesLinear" and masked(ids).logits.shape == (1, 6, 96)
+    assert "not used by BertForMaskedLM (another task's head): ['bert.pooler.dense.bias'" in caplog.text
+    assert "newly initialized: ['cls.predictions.bias'" in caplog.text

@@ -206,7 +206,7 @@ def fill_from_folder(model: nn.Module, path) -> nn.Module:
     if new:
         _initialize(model, new, str(path))
     stored = {*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]}
-    if set(model.state_dict()) - set(new) != stored:
+    if not new or set(model.state_dict()) - set(new) != stored:
         check_fits(model, meta, tensors, str(path))  # its one-line error, naming what differs
     return fill_model_(model, tensors, meta)
 
@@ -241,15 +241,17 @@ def _align(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, path: str):
         tensors, meta = _rename(tensors, meta, lambda k: k[cut:] if k.startswith(prefix + ".") else None)
     elif expects and not has:  # a head model from a base folder
         tensors, meta = _rename(tensors, meta, lambda k: f"{prefix}.{k}")
-    if not expects:
-        return tensors, meta, []
     state = model.state_dict(keep_vars=True)
     stored = {*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]}
-    head = lambda k: not k.startswith(prefix + ".")  # noqa: E731
-    other = {k for k in stored - set(state) if head(k)}  # another head's tensors
-    tensors, meta = _rename(tensors, meta, lambda k: None if k in other or k.rpartition(".")[0] + ".weight" in other
-                            and k.rpartition(".")[0] in meta["layers"] else k)
-    missing = sorted(k for k in set(state) - stored if head(k))
+    if type(model).__name__ in (getattr(model.config, "architectures", None) or [type(model).__name__]):
+        return tensors, meta, []  # the class the folder was saved from: every key must fit (check_fits)
+    unused = stored - set(state)  # another head's tensors (or a pooler the model has not)
+    if unused:
+        logger.warning("Some tensors of %s are not used by %s (another task's head): %s", path, type(model).__name__,
+                       sorted(unused))
+        tensors, meta = _rename(tensors, meta, lambda k: None if k in unused or f"{k}.weight" in unused else k)
+        stored -= unused
+    missing = sorted(k for k in set(state) - stored if not expects or not k.startswith(prefix + "."))
     owners = {id(state[k]): k for k in stored if k in state}
     new = []
     for key in missing:  # a head tied (on meta) to a stored tensor: an alias of it, as the model ties it
