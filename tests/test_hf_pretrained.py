@@ -252,3 +252,15 @@ def test_another_task_of_the_same_base_loads_with_the_unused_and_new_tensors_nam
         assert type(masked.cls.predictions.decoder).__name__ == "CodesLinear" and masked(ids).logits.shape == (1, 6, 96)
     assert "not used by BertForMaskedLM (another task's head): ['bert.pooler.dense.bias'" in caplog.text
     assert "newly initialized: ['cls.predictions.bias'" in caplog.text
+
+
+def test_the_model_card_is_written_but_never_over_the_users_own(tmp_path):
+    model = build("gpt2").eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    folder = hf.save_pretrained(model, tmp_path / "a")
+    card = (folder / "README.md").read_text()
+    assert "tags:\n- quantnoise\n" in card and "compression x" in card and "lm_head.weight" in card
+    hf.save_pretrained(model, folder)  # its own card: rewritten
+    (folder / "README.md").write_text("# my model\n")
+    hf.save_pretrained(model, folder)
+    assert (folder / "README.md").read_text() == "# my model\n"

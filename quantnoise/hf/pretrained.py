@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"  # the .qnz, under the name transformers' save_pretrained writes and from_pretrained reads
 LEGACY_WEIGHTS = "model.qnz"  # folders of quantnoise before it (beside an index of no shard)
 INDEX = "model.safetensors.index.json"
-CARD = "README.md"
+CARD, CARD_TAG = "README.md", "- quantnoise\n"  # the tag that marks a model card quantnoise wrote
 
 
 def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None) -> pathlib.Path:
@@ -72,7 +72,11 @@ def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[E
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    _write_text(folder / CARD, model_card(type(model).__name__, folder / WEIGHTS, qconfig))
+    card = folder / CARD
+    if not card.is_file() or CARD_TAG in card.read_text(encoding="utf-8", errors="replace"):  # never the user's own card
+        _write_text(card, model_card(type(model).__name__, folder / WEIGHTS, qconfig))
+    else:
+        logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
     return folder
 
 
@@ -98,7 +102,7 @@ def model_card(arch: str, weights: pathlib.Path, qconfig) -> str:
     with contextlib.redirect_stdout(out):
         run(argparse.Namespace(model=str(weights), all=False))
     summary = out.getvalue().replace(str(weights), weights.name)
-    return (f"---\nlibrary_name: transformers\ntags:\n- quantnoise\n- compressed\n---\n\n"
+    return (f"---\nlibrary_name: transformers\ntags:\n{CARD_TAG}- compressed\n---\n\n"
             f"# {arch}, compressed with quantnoise\n\n"
             f"{qconfig.compressed_layers} layers compressed (iPQ / int-N: Fan, Stock et al. 2020, Quant-Noise); "
             f"the rest stored in {qconfig.rest_dtype}. It runs compressed (no fp32 copy of a compressed weight):\n\n"
