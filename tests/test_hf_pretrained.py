@@ -264,3 +264,21 @@ def test_the_model_card_is_written_but_never_over_the_users_own(tmp_path):
     (folder / "README.md").write_text("# my model\n")
     hf.save_pretrained(model, folder)
     assert (folder / "README.md").read_text() == "# my model\n"
+
+
+def test_t5s_one_embedding_under_three_names_runs_compressed_under_all(tmp_path, caplog):
+    torch.manual_seed(0)
+    config = tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = tf.T5ForConditionalGeneration(config).eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    folder = hf.save_pretrained(model, tmp_path / "t5")
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        want = model(input_ids=ids, decoder_input_ids=ids).logits
+        for loaded in (hf.from_pretrained(folder), tf.AutoModelForSeq2SeqLM.from_pretrained(str(folder))):
+            assert loaded.encoder.embed_tokens is loaded.shared and loaded.decoder.embed_tokens is loaded.shared
+            assert type(loaded.shared).__name__ == "CodesEmbedding"
+            assert rel_err(loaded(input_ids=ids, decoder_input_ids=ids).logits, want) < 1e-3
+            loaded.save_pretrained(tmp_path / "again")
+            assert same_qnz(tmp_path / "again" / "model.safetensors", folder / "model.safetensors")
+    assert "decoding" not in caplog.text
