@@ -91,9 +91,9 @@ def _compressed_state(m: nn.Module) -> Dict[str, Tensor]:
         q = m.int8_weight()
     else:  # the packed values q + qmax (runtime_width bits each)
         q = (unpack(m.qweight, m.width, out * inn).to(torch.int16) - qmax).to(torch.int8).reshape(out, inn)
-    scale = m.qscale.reshape(out, 1)
-    rows = next(d for d in range(out, 0, -1) if out % d == 0 and bool((scale.reshape(-1, d) == scale.reshape(-1, d)[:, :1]).all()))
-    return {**state, "qweight": q, "qscale": scale.reshape(-1, rows)[:, :1].contiguous(), "qbits": torch.tensor(m.bits)}
+    scale = m.qscale.reshape(out)  # one per row as the runtime holds it; stored one per group of equal rows
+    rows = next(d for d in range(out, 0, -1) if out % d == 0 and bool((scale.reshape(-1, d) == scale[::d, None]).all()))
+    return {**state, "qweight": q, "qscale": scale[::rows].reshape(-1, 1).contiguous(), "qbits": torch.tensor(m.bits)}
 
 
 def load_qnz(path, model: nn.Module, pack: bool = True) -> nn.Module:

@@ -3,7 +3,7 @@
   - bert.py: the local all-MiniLM-L6-v2 BERT (offline) and the sentence-classification helpers of recipes/bert;
   - conv1d.py: GPT-2's ``Conv1D`` noised, compressed and run compressed like a Linear (registered on import);
   - pretrained.py: ``save_pretrained(model, dir, tokenizer)`` / ``from_pretrained(dir)``, a compressed model
-    as a folder (config.json + model.qnz) loaded with runtime layers;
+    as a folder (config.json + model.safetensors, the .qnz, + a model card) loaded with runtime layers;
   - quantizer.py: the ``quantnoise`` quantization method of transformers (registered on import), so that
     ``AutoModel*.from_pretrained(dir)`` of such a folder loads it compressed too, ``model.save_pretrained(dir)``
     writes one, and ``from_pretrained(fp32_dir, quantization_config=QuantNoiseHfConfig(...))`` compresses at load;

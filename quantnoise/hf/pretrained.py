@@ -40,7 +40,6 @@ from ..qnz import check_fits, encode_model
 
 logger = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"  # the .qnz, under the name transformers' save_pretrained writes and from_pretrained reads
-LEGACY_WEIGHTS = "model.qnz"  # folders of quantnoise before it (beside an index of no shard)
 INDEX = "model.safetensors.index.json"
 CARD, CARD_TAG = "README.md", "- quantnoise\n"  # the tag that marks a model card quantnoise wrote
 
