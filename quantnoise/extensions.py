@@ -3,18 +3,22 @@
 ``LAZY`` names, by qualified class name, the quantnoise module whose import registers the handlers of a type
 (its noise wrapper in ``quantnoise.nn.WRAPPERS``, its compressed layers in ``quantnoise.compress.layers.COMPRESSED``,
 its runtime layers here in ``RUNTIME``).  ``ensure_for(model)`` imports those modules for the types a model holds;
-``quantize_``, ``compress_`` and the loaders call it, so a GPT-2 needs no ``import quantnoise.hf`` first.
+``quantize_``, ``compress_`` and the loaders call it, so a GPT-2 needs no ``import quantnoise.hf`` first.  A model
+of a registered type (``MODEL_HOOKS``: a transformers ``PreTrainedModel``) is also handed to its hook there
+(quantnoise.hf attaches its quantizer, so that ``model.save_pretrained`` writes the compressed folder).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Optional, Tuple, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 from torch import nn
 
-LAZY: Dict[str, str] = {"transformers.pytorch_utils.Conv1D": "quantnoise.hf.conv1d"}  # class -> registering module
+LAZY: Dict[str, str] = {"transformers.pytorch_utils.Conv1D": "quantnoise.hf.conv1d",  # class -> registering module
+                        "transformers.modeling_utils.PreTrainedModel": "quantnoise.hf.quantizer"}
 RUNTIME: Dict[Type[nn.Module], Tuple[Type[nn.Module], Type[nn.Module]]] = {}  # layer type -> (pq class, int class)
 _SEEN: Dict[type, None] = {}
+MODEL_HOOKS: Dict[Type[nn.Module], Callable[[nn.Module], None]] = {}  # root model type -> hook(model)
 
 
 def ensure_for(model: nn.Module) -> None:
@@ -28,6 +32,15 @@ def ensure_for(model: nn.Module) -> None:
             module = LAZY.get(f"{base.__module__}.{base.__qualname__}")
             if module is not None:
                 importlib.import_module(module)
+    for base, hook in MODEL_HOOKS.items():
+        if isinstance(model, base):
+            hook(model)
+
+
+def register_model_hook(base: Type[nn.Module], hook: Callable[[nn.Module], None]) -> None:
+    """``hook(model)`` for every model of type ``base`` that ``ensure_for`` meets (``quantize_``, ``compress_``,
+    the loaders)."""
+    MODEL_HOOKS[base] = hook
 
 
 def register_runtime(base: Type[nn.Module], pq_class: Type[nn.Module], int_class: Type[nn.Module]) -> None:

@@ -10,31 +10,47 @@ weight is made).  The file format is quantnoise/export.py's; the filling is quan
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from torch import Tensor, nn
 
 from .compress.layers import CompressedMixin
-from .export import ExportOptions, encode, read_qnz, write_qnz
+from .export import ExportOptions, encode, read_qnz, unpack, write_qnz
+from .runtime.layers import RuntimeMixin
 
 _STATE_KEYS = ("codes", "centroids", "weight_size", "qweight", "qscale", "qbits")
 
 
 def save_qnz(model: nn.Module, path, opts: ExportOptions = ExportOptions()) -> dict:
-    """Write ``model`` (compressed by ``compress_``, or not) as a .qnz, atomically; return its JSON map.
-    Layers sharing one codebook (tied weights) are stored once, the others as aliases of the first."""
+    """Write ``model`` (compressed by ``compress_``, loaded compressed by ``load_qnz``, or neither) as a .qnz,
+    atomically; return its JSON map.  Layers sharing one codebook (tied weights) are stored once, the others as
+    aliases of the first.  ``opts``: everything not compressed is stored in ``opts.rest_dtype`` (float16 by default,
+    float32 on request), pq codebooks in ``opts.centroids_dtype`` (float16, or int8 + one scale)."""
+    tensors, meta = encode_model(model, opts)
+    write_qnz(path, tensors, meta)
+    return meta
+
+
+def encode_model(model: nn.Module, opts: ExportOptions = ExportOptions()) -> Tuple[Dict[str, Tensor], dict]:
+    """(tensors, JSON map) of the .qnz of ``model``: what ``save_qnz`` writes.  A runtime layer (a model loaded
+    compressed) is stored as the compressed layer it was loaded from: the same codes, codebook, int values and
+    scales, so a loaded model re-saves to the file it came from."""
     state = model.state_dict()
-    owner: Dict[int, str] = {}  # id of a codebook's codes / int weights -> first layer holding it
+    owner: Dict[tuple, str] = {}  # storage of a codebook's codes / int weights -> first layer holding it
     aliases: Dict[str, str] = {}
     transposed: List[str] = []
     for name, m in model.named_modules(remove_duplicate=False):
-        if not isinstance(m, CompressedMixin):
+        if not isinstance(m, (CompressedMixin, RuntimeMixin)):
             continue
-        key = id(m.codes if m.scheme == "pq" else m.qweight)
+        key = _storage_key(m)
         if key not in owner:
             owner[key] = name
             if m.weight_transposed:
                 transposed.append(name)
+            if isinstance(m, RuntimeMixin):
+                for part in _RUNTIME_KEYS:
+                    state.pop(f"{name}.{part}", None)
+                state.update({f"{name}.{k}": v for k, v in _compressed_state(m).items()})
             continue
         for part in _STATE_KEYS:
             state.pop(f"{name}.{part}", None)
@@ -43,8 +59,41 @@ def save_qnz(model: nn.Module, path, opts: ExportOptions = ExportOptions()) -> d
     for name in transposed:
         meta["layers"][name]["transposed"] = True
     meta["aliases"].update(aliases)
-    write_qnz(path, tensors, meta)
-    return meta
+    return tensors, meta
+
+
+_RUNTIME_KEYS = ("codes", "centroids", "qweight", "qscale")
+
+
+def _storage_key(m: nn.Module) -> tuple:
+    """Layers computing from one stored weight (tied) give the same key: the memory of their codes (pq) or scales
+    (int-N: a runtime alias may hold its own fbgemm copy of the int weights, never its own scales)."""
+    t = m.codes if _is_pq(m) else m.qscale
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+
+
+def _is_pq(m: nn.Module) -> bool:
+    return (m.kind if isinstance(m, RuntimeMixin) else m.scheme) == "pq"
+
+
+def _compressed_state(m: nn.Module) -> Dict[str, Tensor]:
+    """A runtime layer's weight as ``encode`` reads a compressed layer's: pq ``codes`` / ``centroids``, int
+    ``qweight`` (the int values q, (out, in)) / ``qscale`` (one per group of rows sharing a scale) / ``qbits``;
+    and ``weight_size``."""
+    import torch
+
+    out, inn = m.weight_shape
+    state = {"weight_size": torch.tensor(m.weight_shape)}
+    if m.kind == "pq":
+        return {**state, "codes": m.codes, "centroids": m.centroids}
+    qmax = 2 ** (m.bits - 1) - 1
+    if m.width == 8:
+        q = m.int8_weight()
+    else:  # the packed values q + qmax (runtime_width bits each)
+        q = (unpack(m.qweight, m.width, out * inn).to(torch.int16) - qmax).to(torch.int8).reshape(out, inn)
+    scale = m.qscale.reshape(out)  # one per row as the runtime holds it; stored one per group of equal rows
+    rows = next(d for d in range(out, 0, -1) if out % d == 0 and bool((scale.reshape(-1, d) == scale[::d, None]).all()))
+    return {**state, "qweight": q, "qscale": scale[::rows].reshape(-1, 1).contiguous(), "qbits": torch.tensor(m.bits)}
 
 
 def load_qnz(path, model: nn.Module, pack: bool = True) -> nn.Module:

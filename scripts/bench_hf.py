@@ -60,7 +60,7 @@ def prepare(work: pathlib.Path) -> None:
     from quantnoise import hf
 
     torch.set_num_threads(2)
-    if not (work / "minilm_pq" / "model.qnz").is_file():
+    if not (work / "minilm_pq" / "model.safetensors").is_file():
         model = hf.load_encoder().eval()
         compress_(model, LayerRule(pattern=".", block_size=8, n_centroids=256))
         hf.save_pretrained(model, work / "minilm_pq")
@@ -70,7 +70,7 @@ def prepare(work: pathlib.Path) -> None:
                                           num_attention_heads=1, vocab_size=model.config.vocab_size))
         compress_(tiny, LayerRule(pattern=".", block_size=8, n_centroids=256, kmeans_iters=2))
         hf.save_pretrained(tiny.eval(), work / "minilm_warmup")
-    if not (work / "gpt2_pq" / "model.qnz").is_file():
+    if not (work / "gpt2_pq" / "model.safetensors").is_file():
         torch.manual_seed(0)
         model = tf.GPT2LMHeadModel(gpt2_config()).eval()
         compress_(model, LayerRule(pattern=".", block_size=8, n_centroids=256, kmeans_iters=4))
@@ -105,7 +105,7 @@ def rss_child(folder: str, warmup: str, kind: str) -> None:
     after = rss()
     forward(model, kind)
     print(json.dumps({"before": before, "after": after, "after_forward": rss(),
-                      "qnz": os.path.getsize(pathlib.Path(folder) / "model.qnz")}))
+                      "qnz": os.path.getsize(pathlib.Path(folder) / "model.safetensors")}))
 
 
 def timed(fn, *args):

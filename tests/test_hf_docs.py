@@ -16,9 +16,9 @@ def blocks():
 
 def test_doc_has_the_whole_path():
     text = "\n".join(blocks())
-    for step in ("quantize_(gpt2", "tf.Trainer(", "compress_(gpt2", "opt.step()", "hf.save_pretrained(",
+    for step in ("quantize_(gpt2", "tf.Trainer(", "compress_(gpt2", "gpt2.save_pretrained(", "hf.save_pretrained(",
                  "hf.from_pretrained(", "AutoModelForCausalLM.from_pretrained(", ".generate(", "LlamaForCausalLM",
-                 "QuantNoiseCallback(plan="):
+                 "QuantNoiseCallback(plan=", "scheme=\"scalar\", bits=4", "QuantNoiseHfConfig(", "torch_dtype="):
         assert step in text, step
 
 
@@ -28,4 +28,4 @@ def test_every_block_runs(tmp_path, monkeypatch):
     namespace = {"__name__": "hf_doc"}
     for i, code in enumerate(blocks()):
         exec(compile(code, f"{DOC}:block{i + 1}", "exec"), namespace)
-    assert (tmp_path / "gpt2-pq" / "model.qnz").is_file() and (tmp_path / "llama-pq" / "config.json").is_file()
+    assert (tmp_path / "gpt2-pq" / "model.safetensors").is_file() and (tmp_path / "llama-pq" / "config.json").is_file()

@@ -78,5 +78,12 @@ def test_staged_ipq_compresses_each_stage_and_trains_its_centroids(tmp_path, cap
     assert not torch.equal(seen[2][name], seen[4][name])  # the optimizer trains the new centroids
     name = "transformer.h.1.attn.c_attn.centroids"
     assert not torch.equal(seen[4][name], dict(model.named_parameters())[name].detach())
+    model.eval().save_pretrained(tmp_path / "final")  # what Trainer.save_model calls: a quantnoise folder
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert float((loaded(ids).logits - want).abs().max()) < 1e-3 * float(want.abs().max())
+    assert type(loaded.transformer.h[0].mlp.c_fc).__name__ == "CodesConv1D"
     with pytest.raises(ValueError, match="plan must be an IPQPlan"):
         QuantNoiseCallback(plan=LayerRule())

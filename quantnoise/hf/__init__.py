@@ -3,9 +3,10 @@
   - bert.py: the local all-MiniLM-L6-v2 BERT (offline) and the sentence-classification helpers of recipes/bert;
   - conv1d.py: GPT-2's ``Conv1D`` noised, compressed and run compressed like a Linear (registered on import);
   - pretrained.py: ``save_pretrained(model, dir, tokenizer)`` / ``from_pretrained(dir)``, a compressed model
-    as a folder (config.json + model.qnz) loaded with runtime layers;
+    as a folder (config.json + model.safetensors, the .qnz, + a model card) loaded with runtime layers;
   - quantizer.py: the ``quantnoise`` quantization method of transformers (registered on import), so that
-    ``AutoModel*.from_pretrained(dir)`` of such a folder loads it compressed too;
+    ``AutoModel*.from_pretrained(dir)`` of such a folder loads it compressed too, ``model.save_pretrained(dir)``
+    writes one, and ``from_pretrained(fp32_dir, quantization_config=QuantNoiseHfConfig(...))`` compresses at load;
   - trainer.py: ``QuantNoiseCallback``, masks keyed on the Trainer's step and staged iPQ inside ``Trainer``.
 See docs/hf.md.
 """
@@ -13,8 +14,9 @@ from . import conv1d, quantizer  # noqa: F401  (register GPT-2's Conv1D handlers
 from .bert import (accuracy, batches, bits_per_param, cosine, finetune_, forward, load_classifier, load_encoder,
                    load_tokenizer, mean_pool, model_dir, n_params, predict, read_tsv)
 from .pretrained import from_pretrained, save_pretrained
+from .quantizer import QuantNoiseHfConfig
 from .trainer import QuantNoiseCallback
 
 __all__ = ["read_tsv", "batches", "model_dir", "load_tokenizer", "load_classifier", "load_encoder", "forward",
            "mean_pool", "finetune_", "predict", "accuracy", "cosine", "n_params", "bits_per_param",
-           "save_pretrained", "from_pretrained", "QuantNoiseCallback"]
+           "save_pretrained", "from_pretrained", "QuantNoiseHfConfig", "QuantNoiseCallback"]

@@ -34,6 +34,16 @@ logger = logging.getLogger(__name__)
 
 
 class QuantNoiseCallback(TrainerCallback):
+    """Quant-Noise and staged iPQ in a ``transformers.Trainer``: pass it in ``callbacks=[...]``, the loop unchanged.
+
+    ``plan=None``: each step, the quant-noise wrappers (``quantize_``) are told the Trainer's global step, so a
+    layer's masks depend on (seed, layer, step) and a resumed run draws the uninterrupted run's masks.
+    ``plan`` (an ``IPQPlan``) and ``start``: from step ``start`` the plan's stages are compressed one at a time
+    (``compress_``), each trained ``rule.updates`` steps before the next; the Trainer's optimizer and learning-rate
+    schedule are told in place (the compressed weights leave them, the new centroids join them).  The model the
+    Trainer saves at the end (``save_model``) is a quantnoise folder that ``from_pretrained`` loads compressed.
+    Resuming inside the stages raises ValueError (resume before ``start``)."""
+
     def __init__(self, plan: Optional[IPQPlan] = None, start: int = 0):
         if plan is not None and not isinstance(plan, IPQPlan):
             raise ValueError(f"QuantNoiseCallback plan must be an IPQPlan (or None), not a {type(plan).__name__}; "
