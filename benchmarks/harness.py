@@ -21,7 +21,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 from typing import Dict, Iterable, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -96,15 +95,13 @@ def record(name: str, figures: dict, command: Optional[Sequence[str]] = None, th
 
 
 def write_json(path: pathlib.Path, data) -> pathlib.Path:
+    """``data`` as JSON at ``path``, through quantnoise's atomic write (temp file, fsync, rename)."""
+    from quantnoise.checkpoint import atomic_write
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1) + "\n"
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

@@ -503,7 +503,6 @@ class Recipe:
                                       step, f["updates"], f["lr"], self.ft_warmup(), seed=seed)
             return {"checkpoint": str(ckpt), "flags": flags, "valid": self.valid_ppl(step)}
 
-
     def add_train(self, name: str, noise, deps=("preprocess",)) -> None:
         s = self.s
 
@@ -761,8 +760,8 @@ class Recipe:
         cuts = [e["gap_cut"] for e in per_seed if e["gap_cut"] is not None]
 
         def mean_row(key):
-            return {"ppl": interval(e[key]["ppl"] for e in per_seed)["mean"], "bytes": per_seed[0][key]["bytes"],
-                    "ppl_interval": interval(e[key]["ppl"] for e in per_seed)}
+            iv = interval(e[key]["ppl"] for e in per_seed)
+            return {"ppl": iv["mean"], "bytes": per_seed[0][key]["bytes"], "ppl_interval": iv}
 
         res = {"updates": f["updates"], "seeds": per_seed, "gap_cut": interval(cuts),
                "ppl_gain": interval(e["ipq_plain"]["ppl"] - e["ipq_qn"]["ppl"] for e in per_seed),
@@ -920,10 +919,10 @@ def plot_quality(ft: dict, path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    from quantnoise.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def table_markdown(res: dict) -> List[str]:
