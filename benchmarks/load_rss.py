@@ -1,15 +1,15 @@
 """Resident memory of loading a .qnz compressed (quantnoise.runtime), in fresh processes.
 
-    python scripts/bench_load_rss.py WORKDIR [--code DIR ...] [--layers 16 --dim 1024] [--no-warmup]
-    python scripts/bench_load_rss.py WORKDIR --model roberta_base [--code DIR ...] [--no-warmup]
+    python benchmarks/load_rss.py WORKDIR [--code DIR ...] [--layers 16 --dim 1024] [--no-warmup]
+    python benchmarks/load_rss.py WORKDIR --model roberta_base [--code DIR ...] [--no-warmup]
 
-WORKDIR: a ``scripts/bench_infer.py`` work folder (its dictionary ``bin/``, and the .qnz files it made, whose
+WORKDIR: a ``benchmarks/infer.py`` work folder (its dictionary ``bin/``, and the .qnz files it made, whose
 fairseq configs are reused).
   lm (default): WORKDIR/lm{layers}x{dim}_{pq,int8}.qnz, a ``transformer_lm`` of that size (FFN 4x, dim/64 heads,
     tied embedding) with random pq codes (b=8, k=256) / random int8 weights, saved by ``quantnoise.export.save_qnz``
     (speed and memory do not depend on the values), loaded by ``quantnoise.runtime.load_fairseq``; the forward is
     batch-1 generation of 8 tokens through fairseq's incremental state.
-  roberta_base: WORKDIR/roberta_base/{pq,int8,int4}.qnz of ``bench_infer.py --model roberta_base``, loaded by
+  roberta_base: WORKDIR/roberta_base/{pq,int8,int4}.qnz of ``benchmarks/infer.py --model roberta_base``, loaded by
     ``RobertaModel.from_pretrained`` of their folder (the issue's path); the forward is 8 masked-LM passes of
     12-32-token sentences at batch 1.
 For each file and each quantnoise source folder in ``--code`` (default: this checkout; give an older checkout
@@ -222,7 +222,7 @@ def main() -> None:
         paths = {s: args.workdir / spec["folder"] / f"{s}.qnz" for s in spec["schemes"]}
         missing = [str(q) for q in paths.values() if not q.exists()]
         if missing:
-            raise SystemExit(f"error: {', '.join(missing)} missing; make them with `python scripts/bench_infer.py "
+            raise SystemExit(f"error: {', '.join(missing)} missing; make them with `python benchmarks/infer.py "
                              f"{args.workdir} --model roberta_base --cases fp32` (setup only needs one case)")
     warm = {} if args.no_warmup else synthesise(args.workdir, args.model, 1, 64, "warmup")
     print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}; warm-up: "

@@ -1,6 +1,6 @@
 """Whole-model iPQ time / peak memory, and .qnz export sizes, on randomly initialised fairseq models.
 
-    python scripts/bench_ipq_export.py WORKDIR [--skip-big]
+    python benchmarks/ipq_export.py WORKDIR [--skip-big]
 
 1. Writes (to WORKDIR, not committed) a fairseq checkpoint of a 16-layer 1024-d ``transformer_lm``
    (FFN 4096, vocab 32000, untied output projection) with an Adam state, as fairseq-train saves it,

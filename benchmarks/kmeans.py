@@ -1,6 +1,6 @@
 """k-means for iPQ: quantnoise (faiss) vs fairseq's ``PQ`` (hand-written EM) on the same weights.
 
-    python scripts/bench_kmeans.py [--iters 20] [--fairseq-iters 2] [--shapes linear_up,linear_down,embedding]
+    python benchmarks/kmeans.py [--iters 20] [--fairseq-iters 2] [--shapes linear_up,linear_down,embedding]
 
 Each run is a fresh subprocess, so its peak RSS (ru_maxrss) is its own; "RSS +" is the peak minus
 the RSS just before the k-means (torch, the weight and the imports excluded).  Weights are the

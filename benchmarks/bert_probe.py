@@ -4,7 +4,7 @@ accuracy with each scheme's encoder under the same probe, and the embedding cosi
 PTQ (int8 weights per row + int8 Linear inputs, min-max) once per activation scale granularity:
 tensor (Q8BERT), token (dynamic, per row), channel (calibrated per input feature).
 
-    python scripts/bench_bert_probe.py TRAIN.tsv TEST.tsv [--calib-batches 8]
+    python benchmarks/bert_probe.py TRAIN.tsv TEST.tsv [--calib-batches 8]
 """
 import argparse
 import copy

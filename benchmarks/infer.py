@@ -1,9 +1,9 @@
 """Inference of a .qnz run compressed (quantnoise.runtime) against fp32 and the decoded model.
 
-    python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
-    python scripts/bench_infer.py WORKDIR --kernels [--shapes 384x384 ...] [--tokens 1 16]   # pq Linear kernels
-    python scripts/bench_infer.py WORKDIR --one-process [--threads 1 2] [--rounds 7]   # all cases in one process
-    python scripts/bench_infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
+    python benchmarks/infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
+    python benchmarks/infer.py WORKDIR --kernels [--shapes 384x384 ...] [--tokens 1 16]   # pq Linear kernels
+    python benchmarks/infer.py WORKDIR --one-process [--threads 1 2] [--rounds 7]   # all cases in one process
+    python benchmarks/infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
 
 Setup (cached in WORKDIR, not committed): the generated stdlib-docstring corpus (scripts/make_corpus.py),
 binarised; a 6x512 ``transformer_lm`` (FFN 2048, 8 heads, tied input/output embedding) trained for 1

@@ -1,6 +1,6 @@
 """Time quantnoise.runtime's IntLinear at every int width 2..8, loaded from a .qnz as a model would be.
 
-    python scripts/bench_int_widths.py [--shapes 768x768,3072x768,768x3072] [--tokens 1,16,128] [--threads 1]
+    python benchmarks/int_widths.py [--shapes 768x768,3072x768,768x3072] [--tokens 1,16,128] [--threads 1]
         [--repeats 20]
 
 For each (out x in) shape, token count and width: the median time of a forward, and that time per byte

@@ -1,7 +1,7 @@
 """Train-step time of fairseq's transformer_lm with Quant-Noise: plain vs stock fairseq
 ``--quant-noise-pq 0.1`` vs the plugin's ``qn_transformer_lm`` with drop / scalar int8 / pq at p=0.1.
 
-    python scripts/bench_train.py [--rounds 5] [--steps 2] [--threads 2] [--device cpu|cuda] [--json out.json]
+    python benchmarks/train.py [--rounds 5] [--steps 2] [--threads 2] [--device cpu|cuda] [--json out.json]
 
 Every model is built in-process by fairseq itself (``options.parse_args_and_arch`` +
 ``task.build_model``) from the same command-line flags a user would pass: 6 layers (``--layers``), 512/2048, 8
@@ -111,13 +111,13 @@ def main() -> int:
     ap.add_argument("--json", help="also write the raw per-round times here")
     a = ap.parse_args()
     if a.rounds < 1 or a.steps < 1:
-        print("bench_train: --rounds and --steps must be >= 1", file=sys.stderr)
+        print("benchmarks/train.py: --rounds and --steps must be >= 1", file=sys.stderr)
         return 2
 
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("bench_train: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        print("benchmarks/train.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

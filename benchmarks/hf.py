@@ -1,6 +1,6 @@
 """Issue 18's goals on Hugging Face models loaded compressed by ``quantnoise.hf.from_pretrained``.
 
-    python scripts/bench_hf.py WORKDIR [--rounds 5] [--sentences 16] [--new-tokens 32] [--skip-gpt2] [--skip-rss]
+    python benchmarks/hf.py WORKDIR [--rounds 5] [--sentences 16] [--new-tokens 32] [--skip-gpt2] [--skip-rss]
                                [--table-too]
 
   1. prepare (once, cached in WORKDIR): all-MiniLM-L6-v2 (``quantnoise.hf.load_encoder()``, offline) with every
@@ -10,7 +10,7 @@
      WORKDIR/gpt2_pq; the compressed models' outputs on fixed inputs (WORKDIR/*_ref.pt) for the match check;
   2. resident memory of loading, in a fresh process per folder, 1 thread: imports and a warm-up (load + forward of
      a 1-layer copy of the same architecture, freed) first, then VmRSS before / after ``from_pretrained``;
-     growth / the .qnz's size (bench_load_rss.py's protocol);
+     growth / the .qnz's size (benchmarks/load_rss.py's protocol);
   3. speed, one process, 1 thread, rounds interleaved (fp32 then pq, ``--rounds`` times; the best round of each
      is reported): MiniLM batch-1 encode of ``--sentences`` sentences (12-32 tokens),
      GPT-2 batch-1 greedy ``generate`` of ``--new-tokens`` tokens after an 8-token prompt; the speed ratio is the
