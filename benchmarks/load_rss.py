@@ -44,6 +44,9 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file (python benchmarks/load_rss.py): the repository root for the harness
+    sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 MODELS = {  # folder in WORKDIR, schemes, cfg.model of (layers, dim), tied weight -> compressed layer it copies
     "lm": dict(folder=".", schemes=("pq", "int8"), tie={"decoder.output_projection.weight": "decoder.embed_tokens"},
                dims=lambda L, D: dict(decoder_layers=L, decoder_embed_dim=D, decoder_input_dim=D, decoder_output_dim=D,
@@ -212,6 +215,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=1024, help="lm: the synthesised model's width")
     p.add_argument("--no-warmup", action="store_true", help="no tiny-model load in the fixed part (see above)")
     p.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
+    harness.add_record_arg(p, "load_rss")
     args = p.parse_args()
     if args.measure:
         return measure(args.model, args.measure[0], args.measure[1], str(args.workdir / "bin"))
@@ -231,6 +235,7 @@ def main() -> None:
           "| anon / file-backed MiB | model tensors MiB (x file) | load peak growth MiB (x file) | after forward MiB (x file) |\n"
           "|---|---|---|---|---|---|---|---|---|")
     mib = 2**20
+    rows = []
     for scheme, path in paths.items():
         size = path.stat().st_size
         for code in args.code:
@@ -252,6 +257,8 @@ def main() -> None:
                   f"| {x(s1['VmRSS'] - s0['VmRSS'])} "
                   f"| {anon / mib:.1f} / {file / mib:.1f} | {x(r['tensors'])} | {x(s1['VmHWM'] - s0['VmRSS'])} "
                   f"| {x(max(s2['VmHWM'], s2['VmRSS']) - s0['VmRSS'])} |", flush=True)
+            rows.append({"file": path.name, "bytes": size, "scheme": scheme, **r})
+    harness.save("load_rss", {"model": args.model, "warmup": not args.no_warmup, "rows": rows}, args.record, threads=1)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,15 @@ FFN, embedding and output layers only, fused attention kept).
 import argparse
 import json
 import pathlib
+import random
 import statistics
 import sys
 import tempfile
 import time
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/train.py): the repository root for the harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.harness import add_record_arg, machine, save  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = str(ROOT / "quantnoise" / "qn_fairseq")
@@ -109,6 +114,7 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--layers", type=int, default=6, help="decoder layers (512-d, FFN 2048, 8 heads)")
     ap.add_argument("--json", help="also write the raw per-round times here")
+    add_record_arg(ap, "train")
     a = ap.parse_args()
     if a.rounds < 1 or a.steps < 1:
         print("benchmarks/train.py: --rounds and --steps must be >= 1", file=sys.stderr)
@@ -138,8 +144,11 @@ def main() -> int:
 
     times = {name: [] for name in steps}  # wall seconds per step, per round
     cpu = {name: [] for name in steps}  # this process' CPU seconds per step (all threads), per round
+    order, rng = list(steps), random.Random(0)
     for r in range(a.rounds):
-        for name, step in steps.items():
+        rng.shuffle(order)  # a shuffled order each round: drift in the load falls on every model alike
+        for name in order:
+            step = steps[name]
             sync(a.device)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
@@ -154,6 +163,9 @@ def main() -> int:
     def ratio(series, name):
         return statistics.median(x / p for x, p in zip(series[name], series["plain transformer_lm"]))
 
+    m = machine(a.threads)
+    print(f"{m['cpu']} ({m['isa']}), {a.threads} threads, device {a.device}, load average "
+          f"{' / '.join(map(str, m['load_avg']))}\n")
     print("| model | wall s/step (median) | wall ratio to plain | CPU s/step (median) | CPU ratio to plain |")
     print("|---|---|---|---|---|")
     for name in times:
@@ -166,6 +178,11 @@ def main() -> int:
         pathlib.Path(a.json).write_text(json.dumps({"times": times, "cpu": cpu, "pq_refresh_s": refresh, "rounds": a.rounds,
                                                     "steps": a.steps, "threads": a.threads, "device": a.device},
                                                    indent=1))
+    save("train", {"device": a.device, "layers": a.layers, "rounds": a.rounds, "steps": a.steps,
+                   "pq_refresh_s": refresh,
+                   "rows": [{"model": name, "wall_s": statistics.median(times[name]), "wall_ratio": ratio(times, name),
+                             "cpu_s": statistics.median(cpu[name]), "cpu_ratio": ratio(cpu, name)} for name in times]},
+         a.record, threads=a.threads)
     return 0
 
 

@@ -135,7 +135,7 @@ fi
 # 5. train-step overhead on the GPU ------------------------------------------------------------------------
 BENCH=(--device cuda --rounds 5 --steps 3)
 [ -z "$DRY" ] || BENCH=(--device cpu --rounds 1 --steps 1 --threads 1 --layers 1)
-if "$PY" benchmarks/train.py "${BENCH[@]}" --json "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log"; then
+if "$PY" benchmarks/train.py "${BENCH[@]}" --json "$OUT/bench.json" --record "$OUT/bench_record.json" > "$OUT/bench.md" 2> "$OUT/bench.log"; then
   result bench PASS "benchmarks/train.py ${BENCH[*]}: see bench.md"
   { echo; echo "## benchmarks/train.py ${BENCH[*]}"; echo; cat "$OUT/bench.md"; } >> "$SUMMARY"
 else
