@@ -81,7 +81,10 @@ def main() -> None:
                       f"{1e6 * ms / file_b:10.3f} {1e6 * ms / mem_b:9.3f} {raw_ms:8.3f}")
                 rows.append({"shape": shape, "tokens": tokens, "bits": bits, "kernel": layer.choose_kernel(x), "ms": ms,
                              "raw_ms": None if raw is None else raw_ms})
-    harness.save("int_widths", {"repeats": args.repeats, "rows": rows}, args.record, threads=args.threads)
+    from quantnoise.runtime import ext
+
+    harness.save("int_widths", {"repeats": args.repeats, "compiled_kernels": ext.available(), "rows": rows}, args.record,
+                 threads=args.threads)
 
 
 if __name__ == "__main__":
