@@ -17,11 +17,13 @@ import math
 import os
 import pathlib
 import platform
+import random
 import shlex
 import statistics
 import subprocess
 import sys
-from typing import Dict, Iterable, Optional, Sequence
+import time
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -87,9 +89,20 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def this_command() -> list:
+    """This process' command line as a reader would type it from the repository root: ``python benchmarks/x.py ...``
+    (a script inside the repository by its relative path, whether it was run as a file or with ``-m``)."""
+    script = pathlib.Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        script = pathlib.Path(script.name)
+    return ["python" if script.suffix == ".py" else "", str(script), *sys.argv[1:]]
+
+
 def record(name: str, figures: dict, command: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> dict:
     """A record of ``figures`` made by ``command`` (default: this process' command line)."""
-    argv = list(command) if command is not None else [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]
+    argv = [a for a in (list(command) if command is not None else this_command()) if a != ""]
     return {"name": name, "command": " ".join(shlex.quote(str(a)) for a in argv), **commit(), "date": now(),
             "machine": machine(threads), "figures": figures}
 
@@ -109,6 +122,49 @@ def write_record(name: str, figures: dict, command: Optional[Sequence[str]] = No
                  threads: Optional[int] = None) -> pathlib.Path:
     """Write ``results/<name>.json`` (or ``out``) atomically; returns its path."""
     return write_json(out or RESULTS / f"{name}.json", record(name, figures, command, threads))
+
+
+def add_record_arg(parser, name: str) -> None:
+    """``--record PATH`` (default ``results/<name>.json``; ``--record -`` writes none), the same in every benchmark."""
+    parser.add_argument("--record", default=str(RESULTS / f"{name}.json"), metavar="PATH",
+                        help=f"write the run's record here (default results/{name}.json; '-': none)")
+
+
+def save(name: str, figures: dict, path: str, threads: Optional[int] = None) -> Optional[pathlib.Path]:
+    """A benchmark's last step: write its record to ``path`` (``--record``) unless that is ``-``."""
+    if path == "-":
+        return None
+    out = write_record(name, figures, out=pathlib.Path(path), threads=threads)
+    print(f"record: {out}", file=sys.stderr)
+    return out
+
+
+# ------------------------------------------------------------------------------------ timing
+def interleaved(cases: Dict[str, Callable[[], Optional[float]]], rounds: int, seed: int = 0,
+                baseline: Optional[str] = None) -> dict:
+    """Time every case once per round, in a shuffled order each round (``seed``), all in this process, so drift in
+    the machine's load falls on every case alike.  A case returns its own time in seconds or ``None`` (then its
+    wall time is taken).  Returns per case ``median_spread`` of its times (``"s"``) and, with ``baseline``, of the
+    per-round ratio to the baseline's time of the same round (``"ratio"``), plus the raw ``"rounds"``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if baseline is not None and baseline not in cases:
+        raise ValueError(f"baseline {baseline!r} is not one of the cases {sorted(cases)}")
+    rng = random.Random(seed)
+    times: Dict[str, list] = {k: [] for k in cases}
+    order = list(cases)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            t0 = time.perf_counter()
+            t = cases[k]()
+            times[k].append(float(t) if t is not None else time.perf_counter() - t0)
+    out = {}
+    for k, v in times.items():
+        out[k] = {"s": median_spread(v), "rounds": v}
+        if baseline is not None:
+            out[k]["ratio"] = median_spread(x / b for x, b in zip(v, times[baseline]))
+    return out
 
 
 # ------------------------------------------------------------------------------------ statistics

@@ -10,7 +10,7 @@
 #                 of a small LM; passes when every logged loss is finite and the last is below the first
 #   4. ipq+eval   iPQ of the pq --fp16 checkpoint, centroids fine-tuned nowhere (post hoc), `quantnoise export`
 #                 to .qnz, then fairseq-eval-lm of the .qnz on the GPU (runs compressed) and of the decoded model
-#   5. bench      scripts/bench_train.py --device cuda: noise overhead per train step, as a ratio to no noise
+#   5. bench      benchmarks/train.py --device cuda: noise overhead per train step, as a ratio to no noise
 #
 # Everything goes to OUT: one log per step, OUT/summary.md (PASS / FAIL per step, the figures), OUT/bench.json.
 # A failed step does not stop the others; the exit status is the number of failed steps (0: all passed).
@@ -135,9 +135,9 @@ fi
 # 5. train-step overhead on the GPU ------------------------------------------------------------------------
 BENCH=(--device cuda --rounds 5 --steps 3)
 [ -z "$DRY" ] || BENCH=(--device cpu --rounds 1 --steps 1 --threads 1 --layers 1)
-if "$PY" scripts/bench_train.py "${BENCH[@]}" --json "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log"; then
-  result bench PASS "scripts/bench_train.py ${BENCH[*]}: see bench.md"
-  { echo; echo "## scripts/bench_train.py ${BENCH[*]}"; echo; cat "$OUT/bench.md"; } >> "$SUMMARY"
+if "$PY" benchmarks/train.py "${BENCH[@]}" --json "$OUT/bench.json" --record "$OUT/bench_record.json" > "$OUT/bench.md" 2> "$OUT/bench.log"; then
+  result bench PASS "benchmarks/train.py ${BENCH[*]}: see bench.md"
+  { echo; echo "## benchmarks/train.py ${BENCH[*]}"; echo; cat "$OUT/bench.md"; } >> "$SUMMARY"
 else
   result bench FAIL "$(tail -1 "$OUT/bench.log")"
 fi

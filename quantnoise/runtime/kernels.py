@@ -30,7 +30,7 @@ from ..export import unpack
 from . import ext as runtime_ext
 
 # Crossover of the pq Linear between the look-up table and decode + matmul, in tokens per call, from
-# `python scripts/bench_infer.py WORK --kernels --threads 1` (shapes 512x512, 2048x512, 512x2048, 768x768,
+# `python benchmarks/infer.py WORK --kernels --threads 1` (shapes 512x512, 2048x512, 512x2048, 768x768,
 # 3072x768, 768x3072; BENCHMARKS.md).  With the compiled kernels the table wins up to ~out/12 tokens for
 # b=8, k=256 pq (512 rows: ~64 tokens, 768: ~90, 2048: ~200, 3072: over 256) and up to ~out/190 .. out/128 for
 # int4's bytes (b=2: a 4x larger table per token and 4x more look-ups); the rule  T <= out * bs^2 /

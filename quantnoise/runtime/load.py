@@ -192,7 +192,7 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
 
 
 RELEASE_EVERY = 4 << 20  # bytes of file tensors dropped between two ``release_freed_memory`` calls (16 MiB: the
-# 16x1024 int8 LM's load peak was 1.16x its file, 4 MiB: 1.09x, scripts/bench_load_rss.py; a trim takes < 1 ms)
+# 16x1024 int8 LM's load peak was 1.16x its file, 4 MiB: 1.09x, benchmarks/load_rss.py; a trim takes < 1 ms)
 
 
 @functools.lru_cache(None)

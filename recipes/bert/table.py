@@ -526,8 +526,8 @@ class Run:
     def qbert3_plans(self, avg_bits: float = QBERT3_AVG, prefix: str = "qbert3", cost: str = QBERT3_COST,
                      qkv_rows: Optional[int] = None) -> dict:
         """``run_qbert3_plan``'s plans at a budget of ``avg_bits`` stored weight bits (the recipe: QBERT3_AVG),
-        the YAMLs written to ckpt/PREFIX_{hessian,inverted}_plan.yaml (scripts/bert_budget_dev.py: other budgets;
-        scripts/bert_plan_posthoc.py: either ``cost``, ``qkv_rows`` rows per scale on q/k/v instead of a head's)."""
+        the YAMLs written to ckpt/PREFIX_{hessian,inverted}_plan.yaml (``cost``: the 4^-b model or the measured
+        error; ``qkv_rows``: rows per scale on q/k/v instead of a head's)."""
         scores, secs, n_batches = self.sensitivity()
         sizes = {k: v.numel for k, v in scores.items()}
         ranked = sorted(scores, key=lambda k: -scores[k].score)

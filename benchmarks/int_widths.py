@@ -1,6 +1,6 @@
 """Time quantnoise.runtime's IntLinear at every int width 2..8, loaded from a .qnz as a model would be.
 
-    python scripts/bench_int_widths.py [--shapes 768x768,3072x768,768x3072] [--tokens 1,16,128] [--threads 1]
+    python benchmarks/int_widths.py [--shapes 768x768,3072x768,768x3072] [--tokens 1,16,128] [--threads 1]
         [--repeats 20]
 
 For each (out x in) shape, token count and width: the median time of a forward, and that time per byte
@@ -12,14 +12,18 @@ good as the machine is quiet (say its load average with them).
 from __future__ import annotations
 
 import argparse
-import os
+import pathlib
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
-from quantnoise.compress.layers import scalar_quantize
+if __package__ in (None, ""):  # run as a file (python benchmarks/int_widths.py): the repository root for the harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+from quantnoise.compress.layers import scalar_quantize  # noqa: E402
 from quantnoise.export import ExportOptions, encode
 from quantnoise.runtime import IntLinear, fill_model_
 
@@ -54,10 +58,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    harness.add_record_arg(ap, "int_widths")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)
-    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
+    m = harness.machine(args.threads)
+    print(f"{m['cpu']} ({m['isa']}), threads {args.threads}, load average {m['load_avg'][0]:.2f}, torch {torch.__version__}")
+    rows = []
     print(f"{'shape':>10s} {'T':>4s} {'bits':>4s} {'kernel':>8s} {'ms':>8s} {'ns/file B':>10s} {'ns/mem B':>9s} "
           f"{'raw ms':>8s}")
     for shape in args.shapes.split(","):
@@ -72,6 +79,12 @@ def main() -> None:
                 file_b, mem_b = out * inn * bits / 8, out * inn * layer.width / 8
                 print(f"{shape:>10s} {tokens:4d} {bits:4d} {layer.choose_kernel(x):>8s} {ms:8.3f} "
                       f"{1e6 * ms / file_b:10.3f} {1e6 * ms / mem_b:9.3f} {raw_ms:8.3f}")
+                rows.append({"shape": shape, "tokens": tokens, "bits": bits, "kernel": layer.choose_kernel(x), "ms": ms,
+                             "raw_ms": None if raw is None else raw_ms})
+    from quantnoise.runtime import ext
+
+    harness.save("int_widths", {"repeats": args.repeats, "compiled_kernels": ext.available(), "rows": rows}, args.record,
+                 threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Resident memory of loading a .qnz compressed (quantnoise.runtime), in fresh processes.
 
-    python scripts/bench_load_rss.py WORKDIR [--code DIR ...] [--layers 16 --dim 1024] [--no-warmup]
-    python scripts/bench_load_rss.py WORKDIR --model roberta_base [--code DIR ...] [--no-warmup]
+    python benchmarks/load_rss.py WORKDIR [--code DIR ...] [--layers 16 --dim 1024] [--no-warmup]
+    python benchmarks/load_rss.py WORKDIR --model roberta_base [--code DIR ...] [--no-warmup]
 
-WORKDIR: a ``scripts/bench_infer.py`` work folder (its dictionary ``bin/``, and the .qnz files it made, whose
+WORKDIR: a ``benchmarks/infer.py`` work folder (its dictionary ``bin/``, and the .qnz files it made, whose
 fairseq configs are reused).
   lm (default): WORKDIR/lm{layers}x{dim}_{pq,int8}.qnz, a ``transformer_lm`` of that size (FFN 4x, dim/64 heads,
     tied embedding) with random pq codes (b=8, k=256) / random int8 weights, saved by ``quantnoise.export.save_qnz``
     (speed and memory do not depend on the values), loaded by ``quantnoise.runtime.load_fairseq``; the forward is
     batch-1 generation of 8 tokens through fairseq's incremental state.
-  roberta_base: WORKDIR/roberta_base/{pq,int8,int4}.qnz of ``bench_infer.py --model roberta_base``, loaded by
+  roberta_base: WORKDIR/roberta_base/{pq,int8,int4}.qnz of ``benchmarks/infer.py --model roberta_base``, loaded by
     ``RobertaModel.from_pretrained`` of their folder (the issue's path); the forward is 8 masked-LM passes of
     12-32-token sentences at batch 1.
 For each file and each quantnoise source folder in ``--code`` (default: this checkout; give an older checkout
@@ -44,6 +44,9 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file (python benchmarks/load_rss.py): the repository root for the harness
+    sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 MODELS = {  # folder in WORKDIR, schemes, cfg.model of (layers, dim), tied weight -> compressed layer it copies
     "lm": dict(folder=".", schemes=("pq", "int8"), tie={"decoder.output_projection.weight": "decoder.embed_tokens"},
                dims=lambda L, D: dict(decoder_layers=L, decoder_embed_dim=D, decoder_input_dim=D, decoder_output_dim=D,
@@ -212,6 +215,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=1024, help="lm: the synthesised model's width")
     p.add_argument("--no-warmup", action="store_true", help="no tiny-model load in the fixed part (see above)")
     p.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
+    harness.add_record_arg(p, "load_rss")
     args = p.parse_args()
     if args.measure:
         return measure(args.model, args.measure[0], args.measure[1], str(args.workdir / "bin"))
@@ -222,7 +226,7 @@ def main() -> None:
         paths = {s: args.workdir / spec["folder"] / f"{s}.qnz" for s in spec["schemes"]}
         missing = [str(q) for q in paths.values() if not q.exists()]
         if missing:
-            raise SystemExit(f"error: {', '.join(missing)} missing; make them with `python scripts/bench_infer.py "
+            raise SystemExit(f"error: {', '.join(missing)} missing; make them with `python benchmarks/infer.py "
                              f"{args.workdir} --model roberta_base --cases fp32` (setup only needs one case)")
     warm = {} if args.no_warmup else synthesise(args.workdir, args.model, 1, 64, "warmup")
     print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}; warm-up: "
@@ -231,6 +235,7 @@ def main() -> None:
           "| anon / file-backed MiB | model tensors MiB (x file) | load peak growth MiB (x file) | after forward MiB (x file) |\n"
           "|---|---|---|---|---|---|---|---|---|")
     mib = 2**20
+    rows = []
     for scheme, path in paths.items():
         size = path.stat().st_size
         for code in args.code:
@@ -252,6 +257,8 @@ def main() -> None:
                   f"| {x(s1['VmRSS'] - s0['VmRSS'])} "
                   f"| {anon / mib:.1f} / {file / mib:.1f} | {x(r['tensors'])} | {x(s1['VmHWM'] - s0['VmRSS'])} "
                   f"| {x(max(s2['VmHWM'], s2['VmRSS']) - s0['VmRSS'])} |", flush=True)
+            rows.append({"file": path.name, "bytes": size, "scheme": scheme, **r})
+    harness.save("load_rss", {"model": args.model, "warmup": not args.no_warmup, "rows": rows}, args.record, threads=1)
 
 
 if __name__ == "__main__":

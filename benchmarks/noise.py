@@ -10,7 +10,7 @@ one forward (torch profiler), minus the plain layer's, as a multiple of the weig
 fairseq's scalar path calls ``.cuda()``; inside this benchmark only, ``Tensor.cuda`` is a no-op so
 it runs on CPU.  fairseq's hook overwrites ``weight.data``; the weight is restored before each call.
 
-    .venv/bin/python scripts/bench_noise.py [--rounds 7] [--iters 3] [--markdown] [--layer Embedding] [--ours-only]
+    python benchmarks/noise.py [--rounds 7] [--iters 3] [--markdown] [--layer Embedding] [--ours-only]
 """
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ import argparse
 import contextlib
 import copy
 import datetime
-import os
-import platform
-import statistics
+import pathlib
+import sys
 import time
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/noise.py): the repository root for benchmarks.harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.harness import add_record_arg, interleaved, machine, save  # noqa: E402
 from quantnoise import QuantNoiseConfig
 from quantnoise.nn import wrapper_for
 
@@ -100,13 +102,8 @@ def bench(name, layer, x, rounds, iters, ours_only=False):
     for k, m in impls.items():  # warm-up: first pq forward builds the codebook, Int* its scale
         m.train()
         step(m, x, w0[k])
-    ratios = {k: [] for k in impls}
-    abs_plain = []
-    for _ in range(rounds):
-        times = {k: min(step(m, x, w0[k]) for _ in range(iters)) for k, m in impls.items()}
-        abs_plain.append(times["plain"])
-        for k in impls:
-            ratios[k].append(times[k] / times["plain"])
+    timed = interleaved({k: (lambda m=m, k=k: min(step(m, x, w0[k]) for _ in range(iters))) for k, m in impls.items()},
+                        rounds, seed=0, baseline="plain")
     wbytes = layer.weight.numel() * layer.weight.element_size()
     plain_bytes = bytes_allocated(impls["plain"], x)
     rows = []
@@ -114,8 +111,8 @@ def bench(name, layer, x, rounds, iters, ours_only=False):
         if w0[k] is not None:
             m.weight.data.copy_(w0[k])
         extra = (bytes_allocated(m, x) - plain_bytes) / wbytes
-        rows.append((name, k, statistics.median(ratios[k]), extra))
-    return rows, statistics.median(abs_plain)
+        rows.append((name, k, timed[k]["ratio"], extra))
+    return rows, timed["plain"]["s"]["median"]
 
 
 def main(argv=None):
@@ -126,6 +123,7 @@ def main(argv=None):
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--layer", default="", help="only the layers whose name contains this text, e.g. Embedding")
     ap.add_argument("--ours-only", action="store_true", help="skip fairseq's implementations")
+    add_record_arg(ap, "noise")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -138,18 +136,23 @@ def main(argv=None):
         for name, layer, x in layers:
             r, plains[name] = bench(name, layer, x, a.rounds, a.iters, a.ours_only)
             rows += r
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-    print(f"date {datetime.date.today()}, {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, "
-          f"{a.threads} threads, {a.rounds} rounds x {a.iters} calls, p={P}, block={BLOCK}")
+    m = machine(a.threads)
+    print(f"date {datetime.date.today()}, {m['cores']} cores ({m['cpu']}, {m['isa']}), torch {torch.__version__}, "
+          f"{a.threads} threads, load average {' / '.join(map(str, m['load_avg']))}, {a.rounds} rounds x {a.iters} "
+          f"calls, p={P}, block={BLOCK}")
     print("plain fwd+bwd medians: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in plains.items()))
     if a.markdown:
         print("\n| layer | implementation | time / plain (median) | extra bytes per forward / weight bytes |")
         print("|---|---|---|---|")
         for layer, impl, ratio, extra in rows:
-            print(f"| {layer} | {impl} | {ratio:.3f}x | {extra:.2f}x |")
+            print(f"| {layer} | {impl} | {ratio['median']:.3f}x | {extra:.2f}x |")
     else:
         for layer, impl, ratio, extra in rows:
-            print(f"{layer:22s} {impl:22s} {ratio:7.3f}x time {extra:6.2f}x weight extra bytes")
+            print(f"{layer:22s} {impl:22s} {ratio['median']:7.3f}x time {extra:6.2f}x weight extra bytes")
+    save("noise", {"p": P, "block": BLOCK, "tokens": TOKENS, "rounds": a.rounds, "iters": a.iters,
+                   "plain_s": plains,
+                   "rows": [{"layer": layer, "impl": impl, "ratio": ratio, "extra_bytes_x_weight": extra}
+                            for layer, impl, ratio, extra in rows]}, a.record, threads=a.threads)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Whole-model iPQ time / peak memory, and .qnz export sizes, on randomly initialised fairseq models.
 
-    python scripts/bench_ipq_export.py WORKDIR [--skip-big]
+    python benchmarks/ipq_export.py WORKDIR [--skip-big]
 
 1. Writes (to WORKDIR, not committed) a fairseq checkpoint of a 16-layer 1024-d ``transformer_lm``
    (FFN 4096, vocab 32000, untied output projection) with an Adam state, as fairseq-train saves it,
@@ -21,6 +21,10 @@ import sys
 from argparse import Namespace
 
 import torch
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/ipq_export.py): the repository root for the harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -82,7 +86,7 @@ def qn(*args):
     return [BIN / "quantnoise", *args]
 
 
-def whole_model(work: pathlib.Path) -> None:
+def whole_model(work: pathlib.Path) -> dict:
     ckpt = work / "lm16x1024.pt"
     if not ckpt.exists():
         model, cfg = build("transformer_lm", 32000, decoder_layers=16, decoder_embed_dim=1024,
@@ -97,6 +101,8 @@ def whole_model(work: pathlib.Path) -> None:
     print("|---|---|---|---|---|---|---|")
     print(f"| transformer_lm 16x1024 (FFN 4096, vocab 32000) | {n / 1e6:.1f} M | {fp32 / 2**30:.2f} | "
           f"{ckpt.stat().st_size / 2**30:.2f} | {sec:.1f} | {rss / 2**30:.2f} | {rss / fp32:.2f} |", flush=True)
+    return {"model": "transformer_lm 16x1024 (FFN 4096, vocab 32000)", "params": n, "fp32_bytes": fp32,
+            "checkpoint_bytes": ckpt.stat().st_size, "quantize_s": sec, "peak_rss": rss}
 
 
 CONFIGS = {
@@ -113,7 +119,7 @@ stages:
 """
 
 
-def export_sizes(work: pathlib.Path) -> None:
+def export_sizes(work: pathlib.Path) -> list:
     (work / "plan.yaml").write_text(PLAN)
     models = {"transformer_lm 6x512 (FFN 2048, vocab 32000)":
               ("transformer_lm", 32000, dict(decoder_layers=6, decoder_embed_dim=512, decoder_ffn_embed_dim=2048,
@@ -121,6 +127,7 @@ def export_sizes(work: pathlib.Path) -> None:
               "roberta_base shape (12x768, FFN 3072, vocab 50265, tied head)": ("roberta", 50265, {})}
     print("| model | scheme | fp32 ckpt MiB | .qnz MiB | x vs fp32 ckpt | x vs fp32 weights | bound MiB | file over bound | bits/weight |")
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for label, (kind, vocab, dims) in models.items():
         stem = work / kind
         model, cfg = build(kind, vocab, **dims)
@@ -140,18 +147,24 @@ def export_sizes(work: pathlib.Path) -> None:
             bpw = float(re.search(r"([0-9.]+) bits/weight\s*$", report.strip()).group(1))
             print(f"| {label} | {name} | {fp32_file / 2**20:.1f} | {size / 2**20:.2f} | {fp32_file / size:.1f} | "
                   f"{fp32 / size:.1f} | {bound / 2**20:.2f} | {100 * (size / bound - 1):+.2f}% | {bpw:.3f} |", flush=True)
+            rows.append({"model": label, "scheme": name, "fp32_ckpt_bytes": fp32_file, "qnz_bytes": size,
+                         "fp32_weight_bytes": fp32, "bound_bytes": bound, "bits_per_weight": bpw})
             os.remove(f"{stem}.{tag}.pt")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdir", type=pathlib.Path)
     ap.add_argument("--skip-big", action="store_true", help="skip the 16-layer whole-model timing")
+    harness.add_record_arg(ap, "ipq_export")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if not args.skip_big:
-        whole_model(args.workdir)
-    export_sizes(args.workdir)
+    m = harness.machine()
+    print(f"{m['cpu']} ({m['isa']}), load average {' / '.join(map(str, m['load_avg']))}\n")
+    figures = {"whole_model": None if args.skip_big else whole_model(args.workdir)}
+    figures["export"] = export_sizes(args.workdir)
+    harness.save("ipq_export", figures, args.record)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """k-means for iPQ: quantnoise (faiss) vs fairseq's ``PQ`` (hand-written EM) on the same weights.
 
-    python scripts/bench_kmeans.py [--iters 20] [--fairseq-iters 2] [--shapes linear_up,linear_down,embedding]
+    python benchmarks/kmeans.py [--iters 20] [--fairseq-iters 2] [--shapes linear_up,linear_down,embedding]
 
 Each run is a fresh subprocess, so its peak RSS (ru_maxrss) is its own; "RSS +" is the peak minus
 the RSS just before the k-means (torch, the weight and the imports excluded).  Weights are the
@@ -13,10 +13,15 @@ embedding, more than this machine can spare, so that case is skipped for fairseq
 """
 import argparse
 import json
+import pathlib
 import resource
 import subprocess
 import sys
 import time
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/kmeans.py): the repository root for benchmarks.harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.harness import add_record_arg, machine, save  # noqa: E402
 
 SHAPES = {"linear_up": ("Linear", 1024, 4096), "linear_down": ("Linear", 4096, 1024),
           "embedding": ("Embedding", 32000, 512)}
@@ -72,10 +77,14 @@ def main() -> None:
     ap.add_argument("--fairseq-embedding", action="store_true")
     ap.add_argument("--child", choices=["ours", "fairseq"])
     ap.add_argument("--shape", choices=list(SHAPES))
+    add_record_arg(ap, "kmeans")
     args = ap.parse_args()
     if args.child:
         return child(argparse.Namespace(impl=args.child, shape=args.shape, iters=args.iters))
     gib = 2**30
+    m = machine(2)
+    print(f"{m['cpu']} ({m['isa']}), 2 threads, load average {' / '.join(map(str, m['load_avg']))}\n")
+    rows = []
     print("| weight | impl | iters | wall s | s/iter | peak RSS GiB | RSS + GiB | MSE |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
@@ -88,6 +97,8 @@ def main() -> None:
             r = run_child(impl, shape, iters)
             print(f"| {label} | {impl} | {iters} | {r['seconds']:.2f} | {r['seconds'] / iters:.2f} | "
                   f"{r['peak_rss'] / gib:.2f} | {r['rss_increase'] / gib:.2f} | {r['mse']:.4e} |", flush=True)
+            rows.append({"weight": label, **r})
+    save("kmeans", {"block": 8, "centroids": 256, "rows": rows}, args.record, threads=2)
 
 
 if __name__ == "__main__":

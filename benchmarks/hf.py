@@ -1,6 +1,6 @@
 """Issue 18's goals on Hugging Face models loaded compressed by ``quantnoise.hf.from_pretrained``.
 
-    python scripts/bench_hf.py WORKDIR [--rounds 5] [--sentences 16] [--new-tokens 32] [--skip-gpt2] [--skip-rss]
+    python benchmarks/hf.py WORKDIR [--rounds 5] [--sentences 16] [--new-tokens 32] [--skip-gpt2] [--skip-rss]
                                [--table-too]
 
   1. prepare (once, cached in WORKDIR): all-MiniLM-L6-v2 (``quantnoise.hf.load_encoder()``, offline) with every
@@ -10,7 +10,7 @@
      WORKDIR/gpt2_pq; the compressed models' outputs on fixed inputs (WORKDIR/*_ref.pt) for the match check;
   2. resident memory of loading, in a fresh process per folder, 1 thread: imports and a warm-up (load + forward of
      a 1-layer copy of the same architecture, freed) first, then VmRSS before / after ``from_pretrained``;
-     growth / the .qnz's size (bench_load_rss.py's protocol);
+     growth / the .qnz's size (benchmarks/load_rss.py's protocol);
   3. speed, one process, 1 thread, rounds interleaved (fp32 then pq, ``--rounds`` times; the best round of each
      is reported): MiniLM batch-1 encode of ``--sentences`` sentences (12-32 tokens),
      GPT-2 batch-1 greedy ``generate`` of ``--new-tokens`` tokens after an 8-token prompt; the speed ratio is the
@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import harness  # noqa: E402
 import torch  # noqa: E402
 
 SENTENCE_LENGTHS = (12, 16, 20, 24, 28, 32, 16, 24)
@@ -186,6 +187,7 @@ def main() -> None:
     p.add_argument("--table-too", action="store_true",
                    help="also time the pq model with every pq Linear on the look-up table (kernel='lut'), "
                         "interleaved in the same rounds")
+    harness.add_record_arg(p, "hf")
     p.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "WARMUP", "KIND"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rss_child:
@@ -198,6 +200,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, 1 thread")
     print("\n| model | .qnz MiB | RSS growth after from_pretrained MiB (x .qnz) | after one forward MiB (x .qnz) |")
     print("|---|---|---|---|")
+    rss_rows = []
     for kind in () if a.skip_rss else ("minilm",) + (() if a.skip_gpt2 else ("gpt2",)):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         res = subprocess.run([sys.executable, __file__, a.workdir, "--rss-child", str(work / f"{kind}_pq"),
@@ -206,6 +209,7 @@ def main() -> None:
         grow, fwd = r["after"] - r["before"], r["after_forward"] - r["before"]
         print(f"| {kind} pq b=8 k=256 | {r['qnz'] / mib:.2f} | {grow / mib:.2f} ({grow / r['qnz']:.2f}x) "
               f"| {fwd / mib:.2f} ({fwd / r['qnz']:.2f}x) |", flush=True)
+        rss_rows.append({"model": kind, **r})
     res = speed(work, a.rounds, a.sentences, a.new_tokens, a.skip_gpt2, a.table_too)
     print("\n| model | task | fp32 s (best round) | pq s (best round) | pq speed / fp32 (median of rounds) | runtime layers | plain (decoded) layers | max rel. diff "
           "to the compressed model |")
@@ -220,6 +224,8 @@ def main() -> None:
                   f"{r['table_speedup']:.2f}x | | | |")
     print("\nrounds (s):", json.dumps({k: v["rounds"] for k, v in res.items()}))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    harness.save("hf", {"rss": rss_rows, "speed": res, "sentences": a.sentences, "new_tokens": a.new_tokens,
+                        "rounds": a.rounds}, a.record, threads=1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train-step time of fairseq's transformer_lm with Quant-Noise: plain vs stock fairseq
 ``--quant-noise-pq 0.1`` vs the plugin's ``qn_transformer_lm`` with drop / scalar int8 / pq at p=0.1.
 
-    python scripts/bench_train.py [--rounds 5] [--steps 2] [--threads 2] [--device cpu|cuda] [--json out.json]
+    python benchmarks/train.py [--rounds 5] [--steps 2] [--threads 2] [--device cpu|cuda] [--json out.json]
 
 Every model is built in-process by fairseq itself (``options.parse_args_and_arch`` +
 ``task.build_model``) from the same command-line flags a user would pass: 6 layers (``--layers``), 512/2048, 8
@@ -24,10 +24,15 @@ FFN, embedding and output layers only, fused attention kept).
 import argparse
 import json
 import pathlib
+import random
 import statistics
 import sys
 import tempfile
 import time
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/train.py): the repository root for the harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.harness import add_record_arg, machine, save  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = str(ROOT / "quantnoise" / "qn_fairseq")
@@ -109,15 +114,16 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--layers", type=int, default=6, help="decoder layers (512-d, FFN 2048, 8 heads)")
     ap.add_argument("--json", help="also write the raw per-round times here")
+    add_record_arg(ap, "train")
     a = ap.parse_args()
     if a.rounds < 1 or a.steps < 1:
-        print("bench_train: --rounds and --steps must be >= 1", file=sys.stderr)
+        print("benchmarks/train.py: --rounds and --steps must be >= 1", file=sys.stderr)
         return 2
 
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("bench_train: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        print("benchmarks/train.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -138,8 +144,11 @@ def main() -> int:
 
     times = {name: [] for name in steps}  # wall seconds per step, per round
     cpu = {name: [] for name in steps}  # this process' CPU seconds per step (all threads), per round
+    order, rng = list(steps), random.Random(0)
     for r in range(a.rounds):
-        for name, step in steps.items():
+        rng.shuffle(order)  # a shuffled order each round: drift in the load falls on every model alike
+        for name in order:
+            step = steps[name]
             sync(a.device)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
@@ -154,6 +163,9 @@ def main() -> int:
     def ratio(series, name):
         return statistics.median(x / p for x, p in zip(series[name], series["plain transformer_lm"]))
 
+    m = machine(a.threads)
+    print(f"{m['cpu']} ({m['isa']}), {a.threads} threads, device {a.device}, load average "
+          f"{' / '.join(map(str, m['load_avg']))}\n")
     print("| model | wall s/step (median) | wall ratio to plain | CPU s/step (median) | CPU ratio to plain |")
     print("|---|---|---|---|---|")
     for name in times:
@@ -166,6 +178,11 @@ def main() -> int:
         pathlib.Path(a.json).write_text(json.dumps({"times": times, "cpu": cpu, "pq_refresh_s": refresh, "rounds": a.rounds,
                                                     "steps": a.steps, "threads": a.threads, "device": a.device},
                                                    indent=1))
+    save("train", {"device": a.device, "layers": a.layers, "rounds": a.rounds, "steps": a.steps,
+                   "pq_refresh_s": refresh,
+                   "rows": [{"model": name, "wall_s": statistics.median(times[name]), "wall_ratio": ratio(times, name),
+                             "cpu_s": statistics.median(cpu[name]), "cpu_ratio": ratio(cpu, name)} for name in times]},
+         a.record, threads=a.threads)
     return 0
 
 

@@ -4,18 +4,22 @@ accuracy with each scheme's encoder under the same probe, and the embedding cosi
 PTQ (int8 weights per row + int8 Linear inputs, min-max) once per activation scale granularity:
 tensor (Q8BERT), token (dynamic, per row), channel (calibrated per input feature).
 
-    python scripts/bench_bert_probe.py TRAIN.tsv TEST.tsv [--calib-batches 8]
+    python benchmarks/bert_probe.py TRAIN.tsv TEST.tsv [--calib-batches 8]
 """
 import argparse
 import copy
 import json
+import pathlib
 import sys
 
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from quantnoise import hf, ptq
+if __package__ in (None, ""):  # run as a file (python benchmarks/bert_probe.py): the repository root for the harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+from quantnoise import hf, ptq  # noqa: E402
 from quantnoise.config import ACT_GRANULARITIES
 from quantnoise.compress.layers import LayerRule, compress_module, set_submodule
 from quantnoise.presets import Q8BERT_LAYERS, q8bert
@@ -35,6 +39,7 @@ def main(argv=None):
     ap.add_argument("train")
     ap.add_argument("test")
     ap.add_argument("--calib-batches", type=int, default=8)
+    harness.add_record_arg(ap, "bert_probe")
     a = ap.parse_args(argv)
     ytr, xtr = hf.read_tsv(a.train)
     yte, xte = hf.read_tsv(a.test, sorted(set(ytr)))
@@ -63,6 +68,7 @@ def main(argv=None):
         res[name] = {"acc": round(acc, 4), "cos": round(hf.cosine(e, ref), 5)}
         print(f"{name}: probe test acc {acc:.4f}, cosine to fp32 {res[name]['cos']:.5f}", flush=True)
     print(json.dumps(res))
+    harness.save("bert_probe", {"calib_batches": a.calib_batches, "schemes": res}, a.record)
     return 0
 
 

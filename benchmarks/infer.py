@@ -1,9 +1,9 @@
 """Inference of a .qnz run compressed (quantnoise.runtime) against fp32 and the decoded model.
 
-    python scripts/bench_infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
-    python scripts/bench_infer.py WORKDIR --kernels [--shapes 384x384 ...] [--tokens 1 16]   # pq Linear kernels
-    python scripts/bench_infer.py WORKDIR --one-process [--threads 1 2] [--rounds 7]   # all cases in one process
-    python scripts/bench_infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
+    python benchmarks/infer.py WORKDIR [--threads 1 2] [--rounds 3] [--gen-tokens 48]
+    python benchmarks/infer.py WORKDIR --kernels [--shapes 384x384 ...] [--tokens 1 16]   # pq Linear kernels
+    python benchmarks/infer.py WORKDIR --one-process [--threads 1 2] [--rounds 7]   # all cases in one process
+    python benchmarks/infer.py WORKDIR --model roberta_base [--threads 1 2] [--rounds 3] [--reps 3]
 
 Setup (cached in WORKDIR, not committed): the generated stdlib-docstring corpus (scripts/make_corpus.py),
 binarised; a 6x512 ``transformer_lm`` (FFN 2048, 8 heads, tied input/output embedding) trained for 1
@@ -46,6 +46,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file (python benchmarks/infer.py): the repository root for the harness
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 BIN = pathlib.Path(sys.executable).parent
 USER_DIR = ROOT / "quantnoise" / "qn_fairseq"
 CASES = ["fp32", "decoded-pq", "pq", "int8", "int4"]
@@ -297,7 +300,7 @@ KERNEL_SHAPES = ((384, 384), (1536, 384), (384, 1536), (512, 512), (2048, 512), 
 KERNEL_TOKENS = (1, 4, 8, 16, 32, 64, 128, 256, 1024)
 
 
-def bench_kernels(threads, rounds: int, shapes=KERNEL_SHAPES, token_counts=KERNEL_TOKENS) -> None:
+def bench_kernels(threads, rounds: int, shapes=KERNEL_SHAPES, token_counts=KERNEL_TOKENS) -> dict:
     """pq Linear (b=8, k=256) at the 6x512 LM's, MiniLM's and roberta_base's shapes: no table vs look-up table vs
     decode + matmul vs fp32, per token count, all in this process: each round times every kernel at every thread
     count back to back (a shared machine's load is then about the same for all of them).  Each cell: the median
@@ -320,6 +323,7 @@ def bench_kernels(threads, rounds: int, shapes=KERNEL_SHAPES, token_counts=KERNE
           "runtime picks (quantnoise.runtime.kernels.direct_wins, lut_wins)\n")
     print("| out x in | tokens | threads | fp32 us (best) | no table | table | decode+matmul | table (pure) | auto |\n"
           "|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for out, inn in shapes:
         codes = torch.randint(0, 256, (out, inn // 8), generator=g).to(torch.uint8)
         cents = torch.randn(256, 8, generator=g)
@@ -356,11 +360,15 @@ def bench_kernels(threads, rounds: int, shapes=KERNEL_SHAPES, token_counts=KERNE
 
                 print(f"| {out}x{inn} | {tokens} | {th} | {min(f32):.0f} | {cell('direct')} | {cell('table')} | "
                       f"{cell('decode')} | {cell('pure')} | {auto} |", flush=True)
+                rows.append({"shape": f"{out}x{inn}", "tokens": tokens, "threads": th, "fp32_us_best": min(f32),
+                             "auto": auto, "x_fp32": {n: harness.median_spread(a / b for a, b in zip(f32, times[n, th]))
+                                                      for n in fns if n != "fp32"}})
     end = os.getloadavg()
     print(f"\nload average at the end {end[0]:.1f} / {end[1]:.1f} / {end[2]:.1f}")
+    return {"block": 8, "centroids": 256, "rounds": rounds, "rows": rows}
 
 
-def bench_one_process(args, s) -> None:
+def bench_one_process(args, s) -> dict:
     """Batch-1 greedy generation of every case loaded in ONE process, interleaved: each round times
     ``--gen-tokens`` tokens of every case, in a shuffled order, at each thread count; the ratio to fp32 is taken
     within the round (the load of a shared machine is then the same for both) and the table gives the median and
@@ -405,6 +413,10 @@ def bench_one_process(args, s) -> None:
             rs = [a / b for a, b in zip(speed[case, th], speed["fp32", th])]
             print(f"| {case} | {th} | {statistics.median(speed[case, th]):.1f} | {statistics.median(rs):.2f} | "
                   f"{min(rs):.2f}-{max(rs):.2f} | {kernels_used(models[case], 1)} |")
+    return {"model": args.model, "gen_tokens": args.gen_tokens, "rounds": args.rounds,
+            "rows": [{"case": case, "threads": th, "gen_tok_s": harness.median_spread(speed[case, th]),
+                      "x_fp32": harness.median_spread(a / b for a, b in zip(speed[case, th], speed["fp32", th])),
+                      "kernels": kernels_used(models[case], 1)} for th in args.threads for case in cases]}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -428,6 +440,8 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="only print the table of the model's results.jsonl")
     p.add_argument("--one-process", action="store_true",
                    help="lm: batch-1 generation of every case loaded in one process, rounds interleaved there")
+    p.add_argument("--record", metavar="PATH", help="write the run's record here (default results/infer_MODEL.json, "
+                   "results/infer_kernels.json with --kernels, results/infer_MODEL_one_process.json; '-': none)")
     p.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -437,13 +451,15 @@ def main() -> None:
         return worker(args)
     if args.kernels:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes] if args.shapes else KERNEL_SHAPES
-        return bench_kernels(args.threads, args.rounds, shapes, args.tokens or KERNEL_TOKENS)
+        figures = bench_kernels(args.threads, args.rounds, shapes, args.tokens or KERNEL_TOKENS)
+        return harness.save("infer_kernels", figures, args.record or str(harness.RESULTS / "infer_kernels.json"))
     s = setup(args.workdir, args.model)
     for case in ("pq-table", "fp32-lean"):
         if case in args.cases and not args.one_process:
             raise SystemExit(f"--cases {case}: only with --one-process")
     if args.one_process:
-        return bench_one_process(args, s)
+        name = f"infer_{args.model}_one_process"
+        return harness.save(name, bench_one_process(args, s), args.record or str(harness.RESULTS / f"{name}.json"))
     if args.report:
         rows = [json.loads(line) for line in open(s["results"])]
         args.threads = sorted({x["threads"] for x in rows})
@@ -470,6 +486,9 @@ def main() -> None:
                       file=sys.stderr, flush=True)
     print(f"load average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)
     report(rows, s, args, load)
+    sizes = {c: pathlib.Path(s["paths"][c]).stat().st_size for c in args.cases}
+    harness.save(f"infer_{args.model}", {"model": args.model, "rounds": args.rounds, "file_bytes": sizes, "rows": rows},
+                 args.record or str(harness.RESULTS / f"infer_{args.model}.json"))
 
 
 def report(rows, s, args, load) -> None:

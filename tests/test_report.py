@@ -1,0 +1,160 @@
+"""scripts/report.py: BENCHMARKS.md's tables rendered from results/*.json, and --check catching a hand edit."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _report()
+
+DOC = """# Bench
+
+Prose stays as written.
+
+<!-- table: made; run: python benchmarks/made.py -->
+stale
+<!-- /table -->
+
+<!-- table: old; run: recipes/x/run.sh -->
+<!-- /table -->
+
+<!-- table: demo; run: RECORD=results/demo.json make demo -->
+<!-- /table -->
+"""
+
+MACHINE = {"cpu": "Test CPU 9000", "isa": "avx2", "cores": 2, "threads": 1, "load_avg": [1.5, 2.25, 3.0]}
+
+
+def _records(results):
+    results.mkdir()
+    (results / "made.json").write_text(json.dumps({
+        "name": "made", "command": "python benchmarks/made.py --rounds 3", "commit": "abc1234", "dirty": False,
+        "date": "2026-12-07T19:00:00Z", "machine": MACHINE,
+        "figures": {"columns": ["case", "x fp32"], "rows": [["pq", "2.87"], ["int4", "1.93"]]}}))
+    (results / "old.json").write_text(json.dumps({
+        "name": "old", "command": "recipes/x/run.sh a b", "commit": "7907864", "date": "2026-12-03",
+        "machine": {"cpu": "an old VM"}, "figures": {"columns": ["row", "acc"], "rows": [["fp32", "0.7620"]]},
+        "provenance": {"transcribed_from": "BENCHMARKS.md@7907864", "section": "s", "machine": "an old VM",
+                       "date": "2026-12-03", "command": "recipes/x/run.sh a b"}}))
+
+
+def test_renders_tables_footers_and_placeholders(tmp_path):
+    _records(tmp_path / "results")
+    out = report.render(DOC, tmp_path / "results")
+    assert "stale" not in out and "Prose stays as written." in out
+    assert "| case | x fp32 |\n|---|---|\n| pq | 2.87 |\n| int4 | 1.93 |" in out
+    # the footer names command, commit, date, CPU / ISA, threads and load
+    assert ("*`python benchmarks/made.py --rounds 3` · commit abc1234 · 2026-12-07 · Test CPU 9000 (avx2), 2 cores, "
+            "1 threads · load average 1.50/2.25/3.00*") in out
+    assert "*(recorded at 7907864 on an old VM, 2026-12-03; not rerun)* *`recipes/x/run.sh a b`*" in out
+    assert "(no record yet: run `RECORD=results/demo.json make demo`)" in out  # a missing record is a placeholder
+    assert report.render(out, tmp_path / "results") == out  # rendering is idempotent: the markers stay
+
+
+def test_demo_record_renders_seeds_interval_and_sizes(tmp_path):
+    seeds = [{"seed": s, "fp32": {"ppl": 73.0 + s}, "ipq_plain": {"ppl": 98.0}, "ipq_qn": {"ppl": 82.0 + s},
+              "gap_cut": c} for s, c in ((1, 0.64), (2, 0.5), (3, 0.58))]
+    fig = {"seeds": seeds, "gap_cut": {"mean": 0.5733, "lo90": 0.4516, "hi90": 0.695, "n": 3},
+           "bytes": {"fp32": 7806730, "ipq_plain": 329253, "ipq_qn": 329253}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "demo.json").write_text(json.dumps(
+        {"name": "lm_recipe", "command": "make demo", "commit": "abc", "date": "2026-12-07", "machine": MACHINE,
+         "figures": fig}))
+    out = report.render(DOC, tmp_path / "results")
+    assert "| 1 | 74.00 | 98.00 | 83.00 | 64% |" in out and "| 3 | 76.00 | 98.00 | 85.00 | 58% |" in out
+    assert "Gap cut: mean 57%, 90% interval 45% to 70% (n = 3 seeds)." in out
+    assert "Files: fp32 7.45 MiB, iPQ 0.31 MiB (x23.7)." in out
+    # the recipe's records: the row shows the gap's reference; a regularised seed prints the verdict, not a cut
+    seeds[0]["reference"] = {"from": "baseline_best", "ppl": 70.0}
+    fig.update(regularised_seeds=1, verdict="regularisation, not a cut: in 1 of 3 seed(s) ...")
+    (tmp_path / "results" / "demo.json").write_text(json.dumps(
+        {"name": "lm_recipe", "command": "make demo", "commit": "abc", "date": "2026-12-07", "machine": MACHINE,
+         "figures": fig}))
+    out = report.render(DOC, tmp_path / "results")
+    assert "| 1 | 70.00 | 98.00 | 83.00 | 64% |" in out and "Gap cut: mean" not in out
+    assert "Gap: regularisation, not a cut: in 1 of 3 seed(s) ..." in out
+
+
+def test_lm_recipe_record_renders_its_table_and_an_unknown_record_says_so(tmp_path):
+    e = lambda ppl, b: {"ppl": ppl, "bytes": b}  # noqa: E731
+    fig = {"fp32": e(141.6, 7806730), **{k: {c: e(p, b) for c in ("posthoc", "qat", "quant_noise")}
+                                          for k, p, b in (("int8", 141.61, 2030043), ("ipq", 182.33, 329253))},
+           "ipq_pq_noise": e(180.4, 329253), "details": {}}
+    (tmp_path / "results").mkdir()
+    for name, rec_name, figures in (("made", "lm_recipe", fig), ("old", "something_new", {"x": 1})):
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(
+            {"name": rec_name, "command": "c", "commit": "abc", "date": "2026-12-07", "machine": MACHINE,
+             "figures": figures}))
+    out = report.render(DOC, tmp_path / "results")
+    assert "| ipq | 182.33 (0.31 MiB, x23.7) | 182.33 (0.31 MiB, x23.7) | 182.33 (0.31 MiB, x23.7) |" in out
+    assert "| fp32 | 141.60 (7.45 MiB) |  |  |" in out
+    assert "cannot render this record yet: name 'something_new'" in out
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_check_catches_a_hand_edit_and_render_fixes_it(tmp_path):
+    _records(tmp_path / "results")
+    doc = tmp_path / "B.md"
+    doc.write_text(DOC)
+    r = _run("--check", "--doc", doc, "--results", tmp_path / "results")
+    assert r.returncode == 1 and "line(s) differ" in r.stderr and "(table made)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # a one-line summary
+    assert _run("--doc", doc, "--results", tmp_path / "results").returncode == 0
+    assert _run("--check", "--doc", doc, "--results", tmp_path / "results").returncode == 0
+    doc.write_text(doc.read_text().replace("| pq | 2.87 |", "| pq | 3.10 |"))  # a figure typed by hand
+    r = _run("--check", "--doc", doc, "--results", tmp_path / "results")
+    assert r.returncode == 1 and "(table made)" in r.stderr
+    doc.write_text(doc.read_text().replace("Prose stays", "Prose may change"))  # prose is the file's own
+    _run("--doc", doc, "--results", tmp_path / "results")
+    assert _run("--check", "--doc", doc, "--results", tmp_path / "results").returncode == 0
+
+
+def test_bad_record_is_a_one_line_error(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "made.json").write_text("{not json")
+    doc = tmp_path / "B.md"
+    doc.write_text(DOC)
+    r = _run("--check", "--doc", doc, "--results", tmp_path / "results")
+    assert r.returncode != 0 and "made.json is not JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_repository_benchmarks_md_is_what_its_records_render():
+    r = _run("--check")
+    assert r.returncode == 0, r.stderr
+
+
+def test_benchmarks_md_is_current_state_only():
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert len(text.splitlines()) <= 700
+    for bad in ("/work/", "/tmp/", "/home/", "this run", "this session", "the day before", "not committed"):
+        assert bad not in text, bad
+    names = [m["name"] for m in report.MARKER.finditer(text)]
+    assert {"noise", "kmeans", "ipq_export", "demo", "lm_finetune", "bert_ipq", "bert_q8bert", "bert_qbert",
+            "runtime_speed", "hf_speed"} <= set(names)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "results").glob("*.json")), ids=lambda p: p.name)
+def test_committed_records_say_where_they_come_from(path):
+    rec = json.loads(path.read_text())
+    assert rec["command"] and rec["commit"] and rec["date"] and rec["machine"]["cpu"]
+    if "provenance" in rec:
+        assert set(rec["provenance"]) >= {"transcribed_from", "section", "machine", "date", "command"}
+    else:
+        assert {"isa", "threads", "load_avg", "versions"} <= set(rec["machine"])
+    commands = [rec["command"], rec.get("provenance", {}).get("command", "")]  # shown in BENCHMARKS.md
+    assert not any(p in c for c in commands for p in ("/work/", "/tmp/", "/home/")), commands
