@@ -316,6 +316,23 @@ def read_safetensors(path: str, check_meta: Optional[Callable[[dict], None]] = N
     return meta, tensors
 
 
+WRITERS = {"fairseq": "re-export it with `quantnoise export`",
+           "hf": "re-save it with `quantnoise.hf.save_pretrained` (or the model's own save_pretrained)",
+           "module": "re-save it with `quantnoise.save_qnz` (or quantnoise.export.save_state_dict)"}
+
+
+def rewrite_fix(header: Optional[dict]) -> str:
+    """The fix of a bad .qnz: write it again with what wrote it, read from its safetensors ``__metadata__``
+    (transformers' ``format: pt`` = a Hugging Face folder; a map with a fairseq cfg = ``quantnoise export``;
+    otherwise ``save_qnz``); every writer where that is unreadable."""
+    try:
+        if header.get("format") == "pt":
+            return WRITERS["hf"]
+        return WRITERS["fairseq" if "cfg" in json.loads(header["qnz"])["fairseq"] else "module"]
+    except Exception:  # no header, no map, or a map that does not parse: a guess would mislead
+        return "write it again with whichever wrote it: " + "; or ".join(WRITERS.values())
+
+
 def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
     """(stored tensors, JSON map) of a .qnz, checked; ValueError (one line) for anything else.  Each
     tensor is read once into its own buffer (``read_safetensors``): loading holds the file's size in
@@ -324,10 +341,13 @@ def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
     if not os.path.isfile(path):
         raise OSError(f"{path} does not exist")
 
+    seen = {}  # the header's __metadata__, once read: it says which writer the fix should name
+
     def bad(why: str) -> ValueError:
-        return ValueError(f"{path} is not a valid .qnz file: {why}; re-export it with `quantnoise export`")
+        return ValueError(f"{path} is not a valid .qnz file: {why}; {rewrite_fix(seen.get('meta'))}")
 
     def has_map(header: dict) -> None:
+        seen["meta"] = header
         if "qnz" not in header:
             raise LookupError
 

@@ -166,6 +166,45 @@ def test_truncated_file_is_rejected(tmp_path):
             export.read_qnz(path)
 
 
+def _written_by(tmp_path, writer: str):
+    """A small compressed .qnz as each writer writes it: fairseq's ``quantnoise export`` (a map with its cfg),
+    ``quantnoise.save_qnz`` of a module, ``quantnoise.hf.save_pretrained`` of a transformers model."""
+    from quantnoise import LayerRule, compress_, save_qnz
+    if writer == "export":
+        return write_good(tmp_path)
+    if writer == "save_qnz":
+        model = nn.Sequential(nn.Linear(16, 16))
+        compress_(model, LayerRule(scheme="scalar", bits=4))
+        save_qnz(model, tmp_path / "m.qnz")
+        return tmp_path / "m.qnz"
+    tf = pytest.importorskip("transformers")
+    from quantnoise import hf
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16))
+    compress_(model, LayerRule(pattern=r"\.h\.", scheme="scalar", bits=4))
+    hf.save_pretrained(model, tmp_path / "gpt2")
+    return tmp_path / "gpt2" / "model.safetensors"
+
+
+@pytest.mark.parametrize("writer, fix", [("export", "`quantnoise export`"), ("save_qnz", "quantnoise.save_qnz"),
+                                         ("hf", "quantnoise.hf.save_pretrained")])
+def test_a_truncated_or_corrupt_files_fix_names_the_writer_of_that_kind_of_file(tmp_path, writer, fix):
+    """Issue 33 item 13: the fix named `quantnoise export` (the fairseq command) for every file."""
+    path = _written_by(tmp_path, writer)
+    data = path.read_bytes()
+    others = {"`quantnoise export`", "quantnoise.save_qnz", "quantnoise.hf.save_pretrained"} - {fix}
+    data_start = 8 + struct.unpack("<Q", data[:8])[0]
+    for cut in ((data_start + len(data)) // 2, len(data) - 1):  # the header is whole: it says what wrote the file
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="is not a valid .qnz file") as e:
+            export.read_qnz(path)
+        assert fix in str(e.value) and not any(o in str(e.value) for o in others), str(e.value)
+    path.write_bytes(data[:100])  # the header is cut: unknown writer, every one is named
+    with pytest.raises(ValueError) as e:
+        export.read_qnz(path)
+    assert all(o in str(e.value) for o in others | {fix}), str(e.value)
+
+
 def test_corrupted_tensor_bytes_and_header_are_rejected(tmp_path):
     path = write_good(tmp_path)
     data = bytearray(path.read_bytes())
