@@ -188,6 +188,7 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
             q, scale, bits = state[f"{name}.qweight"], state[f"{name}.qscale"], int(state[f"{name}.qbits"])
             owned.update(f"{name}.{s}" for s in ("qweight", "qscale", "qbits", "weight_size"))
             qmax, width = 2 ** (bits - 1) - 1, pack_width(bits)
+            _check_int_range(name, q, bits, qmax)  # q + qmax past width bits spills into the next value
             tensors[f"{name}.qweight"] = pack((q.to(torch.int16) + qmax).to(torch.uint8), width)
             tensors[f"{name}.qscale"] = scale.float().reshape(-1, 1).contiguous()  # (groups, 1)
             meta["layers"][name] = {"scheme": "scalar", "shape": shape, "bits": bits, "pack_width": width,
@@ -220,6 +221,16 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
 def _crc(t: Tensor) -> int:
     """CRC-32 of a tensor's bytes (read in place, no copy for a contiguous tensor)."""
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
+
+
+def _check_int_range(name: str, q: Tensor, bits: int, qmax: int) -> None:
+    """ValueError (one line) unless every int value of layer ``name`` is in [-qmax, qmax], the range
+    ``compress_`` rounds to and the packed form (``q + qmax`` < 2**bits - 1) holds."""
+    lo, hi = (int(v) for v in q.aminmax()) if q.numel() else (0, 0)
+    if lo < -qmax or hi > qmax:
+        bad = lo if lo < -qmax else hi
+        raise ValueError(f"layer '{name}': int{bits} value {bad} is outside [-{qmax}, {qmax}] (its qweight was changed "
+                         f"after compress_); compress it again, or load a state dict that compress_ wrote")
 
 
 def save_qnz(path, state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions = ExportOptions()) -> dict:

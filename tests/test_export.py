@@ -149,6 +149,21 @@ def test_sizes_and_bound():
     assert rows["1"]["bytes"] == 24 * 16 // 2 + 24 * 4  # int4 two per byte + fp32 scales
 
 
+@pytest.mark.parametrize("bits, value", [(4, 8), (4, 20), (4, -8), (3, 4), (8, -128)])
+def test_encode_refuses_int_values_outside_the_bits_range_in_one_line(tmp_path, bits, value):
+    """Issue 33 item 17: ``q + qmax`` was packed unchecked, so a value past the range spilled into the next
+    value's bits (or wrapped in uint8) and only the loader, if anything, refused the file."""
+    _, state = compressed_state(scalar_bits=bits)
+    q = state["1.qweight"].clone()
+    q.view(-1)[3] = value
+    state["1.qweight"] = q
+    with pytest.raises(ValueError) as e:
+        export.save_qnz(tmp_path / "m.qnz", state, {"cfg": None})
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "'1'" in msg and str(value) in msg and f"{bits}" in msg, msg
+    assert not (tmp_path / "m.qnz").exists()
+
+
 # ------------------------------------------------------------------------------- bad files
 def write_good(tmp_path):
     _, state = compressed_state()
