@@ -176,6 +176,13 @@ def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
                          f"LayerRule(pattern=..., scheme='pq', block_size=8, n_centroids=256)")
     plan = rule_or_plan if isinstance(rule_or_plan, IPQPlan) else IPQPlan(stages=[rule_or_plan])
     extensions.ensure_for(model)
+    skipped = [f"layer {n} ({type(m).__name__}{', weight norm' if weight_is_computed(m) else ''})"
+               for n, m in model.named_modules()
+               if n and _weighted_layer(m) and not _matrix_layer(m) and not isinstance(m, CompressedMixin)
+               and plan.rule_for(n)[1] is not None and (filter_fn is None or filter_fn(m, n))]
+    if skipped:  # a weight under other names (LSTM) or a computed one (weight norm): no compressed layer takes it
+        logger.warning("compress_: %d selected layer(s) hold weights no compressed layer supports, left as they are: "
+                       "%s", len(skipped), "; ".join(skipped))
     done: List[str] = []
     for members in tied_layers(model):
         members = [(name, m) for name, m in members if _matrix_layer(m) and not isinstance(m, CompressedMixin)]

@@ -261,3 +261,16 @@ def test_weight_normed_conv_is_named_in_the_warning_and_left_as_it_was(api, capl
     assert len(warnings) == 1 and "layer 1 (" in warnings[0] and "weight norm" in warnings[0]
     assert "parametrizations" not in warnings[0].split("layer 1 (")[0]  # the conv is named, not its parts
     assert model[1] is conv and torch.equal(model[1](x), before)
+
+
+def test_compress_names_selected_weighted_layers_it_cannot_compress_in_one_warning(caplog):
+    # issue 33 items 4/12 for compress_: an LSTM and a weight-normed conv were left as they were, silently
+    from quantnoise import LayerRule, compress_
+    torch.manual_seed(0)
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3), dim=2)
+    model = nn.Sequential(nn.Linear(8, 4), nn.LSTM(4, 4), conv)
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        assert compress_(model, LayerRule(block_size=4, n_centroids=4)) == ["0"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "layer 1 (LSTM)" in warnings[0] and "layer 2 (" in warnings[0], warnings
+    assert model[2] is conv
