@@ -7,13 +7,14 @@ import re
 from typing import Callable, List, Optional, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import extensions
 from .compress.layers import CompressedMixin, LayerRule, compress_tied, compressed_class, tied_layers
 from .compress.plan import IPQPlan
 from .config import QuantNoiseConfig
 from .mixed import MixedPrecisionConfig
-from .nn import WRAPPERS, QuantNoiseMixin, set_submodule, wrapper_for
+from .nn import WRAPPERS, QuantNoiseMixin, set_submodule, weight_is_computed, wrapper_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,15 @@ def _quantize_uniform(model: nn.Module, cfg: QuantNoiseConfig,
                       filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[str]:
     extensions.ensure_for(model)  # e.g. GPT-2's Conv1D: its wrapper registers when transformers' type is met
     candidates = [(n, m) for n, m in model.named_modules() if n and wrapper_for(m) is not None]
-    for n, m in model.named_modules():
-        if n and _matrix_layer(m) and wrapper_for(m) is None and not isinstance(m, QuantNoiseMixin) \
-                and selects(cfg, n) and (filter_fn is None or filter_fn(m, n)):
-            logger.warning("quantize_: layer %s (%s) matches include=%r but no quant-noise wrapper supports its type; "
-                           "left without noise", n, type(m).__name__, cfg.include)
+    unsupported = [f"layer {n} ({type(m).__name__}{', weight norm' if weight_is_computed(m) else ''})"
+                   for n, m in model.named_modules()
+                   if n and _weighted_layer(m) and wrapper_for(m) is None and not isinstance(m, QuantNoiseMixin)
+                   and selects(cfg, n) and (filter_fn is None or filter_fn(m, n))]
+    if unsupported:
+        logger.warning("quantize_: %d layer(s) match include=%r but no quant-noise wrapper supports them, left without "
+                       "noise: %s (a weight-normed layer: its weight is computed by weight norm or another "
+                       "parametrization; remove it first, e.g. parametrize.remove_parametrizations, to give it noise)",
+                       len(unsupported), cfg.include, "; ".join(unsupported))
     chosen = [(n, m) for n, m in candidates if selects(cfg, n) and (filter_fn is None or filter_fn(m, n))]
     if not chosen:
         kinds = ", ".join(sorted(b.__name__ for b in WRAPPERS))
@@ -143,6 +148,16 @@ def _matrix_layer(m: nn.Module) -> bool:
     return isinstance(w, nn.Parameter) and not nn.parameter.is_lazy(w) and w.dim() >= 2
 
 
+def _weighted_layer(m: nn.Module) -> bool:
+    """A layer holding a weight matrix of its own under any name (an LSTM's ``weight_ih_l0``), or a computed one
+    (weight norm); a parametrization's own store (``ParametrizationList``) is its layer's part, not a layer."""
+    if isinstance(m, parametrize.ParametrizationList):
+        return False
+    own = any(isinstance(p, nn.Parameter) and not nn.parameter.is_lazy(p) and p.dim() >= 2
+              for p in m._parameters.values())
+    return own or weight_is_computed(m)
+
+
 def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[str]:
     """Replace, in place, every layer whose qualified name a rule matches by its compressed version (iPQ:
@@ -161,6 +176,13 @@ def compress_(model: nn.Module, rule_or_plan: Union[LayerRule, IPQPlan],
                          f"LayerRule(pattern=..., scheme='pq', block_size=8, n_centroids=256)")
     plan = rule_or_plan if isinstance(rule_or_plan, IPQPlan) else IPQPlan(stages=[rule_or_plan])
     extensions.ensure_for(model)
+    skipped = [f"layer {n} ({type(m).__name__}{', weight norm' if weight_is_computed(m) else ''})"
+               for n, m in model.named_modules()
+               if n and _weighted_layer(m) and not _matrix_layer(m) and not isinstance(m, CompressedMixin)
+               and plan.rule_for(n)[1] is not None and (filter_fn is None or filter_fn(m, n))]
+    if skipped:  # a weight under other names (LSTM) or a computed one (weight norm): no compressed layer takes it
+        logger.warning("compress_: %d selected layer(s) hold weights no compressed layer supports, left as they are: "
+                       "%s", len(skipped), "; ".join(skipped))
     done: List[str] = []
     for members in tied_layers(model):
         members = [(name, m) for name, m in members if _matrix_layer(m) and not isinstance(m, CompressedMixin)]

@@ -28,7 +28,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -188,6 +188,7 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
             q, scale, bits = state[f"{name}.qweight"], state[f"{name}.qscale"], int(state[f"{name}.qbits"])
             owned.update(f"{name}.{s}" for s in ("qweight", "qscale", "qbits", "weight_size"))
             qmax, width = 2 ** (bits - 1) - 1, pack_width(bits)
+            _check_int_range(name, q, bits, qmax)  # q + qmax past width bits spills into the next value
             tensors[f"{name}.qweight"] = pack((q.to(torch.int16) + qmax).to(torch.uint8), width)
             tensors[f"{name}.qscale"] = scale.float().reshape(-1, 1).contiguous()  # (groups, 1)
             meta["layers"][name] = {"scheme": "scalar", "shape": shape, "bits": bits, "pack_width": width,
@@ -222,6 +223,16 @@ def _crc(t: Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
 
 
+def _check_int_range(name: str, q: Tensor, bits: int, qmax: int) -> None:
+    """ValueError (one line) unless every int value of layer ``name`` is in [-qmax, qmax], the range
+    ``compress_`` rounds to and the packed form (``q + qmax`` < 2**bits - 1) holds."""
+    lo, hi = (int(v) for v in q.aminmax()) if q.numel() else (0, 0)
+    if lo < -qmax or hi > qmax:
+        bad = lo if lo < -qmax else hi
+        raise ValueError(f"layer '{name}': int{bits} value {bad} is outside [-{qmax}, {qmax}] (its qweight was changed "
+                         f"after compress_); compress it again, or load a state dict that compress_ wrote")
+
+
 def save_qnz(path, state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions = ExportOptions()) -> dict:
     """Write the .qnz atomically (temp file + rename); return its JSON map."""
     tensors, meta = encode(state, fairseq, opts)
@@ -252,11 +263,26 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
-def read_safetensors(path: str) -> Tuple[dict, Dict[str, Tensor]]:
+MAX_DIMS = 16  # a stored tensor has at most 4 (a conv's weight); bounds the work of checking a shape
+
+
+def _numel(shape) -> Optional[int]:
+    """The element count of ``shape`` (at most MAX_DIMS ints in [0, 2**62)), or None where a prefix product passes
+    2**62 (torch's numel overflows there even when a later dim is 0)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= 2**62:
+            return None
+    return n
+
+
+def read_safetensors(path: str, check_meta: Optional[Callable[[dict], None]] = None) -> Tuple[dict, Dict[str, Tensor]]:
     """(``__metadata__``, tensors) of a safetensors file, each tensor's bytes read once, straight into its
     own buffer (no mmap kept, no second copy: what a runtime layer holds is that buffer or a view of it).
     The header is checked as safetensors checks it (size, JSON, dtypes, shapes, offsets that tile the
-    data exactly) before any tensor is allocated; ValueError (why) otherwise."""
+    data exactly) before any tensor is allocated; ValueError (why) otherwise.  ``check_meta(meta)`` runs before any
+    entry is checked, so a file without the caller's metadata is refused before the work its entries cost."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
@@ -271,14 +297,18 @@ def read_safetensors(path: str) -> Tuple[dict, Dict[str, Tensor]]:
         meta = header.pop("__metadata__", None) or {}
         _need(isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values()),
               "its header's __metadata__ is not an object of strings")
+        if check_meta is not None:
+            check_meta(meta)
         spans = []
         for key, e in header.items():
             ok = isinstance(e, dict) and e.get("dtype") in ST_DTYPES and isinstance(e.get("shape"), list) \
-                and all(is_int(v) and 0 <= v < 2**62 for v in e["shape"]) and isinstance(e.get("data_offsets"), list) \
+                and len(e["shape"]) <= MAX_DIMS and all(is_int(v) and 0 <= v < 2**62 for v in e["shape"]) and isinstance(e.get("data_offsets"), list) \
                 and len(e["data_offsets"]) == 2 and all(is_int(v) for v in e["data_offsets"])
             _need(ok, f"tensor {key!r} has a malformed header entry")
             (start, end), dtype = e["data_offsets"], ST_DTYPES[e["dtype"]]
-            nbytes = math.prod(e["shape"]) * dtype.itemsize
+            numel = _numel(e["shape"])
+            _need(numel is not None, f"tensor {key!r} has shape {e['shape']}, whose element count overflows")
+            nbytes = numel * dtype.itemsize
             _need(0 <= start <= end and end - start == nbytes,
                   f"tensor {key!r} spans bytes {start}..{end}, but {e['dtype']} {e['shape']} takes {nbytes}")
             spans.append((start, end, key, dtype, e["shape"]))
@@ -297,6 +327,23 @@ def read_safetensors(path: str) -> Tuple[dict, Dict[str, Tensor]]:
     return meta, tensors
 
 
+WRITERS = {"fairseq": "re-export it with `quantnoise export`",
+           "hf": "re-save it with `quantnoise.hf.save_pretrained` (or the model's own save_pretrained)",
+           "module": "re-save it with `quantnoise.save_qnz` (or quantnoise.export.save_state_dict)"}
+
+
+def rewrite_fix(header: Optional[dict]) -> str:
+    """The fix of a bad .qnz: write it again with what wrote it, read from its safetensors ``__metadata__``
+    (transformers' ``format: pt`` = a Hugging Face folder; a map with a fairseq cfg = ``quantnoise export``;
+    otherwise ``save_qnz``); every writer where that is unreadable."""
+    try:
+        if header.get("format") == "pt":
+            return WRITERS["hf"]
+        return WRITERS["fairseq" if "cfg" in json.loads(header["qnz"])["fairseq"] else "module"]
+    except Exception:  # no header, no map, or a map that does not parse: a guess would mislead
+        return "write it again with whichever wrote it: " + "; or ".join(WRITERS.values())
+
+
 def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
     """(stored tensors, JSON map) of a .qnz, checked; ValueError (one line) for anything else.  Each
     tensor is read once into its own buffer (``read_safetensors``): loading holds the file's size in
@@ -305,16 +352,23 @@ def read_qnz(path) -> Tuple[Dict[str, Tensor], dict]:
     if not os.path.isfile(path):
         raise OSError(f"{path} does not exist")
 
+    seen = {}  # the header's __metadata__, once read: it says which writer the fix should name
+
     def bad(why: str) -> ValueError:
-        return ValueError(f"{path} is not a valid .qnz file: {why}; re-export it with `quantnoise export`")
+        return ValueError(f"{path} is not a valid .qnz file: {why}; {rewrite_fix(seen.get('meta'))}")
+
+    def has_map(header: dict) -> None:
+        seen["meta"] = header
+        if "qnz" not in header:
+            raise LookupError
 
     try:
-        header, tensors = read_safetensors(path)
+        header, tensors = read_safetensors(path, has_map)
+    except LookupError:  # checked before the entries: a large foreign file is refused at once
+        raise bad("no quantnoise map in its header (a safetensors file from elsewhere?)") from None
     except ValueError as e:
         raise bad(f"unreadable safetensors data, truncated or corrupt ({e})") from None
     text = header.get("qnz")
-    if text is None:
-        raise bad("no quantnoise map in its header (a safetensors file from elsewhere?)")
     if str(zlib.crc32(text.encode())) != header.get("qnz_crc32"):
         raise bad("its JSON map fails its CRC-32 check (corrupt header)")
     try:

@@ -68,12 +68,20 @@ def register_wrapper(base: Type[nn.Module]):
 
 def wrapper_for(module: nn.Module) -> Optional[Type["QuantNoiseMixin"]]:
     """The wrapper class for ``module``: its own type or a subclass that keeps the base forward."""
-    if isinstance(module, QuantNoiseMixin):
+    if isinstance(module, QuantNoiseMixin) or weight_is_computed(module):
         return None
     for base, cls in WRAPPERS.items():
         if isinstance(module, base) and type(module).forward is base.forward:
             return cls
     return None
+
+
+def weight_is_computed(module: nn.Module) -> bool:
+    """Whether the layer's weight is computed on each call (``torch.nn.utils.weight_norm``'s hook, or a
+    parametrization such as ``parametrizations.weight_norm``), not a Parameter a wrapper could share."""
+    from torch.nn.utils import parametrize
+    w = getattr(module, "weight", None)
+    return parametrize.is_parametrized(module) or (isinstance(w, torch.Tensor) and "weight" not in module._parameters)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

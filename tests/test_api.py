@@ -228,3 +228,49 @@ def test_quantize_warns_once_per_selected_layer_of_an_unsupported_type(caplog):
     with caplog.at_level("WARNING", logger="quantnoise.api"):
         quantize_(nn.Sequential(nn.Linear(8, 4), Bilinearish()), QuantNoiseConfig(include="^0$", block_size=4))
     assert caplog.text == ""  # not selected: no warning
+
+
+def test_quantize_names_every_selected_weighted_layer_no_wrapper_supports_in_one_warning(caplog):
+    # issue 33 item 4: an LSTM holds weight_ih_l0 / weight_hh_l0, not `weight`; it was skipped silently
+    model = nn.Sequential(nn.Linear(8, 4), nn.LSTM(4, 4), nn.GRU(4, 4))
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        names = quantize_(model, QuantNoiseConfig(include="0|1|2", block_size=4))
+    assert names == ["0"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "layer 1 (LSTM)" in warnings[0] and "layer 2 (GRU)" in warnings[0]
+    assert "no quant-noise wrapper supports" in warnings[0]
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrizations"])
+def test_weight_normed_conv_is_named_in_the_warning_and_left_as_it_was(api, caplog):
+    # issue 33 item 12: weight_norm's `weight` is computed (not a Parameter): TypeError from inside nn.py before
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 4, 3, padding=1)
+    if api == "hook":
+        conv = torch.nn.utils.weight_norm(conv, dim=2)
+    else:
+        conv = torch.nn.utils.parametrizations.weight_norm(conv, dim=2)
+    model = nn.Sequential(nn.Linear(4, 4), conv)
+    x = torch.randn(2, 4, 5)
+    before = model[1](x)
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        names = quantize_(model, QuantNoiseConfig(block_size=4))
+    assert names == ["0"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "layer 1 (" in warnings[0] and "weight norm" in warnings[0]
+    assert "parametrizations" not in warnings[0].split("layer 1 (")[0]  # the conv is named, not its parts
+    assert model[1] is conv and torch.equal(model[1](x), before)
+
+
+def test_compress_names_selected_weighted_layers_it_cannot_compress_in_one_warning(caplog):
+    # issue 33 items 4/12 for compress_: an LSTM and a weight-normed conv were left as they were, silently
+    from quantnoise import LayerRule, compress_
+    torch.manual_seed(0)
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3), dim=2)
+    model = nn.Sequential(nn.Linear(8, 4), nn.LSTM(4, 4), conv)
+    with caplog.at_level("WARNING", logger="quantnoise.api"):
+        assert compress_(model, LayerRule(block_size=4, n_centroids=4)) == ["0"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "layer 1 (LSTM)" in warnings[0] and "layer 2 (" in warnings[0], warnings
+    assert model[2] is conv

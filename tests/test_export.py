@@ -149,6 +149,21 @@ def test_sizes_and_bound():
     assert rows["1"]["bytes"] == 24 * 16 // 2 + 24 * 4  # int4 two per byte + fp32 scales
 
 
+@pytest.mark.parametrize("bits, value", [(4, 8), (4, 20), (4, -8), (3, 4), (8, -128)])
+def test_encode_refuses_int_values_outside_the_bits_range_in_one_line(tmp_path, bits, value):
+    """Issue 33 item 17: ``q + qmax`` was packed unchecked, so a value past the range spilled into the next
+    value's bits (or wrapped in uint8) and only the loader, if anything, refused the file."""
+    _, state = compressed_state(scalar_bits=bits)
+    q = state["1.qweight"].clone()
+    q.view(-1)[3] = value
+    state["1.qweight"] = q
+    with pytest.raises(ValueError) as e:
+        export.save_qnz(tmp_path / "m.qnz", state, {"cfg": None})
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "'1'" in msg and str(value) in msg and f"{bits}" in msg, msg
+    assert not (tmp_path / "m.qnz").exists()
+
+
 # ------------------------------------------------------------------------------- bad files
 def write_good(tmp_path):
     _, state = compressed_state()
@@ -164,6 +179,45 @@ def test_truncated_file_is_rejected(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="is not a valid .qnz file"):
             export.read_qnz(path)
+
+
+def _written_by(tmp_path, writer: str):
+    """A small compressed .qnz as each writer writes it: fairseq's ``quantnoise export`` (a map with its cfg),
+    ``quantnoise.save_qnz`` of a module, ``quantnoise.hf.save_pretrained`` of a transformers model."""
+    from quantnoise import LayerRule, compress_, save_qnz
+    if writer == "export":
+        return write_good(tmp_path)
+    if writer == "save_qnz":
+        model = nn.Sequential(nn.Linear(16, 16))
+        compress_(model, LayerRule(scheme="scalar", bits=4))
+        save_qnz(model, tmp_path / "m.qnz")
+        return tmp_path / "m.qnz"
+    tf = pytest.importorskip("transformers")
+    from quantnoise import hf
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16))
+    compress_(model, LayerRule(pattern=r"\.h\.", scheme="scalar", bits=4))
+    hf.save_pretrained(model, tmp_path / "gpt2")
+    return tmp_path / "gpt2" / "model.safetensors"
+
+
+@pytest.mark.parametrize("writer, fix", [("export", "`quantnoise export`"), ("save_qnz", "quantnoise.save_qnz"),
+                                         ("hf", "quantnoise.hf.save_pretrained")])
+def test_a_truncated_or_corrupt_files_fix_names_the_writer_of_that_kind_of_file(tmp_path, writer, fix):
+    """Issue 33 item 13: the fix named `quantnoise export` (the fairseq command) for every file."""
+    path = _written_by(tmp_path, writer)
+    data = path.read_bytes()
+    others = {"`quantnoise export`", "quantnoise.save_qnz", "quantnoise.hf.save_pretrained"} - {fix}
+    data_start = 8 + struct.unpack("<Q", data[:8])[0]
+    for cut in ((data_start + len(data)) // 2, len(data) - 1):  # the header is whole: it says what wrote the file
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="is not a valid .qnz file") as e:
+            export.read_qnz(path)
+        assert fix in str(e.value) and not any(o in str(e.value) for o in others), str(e.value)
+    path.write_bytes(data[:100])  # the header is cut: unknown writer, every one is named
+    with pytest.raises(ValueError) as e:
+        export.read_qnz(path)
+    assert all(o in str(e.value) for o in others | {fix}), str(e.value)
 
 
 def test_corrupted_tensor_bytes_and_header_are_rejected(tmp_path):
@@ -517,7 +571,8 @@ def test_a_zero_size_tensor_with_a_huge_dimension_is_refused(tmp_path):
     reshape raise a RuntimeError traceback."""
     import struct
 
-    head = json.dumps({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode()
+    head = json.dumps({"__metadata__": {"qnz": "{}"},  # a map: a file without one is refused before its entries
+                       "a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode()
     path = tmp_path / "m.qnz"
     path.write_bytes(struct.pack("<Q", len(head)) + head)
     with pytest.raises(ValueError, match="tensor 'a' has a malformed header entry"):

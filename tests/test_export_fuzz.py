@@ -17,6 +17,7 @@ import math
 import random
 import struct
 import zlib
+from typing import Optional
 
 import pytest
 import torch
@@ -331,3 +332,55 @@ def test_runtime_mutations_are_refused_or_run_like_the_decoded_model(base, tmp_p
         result = runs_like_decoded(read_t, read_m, export.decode(read_t, read_m))
         counts["fill refused" if result == "refused" else "ok"] += 1
     assert min(counts.values()) > 10, counts  # each outcome exercised
+
+
+def raw_safetensors(path, header: dict, data: bytes = b"") -> None:
+    """A safetensors file of exactly this header (any JSON, however malformed its entries) and data."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def refused_fast(path, budget_s: Optional[float] = 0.5) -> str:
+    """read_qnz's one-line ValueError naming the file, within a time budget (None: no budget)."""
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        export.read_qnz(path)
+    took = time.perf_counter() - t0
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and str(path) in msg, msg
+    assert budget_s is None or took < budget_s, f"{took:.2f}s to refuse: {msg}"
+    return msg
+
+
+@pytest.mark.parametrize("shape", [[2**61, 2**61, 0], [0] + [2**61] * 20_000, [1] * 100_000, [2**62], [-1, 0],
+                                   [2**31] * 3, [0.5], [True]])
+def test_dimension_counts_and_huge_or_zero_dims_are_refused_in_one_line_fast(shape, tmp_path):
+    # issue 33 item 15: math.prod ran on huge integers before any check (20,000 dims of 2**61: 1.6 s);
+    # [2**61, 2**61, 0] escaped as RuntimeError: numel overflow
+    path = tmp_path / "dims.qnz"
+    raw_safetensors(path, {"__metadata__": {"qnz": "{}", "qnz_crc32": str(zlib.crc32(b"{}"))},
+                           "t": {"dtype": "U8", "shape": shape, "data_offsets": [0, 0]}})
+    msg = refused_fast(path)
+    assert "'t'" in msg
+
+
+@pytest.mark.parametrize("entries", [1, 10_000, 200_000])
+def test_large_headers_without_a_quantnoise_map_are_refused_before_reading_entries(entries, tmp_path):
+    # issue 33 item 16: every header entry was checked and allocated before "no quantnoise map" (200k: 5.6 s).
+    # The first entry is invalid: a reader that checks entries before the map names it instead.  No time budget:
+    # parsing a 13 MB JSON header alone takes ~1 s on a loaded 2-core machine (a 1 s budget failed there once).
+    path = tmp_path / "big.safetensors"
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(entries)}
+    header["t0"] = {"dtype": "NOT_A_DTYPE", "shape": [0], "data_offsets": [0, 0]}
+    raw_safetensors(path, header)
+    assert "no quantnoise map" in refused_fast(path, budget_s=None)
+
+
+@pytest.mark.parametrize("size", [0, 7, 8, 9, 2**20])
+def test_header_sizes_that_do_not_fit_the_file_are_refused_in_one_line(size, tmp_path):
+    path = tmp_path / "size.qnz"
+    path.write_bytes(struct.pack("<Q", size)[: min(size, 8)] + b"{" * max(0, min(size, 64) - 8))
+    refused_fast(path)
+    path.write_bytes(struct.pack("<Q", 2**63 + size) + b"{}")
+    refused_fast(path)

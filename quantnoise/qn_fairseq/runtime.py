@@ -72,11 +72,13 @@ def _fix_non_state(model: nn.Module) -> None:
 def use_lean_step(model: nn.Module, wrapped_by: Optional[tuple] = None) -> nn.Module:
     """Attention that calls its projection modules (``route_attention``; with ``wrapped_by``, only where a
     projection is one of these classes), with the fused kernel and the lean incremental step, and decoder layers
-    with the lean step (``LeanDecoderStep``).  The runtime's models get it when loaded; ``benchmarks/infer.py``
+    with the lean step (``LeanDecoderStep``) where the class keeps fairseq's forward.  The runtime's models get it
+    when loaded; ``benchmarks/infer.py``
     gives it to the fp32 model too (case ``fp32-lean``), to show what it buys without compression."""
     route_attention(model, wrapped_by)  # call the projection modules, not F.multi_head_attention_forward
     for m in model.modules():
-        if isinstance(m, TransformerDecoderLayerBase) and not isinstance(m, LeanDecoderStep):
+        if isinstance(m, TransformerDecoderLayerBase) and not isinstance(m, LeanDecoderStep) \
+                and type(m).forward is TransformerDecoderLayerBase.forward:  # own forward (Aug...): its arguments differ
             m.__class__ = _lean_layer(type(m))
     return model
 

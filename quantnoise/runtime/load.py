@@ -10,7 +10,7 @@ import ctypes
 import functools
 import logging
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -146,6 +146,9 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
     extensions.ensure_for(model)
     check_keys(model, tensors, meta)
     built, freed = {}, 0
+    names: Dict[int, List[str]] = {}  # a module under several names (fairseq's shared embed_tokens): one runtime layer
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
     for name, e in meta["layers"].items():
         like = model.get_submodule(name)
         new = runtime_layer(like, name, e, tensors)
@@ -155,8 +158,9 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
                           {"layers": {name: e}, "dense": {}, "aliases": {}})
             _set_tensor(model, f"{name}.weight", part[f"{name}.weight"])
             continue
-        built[name] = new
-        set_submodule(model, name, new)
+        for n in names.get(id(like), [name]):
+            built[n] = new
+            set_submodule(model, n, new)
         for part in ("codes", "centroids", "centroids_scale", "qweight", "qscale"):
             t = tensors.pop(f"{name}.{part}", None)  # the file's copy goes as soon as the layer holds its own
             freed += 0 if t is None else t.numel() * t.element_size()
@@ -174,6 +178,8 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
             continue
         owner, _, attr = key.rpartition(".")
         like, src = model.get_submodule(owner), built.get(target)
+        if attr == "weight" and src is not None and built.get(owner) is src:  # the same module: filled already
+            continue
         if attr == "weight" and isinstance(like, nn.Linear) and src is not None and owner not in built:
             new = _alias_linear(like, src)
             set_submodule(model, owner, new)

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import USER_DIR, run
 
@@ -309,3 +310,31 @@ def test_lean_incremental_step_equals_fairseqs_and_keeps_its_cache(qnz, lm_data,
 
     layer = model.decoder.layers[0]
     assert type(pickle.loads(pickle.dumps(layer))) is type(layer)  # a module-level class (fairseq's --ema deep-copies)
+
+
+def test_lean_step_is_mixed_only_into_decoder_layers_that_keep_fairseqs_forward():
+    """Issue 33 item 14: every TransformerDecoderLayerBase subclass got the lean step, also fairseq's
+    AugTransformerDecoderLayerBase, whose forward takes two more arguments (they shifted: AssertionError)."""
+    import copy
+
+    from fairseq.models.transformer import TransformerConfig
+    from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+    from fairseq.modules.transformer_layer_aug import AugTransformerDecoderLayerBase
+
+    from quantnoise import runtime
+
+    plugin = runtime.fairseq_plugin()
+    cfg = TransformerConfig()
+    cfg.encoder.embed_dim = cfg.decoder.embed_dim = 16
+    cfg.decoder.ffn_embed_dim, cfg.decoder.attention_heads = 32, 2
+    torch.manual_seed(0)
+    aug = AugTransformerDecoderLayerBase(cfg).eval()
+    plain = TransformerDecoderLayerBase(cfg, no_encoder_attn=True).eval()
+    stock = copy.deepcopy(aug)
+    model = plugin.use_lean_step(nn.ModuleList([aug, plain]))
+    assert type(model[0]) is AugTransformerDecoderLayerBase and isinstance(model[1], plugin.LeanDecoderStep)
+    x, enc, enc_aug = torch.randn(1, 2, 16), torch.randn(3, 2, 16), torch.randn(4, 2, 16)
+    with torch.no_grad():  # one incremental step, called as fairseq's AugTransformerDecoder calls its layers
+        got = model[0](x, enc, None, enc_aug, None, {})
+        want = stock(x, enc, None, enc_aug, None, {})
+    assert torch.equal(got[0], want[0])

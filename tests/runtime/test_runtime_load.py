@@ -155,3 +155,34 @@ def test_decoding_beyond_memory_says_how_much_it_needs(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "MemoryError decoding the .qnz needs 0.06 GiB" in out.stdout, (out.stdout, out.stderr[-2000:])
+
+
+class SharedEmbeddings(nn.Module):
+    """fairseq's share_all_embeddings: one Embedding module under two names (encoder / decoder embed_tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = nn.Module(), nn.Module()
+        self.encoder.embed_tokens = self.decoder.embed_tokens = nn.Embedding(64, 16)
+        self.out = nn.Linear(16, 8)
+
+
+def test_one_module_under_two_names_loads_as_one_shared_runtime_layer(tmp_path, caplog):
+    """Issue 33 item 17: the second name of a shared module got a decoded fp32 copy of the weight."""
+    from quantnoise import compress_, load_qnz, save_qnz
+
+    torch.manual_seed(0)
+    model = SharedEmbeddings()
+    compress_(model, LayerRule(pattern="embed_tokens", block_size=4, n_centroids=16))
+    assert model.encoder.embed_tokens is model.decoder.embed_tokens
+    save_qnz(model, tmp_path / "m.qnz")
+    with torch.device("meta"):
+        fresh = SharedEmbeddings()
+    with caplog.at_level("WARNING"):
+        loaded = load_qnz(tmp_path / "m.qnz", fresh)
+    assert "decoding it" not in caplog.text, caplog.text
+    assert isinstance(loaded.encoder.embed_tokens, R.RuntimeMixin)
+    assert loaded.decoder.embed_tokens is loaded.encoder.embed_tokens
+    ids = torch.tensor([[1, 5, 63]])
+    with torch.no_grad():  # fp16 codebook: each entry rounds alone
+        assert torch.equal(loaded.decoder.embed_tokens(ids), model.decoder.embed_tokens(ids).half().float())
