@@ -186,6 +186,10 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
             weight = _decode_pq(codes, cents, shape)
         else:
             q, scale, bits = state[f"{name}.qweight"], state[f"{name}.qscale"], int(state[f"{name}.qbits"])
+            if scale.numel() > shape[0] or bool((scale <= 0).any()) or (q.numel() and int(q.min()) < -(2 ** (bits - 1) - 1)):
+                # LayerRule(grid=...): one signed scale per 32 weights, codes down to -8: llama.cpp's layout
+                raise ValueError(f"layer '{name}' is on a llama.cpp grid (one scale per 32 weights), which a .qnz does "
+                                 f"not store; write it with quantnoise.hf.save_gguf, or compress it with grid=None")
             owned.update(f"{name}.{s}" for s in ("qweight", "qscale", "qbits", "weight_size"))
             qmax, width = 2 ** (bits - 1) - 1, pack_width(bits)
             tensors[f"{name}.qweight"] = pack((q.to(torch.int16) + qmax).to(torch.uint8), width)
