@@ -1,4 +1,4 @@
-"""quantnoise.hf.save_gguf: a transformers Llama as llama.cpp's GGUF, read back with gguf-py's reader (every tensor
+"""quantnoise.hf.save_gguf: a transformers Llama (and GPT-2) as llama.cpp's GGUF, read back with gguf-py's reader (every tensor
 dequantized to the weight the model computes with, exactly) and with transformers' own GGUF loader (same logits)."""
 import os
 
@@ -125,6 +125,72 @@ def test_permutation_is_llama_cpp_rope_layout():
     assert torch.equal(unpermute_qk(permute_qk(w, heads), heads), w)
 
 
+def gpt2(seed=0, **overrides):
+    kw = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=96)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
+
+
+GPT2_BLOCKS = r"h\.\d+\.(attn|mlp)\."
+
+
+def gpt2_name(hf: str) -> str:
+    fixed = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm"}
+    stem, leaf = hf.rsplit(".", 1)
+    if stem in fixed:
+        return f"{fixed[stem]}.{leaf}"
+    i, rest = stem.split(".")[2], ".".join(stem.split(".")[3:])
+    part = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}[rest]
+    return f"blk.{i}.{part}.{leaf}"
+
+
+def test_gpt2_reads_back_transposed_on_the_grid(tmp_path):
+    model = gpt2()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_(model, QuantNoiseConfig(scheme="scalar", grid="q8_0", p=0.5, include=GPT2_BLOCKS))
+    kinds = save_gguf(model, tmp_path / "m.gguf")
+    r = GGUFReader(tmp_path / "m.gguf")
+    fields = {k: f.contents() for k, f in r.fields.items()}
+    tensors = {t.name: (t.tensor_type.name, torch.from_numpy(np.array(quants.dequantize(t.data, t.tensor_type))))
+               for t in r.tensors}
+    assert set(tensors) == set(kinds) and "output.weight" not in kinds  # GPT-2's head is tied to wte
+    for key, w in plain.items():
+        if key == "lm_head.weight":
+            continue
+        kind, got = tensors[gpt2_name(key)]
+        if key.endswith(".weight") and (".attn." in key or ".mlp." in key):
+            assert kind == "Q8_0" and torch.equal(got, G.q8_0_fake(w.t())), key  # Conv1D (in, out) -> (out, in)
+        else:
+            assert kind == "F32" and torch.equal(got, w), key
+    expect = {"general.architecture": "gpt2", "gpt2.block_count": 2, "gpt2.context_length": 1024,
+              "gpt2.embedding_length": 64, "gpt2.feed_forward_length": 256, "gpt2.attention.head_count": 4,
+              "gpt2.vocab_size": 96, "general.file_type": 7}
+    assert {k: fields[k] for k in expect} == expect
+
+
+def test_gpt2_transformers_gguf_loader_gives_the_same_logits(tmp_path):
+    tok = byte_bpe_tokenizer()  # transformers takes a gpt2 file's vocabulary size from its token list
+    model = gpt2(seed=1, vocab_size=len(tok))
+    quantize_(model, QuantNoiseConfig(scheme="scalar", grid="q4_0", p=1.0, eval_quantized=True, include=GPT2_BLOCKS))
+    save_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    ids = torch.tensor([[1, 5, 9, 17, 3, 44, 80]])
+    with torch.no_grad():  # Conv1D's addmm on W.T vs the wrapper's linear: equal up to fp32 summation order
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_gpt2_compressed_on_the_grid(tmp_path):
+    model = gpt2(seed=2)
+    compress_(model, LayerRule(pattern=GPT2_BLOCKS, scheme="scalar", grid="q4_0"))
+    save_gguf(model, tmp_path / "m.gguf")
+    r = GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: torch.from_numpy(np.array(quants.dequantize(t.data, t.tensor_type))) for t in r.tensors}
+    fc = model.transformer.h[1].mlp.c_fc
+    assert torch.equal(got["blk.1.ffn_up.weight"], fc.weight.t()) and torch.equal(got["blk.1.ffn_up.bias"], fc.bias)
+
+
 def byte_bpe_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -154,7 +220,8 @@ def test_tokenizer_vocabulary_goes_into_the_file(tmp_path):
 
 @pytest.mark.parametrize("case,match", [
     ("pq", "GGUF has no such type"), ("int8_rows", "not on a llama.cpp grid"), ("qn_int4", "quantnoise's scalar grid"),
-    ("rope_scaling", "rope_scaling"), ("gpt2", "LlamaForCausalLM"), ("bad_grid", "grid='q5_1' is unknown"),
+    ("rope_scaling", "rope_scaling"), ("bert", "LlamaForCausalLM or GPT2LMHeadModel"),
+    ("gpt2_gelu", "activation_function='gelu'"), ("bad_grid", "grid='q5_1' is unknown"),
     ("small_tokenizer_vocab", "vocab_size is 8")])
 def test_refusals_are_one_line_and_leave_the_old_file(case, match, tmp_path):
     path = tmp_path / "m.gguf"
@@ -168,8 +235,11 @@ def test_refusals_are_one_line_and_leave_the_old_file(case, match, tmp_path):
         quantize_(model, QuantNoiseConfig(scheme="scalar", bits=4, include=BLOCKS))
     elif case == "rope_scaling":
         model = llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    elif case == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    elif case == "bert":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                                     num_attention_heads=2, intermediate_size=64))
+    elif case == "gpt2_gelu":
+        model = gpt2(activation_function="gelu")
     elif case == "bad_grid":
         kwargs["grid"] = "q5_1"
     else:

@@ -1,25 +1,28 @@
-"""``save_gguf(model, path, tokenizer=None)``: a transformers Llama as a GGUF file for llama.cpp, written with
-gguf-py's ``GGUFWriter``.
+"""``save_gguf(model, path, tokenizer=None)``: a transformers Llama or GPT-2 as a GGUF file for llama.cpp, written
+with gguf-py's ``GGUFWriter``.
 
 What each weight becomes (the weight the model was trained or compressed against, exactly):
   - a Quant-Noise wrapper on a grid (``QuantNoiseConfig(scheme="scalar", grid="q4_0" | "q8_0")``): its weight
     quantized on that grid (``quantnoise.grids``), i.e. the weight it computes with at p = 1;
   - a compressed layer on a grid (``compress_`` with ``LayerRule(scheme="scalar", grid=...)``): its own codes and
     fp16 scales, repacked into ggml's blocks;
-  - a plain ``nn.Linear`` (or a drop-noise wrapper): F32, or on ``grid`` when one is given (post-hoc Q4_0 / Q8_0,
-    as llama.cpp's ``llama-quantize`` would do it: ``quantnoise.grids`` is bit-identical to its reference);
-  - norms, and plain embeddings: F32.
-Anything else (pq layers, int-N layers with per-row scales, noise wrappers on quantnoise's own grids, Llama
-variants llama.cpp's ``llama`` architecture does not read as written here) is refused with one line.
+  - a plain ``nn.Linear`` / GPT-2 ``Conv1D`` (or a drop-noise wrapper): F32, or on ``grid`` when one is given
+    (post-hoc Q4_0 / Q8_0, as llama.cpp's ``llama-quantize`` does: ``quantnoise.grids`` is bit-identical to its
+    reference);
+  - norms, biases and plain embeddings: F32.
+Anything else (pq layers, int-N layers with per-row scales, noise wrappers on quantnoise's own grids, variants
+llama.cpp's ``llama`` / ``gpt2`` architectures do not compute as written here) is refused with one line.
 
-Names, layouts and metadata follow llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``): tensor names from
-gguf-py's own name map (``token_embd``, ``blk.N.attn_q`` ... ``output``), q / k rows permuted for llama.cpp's
-rotary layout (``permute_qk``: the pairs HF rotates as halves, llama.cpp rotates as neighbours; a permutation of
-whole rows, so the 32-weight blocks along the input are untouched), the ``llama.*`` hyper-parameters, and the
-vocabulary of a byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``, tokens, types, merges, special
-ids).  With ``tie_word_embeddings`` no ``output`` is written: llama.cpp then reuses ``token_embd``.
+Names, layouts and metadata follow llama.cpp's ``convert_hf_to_gguf.py``: tensor names from gguf-py's own name
+map (``token_embd``, ``blk.N.attn_q`` ... ``output``); weights (out, in) (GPT-2's Conv1D (in, out) transposed, as
+its ``GPT2Model`` does); a Llama's q / k rows permuted for llama.cpp's rotary layout (``permute_qk``, its
+``LlamaModel.permute``: HF rotates the halves of a head, llama.cpp neighbouring pairs; a permutation of whole
+rows, so the 32-weight blocks along the input are untouched); the ``llama.*`` / ``gpt2.*`` hyper-parameters; the
+vocabulary of a byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``: tokens, types, merges, special
+ids).  A tied output projection is not written: llama.cpp then reuses ``token_embd``.
 
-Whether llama.cpp's own run of such a file matches quantnoise's logits is not yet tested here (docs/gguf.md).
+Whether llama.cpp's own run of such a file matches quantnoise's logits is not yet tested here (docs/gguf.md);
+transformers' GGUF loader reads the files back to the same logits (tests/test_hf_gguf.py).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .. import grids
 from ..compress.layers import CompressedMixin
 from ..config import GRID_BITS
 from ..nn import QuantNoiseMixin
+from .conv1d import Conv1D  # transformers' GPT-2 layer (the module registers its quantnoise wrappers)
 
 FILE_TYPE = {None: 0, "q8_0": 7, "q4_0": 2}  # llama.cpp's LlamaFileType: ALL_F32, MOSTLY_Q8_0, MOSTLY_Q4_0
 
@@ -54,6 +58,19 @@ def unpermute_qk(w: Tensor, n_head: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ weights
+def as_rows(m: nn.Module) -> Tensor:
+    """The layer's weight as GGUF stores it, (out, in): GPT-2's Conv1D holds W.T (in, out), as its noise
+    wrapper does (``_blocked_weight``); convert_hf_to_gguf.py's GPT2Model transposes it too."""
+    if isinstance(m, QuantNoiseMixin):
+        return m._blocked_weight().detach()
+    return m.weight.detach().t() if isinstance(m, Conv1D) else m.weight.detach()
+
+
+def is_matmul(m: nn.Module) -> bool:
+    """A layer that ``grid`` quantizes post hoc: a Linear or GPT-2's Conv1D (not embeddings, not norms)."""
+    return isinstance(m, (nn.Linear, Conv1D))
+
+
 def layer_grid(name: str, m: nn.Module, grid: Optional[str]) -> Tuple[str, Tensor]:
     """(kind, data) of a layer's weight for the file: ("q4_0" | "q8_0", packed uint8 (out, bytes)) or
     ("f32", fp32 (out, ...)); a one-line ValueError for a layer no GGUF type expresses exactly."""
@@ -73,7 +90,7 @@ def layer_grid(name: str, m: nn.Module, grid: Optional[str]) -> Tuple[str, Tenso
         except ValueError as e:
             raise ValueError(f"layer '{name}': {e}; compress it with LayerRule(scheme='scalar', grid={g!r})") from None
         return g, grids.PACK[g](d, codes)
-    w = m.weight.detach()
+    w = as_rows(m)
     if isinstance(m, QuantNoiseMixin):
         cfg = m.qn_cfg
         if cfg.scheme == "scalar" and cfg.grid is not None:
@@ -98,13 +115,29 @@ def check_llama(config) -> None:
                          f"use a config without them")
 
 
-def llama_tensors(model: nn.Module, grid: Optional[str]) -> List[Tuple[str, str, Tensor]]:
-    """(gguf name, kind, data) of every tensor of a ``LlamaForCausalLM``, in model order, q / k permuted."""
+def check_gpt2(config) -> None:
+    """One-line ValueError for a GPT-2 config llama.cpp's ``gpt2`` architecture would not compute the same way."""
+    unsupported = [(config.activation_function != "gelu_new", f"activation_function={config.activation_function!r} "
+                                                               f"(llama.cpp's gpt2 uses the tanh GELU, gelu_new)"),
+                   (getattr(config, "scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=True"),
+                   (not getattr(config, "scale_attn_weights", True), "scale_attn_weights=False")]
+    bad = [what for cond, what in unsupported if cond]
+    if bad:
+        raise ValueError(f"save_gguf writes plain GPT-2s; this config has {', '.join(bad)}, which it does not express; "
+                         f"use a config without them")
+
+
+ARCHS = {"llama": check_llama, "gpt2": check_gpt2}  # model_type -> config check; the gguf arch has the same name
+
+
+def model_tensors(model: nn.Module, arch: str, grid: Optional[str]) -> List[Tuple[str, str, Tensor]]:
+    """(gguf name, kind, data) of every tensor of a ``LlamaForCausalLM`` / ``GPT2LMHeadModel``, in model order:
+    weights (out, in) as ``layer_grid`` makes them, biases F32, a Llama's q / k rows permuted."""
     import gguf
 
     cfg = model.config
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2,
+                                     cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     out, covered = [], set()
     for name, m in model.named_modules():
@@ -116,18 +149,22 @@ def llama_tensors(model: nn.Module, grid: Optional[str]) -> List[Tuple[str, str,
             continue  # llama.cpp reads token_embd as the output projection when output.weight is absent
         gname = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
         if gname is None:
-            raise ValueError(f"layer '{name}' ({type(m).__name__}) has no tensor in llama.cpp's llama architecture; "
-                             f"save_gguf writes LlamaForCausalLM models")
-        kind, data = layer_grid(name, m, grid if isinstance(m, nn.Linear) else None)
-        if name.endswith("self_attn.q_proj"):
-            data = permute_qk(data, n_head)
-        elif name.endswith("self_attn.k_proj"):
-            data = permute_qk(data, n_kv)
+            raise ValueError(f"layer '{name}' ({type(m).__name__}) has no tensor in llama.cpp's {arch} architecture; "
+                             f"save_gguf writes plain LlamaForCausalLM / GPT2LMHeadModel models")
+        kind, data = layer_grid(name, m, grid if is_matmul(m) else None)
+        bias = getattr(m, "bias", None)
+        bias = bias.detach().float() if isinstance(bias, Tensor) else None
+        if arch == "llama" and name.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+            data = permute_qk(data, heads)
+            bias = None if bias is None else permute_qk(bias, heads)
         out.append((gname, kind, data))
+        if bias is not None:
+            out.append((gname[: -len("weight")] + "bias", "f32", bias))
     left = [k for k in model.state_dict() if k not in covered]
     if left:
-        raise ValueError(f"save_gguf cannot express {left[0]} ({len(left)} tensors outside the Llama layers): "
-                         f"write a plain LlamaForCausalLM")
+        raise ValueError(f"save_gguf cannot express {left[0]} ({len(left)} tensors outside the {arch} layers): "
+                         f"write a plain LlamaForCausalLM / GPT2LMHeadModel")
     return out
 
 
@@ -195,6 +232,21 @@ def llama_metadata(writer, config, name: str) -> None:
         writer.add_value_length(int(head_dim))
 
 
+def gpt2_metadata(writer, config, name: str) -> None:
+    """The ``gpt2.*`` keys convert_hf_to_gguf.py writes for GPT-2, and the vocabulary size."""
+    writer.add_name(name)
+    writer.add_block_count(int(config.n_layer))
+    writer.add_context_length(int(config.n_positions))
+    writer.add_embedding_length(int(config.n_embd))
+    writer.add_feed_forward_length(int(config.n_inner or 4 * config.n_embd))
+    writer.add_head_count(int(config.n_head))
+    writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+    writer.add_vocab_size(int(config.vocab_size))  # llama.cpp reads it when present (else the token list's length)
+
+
+METADATA = {"llama": llama_metadata, "gpt2": gpt2_metadata}
+
+
 def save_gguf(model: nn.Module, path, tokenizer=None, grid: Optional[str] = None, name: Optional[str] = None) -> Dict:
     """Write ``model`` (a ``transformers`` ``LlamaForCausalLM``: plain, with Quant-Noise wrappers, or compressed)
     as a GGUF file for llama.cpp, atomically (a temp file beside ``path``, then a rename).  ``grid``: "q4_0" |
@@ -208,18 +260,19 @@ def save_gguf(model: nn.Module, path, tokenizer=None, grid: Optional[str] = None
     if grid is not None:
         grids.check_grid(grid)
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "llama" or not hasattr(model, "lm_head"):
-        raise ValueError(f"save_gguf writes a transformers LlamaForCausalLM, not a {type(model).__name__} "
-                         f"(model_type {getattr(config, 'model_type', None)!r})")
-    check_llama(config)
-    tensors = llama_tensors(model, grid)
+    arch = getattr(config, "model_type", None)
+    if arch not in ARCHS or not hasattr(model, "lm_head"):
+        raise ValueError(f"save_gguf writes a transformers LlamaForCausalLM or GPT2LMHeadModel, not a "
+                         f"{type(model).__name__} (model_type {arch!r})")
+    ARCHS[arch](config)
+    tensors = model_tensors(model, arch, grid)
     kinds = {k for _, k, _ in tensors if k in GRID_BITS}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        llama_metadata(writer, config, name or getattr(config, "_name_or_path", "") or "quantnoise-llama")
+        writer = gguf.GGUFWriter(tmp, arch)
+        METADATA[arch](writer, config, name or getattr(config, "_name_or_path", "") or f"quantnoise-{arch}")
         writer.add_file_type(FILE_TYPE["q4_0" if "q4_0" in kinds else "q8_0" if kinds else None])
         if kinds:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
