@@ -182,3 +182,12 @@ def test_compress_on_the_grid_decodes_to_the_fake_weight(grid, tmp_path):
     assert model[0].qscale.shape == (32 * 2, 1)
     with pytest.raises(ValueError, match="save_gguf"):  # a .qnz stores one positive scale per row group
         save_qnz(model, tmp_path / "m.qnz")
+
+
+def test_embedding_rows_on_the_grid_whatever_the_batch():
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(50, 64))
+    table = emb[0].weight.detach().clone()
+    quantize_(emb, QuantNoiseConfig(scheme="scalar", grid="q8_0", p=1.0, block_size=8))
+    ids = torch.tensor([[3, 7, 3], [49, 0, 7]])
+    assert torch.equal(emb(ids), G.q8_0_fake(table)[ids])  # only the looked-up rows are quantized, row by row

@@ -102,6 +102,16 @@ def test_compressed_llama_writes_its_own_codes(grid, tmp_path):
     assert kinds["output.weight"] == "f32" and fields["general.file_type"] == {"q4_0": 2, "q8_0": 7}[grid]
 
 
+def test_embeddings_trained_on_the_grid_are_written_on_it(tmp_path):
+    model = llama(seed=4)
+    table = model.model.embed_tokens.weight.detach().clone()
+    quantize_(model, QuantNoiseConfig(scheme="scalar", grid="q8_0", p=0.5, include=r"embed_tokens"))
+    kinds = save_gguf(model, tmp_path / "m.gguf")
+    tensors, _ = read(tmp_path / "m.gguf")
+    assert kinds["token_embd.weight"] == "q8_0" and torch.equal(tensors["token_embd.weight"][1], G.q8_0_fake(table))
+    assert kinds["blk.0.attn_q.weight"] == "f32"
+
+
 def test_tied_embeddings_write_no_output_tensor(tmp_path):
     model = llama(seed=3, tie_word_embeddings=True)
     kinds = save_gguf(model, tmp_path / "m.gguf", grid="q4_0")
