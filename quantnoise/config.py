@@ -14,6 +14,8 @@ GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "ema")
 CLIPS = ("minmax", "mse")  # scalar weight range: min/max | MSE-optimal clip (functional.mse_clip)
 ACT_GRANULARITIES = ("tensor", "token", "channel")
+# llama.cpp's weight grids (quantnoise.grids): integer bits of each; blocks of 32 input weights, one fp16 scale each
+GRID_BITS = {"q4_0": 4, "q8_0": 8}
 # The largest pq block: a stored code (one byte) decodes to MAX_BLOCK_SIZE weights, so a .qnz decodes to at most
 # ~4 * MAX_BLOCK_SIZE times its size in fp32 (iPQ uses 4-9; a larger block is a crafted file: a 0.5 MB file with
 # 4096-wide blocks decodes to 16 GiB)
@@ -43,6 +45,20 @@ def regex_error(pattern) -> Optional[str]:
     return None
 
 
+def grid_error(grid, scheme: str, bits, clip: str, rows_per_scale) -> Optional[str]:
+    """Why ``grid`` cannot go with these scalar settings (QuantNoiseConfig's and LayerRule's); None if it can.
+    ``bits`` may be left at its default 8 (it then becomes the grid's)."""
+    if not isinstance(grid, str) or grid not in GRID_BITS:
+        return f"choose one of {', '.join(GRID_BITS)}, or None for quantnoise's own scalar grid"
+    if scheme != "scalar":
+        return f"a grid is a scalar scheme: use scheme=scalar, not {scheme!r}"
+    if bits not in (8, GRID_BITS[grid]):
+        return f"{grid} is {GRID_BITS[grid]}-bit but bits={bits!r}: use bits={GRID_BITS[grid]} (or leave it out)"
+    if clip != "minmax" or rows_per_scale != 1:
+        return f"{grid} sets its own scale per block of 32 weights: use clip=minmax, rows_per_scale=1"
+    return None
+
+
 @dataclass
 class QuantNoiseConfig:
     scheme: str = field(default="drop", metadata={"help": "noise scheme: drop | scalar | pq"})
@@ -61,6 +77,9 @@ class QuantNoiseConfig:
                                                            "r * max|w|, r of 20 in [0.3, 1] minimising the group's squared "
                                                            "error, searched on every forward (for int2-4; needs symmetric, "
                                                            "observer=minmax)"})
+    grid: Optional[str] = field(default=None, metadata={"help": "scalar: None | q4_0 | q8_0: llama.cpp's grid instead (blocks "
+                                                               "of 32 inputs, one fp16 scale each; bits, ranges and "
+                                                               "granularity are the grid's), what save_gguf writes"})
     # pq
     n_centroids: int = field(default=256, metadata={"help": "pq: codebook size per layer (capped at the layer's block count)"})
     kmeans_iters: int = field(default=20, metadata={"help": "pq: k-means iterations per codebook refresh"})
@@ -134,6 +153,15 @@ class QuantNoiseConfig:
             raise bad("act_symmetric", "use true or false")
         if not isinstance(self.act_granularity, str) or self.act_granularity not in ACT_GRANULARITIES:
             raise bad("act_granularity", f"choose one of {', '.join(ACT_GRANULARITIES)} (tensor for Q8BERT)")
+        if self.grid is not None:
+            error = grid_error(self.grid, self.scheme, self.bits, self.clip, self.rows_per_scale)
+            if error is None and (self.observer != "minmax" or not self.symmetric):
+                error = "llama.cpp's grids take each block's range from its weights: use observer=minmax, symmetric=true"
+            if error is None and (self.granularity == "tensor" or self.granularity == "group" and self.group_size != 32):
+                error = "a grid has one scale per 32 inputs: leave granularity at channel (or group with group_size=32)"
+            if error:
+                raise bad("grid", error)
+            self.bits = GRID_BITS[self.grid]
         self.p, self.ema_momentum = float(self.p), float(self.ema_momentum)
         self.act_ema_momentum = float(self.act_ema_momentum)
         for name in ("block_size", "bits", "group_size", "rows_per_scale", "n_centroids", "kmeans_iters", "refresh_every", "seed"):

@@ -186,6 +186,11 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
             weight = _decode_pq(codes, cents, shape)
         else:
             q, scale, bits = state[f"{name}.qweight"], state[f"{name}.qscale"], int(state[f"{name}.qbits"])
+            if scale.numel() > shape[0] or bool((scale <= 0).any()):
+                # LayerRule(grid=...): one signed scale per 32 weights: llama.cpp's layout (its codes down to
+                # -2**(bits-1) are _check_int_range's to refuse, naming this fix too)
+                raise ValueError(f"layer '{name}' is on a llama.cpp grid (one scale per 32 weights), which a .qnz does "
+                                 f"not store; write it with quantnoise.hf.save_gguf, or compress it with grid=None")
             owned.update(f"{name}.{s}" for s in ("qweight", "qscale", "qbits", "weight_size"))
             qmax, width = 2 ** (bits - 1) - 1, pack_width(bits)
             _check_int_range(name, q, bits, qmax)  # q + qmax past width bits spills into the next value
@@ -229,8 +234,10 @@ def _check_int_range(name: str, q: Tensor, bits: int, qmax: int) -> None:
     lo, hi = (int(v) for v in q.aminmax()) if q.numel() else (0, 0)
     if lo < -qmax or hi > qmax:
         bad = lo if lo < -qmax else hi
+        grid = (" or, for a layer on a llama.cpp grid (codes down to -2**(bits-1)), write it with "
+                "quantnoise.hf.save_gguf" if bad == -qmax - 1 else "")
         raise ValueError(f"layer '{name}': int{bits} value {bad} is outside [-{qmax}, {qmax}] (its qweight was changed "
-                         f"after compress_); compress it again, or load a state dict that compress_ wrote")
+                         f"after compress_); compress it again, or load a state dict that compress_ wrote{grid}")
 
 
 def save_qnz(path, state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions = ExportOptions()) -> dict:

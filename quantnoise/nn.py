@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from . import functional as QF
 from .config import QuantNoiseConfig
+from .grids import BLOCK as GRID_BLOCK, grid_noise
 from .kmeans import kmeans
 
 ACT_RANGES = ("qn_act_lo", "qn_act_hi")  # the EMA input ranges of act_bits, saved in state dicts
@@ -157,6 +158,10 @@ class QuantNoiseMixin:
             raise ValueError(
                 f"layer '{name}' (weight {tuple(self.weight.shape)}): rows_per_scale={cfg.rows_per_scale} does not "
                 f"divide its {out} output rows; use a divisor of {out}")
+        if cfg.grid is not None and row % GRID_BLOCK:
+            raise ValueError(
+                f"layer '{name}' (weight {tuple(self.weight.shape)}): its row length {row} is not a multiple of "
+                f"{GRID_BLOCK}, so it has no {cfg.grid} grid; exclude the layer or use grid=None")
         if cfg.scheme == "scalar" and cfg.granularity == "group" and row % cfg.group_size:
             raise ValueError(
                 f"layer '{name}' (weight {tuple(self.weight.shape)}): group_size={cfg.group_size} does not "
@@ -273,6 +278,9 @@ class QuantNoiseMixin:
             if cfg.scheme == "drop":  # the reusable buffer holds per-block factors: 0 or 1/(1-p), fp32
                 self.qn_mask = self._drop_factors(seed, n_rows, nb, p, w, rows)
                 out = QF.drop_blocks(wd, self.qn_mask, bs)
+            elif cfg.scheme == "scalar" and cfg.grid is not None:  # llama.cpp's grid: blocks of 32, fp16 scales
+                self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
+                out = grid_noise(wd, self.qn_mask, cfg.grid, bs)
             elif cfg.scheme == "scalar":
                 self.qn_mask = self._block_mask(seed, n_rows, nb, p, w.device, rows)
                 scale, zero = self._scalar_qparams(wd, observe=original, rows=rows)
@@ -384,7 +392,7 @@ class QuantNoiseMixin:
 
     def extra_repr(self) -> str:
         c = self.qn_cfg
-        detail = {"drop": "", "scalar": f", bits={c.bits}, {c.granularity}" + (f"/{c.rows_per_scale} rows" if c.rows_per_scale > 1 else ""), "pq": f", centroids={c.n_centroids}"}
+        detail = {"drop": "", "scalar": f", grid={c.grid}" if c.grid else f", bits={c.bits}, {c.granularity}" + (f"/{c.rows_per_scale} rows" if c.rows_per_scale > 1 else ""), "pq": f", centroids={c.n_centroids}"}
         return f"{super().extra_repr()}, quant_noise={c.scheme}(p={c.p}, block={c.block_size}{detail[c.scheme]})"
 
 

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as QF
-from ..config import CLIPS, MAX_BLOCK_SIZE, is_int, regex_error
+from .. import grids
+from ..config import CLIPS, GRID_BITS, MAX_BLOCK_SIZE, grid_error, is_int, regex_error
 from ..kmeans import kmeans
 from ..nn import set_submodule  # noqa: F401  (the verbs import it from here too)
 
@@ -313,6 +314,8 @@ class LayerRule:
                                                              "row; head_dim = per attention head; must divide the rows; 0 = one per tensor)"})
     clip: str = field(default="minmax", metadata={"help": "scalar: range max|w| per scale group (minmax) | mse: the "
                                                            "MSE-optimal clip of it (for int2-4; functional.mse_clip)"})
+    grid: Optional[str] = field(default=None, metadata={"help": "scalar: None | q4_0 | q8_0: llama.cpp's grid (one fp16 "
+                                                               "scale per 32 inputs; bits follow it), for save_gguf"})
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -341,6 +344,11 @@ class LayerRule:
             raise bad("clip", f"choose one of {', '.join(CLIPS)}")
         if not is_int(self.updates) or self.updates < 0:
             raise bad("updates", "use a non-negative integer")
+        if self.grid is not None:
+            error = grid_error(self.grid, self.scheme, self.bits, self.clip, self.rows_per_scale)
+            if error:
+                raise bad("grid", error)
+            self.bits = GRID_BITS[self.grid]
 
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None and not (self.exclude and re.search(self.exclude, name))
@@ -358,8 +366,22 @@ def compress_module(module: nn.Module, rule: LayerRule, name: str, seed: int = 0
         codes, centroids = pq_quantize(w, rule.block_size, rule.n_centroids, rule.kmeans_iters,
                                        seed=seed, name=f"layer '{name}'")
         return cls(module, codes, centroids.to(w.dtype), rule.block_size)
-    q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale, clip=rule.clip)
+    q, scale = scalar_codes(w, rule, name=f"layer '{name}'")
     return cls(module, q, scale, rule.bits)
+
+
+def scalar_codes(w: Tensor, rule: LayerRule, name: str = "weight") -> Tuple[Tensor, Tensor]:
+    """A scalar layer's (q int8, scale (groups, 1) fp32) of ``w`` (out, ...) by ``rule``: quantnoise's grid
+    (``scalar_quantize``), or llama.cpp's (``rule.grid``: one fp16-valued scale per 32 weights, groups = out * in / 32)."""
+    if rule.grid is None:
+        return scalar_quantize(w, rule.bits, name=name, rows_per_scale=rule.rows_per_scale, clip=rule.clip)
+    rows = w.detach().reshape(w.shape[0], -1)
+    bad = int((~torch.isfinite(rows)).sum())
+    if bad:
+        raise ValueError(f"{name} (shape {tuple(w.shape)}): the weights contain {bad} NaN or inf values; "
+                         f"fix the checkpoint before quantizing")
+    q, scale = grids.grid_codes(rows, rule.grid, name)
+    return q.reshape(w.shape[0], -1), scale
 
 
 def empty_like_state(module: nn.Module, state: Dict[str, Tensor], prefix: str) -> Optional[nn.Module]:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import is_int
 from ..nn import ACT_RANGES
-from .layers import LayerRule, pq_quantize, scalar_decode, scalar_quantize
+from .layers import LayerRule, pq_quantize, scalar_codes, scalar_decode
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def quantize_state_dict(state: Dict[str, Tensor], plan: IPQPlan,
             out[f"{name}.codes"], out[f"{name}.centroids"] = codes, cents.to(w.dtype)
             decoded = cents[codes.long()].reshape(w.shape).to(w.dtype)
         else:
-            q, scale = scalar_quantize(w, rule.bits, name=f"layer '{name}'", rows_per_scale=rule.rows_per_scale,
-                                       clip=rule.clip)
+            q, scale = scalar_codes(w, rule, name=f"layer '{name}'")
             out[f"{name}.qweight"], out[f"{name}.qscale"], out[f"{name}.qbits"] = q, scale, torch.tensor(rule.bits)
             decoded = scalar_decode(q, scale, w.shape, w.dtype)
         done[skey] = name
