@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from argparse import Namespace
+from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes" / "lm"), str(ROOT / "recipes" / "bert")]
@@ -89,7 +90,8 @@ class RobertaRecipe(Recipe):
         utils.import_user_module(Namespace(user_dir=str(USER_DIR)))  # torch.load for good (no per-load race)
 
     # ------------------------------------------------------------------ fairseq
-    def model_flags(self):
+    def model_flags(self, seed: Optional[int] = None):
+        """The LM recipe's hook (its fairseq_train passes a seed): RoBERTa's flags, with this run's --seed unless given."""
         s = self.s
         return ["--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes", len(self.labels),
                 "--init-token", "0", "--separator-token", "2", "--max-positions", s["max_len"],
@@ -97,7 +99,7 @@ class RobertaRecipe(Recipe):
                 "--encoder-ffn-embed-dim", s["ffn"], "--encoder-attention-heads", s["heads"], "--dropout", "0.1",
                 "--attention-dropout", "0.1", "--batch-size", s["batch"], "--required-batch-size-multiple", "1",
                 "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--weight-decay", "0.01", "--clip-norm", "1.0",
-                "--lr-scheduler", "polynomial_decay", "--total-num-update", self.s["updates"], "--seed", self.seed,
+                "--lr-scheduler", "polynomial_decay", "--total-num-update", self.s["updates"], "--seed", self.seed if seed is None else seed,
                 "--num-workers", "0", "--log-format", "simple", "--log-interval", max(1, self.s["updates"] // 10),
                 "--no-epoch-checkpoints", "--save-interval", "1000", "--no-progress-bar"]
 

@@ -248,19 +248,20 @@ class Recipe:
         if rc:
             raise RuntimeError(f"quantnoise {' '.join(argv)} exited {rc}; see {self.out / 'logs' / 'quantnoise.log'}")
 
-    def model_flags(self, seed: int = 1) -> List[str]:
+    def model_flags(self, seed: Optional[int] = None) -> List[str]:
+        """fairseq-train's model and optimisation flags (``--seed``: ``seed``, default 1)."""
         s = self.s
         return ["--task", "language_modeling", "--arch", "qn_transformer_lm", "--decoder-layers", s["layers"],
                 "--decoder-embed-dim", s["dim"], "--decoder-input-dim", s["dim"], "--decoder-output-dim", s["dim"],
                 "--decoder-ffn-embed-dim", s["ffn"], "--decoder-attention-heads", s["heads"], "--decoder-normalize-before",
                 "--dropout", "0.1", "--tokens-per-sample", s["tokens"], "--max-tokens", s["max_tokens"],
                 "--sample-break-mode", "none", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "0.0",
-                "--lr-scheduler", "inverse_sqrt", "--seed", seed, "--num-workers", "0", "--log-format", "simple",
+                "--lr-scheduler", "inverse_sqrt", "--seed", 1 if seed is None else seed, "--num-workers", "0", "--log-format", "simple",
                 "--log-interval", max(1, s["updates"] // 10), "--no-epoch-checkpoints", "--validate-interval", "1000",
                 "--save-interval", "1000", "--no-progress-bar"]
 
     def fairseq_train(self, step: str, save_dir: pathlib.Path, extra: List, log: str, updates: int, lr: float, warmup: int,
-                      seed: int = 1):
+                      seed: Optional[int] = None):
         if save_dir.exists():
             shutil.rmtree(save_dir)  # a killed run's leftovers: this step starts over
         self.sh(step, ["fairseq-train", self.data, "--user-dir", USER_DIR, *self.model_flags(seed), "--lr", lr,
@@ -530,7 +531,7 @@ class Recipe:
             noft = self.eval_lm(step, q, "valid", step)
             ckpt = self.fairseq_train(step, d / "ft", ["--restore-file", q, "--reset-optimizer", "--reset-dataloader",
                                                        "--reset-lr-scheduler", "--reset-meters"], step,
-                                      updates, lr, max(1, updates // 10), seed=1 if seed is None else seed)
+                                      updates, lr, max(1, updates // 10), seed=seed)
             return {"quantized": str(q), "finetuned": str(ckpt), "valid_noft": noft,
                     "valid_ft": self.valid_ppl(step)}
 
