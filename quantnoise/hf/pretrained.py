@@ -48,8 +48,8 @@ def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[E
     """Write ``model`` (a transformers ``PreTrainedModel`` compressed by ``quantnoise.compress_``, or loaded
     compressed) as a folder that ``from_pretrained`` (quantnoise.hf's or transformers' own) loads compressed; return
     the folder.  ``model.save_pretrained(dir)`` writes the same folder (but README.md), non-atomically.  ``opts``:
-    the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "int8")``;
-    default: those a loaded model was stored with, else float16).  Every file is written atomically."""
+    the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "float32" |
+    "int8")``; default: those a loaded model was stored with, else float16 for both).  Every file is written atomically."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError(f"save_pretrained takes a transformers PreTrainedModel, not a {type(model).__name__}; "

@@ -52,8 +52,10 @@ class QuantNoiseHfConfig(QuantizationConfigMixin):
     In config.json of a saved folder (written by ``save_pretrained``): what is stored where: ``weights`` (the
     .qnz, ``model.safetensors``), ``format_version``, ``compressed_layers``, ``rules`` (one entry per distinct
     setting: scheme, block size and centroids or bits, the stored dtypes, the layers), ``rest_dtype`` /
-    ``centroids_dtype`` (ExportOptions: the dtype of what is not compressed, fp16 by default, and of the pq
-    codebooks) and ``aliases`` (tied copies).  Loading a folder ignores the compression fields."""
+    ``centroids_dtype`` (ExportOptions: the dtype of what is not compressed, "float16" (default) | "float32", and of
+    the pq codebooks, "float16" (default) | "float32" (exactly the model's) | "int8" (one scale per layer)) and
+    ``aliases`` (tied copies).  As a compression request, ``rest_dtype`` / ``centroids_dtype`` are the dtypes its
+    ``model.save_pretrained`` stores.  Loading a folder ignores the compression fields."""
 
     def __init__(self, scheme: str = "pq", block_size: int = 8, n_centroids: int = 256, bits: int = 8,
                  include: str = ".", exclude: Optional[str] = None, kmeans_iters: int = 20, rows_per_scale: int = 1,

@@ -44,7 +44,7 @@ def stored_int(packed: Tensor, bits: int, width: int, shape) -> Tensor:
 
 
 def _centroids(tensors: Dict[str, Tensor], name: str, e: dict) -> Tensor:
-    c = tensors[f"{name}.centroids"].float()  # fp16 -> fp32 exactly; (k, bs): a few KB
+    c = tensors[f"{name}.centroids"].float()  # fp16 -> fp32 exactly (fp32: as stored); (k, bs): a few KB
     if e["centroids"] == "int8":
         c = c * tensors[f"{name}.centroids_scale"].float()
     return c
