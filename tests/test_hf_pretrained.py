@@ -281,7 +281,19 @@ def test_t5s_one_embedding_under_three_names_runs_compressed_under_all(tmp_path,
         for loaded in (hf.from_pretrained(folder), tf.AutoModelForSeq2SeqLM.from_pretrained(str(folder))):
             assert loaded.encoder.embed_tokens is loaded.shared and loaded.decoder.embed_tokens is loaded.shared
             assert type(loaded.shared).__name__ == "CodesEmbedding"
+            assert type(loaded.lm_head).__name__ == "CodesLinear"  # tied: computes from the shared codes
+            assert loaded.lm_head.codes.data_ptr() == loaded.shared.codes.data_ptr()
             assert rel_err(loaded(input_ids=ids, decoder_input_ids=ids).logits, want) < 1e-3
             loaded.save_pretrained(tmp_path / "again")
             assert same_qnz(tmp_path / "again" / "model.safetensors", folder / "model.safetensors")
     assert "decoding" not in caplog.text
+    # fill_model_ alone (no hf-side workaround: quantnoise.load_qnz, the path outside quantnoise.hf) does the same
+    from quantnoise import load_qnz
+    with torch.device("meta"):
+        fresh = tf.T5ForConditionalGeneration(config)
+    fresh.tie_weights()
+    load_qnz(folder / "model.safetensors", fresh)
+    assert fresh.encoder.embed_tokens is fresh.shared and fresh.decoder.embed_tokens is fresh.shared
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, decoder_input_ids=ids).logits,
+                           hf.from_pretrained(folder)(input_ids=ids, decoder_input_ids=ids).logits)

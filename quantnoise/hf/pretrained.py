@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from ..checkpoint import atomic_write
 from ..export import ExportOptions, _json_default, read_qnz
-from ..nn import set_submodule
 from ..qnz import check_fits, encode_model
 
 logger = logging.getLogger(__name__)
@@ -212,32 +211,7 @@ def fill_from_folder(model: nn.Module, path) -> nn.Module:
     stored = {*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]}
     if not new or set(model.state_dict()) - set(new) != stored:
         check_fits(model, meta, tensors, str(path))  # its one-line error, naming what differs
-    shared = _other_names(model, meta)  # T5: one embedding module as shared / encoder / decoder.embed_tokens
-    for name in shared:
-        set_submodule(model, name, nn.Identity())  # detached while the runtime layer is built under its first name
-    meta = {**meta, "aliases": {k: t for k, t in meta["aliases"].items() if k[: -len(".weight")] not in shared}}
-    fill_model_(model, tensors, meta)
-    for name, owner in shared.items():
-        set_submodule(model, name, model.get_submodule(owner))  # the same runtime layer under every name
-    return model
-
-
-def _other_names(model: nn.Module, meta: dict) -> Dict[str, str]:
-    """{other name: first name} of each compressed layer that is one module under several names (its other names
-    stored as aliases), so that the runtime layer replaces it under all of them, not a decoded copy."""
-    first = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        first.setdefault(id(m), name)
-    return {key[: -len(".weight")]: target for key, target in meta["aliases"].items()
-            if target in meta["layers"] and key.endswith(".weight") and key[: -len(".weight")] != target
-            and first.get(id(_module(model, key[: -len(".weight")]))) == target}
-
-
-def _module(model: nn.Module, name: str):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+    return fill_model_(model, tensors, meta)  # T5's one embedding under three names: one runtime layer under all
 
 
 def _rename(tensors: Dict[str, Tensor], meta: dict, name) -> Tuple[Dict[str, Tensor], dict]:
