@@ -40,13 +40,15 @@ from ..qnz import check_fits, encode_model
 logger = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"  # the .qnz, under the name transformers' save_pretrained writes and from_pretrained reads
 INDEX = "model.safetensors.index.json"
-CARD, CARD_TAG = "README.md", "- quantnoise\n"  # the tag that marks a model card quantnoise wrote
+CARD, CARD_TAG = "README.md", "- quantnoise\n"
+CARD_MARK = "<!-- quantnoise model card: rewritten at every save; delete this line to keep your own edits -->"
+HUB_TEMPLATE = "This model card has been automatically generated."  # transformers' push_to_hub card of a new repo
 
 
 def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None) -> pathlib.Path:
     """Write ``model`` (a transformers ``PreTrainedModel`` compressed by ``quantnoise.compress_``, or loaded
     compressed) as a folder that ``from_pretrained`` (quantnoise.hf's or transformers' own) loads compressed; return
-    the folder.  ``model.save_pretrained(dir)`` writes the same folder (but README.md), non-atomically.  ``opts``:
+    the folder.  ``model.save_pretrained(dir)`` writes the same folder (README.md included), non-atomically.  ``opts``:
     the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "float32" |
     "int8")``; default: those a loaded model was stored with, else float16 for both).  Every file is written atomically."""
     config = getattr(model, "config", None)
@@ -71,12 +73,36 @@ def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[E
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    card = folder / CARD
-    if not card.is_file() or CARD_TAG in card.read_text(encoding="utf-8", errors="replace"):  # never the user's own card
-        _write_text(card, model_card(type(model).__name__, folder / WEIGHTS, qconfig))
-    else:
-        logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
+    write_card(folder, type(model).__name__, qconfig)
     return folder
+
+
+def write_card(folder, arch: str, qconfig) -> bool:
+    """Write ``folder``'s README.md, the model card of its .qnz (``qconfig.weights``, written already); return
+    whether it did.  As transformers treats a repo's card on ``push_to_hub`` (it keeps one the repo has, only adding
+    tags): a README.md of the user's own is left as it is; quantnoise's own card (the ``CARD_MARK`` line: a user who
+    edits the card deletes it) and transformers' empty template (what ``push_to_hub`` writes for a repo without a
+    card) are replaced, their tags kept."""
+    folder = pathlib.Path(folder)
+    card, tags = folder / CARD, []
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if CARD_MARK not in text and HUB_TEMPLATE not in text:
+            logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
+            return False
+        tags = _card_tags(text)
+    _write_text(card, model_card(arch, folder / getattr(qconfig, "weights", WEIGHTS), qconfig, tags))
+    return True
+
+
+def _card_tags(text: str) -> list:
+    """The tags of a model card's metadata (huggingface_hub's parser), [] where it has none or they do not parse."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return [str(t) for t in (ModelCard(text, ignore_metadata_errors=True).data.tags or [])]
+    except Exception:  # a card whose metadata does not parse: its tags are not worth failing the save for
+        return []
 
 
 def qnz_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
@@ -93,15 +119,17 @@ def qnz_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
     return tensors, metadata, describe(meta, opts)
 
 
-def model_card(arch: str, weights: pathlib.Path, qconfig) -> str:
-    """README.md of a saved folder: how to load it, and ``quantnoise inspect``'s summary of its weights."""
+def model_card(arch: str, weights: pathlib.Path, qconfig, tags=()) -> str:
+    """README.md of a saved folder: how to load it, and ``quantnoise inspect``'s summary of its weights; ``tags``:
+    more tags for its metadata (those of the card it replaces)."""
     from ..commands.inspect import run
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         run(argparse.Namespace(model=str(weights), all=False))
     summary = out.getvalue().replace(str(weights), weights.name)
-    return (f"---\nlibrary_name: transformers\ntags:\n{CARD_TAG}- compressed\n---\n\n"
+    more = "".join(f"- {json.dumps(t)}\n" for t in dict.fromkeys(tags) if t not in ("quantnoise", "compressed"))
+    return (f"---\nlibrary_name: transformers\ntags:\n{CARD_TAG}- compressed\n{more}---\n\n{CARD_MARK}\n\n"
             f"# {arch}, compressed with quantnoise\n\n"
             f"{qconfig.compressed_layers} layers compressed (iPQ / int-N: Fan, Stock et al. 2020, Quant-Noise); "
             f"the rest stored in {qconfig.rest_dtype}. It runs compressed (no fp32 copy of a compressed weight):\n\n"
