@@ -135,3 +135,20 @@ def test_fp32_centroids_are_stored_exactly_both_ways_and_re_save_so(tmp_path):
         loaded.save_pretrained(tmp_path / f"{folder}-again")  # re-saved with the dtypes it was stored in
         again, _ = read_qnz(tmp_path / f"{folder}-again" / "model.safetensors")
         assert all(torch.equal(again[f"{n}.centroids"], c) for n, c in books.items())
+
+
+def test_a_layer_rule_or_an_ipq_plan_as_the_quantization_config_compresses_at_load_as_compress_does(tmp_path, capsys):
+    from quantnoise import IPQPlan
+
+    gpt2().save_pretrained(tmp_path / "fp32")
+    plan = IPQPlan(stages=[LayerRule(pattern=r"mlp", block_size=8, n_centroids=16),
+                           LayerRule(pattern=r"attn", scheme="scalar", bits=4)])
+    for request in (plan, LayerRule(pattern=r"wte", block_size=4, n_centroids=16)):
+        config = hf.QuantNoiseHfConfig(plan=request)
+        assert hf.QuantNoiseHfConfig.from_dict(config.to_dict()).compression_plan() == config.compression_plan()
+        loaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=config)
+        want = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"))
+        compress_(want, request)
+        a, b = loaded.state_dict(), want.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "quantnoise compress" in capsys.readouterr().err  # the plan's layers one group at a time, under a bar
