@@ -101,7 +101,8 @@ def _delegates_to_base(like: nn.Module) -> bool:
 
 def _with_own_forward(new: nn.Module, like: nn.Module) -> nn.Module:
     """``new`` (a runtime layer) as the runtime subclass of ``like``'s class: ``Codes<Kind>(Kind, CodesEmbedding)``
-    (MRO: Kind's forward, then the runtime layer's), ``like``'s own plain attributes (offset, embed_scale) copied."""
+    (MRO: Kind's forward, then the runtime layer's), ``like``'s own plain attributes (offset, embed_scale) and its
+    own parameters / buffers / submodules beyond the weight (filled from the file like any other tensor) kept."""
     kind = type(like)
     base = type(new)
     prefix = base.__name__[: -len("Embedding")] if base.__name__.endswith("Embedding") else base.__name__[: -len("Linear")]
@@ -109,6 +110,11 @@ def _with_own_forward(new: nn.Module, like: nn.Module) -> nn.Module:
     for key, value in vars(like).items():
         if not key.startswith("_") and key not in new.__dict__ and not isinstance(value, (Tensor, nn.Module)):
             new.__dict__[key] = value
+    for store in ("_parameters", "_buffers", "_modules"):
+        own, mine = getattr(like, store), getattr(new, store)
+        for key, value in own.items():
+            if key not in mine and key != "weight":
+                mine[key] = value
     return new
 
 

@@ -268,3 +268,16 @@ def test_subclasses_whose_forward_calls_the_base_forward_run_compressed_and_resa
     again = torch.load(tmp_path / "whole.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(again(ids), loaded(ids))
+
+
+def test_a_runtime_subclass_keeps_the_layers_own_buffers_and_attributes():
+    from quantnoise.runtime.load import _with_own_forward
+
+    like = Offset(30, 16)
+    like.register_buffer("gain", torch.full((16,), 0.5), persistent=False)  # made when the model is built
+    codes, cents = torch.randint(0, 16, (32 * 4,), dtype=torch.uint8), torch.randn(16, 4)
+    new = _with_own_forward(R.CodesEmbedding(32, 16, codes, cents), like)
+    assert type(new).__name__ == "CodesOffset" and isinstance(new, Offset) and isinstance(new, R.CodesEmbedding)
+    assert new.offset == 2 and new.gain is like.gain and "weight" not in new._parameters
+    ids = torch.tensor([[0, 5, 27]])
+    assert torch.equal(new(ids), cents[codes.long()].reshape(32, 16)[ids + 2])  # Offset's forward over the codes
