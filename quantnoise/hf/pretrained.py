@@ -44,12 +44,22 @@ INDEX = "model.safetensors.index.json"
 CARD, CARD_TAG = "README.md", "- quantnoise\n"  # the tag that marks a model card quantnoise wrote
 
 
-def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None) -> pathlib.Path:
+def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None,
+                    format: str = "quantnoise") -> pathlib.Path:
     """Write ``model`` (a transformers ``PreTrainedModel`` compressed by ``quantnoise.compress_``, or loaded
     compressed) as a folder that ``from_pretrained`` (quantnoise.hf's or transformers' own) loads compressed; return
     the folder.  ``model.save_pretrained(dir)`` writes the same folder (but README.md), non-atomically.  ``opts``:
     the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "int8")``;
-    default: those a loaded model was stored with, else float16).  Every file is written atomically."""
+    default: those a loaded model was stored with, else float16).  Every file is written atomically.
+    ``format="aqlm"``: a transformers AQLM folder instead (quantnoise/hf/aqlm.py: iPQ Linears with <= 256 centroids
+    as AQLM 1x8, loaded by transformers with the ``aqlm`` package and served by vLLM)."""
+    if format == "aqlm":
+        from .aqlm import save_aqlm
+
+        return save_aqlm(model, save_dir, tokenizer, opts)
+    if format != "quantnoise":
+        raise ValueError(f"save_pretrained format={format!r} is unknown: choose 'quantnoise' (the .qnz folder) or "
+                         f"'aqlm' (a transformers AQLM folder)")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError(f"save_pretrained takes a transformers PreTrainedModel, not a {type(model).__name__}; "
