@@ -14,9 +14,17 @@ What each layer becomes: a pq ``nn.Linear`` with k <= 256 of the folder's block 
 weights; a compressed model or one loaded compressed) -> AQLM; every other weighted layer is stored dense (its
 decoded weight) and listed in ``quantization_config.linear_weights_not_to_quantize``: embeddings (AQLM compresses
 Linears only), GPT-2's ``Conv1D`` (not an ``nn.Linear``: transformers leaves it as it is), int-N layers, pq with
-k > 256 or another block size, plain Linears, a head tied to the embedding.  A warning names the compressed layers
-stored dense.  Refused with one line: a model that is not a ``PreTrainedModel``, one still holding Quant-Noise
-wrappers, one with no Linear AQLM can hold, int8 codebooks.
+k > 256 or another block size, plain Linears, a head tied to the embedding.  A warning names the compressed
+Linears / Conv1Ds stored dense (compressed embeddings, dense in every AQLM folder, are logged at info).  Refused
+with one line: a model that is not a ``PreTrainedModel``, one still holding Quant-Noise wrappers, one with no
+Linear AQLM can hold, int8 codebooks.
+
+On CPU (aqlm 1.1.7): transformers loads the folder in float32 (its AQLM quantizer's default without CUDA; the numba
+kernel refuses fp16 / bf16); the kernel must run on one numba thread (``NUMBA_NUM_THREADS=1`` or
+``numba.set_num_threads(1)``: its ``prange`` adds into one shared output vector, so at 2 threads outputs can be
+wrong); its first forward compiles one kernel per layer shape (seconds each) and permutes the loaded ``codes`` in
+place, so a model that has run on CPU must not be re-saved with transformers' ``save_pretrained`` (write the folder
+again from quantnoise).
 """
 from __future__ import annotations
 
@@ -174,8 +182,9 @@ def aqlm_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
     listed = [f"{n}.weight" for n, m in plain.named_modules() if isinstance(m, weighted) and n not in keep]
     decoded = {n: _why_dense(model.get_submodule(n), block, f"{n}.weight" in shared) for n, m in plain.named_modules()
                if isinstance(m, weighted) and n not in keep and _is_compressed(model.get_submodule(n))}
-    if decoded:
-        logger.warning("save_pretrained(format='aqlm'): %d compressed layers stored dense (decoded), as AQLM cannot hold "
+    if decoded:  # a warning when a Linear / Conv1D is: compressed embeddings are dense in every AQLM folder
+        level = logging.WARNING if any(not why.startswith("an embedding") for why in decoded.values()) else logging.INFO
+        logger.log(level, "save_pretrained(format='aqlm'): %d compressed layers stored dense (decoded), as AQLM cannot hold "
                        "them: %s", len(decoded), "; ".join(f"{n}: {why}" for n, why in decoded.items()))
     qconfig = AqlmConfig(in_group_size=block, out_group_size=1, num_codebooks=1, nbits_per_codebook=8,
                          linear_weights_not_to_quantize=listed)
