@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from ..compress.layers import CompressedMixin, TiedWeightView
 from ..export import DTYPES, ExportOptions, _to_fp16
@@ -65,7 +66,7 @@ def aqlm_layer(codes: Tensor, centroids: Tensor, dtype: torch.dtype = torch.floa
 
 
 def aqlm_weight(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
-    """The (out, in) weight of AQLM 1x8 tensors (the reference of ``aqlm_layer``'s inverse): codebooks[codes] * scales."""
+    """The (out, in) weight of AQLM 1x8 tensors, codebooks[codes] * scales: the reference ``aqlm_layer`` inverts."""
     out, groups, _ = codes.shape
     w = codebooks[0, codes.view(torch.uint8)[..., 0].long(), 0]  # (out, groups, b)
     return (w * scales.reshape(out, 1, 1)).reshape(out, groups * codebooks.shape[-1])
@@ -92,7 +93,21 @@ def _why_dense(m: nn.Module, block: int, tied: bool) -> str:
     if pq is None:
         return "int-N (AQLM has no int-N)"
     k, b = pq[1].shape
-    return f"pq with {k} centroids (AQLM 1x8 holds <= {CODEBOOK})" if k > CODEBOOK else f"pq block size {b}, not {block}"
+    if k > CODEBOOK:
+        return f"pq with {k} centroids (AQLM 1x8 holds <= {CODEBOOK})"
+    return f"pq block size {b}, not {block}"
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no module '{name}', which its architecture has: save a model of "
+                         f"its own architecture (as transformers builds it from its config)") from None
+
+
+def _fits(pq: Optional[Tuple[Tensor, Tensor]], block: int) -> bool:
+    return pq is not None and pq[1].shape[0] <= CODEBOOK and pq[1].shape[1] == block
 
 
 def _is_compressed(m: nn.Module) -> bool:
@@ -112,12 +127,12 @@ def _plain(model: nn.Module) -> nn.Module:
     return plain
 
 
-def _folder_block(model: nn.Module, linears: List[str], tied: set) -> int:
+def _folder_block(model: nn.Module, linears: List[str], shared: set) -> int:
     """The block size covering most weights of the pq Linears AQLM can hold; ValueError when there is none."""
     weights: Dict[int, int] = collections.Counter()
     for name in linears:
-        pq = _pq_linear(model.get_submodule(name))
-        if pq is not None and pq[1].shape[0] <= CODEBOOK and f"{name}.weight" not in tied:
+        pq = _pq_linear(_module(model, name))
+        if pq is not None and pq[1].shape[0] <= CODEBOOK and f"{name}.weight" not in shared:
             weights[int(pq[1].shape[1])] += pq[0].numel() * pq[1].shape[1]
     if not weights:
         raise ValueError(f"no nn.Linear of {type(model).__name__} is iPQ with at most {CODEBOOK} centroids, so an AQLM "
@@ -140,7 +155,7 @@ def aqlm_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
                          f"float dtype; pass ExportOptions(rest_dtype='float16' | 'float32') and no centroids_dtype")
     wrapped = next((n for n, m in model.named_modules() if isinstance(m, QuantNoiseMixin)), None)
     if wrapped is not None:
-        raise ValueError(f"layer '{wrapped}' is a Quant-Noise wrapper ({type(model.get_submodule(wrapped)).__name__}), "
+        raise ValueError(f"layer '{wrapped}' is a Quant-Noise wrapper ({type(_module(model, wrapped)).__name__}), "
                          f"not compressed: compress the model first (quantnoise.compress_(model, LayerRule(n_centroids="
                          f"256))), or unquantize_ it to store its layers dense")
     dtype = DTYPES[opts.rest_dtype]
@@ -152,40 +167,31 @@ def aqlm_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
     shared = {k for k, t in state.items() if count[id(t)] > 1}  # a tied Linear stays nn.Linear, for tie_weights
     linears = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear)]  # what replace_with_aqlm_linear swaps
     block = _folder_block(model, linears, shared)
-    aqlm, dense = [], []
-    for name in linears:
-        pq = _pq_linear(model.get_submodule(name))
-        fits = pq is not None and pq[1].shape[0] <= CODEBOOK and pq[1].shape[1] == block
-        (aqlm if fits and f"{name}.weight" not in shared else dense).append(name)
+    aqlm = [n for n in linears if f"{n}.weight" not in shared and _fits(_pq_linear(_module(model, n)), block)]
     keep = set(aqlm)
     tensors: Dict[str, Tensor] = {}
     for key, like in state.items():
         owner, _, part = key.rpartition(".")
         if key in tied or (owner in keep and part == "weight"):
             continue
-        m = model.get_submodule(owner)
-        if owner in keep and part == "bias":
-            t = m.bias
-        elif part == "weight" and _is_compressed(m):
-            t = m.weight  # decoded: stored dense
-        else:
-            t = getattr(m, part, None)
+        m = _module(model, owner)
+        t = m.weight if part == "weight" and _is_compressed(m) else getattr(m, part, None)  # a weight decoded: dense
         if not isinstance(t, Tensor) or tuple(t.shape) != tuple(like.shape):
             raise ValueError(f"{key}: the model holds {None if t is None else tuple(t.shape)} where "
                              f"{type(model).__name__} has {tuple(like.shape)}; save a model of its own architecture")
         tensors[key] = _stored(t.detach(), key, dtype)
     for name in aqlm:
-        codes, cents = _pq_linear(model.get_submodule(name))
+        codes, cents = _pq_linear(_module(model, name))
         cents = _stored(cents, f"{name}.centroids", dtype)
-        tensors.update({f"{name}.{k}": v for k, v in aqlm_layer(codes, cents, dtype).items()})
-    weighted = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, *_conv1d())
+        tensors.update({f"{name}.{k}": v for k, v in aqlm_layer(codes.cpu(), cents, dtype).items()})
+    weighted = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D)
     listed = [f"{n}.weight" for n, m in plain.named_modules() if isinstance(m, weighted) and n not in keep]
-    decoded = {n: _why_dense(model.get_submodule(n), block, f"{n}.weight" in shared) for n, m in plain.named_modules()
-               if isinstance(m, weighted) and n not in keep and _is_compressed(model.get_submodule(n))}
+    decoded = {n: _why_dense(_module(model, n), block, f"{n}.weight" in shared) for n, m in plain.named_modules()
+               if isinstance(m, weighted) and n not in keep and _is_compressed(_module(model, n))}
     if decoded:  # a warning when a Linear / Conv1D is: compressed embeddings are dense in every AQLM folder
         level = logging.WARNING if any(not why.startswith("an embedding") for why in decoded.values()) else logging.INFO
-        logger.log(level, "save_pretrained(format='aqlm'): %d compressed layers stored dense (decoded), as AQLM cannot hold "
-                       "them: %s", len(decoded), "; ".join(f"{n}: {why}" for n, why in decoded.items()))
+        logger.log(level, "save_pretrained(format='aqlm'): %d compressed layers stored dense (decoded), as AQLM "
+                          "cannot hold them: %s", len(decoded), "; ".join(f"{n}: {why}" for n, why in decoded.items()))
     qconfig = AqlmConfig(in_group_size=block, out_group_size=1, num_codebooks=1, nbits_per_codebook=8,
                          linear_weights_not_to_quantize=listed)
     return tensors, qconfig
@@ -197,13 +203,8 @@ def _rest(model: nn.Module) -> str:
     return rest if rest in ("float16", "float32") else "float16"
 
 
-def _conv1d() -> tuple:
-    from transformers.pytorch_utils import Conv1D
-
-    return (Conv1D,)
-
-
 def _stored(t: Tensor, key: str, dtype: torch.dtype) -> Tensor:
+    t = t.cpu()
     if not t.is_floating_point():
         return t.contiguous()
     if dtype == torch.float16:
@@ -242,15 +243,15 @@ def save_aqlm(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportO
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     card = folder / CARD
-    if not card.is_file() or CARD_TAG in card.read_text(encoding="utf-8", errors="replace"):  # never the user's own card
+    if not card.is_file() or CARD_TAG in card.read_text(encoding="utf-8", errors="replace"):  # not the user's own
         n = sum(k.endswith(".codebooks") for k in tensors)
         _write_text(card, f"---\nlibrary_name: transformers\ntags:\n{CARD_TAG}- aqlm\n---\n\n"
                           f"# {type(model).__name__}, iPQ-compressed with quantnoise, as AQLM 1x8\n\n"
                           f"{n} Linears as AQLM (one 8-bit codebook, in_group_size {qconfig.in_group_size}); "
                           f"{len(qconfig.linear_weights_not_to_quantize)} weights dense. Needs `pip install "
                           f"aqlm=={AQLM_VERSION}` (+ numba on CPU, where it runs in float32):\n\n```python\n"
-                          f"from transformers import AutoModel\nmodel = AutoModel.from_pretrained(\"path/to/this/folder\")"
-                          f"\n```\n")
+                          f"from transformers import AutoModel\n"
+                          f"model = AutoModel.from_pretrained(\"path/to/this/folder\")\n```\n")
     else:
         logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
     return folder
