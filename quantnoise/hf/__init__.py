@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` models with quantnoise: the one package that imports ``transformers``.
 
+  - aqlm.py: ``save_pretrained(model, dir, format="aqlm")``, iPQ Linears (k <= 256) as a transformers AQLM folder;
   - bert.py: the local all-MiniLM-L6-v2 BERT (offline) and the sentence-classification helpers of recipes/bert;
   - conv1d.py: GPT-2's ``Conv1D`` noised, compressed and run compressed like a Linear (registered on import);
   - gguf.py: ``save_gguf(model, path, tokenizer)``, a Llama / GPT-2 on llama.cpp's Q4_0 / Q8_0 grids as a GGUF file;

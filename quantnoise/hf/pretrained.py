@@ -45,12 +45,22 @@ CARD_MARK = "<!-- quantnoise model card: rewritten at every save; delete this li
 HUB_TEMPLATE = "This model card has been automatically generated."  # transformers' push_to_hub card of a new repo
 
 
-def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None) -> pathlib.Path:
+def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None,
+                    format: str = "quantnoise") -> pathlib.Path:
     """Write ``model`` (a transformers ``PreTrainedModel`` compressed by ``quantnoise.compress_``, or loaded
     compressed) as a folder that ``from_pretrained`` (quantnoise.hf's or transformers' own) loads compressed; return
     the folder.  ``model.save_pretrained(dir)`` writes the same folder (README.md included), non-atomically.  ``opts``:
     the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "float32" |
-    "int8")``; default: those a loaded model was stored with, else float16 for both).  Every file is written atomically."""
+    "int8")``; default: those a loaded model was stored with, else float16 for both).  Every file is written atomically.
+    ``format="aqlm"``: a transformers AQLM folder instead (quantnoise/hf/aqlm.py: iPQ Linears with <= 256 centroids
+    as AQLM 1x8, loaded by transformers with the ``aqlm`` package and served by vLLM)."""
+    if format == "aqlm":
+        from .aqlm import save_aqlm
+
+        return save_aqlm(model, save_dir, tokenizer, opts)
+    if format != "quantnoise":
+        raise ValueError(f"save_pretrained format={format!r} is unknown: choose 'quantnoise' (the .qnz folder) or "
+                         f"'aqlm' (a transformers AQLM folder)")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError(f"save_pretrained takes a transformers PreTrainedModel, not a {type(model).__name__}; "
@@ -84,15 +94,23 @@ def write_card(folder, arch: str, qconfig) -> bool:
     edits the card deletes it) and transformers' empty template (what ``push_to_hub`` writes for a repo without a
     card) are replaced, their tags kept."""
     folder = pathlib.Path(folder)
-    card, tags = folder / CARD, []
-    if card.is_file():
-        text = card.read_text(encoding="utf-8", errors="replace")
-        if CARD_MARK not in text and HUB_TEMPLATE not in text:
-            logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
-            return False
-        tags = _card_tags(text)
-    _write_text(card, model_card(arch, folder / getattr(qconfig, "weights", WEIGHTS), qconfig, tags))
+    tags = replaceable_card(folder / CARD)
+    if tags is None:
+        return False
+    _write_text(folder / CARD, model_card(arch, folder / getattr(qconfig, "weights", WEIGHTS), qconfig, tags))
     return True
+
+
+def replaceable_card(card: pathlib.Path) -> Optional[list]:
+    """None when ``card`` is a README.md of the user's own (logged: left as it is), else the tags to keep of the card
+    it is (quantnoise's, by its ``CARD_MARK`` line, or transformers' empty template), [] where there is none."""
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if CARD_MARK not in text and HUB_TEMPLATE not in text:
+        logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
+        return None
+    return _card_tags(text)
 
 
 def _card_tags(text: str) -> list:
