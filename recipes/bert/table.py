@@ -397,12 +397,14 @@ class Run:
         if path.exists():
             log.info("[%s] done earlier: %s", name, path)
             res = json.loads(path.read_text())
-            if name == ENC_PLAIN or name in enc_candidates(self.cfg):
-                self.check_encoder_settings(name, res)
-            return res
+            if not self.stale_encoder_stage(name, res):
+                return res
+            log.info("[%s] chosen among other candidates than %s: redoing it", name, ",".join(enc_candidates(self.cfg)))
         t = time.time()
         log.info("[%s] start", name)
         res = fn()
+        if name in encoder_stages(self.cfg):  # what a rerun checks (stale_encoder_stage)
+            res.update(enc_settings=self.enc_settings(), candidates_run=enc_candidates(self.cfg))
         res["seconds"] = round(time.time() - t, 1)
         write_json(path, res)
         log.info("[%s] done in %.0f s: %s", name, res["seconds"],
@@ -886,6 +888,14 @@ class Run:
         return res
 
     # ------------------------------------------- issue 34: task-agnostic noise distillation of the encoder
+    def need(self, names) -> None:
+        """Wait for the distillation stages ``names``; ValueError naming them when this run (with --stages, not a
+        job of a full run) neither lists them nor finds them done."""
+        missing = [n for n in names if not (self.out / "stages" / f"{n}.json").exists()]
+        if self.args.stages and not self.args.child and any(n not in self.args.stages for n in missing):
+            raise ValueError(f"stage(s) {','.join(missing)} not done: add them to --stages (or run without --stages)")
+        self.wait_for(names)
+
     def corpus(self) -> dict:
         """The unlabelled sentences (``encoder.corpus_lines``: --text FILE or the size's make_corpus.py corpus), split
         by ``encoder.split_lines``: distillation batches (the size's batch and max_len, in a seeded order), DEV and TEST
@@ -923,14 +933,20 @@ class Run:
         return {"steps": c["enc_steps"], "lr": c["enc_lr"], "distill": c["enc_distill"],
                 "text": c["enc_text"] or c["enc_corpus"]}
 
-    def check_encoder_settings(self, name: str, res: dict) -> None:
-        """A distillation stage made with other settings than this run's is an error (its name holds only the rate)."""
-        now = self.enc_settings()
-        diff = {k: (res.get(k), v) for k, v in now.items() if res.get(k) != v}
+    def stale_encoder_stage(self, name: str, res: dict) -> bool:
+        """For a finished issue-34 stage: ValueError when it was made with other distillation settings than this run's
+        (the stage names hold only the noise kind and rate); True (redo it) for the choice stages ipq_qn_encoder and
+        enc_sentence when they chose among other candidates (another --encoder-noise-p / -kind in the same OUTDIR)."""
+        if name not in encoder_stages(self.cfg):
+            return False
+        now, old = self.enc_settings(), res.get("enc_settings", {})
+        diff = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
         if diff:
             k, (old, new) = next(iter(diff.items()))
-            raise ValueError(f"stage {name} in {self.out / 'stages'} was distilled with {k}={old!r}, this run asks "
-                             f"{k}={new!r}: use another OUTDIR, or delete OUTDIR/stages/{name}.json and the rows after it")
+            raise ValueError(f"stage {name} in {self.out / 'stages'} was made with encoder distillation {k}={old!r}, "
+                             f"this run asks {k}={new!r}: use another OUTDIR, or delete OUTDIR/stages/enc_*.json and "
+                             f"{','.join(ENCODER_ROWS)}.json")
+        return name in ("ipq_qn_encoder", ENC_SENTENCE) and res.get("candidates_run") != enc_candidates(self.cfg)
 
     def load_encoder_ckpt(self, name: str) -> nn.Module:
         enc = hf.load_encoder()
@@ -955,7 +971,8 @@ class Run:
         state = student.state_dict()
         atomic_write(str(self.out / "ckpt" / f"{name}.pt"), lambda tmp: torch.save(state, tmp))
         tail = losses[-20:]
-        return {**self.enc_settings(), "noise": kind, "p": p, "seed": self.args.seed, "lines": data["lines"],
+        return {**self.enc_settings(), "steps_run": len(losses), "noise": kind, "p": p, "seed": self.args.seed,
+                "lines": data["lines"],
                 "encoder_id": weights_id(state), "distill_seconds": round(secs, 1), "distill_cpu_seconds": round(cpu, 1),
                 "cpu_s_per_step": round(cpu / max(1, c["enc_steps"]), 4), "first_loss": round(losses[0], 6),
                 "last_loss": round(sum(tail) / len(tail), 6), "dev_cos": self.enc_cos(student, "dev"),
@@ -968,7 +985,7 @@ class Run:
         """The noise distillation whose sentence embeddings after post-hoc iPQ are closest to the fp32 encoder's on
         the DEV sentences (this seed's candidates; the first of equals); never TEST."""
         names = enc_candidates(self.cfg)
-        self.wait_for(names)
+        self.need(names)
         dev = {n: json.loads((self.out / "stages" / f"{n}.json").read_text())["dev_cos_ipq"] for n in names}
         return max(names, key=lambda n: dev[n])
 
@@ -976,7 +993,8 @@ class Run:
         """The recipe's task fine-tune from the distilled encoder ``enc`` (ckpt/ENC.pt; the head initialized as the
         fp32 row's, same batches), its DEV accuracy, then ``ipq_`` (the iPQ of every row: staged, centroids and the
         rest fine-tuned with the fp32 model's logits as the teacher), exported to ckpt/NAME.qnz; DEV and TEST from it."""
-        self.wait_for(["fp32", enc])
+        self.need([enc])
+        self.wait_for(["fp32"])
         model = self.new_model()
         model.bert.load_state_dict(torch.load(self.out / "ckpt" / f"{enc}.pt", weights_only=True))
         self.finetune(model, name)
@@ -1014,7 +1032,7 @@ class Run:
         out of the distillation) as it is and after post-hoc iPQ, and on DEV after iPQ of each IPQ_GROUPS group alone
         (where the loss sits)."""
         chosen = self.chosen_encoder()
-        self.wait_for([ENC_PLAIN])
+        self.need([ENC_PLAIN])
         out = {"chosen": chosen, "seed": self.args.seed, "lines": self.corpus()["lines"], "encoders": {}}
         for role, build in (("pretrained", hf.load_encoder), ("control", lambda: self.load_encoder_ckpt(ENC_PLAIN)),
                             ("noise", lambda: self.load_encoder_ckpt(chosen))):
@@ -1085,7 +1103,7 @@ class Run:
                          f"{', '.join(f'{x:+.4f}' for x in d['seeds'])}: mean {d['mean']:+.4f}"
                          + (f" [{d['lo90']:+.4f}, {d['hi90']:+.4f}], {'outside' if d['excludes_0'] else 'inside'} the "
                             f"seed spread" if d["lo90"] is not None else " (1 seed: no interval)"))
-        return text + "\n".join(srows)
+        return text + "\n\n" + "\n".join(srows[1:])
 
     def run_pretrained_cosine(self) -> dict:
         """The sentence-embedding use of all-MiniLM-L6-v2 (no fine-tuning): cosine of each post-training
