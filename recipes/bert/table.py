@@ -2,10 +2,15 @@
 dynamic int8 (DQ), static PTQ, int4 post-hoc, Quant-Noise int4 and Q-BERT's Hessian mixed precision
 on all-MiniLM-L6-v2; and the iPQ table (Quant-Noise's extreme compression): ipq_posthoc (the fp32 model
 continued plainly, then iPQ + fine-tuning), ipq_qn (continued with Quant-Noise, the rate chosen on DEV
-among the size's candidates, then the same iPQ) and ipq_qn_int8 (its int8-centroid file).
+among the size's candidates, then the same iPQ) and ipq_qn_int8 (its int8-centroid file); and issue 34's rows
+from a task-agnostic distillation of the pretrained encoder towards its frozen self on unlabelled text (encoder.py):
+ipq_qn_encoder (with Quant-Noise on the iPQ layers, the rate chosen on DEV sentences), ipq_posthoc_encoder (the
+same steps without noise), each then fine-tuned on the task and iPQ'd as the rows above, and enc_sentence (the
+encoders' sentence embeddings after post-hoc iPQ, no task).
 
     python recipes/bert/table.py TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1]
-        [--seed 1] [--seeds N]
+        [--seed 1] [--seeds N] [--encoder-noise-steps N] [--encoder-noise-p P,P,P] [--encoder-noise-kind pq|drop]
+        [--encoder-distill last|all] [--text FILE]
 
 Every choice (the PTQ calibration method) is made on DEV; the table reports TEST accuracy.  Each
 stage writes OUTDIR/stages/NAME.json when done, so a rerun skips finished stages (resumable);
