@@ -123,7 +123,7 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert "### Sentence embeddings, no task" in md
     assert (out / "quality_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads((out / "record.json").read_text())  # benchmarks.harness's record of the run
-    assert rec["name"] == "recipe_bert" and rec["figures"] == res and "--seeds 2" in rec["command"]
+    assert rec["name"] == "recipe_bert" and rec["figures"] == {**res, "sentence_emb": sent} and "--seeds 2" in rec["command"]
     assert rec["command"].startswith("recipes/bert/run.sh") and rec["machine"]["cores"] >= 1
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
     assert 7.5 < res["int8_qat"]["avg_bits"] < 9 and 3.5 < res["qn_int4"]["avg_bits"] < 5
