@@ -175,6 +175,11 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     p4 = run(*data, out, "--size", "tiny", "--encoder-noise-steps", "3", "--stages", "enc_plain")  # stale settings
     assert p4.returncode == 2 and "stage enc_plain" in p4.stderr and "steps=2, this run asks steps=3" in p4.stderr
     assert "Traceback" not in p4.stderr
+    p5 = run(*data, out, "--size", "tiny", "--seeds", "2", "--stages", "enc_sentence")  # issue 34's stages alone: their report
+    assert p5.returncode == 0 and "[enc_sentence] done earlier" in p5.stderr, p5.stderr[-2000:]
+    md5 = (out / "results_encoder.md").read_text()
+    assert "| ipq_qn_encoder | ipq_posthoc_encoder |" in md5 and "### Sentence embeddings, no task" in md5
+    assert json.loads((out / "results_encoder.json").read_text())["ipq_qn_encoder"]["diff"] == res["ipq_qn_encoder"]["diff"]
     for n in ("qbert3_plan", "qbert3_inverted"):
         (out / "stages" / f"{n}.json").unlink()
     p3 = run(*data, out, "--size", "tiny", "--stages", "int3_qat,qbert3_inverted")  # the plan unlisted: made, not waited for

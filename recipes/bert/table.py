@@ -1110,6 +1110,23 @@ class Run:
                             f"seed spread" if d["lo90"] is not None else " (1 seed: no interval)"))
         return text + "\n\n" + "\n".join(srows[1:])
 
+    def encoder_partial_report(self) -> None:
+        """A --stages run of issue 34's stages (not a job): once fp32, the two encoder rows and enc_sentence are done
+        for every seed of --seeds (each seed's own --stages run in OUTDIR/seeds/S), OUTDIR/results_encoder.md: their
+        section of results.md with the seeds' intervals and paired differences."""
+        names, rows = ["fp32"] + ENCODER_ROWS + [ENC_SENTENCE], ["fp32"] + ENCODER_ROWS
+        if (self.args.child or not set(self.args.stages) & set(encoder_stages(self.cfg))
+                or not all((self.seed_dir(s) / "stages" / f"{n}.json").exists() for s in self.seeds for n in names)):
+            return
+        done = {n: json.loads((self.out / "stages" / f"{n}.json").read_text()) for n in rows}
+        self.add_seeds(done, rows)
+        done["sentence_emb"] = self.sentence_summary()
+        text = (self.encoder_report(done) + "\n\n" + self.seeds_report(done, rows)
+                + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n")
+        atomic_write(str(self.out / "results_encoder.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
+        write_json(self.out / "results_encoder.json", done)
+        log.info("wrote %s", self.out / "results_encoder.md")
+
     def run_pretrained_cosine(self) -> dict:
         """The sentence-embedding use of all-MiniLM-L6-v2 (no fine-tuning): cosine of each post-training
         scheme's mean-pooled embeddings to the fp32 encoder's, on the TEST sentences."""
@@ -1132,11 +1149,11 @@ class Run:
                 "int8_weights_only": hf.cosine(emb(compressed(enc, 8)), ref),
                 "int4_weights_only": hf.cosine(emb(compressed(enc, 4)), ref)}
 
-    def add_seeds(self, results: dict) -> None:
+    def add_seeds(self, results: dict, rows: Sequence[str] = tuple(SEEDED_ROWS)) -> None:
         """SEEDED_ROWS' ``seeds`` (seed, TEST and DEV accuracy, fp32 identity of each seed's stage), ``acc`` (the mean
         and 90 % interval over the seeds) and ``diff`` (PAIRS' paired differences), in place."""
         per = {}
-        for row in SEEDED_ROWS:
+        for row in rows:
             if row == "ipq_qn":  # chosen over the seeds and scored in its own stage
                 per[row] = {e["seed"]: e for e in results[row]["seeds"]}
             else:
@@ -1196,25 +1213,25 @@ class Run:
         plot_quality_vs_size(results, self.out / "quality_vs_size.png",
                              f"all-MiniLM-L6-v2, size={a.size}: TEST accuracy vs file bytes ({len(self.yte)} TEST lines)")
 
-    def seeds_report(self, results: dict) -> str:
+    def seeds_report(self, results: dict, seeded: Sequence[str] = tuple(SEEDED_ROWS)) -> str:
         """The seeds section of results.md: SEEDED_ROWS' accuracy per seed with the mean and 90 % interval, and
         PAIRS' paired differences, each said to be outside the seed spread (its interval excludes 0) or not."""
         n = len(self.seeds)
         f = lambda v: "" if v is None else f"{v:+.4f}"  # noqa: E731
-        rows = [f"## Seeds: {', '.join(SEEDED_ROWS)} over {n} seed(s) ({', '.join(map(str, self.seeds))})", "",
+        rows = [f"## Seeds: {', '.join(seeded)} over {n} seed(s) ({', '.join(map(str, self.seeds))})", "",
                 "Each seed reruns every random choice of these rows (the fp32 fine-tune's head init and data order, "
                 "the continuations' order, k-means, the noise masks, the ~3-bit plan's sensitivity lines); seed "
                 f"{self.args.seed} is in OUTDIR, the others in OUTDIR/seeds/SEED/. The other rows are of seed "
                 f"{self.args.seed} only.", "",
                 "| row | TEST acc per seed | mean | 90% interval |", "|---|---|---|---|"]
-        for k in SEEDED_ROWS:
+        for k in seeded:
             r = results[k]
             iv = r["acc"]
             rows.append(f"| {k} | {', '.join('%.4f' % e['acc'] for e in r['seeds'])} | {iv['mean']:.4f} | "
                         + (f"[{iv['lo90']:.4f}, {iv['hi90']:.4f}] |" if iv["lo90"] is not None else "n/a (1 seed) |"))
         rows += ["", "| row | minus | difference per seed | mean | 90% interval | outside the seed spread? |",
                  "|---|---|---|---|---|---|"]
-        for row, base in PAIRS:
+        for row, base in [(r, b) for r, b in PAIRS if r in seeded and b in seeded]:
             d = results[row]["diff"][base]
             out = {True: "**yes** (the interval excludes 0)", False: "no (the interval contains 0)",
                    None: "n/a (1 seed: no interval)"}[d["excludes_0"]]
@@ -1352,6 +1369,7 @@ class Run:
                 text = self.qbert3_report(done) + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n"
                 atomic_write(str(self.out / "results_qbert3.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
                 log.info("wrote %s", self.out / "results_qbert3.md")
+            self.encoder_partial_report()
             return results
         cos = results.pop("pretrained_cosine")
         results.pop("qbert3_plan")  # the plans: in stages/qbert3_plan.json and the ~3-bit table
