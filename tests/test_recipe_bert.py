@@ -407,3 +407,23 @@ def test_corpus_lines_from_a_text_file(tmp_path):
     (tmp_path / "short.txt").write_text("one line\n")
     with pytest.raises(ValueError, match="only 1 usable lines; the distillation needs at least 20"):
         table.encoder.corpus_lines(str(tmp_path / "short.txt"))
+
+
+def test_stale_encoder_stages(tmp_path):
+    """issue 34: a finished distillation made with other settings than the command's is one clear error (its stage
+    name holds only kind and rate); the choice stages are redone when the candidates differ; others are kept."""
+    import argparse
+
+    table = _table_module()
+    run = object.__new__(table.Run)
+    run.cfg, run.out = dict(table.SIZES["tiny"]), tmp_path
+    made = {"enc_settings": run.enc_settings(), "candidates_run": table.enc_candidates(run.cfg)}
+    assert not run.stale_encoder_stage("enc_plain", made) and not run.stale_encoder_stage("ipq_qn_encoder", made)
+    assert not run.stale_encoder_stage("fp32", {})  # not an issue-34 stage
+    run.cfg = table.size_cfg("tiny", argparse.Namespace(encoder_noise_p=[0.1, 0.3, 0.5, 0.7]))
+    assert run.stale_encoder_stage("ipq_qn_encoder", made) and run.stale_encoder_stage("enc_sentence", made)
+    assert not run.stale_encoder_stage("enc_pq_0.1", made) and not run.stale_encoder_stage("ipq_posthoc_encoder", made)
+    run.cfg = table.size_cfg("tiny", argparse.Namespace(encoder_distill="all"))
+    with pytest.raises(ValueError, match="stage enc_pq_0.3 .* made with encoder distillation distill='last', this run asks "
+                                         "distill='all': use another OUTDIR"):
+        run.stale_encoder_stage("enc_pq_0.3", made)

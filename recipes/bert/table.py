@@ -949,8 +949,8 @@ class Run:
         if diff:
             k, (old, new) = next(iter(diff.items()))
             raise ValueError(f"stage {name} in {self.out / 'stages'} was made with encoder distillation {k}={old!r}, "
-                             f"this run asks {k}={new!r}: use another OUTDIR, or delete OUTDIR/stages/enc_*.json and "
-                             f"{','.join(ENCODER_ROWS)}.json")
+                             f"this run asks {k}={new!r}: use another OUTDIR, or delete its stages/enc_*.json, "
+                             f"stages/{ENCODER_ROWS[0]}.json and stages/{ENCODER_ROWS[1]}.json")
         return name in ("ipq_qn_encoder", ENC_SENTENCE) and res.get("candidates_run") != enc_candidates(self.cfg)
 
     def load_encoder_ckpt(self, name: str) -> nn.Module:
