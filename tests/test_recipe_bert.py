@@ -67,8 +67,11 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     res = json.loads((out / "results.json").read_text())
     ipq = {"ipq_posthoc", "ipq_qn", "ipq_qn_int8"}
     qbert3 = {"int3_posthoc", "int3_qat", "qbert3_mixed", "qbert3_qn", "qbert3_inverted"}
-    assert set(res) == {"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"} | ipq | qbert3
-    seeded = ["fp32", "ipq_posthoc", "ipq_qn", "int3_qat", "qbert3_mixed"]
+    enc_rows = {"ipq_posthoc_encoder", "ipq_qn_encoder"}
+    assert set(res) == ({"fp32", "int8_qat", "dq", "ptq", "int4_posthoc", "qn_int4", "qbert_mixed"} | ipq | qbert3
+                        | enc_rows | {"sentence_emb"})
+    seeded = ["fp32", "ipq_posthoc", "ipq_qn", "int3_qat", "qbert3_mixed", "ipq_posthoc_encoder", "ipq_qn_encoder"]
+    sent = res.pop("sentence_emb")  # no task: checked below
     for k, r in res.items():
         assert 0.0 <= table.acc_of(r) <= 1.0 and r["bytes"] > 0 and -1.0 <= r["cos"] <= 1.0001
         assert isinstance(r["acc"], dict) == (k in seeded), k  # the other rows: seed 1's only
@@ -86,7 +89,8 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
         assert [e["fp32_id"] for e in r["seeds"]] == ids, k  # paired: each seed's row from that seed's fp32 model
         a, accs = r["acc"], [e["acc"] for e in r["seeds"]]
         assert a["n"] == 2 and a["mean"] == pytest.approx(sum(accs) / 2) and a["lo90"] <= a["mean"] <= a["hi90"], k
-    for row, base in [("ipq_qn", "ipq_posthoc"), ("qbert3_mixed", "int3_qat")] + [(k, "fp32") for k in seeded[1:]]:
+    for row, base in ([("ipq_qn", "ipq_posthoc"), ("qbert3_mixed", "int3_qat"), ("ipq_qn_encoder", "ipq_posthoc_encoder")]
+                      + [(k, "fp32") for k in seeded[1:]]):
         d = res[row]["diff"][base]  # the paired difference, seed by seed
         assert d["seeds"] == [x["acc"] - y["acc"] for x, y in zip(res[row]["seeds"], res[base]["seeds"])], (row, base)
         assert d["n"] == 2 and d["excludes_0"] == (d["lo90"] > 0 or d["hi90"] < 0)
@@ -94,9 +98,32 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert res["ipq_posthoc"]["seeds"][1]["acc"] == seed2["ipq_posthoc"]["acc"] and seed2["int3_qat"]["seed"] == 2
     md = (out / "results.md").read_text()
     assert "## Seeds:" in md and "| ipq_qn | ipq_posthoc |" in md and "t(0.95, n-1)" in md and "--seeds 2" in md
+    assert "| ipq_qn_encoder | ipq_posthoc_encoder |" in md and "| ipq_qn_encoder |" in md and "noise-distilled" in md
+    # issue 34: each seed distilled its own control and three noise candidates, the same number of steps each
+    enc = ["enc_plain", "enc_pq_0.1", "enc_pq_0.3", "enc_pq_0.5"]
+    for d in (out, out / "seeds" / "2"):
+        st = {n: json.loads((d / "stages" / f"{n}.json").read_text()) for n in enc}
+        assert [st[n]["steps_run"] for n in enc] == [2] * 4 and st["enc_plain"]["noise"] is None
+        assert {st[n]["noise"] for n in enc[1:]} == {"pq"} and len({st[n]["encoder_id"] for n in enc}) == 4
+        assert all(0 < st[n]["dev_cos_ipq"] < st[n]["dev_cos"] <= 1.0001 for n in enc)
+        for row, e in (("ipq_posthoc_encoder", "enc_plain"), ("ipq_qn_encoder", None)):
+            r = json.loads((d / "stages" / f"{row}.json").read_text())
+            e = e or max(enc[1:], key=lambda n: (st[n]["dev_cos_ipq"], -enc.index(n)))  # chosen on DEV sentences
+            assert r["encoder"] == e and r["encoder_id"] == st[e]["encoder_id"] and r["layers"] == 38
+            assert (d / "ckpt" / r["file"]).stat().st_size == r["bytes"] and res["fp32"]["bytes"] / r["bytes"] > 20
+    assert [e["encoder_id"] for e in res["ipq_qn_encoder"]["seeds"]][0] == res["ipq_qn_encoder"]["encoder_id"]
+    assert set(res["ipq_qn_encoder"]["candidates"]) == set(enc[1:])
+    assert [e["seed"] for e in sent["seeds"]] == [1, 2] and sent["lines"][1:] == [8, 8]
+    for role in ("pretrained", "control", "noise"):
+        assert sent[role]["test_cos_ipq"]["n"] == 2 and set(sent[role]["dev_cos_ipq_group"]) == {"ffn", "emb", "attn"}
+        assert sent[role]["test_cos_ipq"]["mean"] < sent[role]["test_cos"]["mean"] <= 1.0001
+    assert sent["pretrained"]["test_cos"]["mean"] == pytest.approx(1.0, abs=1e-4)  # the reference itself, before iPQ
+    d = sent["diff"]["control"]
+    assert d["seeds"] == [e["noise"]["test_cos_ipq"] - e["control"]["test_cos_ipq"] for e in sent["seeds"]]
+    assert "### Sentence embeddings, no task" in md
     assert (out / "quality_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads((out / "record.json").read_text())  # benchmarks.harness's record of the run
-    assert rec["name"] == "recipe_bert" and rec["figures"] == res and "--seeds 2" in rec["command"]
+    assert rec["name"] == "recipe_bert" and rec["figures"] == {**res, "sentence_emb": sent} and "--seeds 2" in rec["command"]
     assert rec["command"].startswith("recipes/bert/run.sh") and rec["machine"]["cores"] >= 1
     assert res["int4_posthoc"]["bytes"] < res["int8_qat"]["bytes"] < res["dq"]["bytes"] < res["fp32"]["bytes"]
     assert 7.5 < res["int8_qat"]["avg_bits"] < 9 and 3.5 < res["qn_int4"]["avg_bits"] < 5
@@ -142,8 +169,17 @@ def test_tiny_end_to_end_and_resume(data, tmp_path):
     assert res["qbert3_qn"]["p"] == 0.5 and res["qbert3_mixed"]["p"] == 1.0
     assert "| qbert3_inverted |" in md
     p2 = run(*data, out, "--size", "tiny", "--seeds", "2")  # every stage done (seed 2's too): skipped, same table
-    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6 + 6 and "seed 2: stages" not in p2.stderr
-    assert json.loads((out / "results.json").read_text()) == res
+    assert p2.returncode == 0 and p2.stderr.count("done earlier") == 8 + 6 + 6 + 7 and "seed 2: stages" not in p2.stderr
+    assert "[enc_plain] start" not in p2.stderr and "distillation step" not in p2.stderr
+    assert json.loads((out / "results.json").read_text()) == {**res, "sentence_emb": sent}
+    p4 = run(*data, out, "--size", "tiny", "--encoder-noise-steps", "3", "--stages", "enc_plain")  # stale settings
+    assert p4.returncode == 2 and "stage enc_plain" in p4.stderr and "steps=2, this run asks steps=3" in p4.stderr
+    assert "Traceback" not in p4.stderr
+    p5 = run(*data, out, "--size", "tiny", "--seeds", "2", "--stages", "enc_sentence")  # issue 34's stages alone: their report
+    assert p5.returncode == 0 and "[enc_sentence] done earlier" in p5.stderr, p5.stderr[-2000:]
+    md5 = (out / "results_encoder.md").read_text()
+    assert "| ipq_qn_encoder | ipq_posthoc_encoder |" in md5 and "### Sentence embeddings, no task" in md5
+    assert json.loads((out / "results_encoder.json").read_text())["ipq_qn_encoder"]["diff"] == res["ipq_qn_encoder"]["diff"]
     for n in ("qbert3_plan", "qbert3_inverted"):
         (out / "stages" / f"{n}.json").unlink()
     p3 = run(*data, out, "--size", "tiny", "--stages", "int3_qat,qbert3_inverted")  # the plan unlisted: made, not waited for
@@ -290,3 +326,104 @@ def test_bad_seeds_is_one_line_error(data, tmp_path, capsys):
     assert "error: --seeds 0: must be >= 1" in capsys.readouterr().err
     p = run(*data, tmp_path / "out", "--model", "roberta", "--seeds", "3")
     assert p.returncode == 2 and "--seeds 3: the roberta recipe runs one seed" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hidden_mse_counts_real_tokens_only():
+    """issue 34: the distillation loss is the MSE over real tokens and features, padding left out; "all" averages
+    the MSE of every hidden state given."""
+    import torch
+
+    table = _table_module()
+    s = torch.zeros(1, 3, 2)
+    t = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]])  # the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(table.encoder.hidden_mse([s], [t], mask)) == pytest.approx((1 + 1 + 9 + 9) / 4)
+    assert float(table.encoder.hidden_mse([s, s], [t, torch.zeros_like(t)], mask)) == pytest.approx(5.0 / 2)
+
+
+def test_split_lines_holds_out_dev_and_test():
+    table = _table_module()
+    lines = [f"line {i}" for i in range(100)]
+    tr, dev, te = table.encoder.split_lines(lines, 3)
+    assert dev == ["line 0", "line 20", "line 40"] and te == ["line 1", "line 21", "line 41"]
+    assert len(tr) == 90 and not set(tr) & set(dev + te)
+
+
+@pytest.mark.slow  # three MiniLM encoders, pq noise's k-means: ~45 s on the shared 2-core VM
+def test_encoder_distillation_noise_and_control_equal_steps():
+    """issue 34: the student with true pq noise on the iPQ layers and the no-noise control take the same seeded
+    steps towards the frozen teacher; the teacher does not move, the control stays near it."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("transformers")
+    from quantnoise import hf
+    from quantnoise.nn import QuantNoiseMixin
+
+    table = _table_module()
+    run = object.__new__(table.Run)  # noise_ needs only the size's settings and the seed
+    run.cfg, run.args = dict(table.SIZES["tiny"], kmeans_iters=1), argparse.Namespace(seed=1)
+    tok, teacher = hf.load_tokenizer(), hf.load_encoder().eval().requires_grad_(False)
+    ref = {k: v.clone() for k, v in teacher.state_dict().items()}
+    data = hf.batches(tok, [x for xs in SENTENCES.values() for x in xs], None, 4, 16, seed=1)
+    noisy, plain = hf.load_encoder(), hf.load_encoder()
+    run.noise_(noisy, "pq_ffn", 0.5)  # the FFN group only: its k-means is cheap (the recipe's default noises all 38)
+    assert sum(isinstance(m, QuantNoiseMixin) for m in noisy.modules()) == 12
+    ln = table.encoder.distill_encoder_(noisy, teacher, data, 3, 5e-5, seed=1)
+    lp = table.encoder.distill_encoder_(plain, teacher, data, 3, 5e-5, seed=1)
+    assert len(ln) == len(lp) == 3 and sum(ln) > sum(lp) > 0  # the noise makes the teacher harder to match
+    assert all(torch.equal(v, ref[k]) for k, v in teacher.state_dict().items())
+    w = "encoder.layer.0.intermediate.dense.weight"
+    assert not torch.equal(plain.state_dict()[w], ref[w])
+    assert table.encoder.hidden_mse([plain(**{k: data[0][k] for k in ("input_ids", "attention_mask")}).last_hidden_state],
+                                    [teacher(**{k: data[0][k] for k in ("input_ids", "attention_mask")}).last_hidden_state],
+                                    data[0]["attention_mask"]) < 0.05  # the control: near where it was
+    with pytest.raises(ValueError, match="--encoder-distill 'mid': choose last"):
+        table.encoder.distill_encoder_(plain, teacher, data, 1, 5e-5, seed=1, layers="mid")
+
+
+@pytest.mark.parametrize("opts,match", [
+    (["--encoder-noise-steps", "0"], "error: --encoder-noise-steps 0: must be >= 1"),
+    (["--encoder-noise-p", "0.1,1.5"], "error: --encoder-noise-p '0.1,1.5': give distinct rates in (0, 1]"),
+    (["--encoder-noise-p", "x"], "error: --encoder-noise-p 'x': give distinct rates"),
+    (["--encoder-noise-kind", "int8"], "error: --encoder-noise-kind 'int8': choose pq (true pq noise) or drop"),
+    (["--encoder-distill", "mid"], "error: --encoder-distill 'mid': choose last"),
+    (["--text", "/nonexistent/text.txt"], "error: --text '/nonexistent/text.txt' is not a file"),
+])
+def test_bad_encoder_options_are_one_line_errors(data, tmp_path, capsys, opts, match):
+    table = _table_module()
+    assert table.main([*map(str, data), str(tmp_path / "out"), "--size", "tiny", *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(match) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corpus_lines_from_a_text_file(tmp_path):
+    table = _table_module()
+    (tmp_path / "t.txt").write_text("".join(f"Sentence number {i}, unlabelled.\n" for i in range(30)))
+    lines = table.encoder.corpus_lines(str(tmp_path / "t.txt"))
+    assert len(lines) == 30 and lines[0] == "sentence number 0 , unlabelled ."
+    (tmp_path / "short.txt").write_text("one line\n")
+    with pytest.raises(ValueError, match="only 1 usable lines; the distillation needs at least 20"):
+        table.encoder.corpus_lines(str(tmp_path / "short.txt"))
+
+
+def test_stale_encoder_stages(tmp_path):
+    """issue 34: a finished distillation made with other settings than the command's is one clear error (its stage
+    name holds only kind and rate); the choice stages are redone when the candidates differ; others are kept."""
+    import argparse
+
+    table = _table_module()
+    run = object.__new__(table.Run)
+    run.cfg, run.out = dict(table.SIZES["tiny"]), tmp_path
+    made = {"enc_settings": run.enc_settings(), "candidates_run": table.enc_candidates(run.cfg)}
+    assert not run.stale_encoder_stage("enc_plain", made) and not run.stale_encoder_stage("ipq_qn_encoder", made)
+    assert not run.stale_encoder_stage("fp32", {})  # not an issue-34 stage
+    run.cfg = table.size_cfg("tiny", argparse.Namespace(encoder_noise_p=[0.1, 0.3, 0.5, 0.7]))
+    assert run.stale_encoder_stage("ipq_qn_encoder", made) and run.stale_encoder_stage("enc_sentence", made)
+    assert not run.stale_encoder_stage("enc_pq_0.1", made) and not run.stale_encoder_stage("ipq_posthoc_encoder", made)
+    run.cfg = table.size_cfg("tiny", argparse.Namespace(encoder_distill="all"))
+    with pytest.raises(ValueError, match="stage enc_pq_0.3 .* made with encoder distillation distill='last', this run asks "
+                                         "distill='all': use another OUTDIR"):
+        run.stale_encoder_stage("enc_pq_0.3", made)

@@ -8,6 +8,9 @@
 #       [--seeds N] [--epochs N] [--lr X] [--stages a,b]     (recipes/bert/README.md: sizes, times, the measured table)
 #       --seeds N: fp32, ipq_posthoc, ipq_qn, int3_qat and qbert3_mixed with N seeds (small: 3), each row's mean and
 #       90% interval and the paired differences (README: "Seeds and intervals")
+#       [--encoder-noise-steps N] [--encoder-noise-p P,P,P] [--encoder-noise-kind pq|drop] [--encoder-distill last|all]
+#       [--text FILE]: issue 34's task-agnostic noise distillation of the encoder (ipq_qn_encoder, its control
+#       ipq_posthoc_encoder, the sentence-embedding row enc_sentence; README: "A task-agnostic Quant-Noise distillation")
 #   recipes/bert/run.sh TRAIN.tsv DEV.tsv TEST.tsv OUTDIR --model roberta [--size tiny|small] [--jobs 2] [--seed N]
 #       (a small fairseq RoBERTa trained from scratch with fairseq-train's sentence_prediction: roberta.py)
 #

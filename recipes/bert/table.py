@@ -2,10 +2,15 @@
 dynamic int8 (DQ), static PTQ, int4 post-hoc, Quant-Noise int4 and Q-BERT's Hessian mixed precision
 on all-MiniLM-L6-v2; and the iPQ table (Quant-Noise's extreme compression): ipq_posthoc (the fp32 model
 continued plainly, then iPQ + fine-tuning), ipq_qn (continued with Quant-Noise, the rate chosen on DEV
-among the size's candidates, then the same iPQ) and ipq_qn_int8 (its int8-centroid file).
+among the size's candidates, then the same iPQ) and ipq_qn_int8 (its int8-centroid file); and issue 34's rows
+from a task-agnostic distillation of the pretrained encoder towards its frozen self on unlabelled text (encoder.py):
+ipq_qn_encoder (with Quant-Noise on the iPQ layers, the rate chosen on DEV sentences), ipq_posthoc_encoder (the
+same steps without noise), each then fine-tuned on the task and iPQ'd as the rows above, and enc_sentence (the
+encoders' sentence embeddings after post-hoc iPQ, no task).
 
     python recipes/bert/table.py TRAIN.tsv DEV.tsv TEST.tsv OUTDIR [--size tiny|small|base] [--jobs 2] [--threads 1]
-        [--seed 1] [--seeds N]
+        [--seed 1] [--seeds N] [--encoder-noise-steps N] [--encoder-noise-p P,P,P] [--encoder-noise-kind pq|drop]
+        [--encoder-distill last|all] [--text FILE]
 
 Every choice (the PTQ calibration method) is made on DEV; the table reports TEST accuracy.  Each
 stage writes OUTDIR/stages/NAME.json when done, so a rerun skips finished stages (resumable);
@@ -56,6 +61,9 @@ from quantnoise.presets import Q8BERT_LAYERS, q8bert, qn_int4
 from quantnoise.compress.sensitivity import format_table, hessian_sensitivity
 from benchmarks.harness import interval, write_record
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import encoder  # noqa: E402  (recipes/bert/encoder.py: the task-agnostic noise distillation of the encoder)
+
 log = logging.getLogger("recipes.bert")
 SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 (texts truncated to max_len tokens)
     # tiny: the tests' smoke size (a few sentences); small: ~1 epoch of 5,000 lines in ~20 min on 2 cores
@@ -64,19 +72,29 @@ SIZES = {  # fine-tune budget: the same for fp32, int8 QAT and Quant-Noise int4 
     # ~3-bit rows: qat3_steps of fine-tuning from the fp32 model at qat3_lr with the quantizers in place (not tuned on
     # DEV; small measured once at these settings: BENCHMARKS.md, issue 20: ~3-bit rows)
     # seeds: how many seeds the rows of SEEDED_ROWS run with by default (--seeds); tiny: one, the tests pass --seeds 2
+    # encoder distillation (issue 34, recipes/bert/encoder.py): enc_steps steps at enc_lr (batch / max_len of the size)
+    # of the pretrained encoder towards its frozen self on unlabelled sentences (enc_corpus of make_corpus.py, or
+    # enc_text = --text FILE), with enc_kind noise at each rate of enc_ps (one stage each, the rate chosen on DEV
+    # sentences) and once without (the control); enc_distill: last | all hidden states; enc_eval_lines: DEV / TEST
+    # sentences held out of the distillation (each); small's enc_steps from a measured ~0.7 CPU s a step (README)
     "tiny": dict(epochs=1, max_len=16, batch=4, lr=1e-4, calib_batches=1, qn_p=0.5,
                  sens_batches=1, sens_batch=4, sens_iters=2, speed_batches=1,
                  cont_steps=2, cont_lr=5e-5, ipq_steps=3, ipq_lr=1e-4, kmeans_iters=2,
-                 qn_candidates=[("pq", 0.1), ("pq_ffn", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5, seeds=1),
+                 qn_candidates=[("pq", 0.1), ("pq_ffn", 0.2), ("drop", 0.1)], qat3_steps=2, qat3_lr=5e-5, seeds=1,
+                 enc_steps=2, enc_lr=5e-5, enc_kind="pq", enc_ps=[0.1, 0.3, 0.5], enc_distill="last",
+                 enc_corpus="stdlib", enc_text=None, enc_eval_lines=8),
     "small": dict(epochs=1, max_len=64, batch=16, lr=1e-4, calib_batches=8, qn_p=0.5,
                   sens_batches=4, sens_batch=8, sens_iters=20, speed_batches=4,
                   cont_steps=300, cont_lr=5e-5, ipq_steps=450, ipq_lr=1e-4, kmeans_iters=20,
                   qn_candidates=[("pq", 0.3), ("pq", 0.5), ("pq", 0.8), ("pq_ffn", 0.8)], qat3_steps=200, qat3_lr=5e-5,
-                  seeds=3),
+                  seeds=3, enc_steps=300, enc_lr=5e-5, enc_kind="pq", enc_ps=[0.1, 0.3, 0.5], enc_distill="last",
+                  enc_corpus="all-stdlib", enc_text=None, enc_eval_lines=256),
     "base": dict(epochs=3, max_len=128, batch=32, lr=5e-5, calib_batches=32, qn_p=0.5,
                  sens_batches=8, sens_batch=8, sens_iters=20, speed_batches=4,
                  cont_steps=300, cont_lr=5e-5, ipq_steps=600, ipq_lr=1e-4, kmeans_iters=20,
-                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("pq", 0.4)], qat3_steps=600, qat3_lr=5e-5, seeds=3),
+                 qn_candidates=[("pq", 0.1), ("pq", 0.2), ("pq", 0.4)], qat3_steps=600, qat3_lr=5e-5, seeds=3,
+                 enc_steps=300, enc_lr=5e-5, enc_kind="pq", enc_ps=[0.1, 0.3, 0.5], enc_distill="last",
+                 enc_corpus="all-stdlib", enc_text=None, enc_eval_lines=256),
 }
 # iPQ as Quant-Noise (Fan et al. 2020) compresses RoBERTa: blocks of 8 weights for the FFN and the
 # embeddings, 4 for attention, 256 centroids; stages in this order (FFN -> embeddings -> attention)
@@ -109,12 +127,43 @@ STAGES = FP32_CHAIN[:-1] + TRAININGS  # run order in one process: the cheap post
 # --seeds: the rows rerun with every seed (each seed its own fp32 fine-tune, head init, data order, k-means and noise
 # masks; the other rows are of the first seed's fp32 model only), and the paired differences reported: (row, baseline)
 SEEDED_ROWS = ["fp32", "ipq_posthoc", "ipq_qn", "int3_qat", "qbert3_mixed"]
-PAIRS = [("ipq_qn", "ipq_posthoc"), ("qbert3_mixed", "int3_qat")] + [(r, "fp32") for r in SEEDED_ROWS[1:]]
+# issue 34: the task rows from the distilled encoders (ipq_posthoc_encoder: the no-noise control) and the
+# sentence-embedding stage; enc_plain and the enc_KIND_P candidates are the distillations (OUTDIR/ckpt/NAME.pt)
+ENC_PLAIN, ENC_SENTENCE = "enc_plain", "enc_sentence"
+ENCODER_ROWS = ["ipq_posthoc_encoder", "ipq_qn_encoder"]
+SEEDED_ROWS += ENCODER_ROWS
+PAIRS = ([("ipq_qn", "ipq_posthoc"), ("qbert3_mixed", "int3_qat"), ("ipq_qn_encoder", "ipq_posthoc_encoder")]
+         + [(r, "fp32") for r in SEEDED_ROWS[1:]])
 RECORD = "recipe_bert"  # OUTDIR/record.json's name (benchmarks.harness.write_record)
 
 
 def candidate_name(kind: str, p: float) -> str:
     return f"ipq_qn_{kind}_{p:g}"
+
+
+def enc_candidate_name(kind: str, p: float) -> str:
+    return f"enc_{kind}_{p:g}"
+
+
+def enc_candidates(cfg: dict) -> List[str]:
+    return [enc_candidate_name(cfg["enc_kind"], p) for p in cfg["enc_ps"]]
+
+
+def encoder_stages(cfg: dict) -> List[str]:
+    """issue 34's stages in run order: the control distillation, one noise distillation per rate, the two task rows
+    from them (ipq_qn_encoder from the candidate best on DEV sentences after iPQ) and the sentence-embedding row."""
+    return [ENC_PLAIN] + enc_candidates(cfg) + ENCODER_ROWS + [ENC_SENTENCE]
+
+
+def size_cfg(size: str, args) -> dict:
+    """The size's settings with the command line's overrides (--epochs, --lr, --encoder-*, --text)."""
+    cfg = dict(SIZES[size])
+    over = {"epochs": getattr(args, "epochs", None), "lr": getattr(args, "lr", None),
+            "enc_steps": getattr(args, "encoder_noise_steps", None), "enc_ps": getattr(args, "encoder_noise_p", None),
+            "enc_kind": getattr(args, "encoder_noise_kind", None), "enc_distill": getattr(args, "encoder_distill", None),
+            "enc_text": getattr(args, "text", None)}
+    cfg.update({k: v for k, v in over.items() if v is not None})
+    return cfg
 
 
 def ipq_stages(cfg: dict):
@@ -129,8 +178,9 @@ def job_groups(jobs: int, cfg: dict):
     fp32, and ipq_qn every candidate: a job waits for them) after them, the post-hoc row and the first
     half of the candidates in the first job, the other candidates and the choice in the last."""
     ipq = ipq_stages(cfg)
+    enc = encoder_stages(cfg)
     if jobs <= 1:
-        return [STAGES + ["pretrained_cosine"] + ipq + QBERT3_STAGES]
+        return [STAGES + ["pretrained_cosine"] + ipq + QBERT3_STAGES + enc]
     groups = [list(FP32_CHAIN)] + [[] for _ in range(min(jobs, 1 + len(TRAININGS)) - 1)]
     for i, name in enumerate(TRAININGS):
         groups[1 + i % (len(groups) - 1)].append(name)
@@ -138,6 +188,9 @@ def job_groups(jobs: int, cfg: dict):
     groups[0] += ipq[:half]
     groups[-1] += ipq[half:-2]
     groups[-1 if len(groups) < 3 else 1] += QBERT3_STAGES  # after its trainings; waits for fp32
+    cands, h = enc_candidates(cfg), len(cfg["enc_ps"]) // 2  # the distillations: the control and half the rates here
+    groups[0] += [ENC_PLAIN] + cands[:h] + ["ipq_posthoc_encoder"]
+    groups[-1] += cands[h:] + ["ipq_qn_encoder", ENC_SENTENCE]  # they wait for the other job's distillations
     groups[-1] += ipq[-2:]  # the choice last: it waits for the first job's candidates
     return groups
 
@@ -147,7 +200,7 @@ def seed_stages(cfg: dict) -> List[str]:
     row and every noise candidate (ipq_qn is chosen and scored in OUTDIR, by the mean over seeds on DEV), its own
     ~3-bit plan (the sensitivity of its fp32 model) and the two ~3-bit QAT rows."""
     return (["fp32", "ipq_posthoc"] + [candidate_name(k, p) for k, p in cfg["qn_candidates"]]
-            + ["qbert3_plan", "int3_qat", "qbert3_mixed"])
+            + ["qbert3_plan", "int3_qat", "qbert3_mixed"] + encoder_stages(cfg))
 
 
 def seed_list(first: int, n: int) -> List[int]:
@@ -316,9 +369,8 @@ def timed(model: nn.Module, data, threads: int) -> float:
 
 class Run:
     def __init__(self, args):
-        self.args, self.cfg = args, dict(SIZES[args.size])
+        self.args, self.cfg = args, size_cfg(args.size, args)
         self.cfg.pop("seeds")  # the default of --seeds (main); this run's seeds are self.seeds
-        self.cfg.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
         self.out = pathlib.Path(args.outdir)
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
         (self.out / "ckpt").mkdir(exist_ok=True)
@@ -340,6 +392,7 @@ class Run:
                  100.0 * cut / len(xtr), c["max_len"])
         self.truncated = cut
         self._fp32, self._fp32_id = None, None
+        self._corpus, self._teacher_enc, self._ref_emb = None, None, {}
         self.seeds = seed_list(args.seed, getattr(args, "seeds", None) or 1)  # [args.seed]: this seed only
         self.n_params = hf.n_params(self.new_model())
 
@@ -348,10 +401,15 @@ class Run:
         path = self.out / "stages" / f"{name}.json"
         if path.exists():
             log.info("[%s] done earlier: %s", name, path)
-            return json.loads(path.read_text())
+            res = json.loads(path.read_text())
+            if not self.stale_encoder_stage(name, res):
+                return res
+            log.info("[%s] chosen among other candidates than %s: redoing it", name, ",".join(enc_candidates(self.cfg)))
         t = time.time()
         log.info("[%s] start", name)
         res = fn()
+        if name in encoder_stages(self.cfg):  # what a rerun checks (stale_encoder_stage)
+            res.update(enc_settings=self.enc_settings(), candidates_run=enc_candidates(self.cfg))
         res["seconds"] = round(time.time() - t, 1)
         write_json(path, res)
         log.info("[%s] done in %.0f s: %s", name, res["seconds"],
@@ -655,6 +713,9 @@ class Run:
         kinds = {candidate_name(k, p): (k, p) for k, p in self.cfg["qn_candidates"]}
         if name in kinds:
             return lambda: self.run_ipq_candidate(*kinds[name])
+        rates = {enc_candidate_name(self.cfg["enc_kind"], p): p for p in self.cfg["enc_ps"]}
+        if name in rates:
+            return lambda: self.run_encoder(self.cfg["enc_kind"], rates[name])
         return getattr(self, f"run_{name}")
 
     def wait_for(self, names) -> None:
@@ -831,6 +892,241 @@ class Run:
         res.update(chosen=chosen, note=f"ipq_qn ({chosen}) exported with int8 centroids (one scale per layer)")
         return res
 
+    # ------------------------------------------- issue 34: task-agnostic noise distillation of the encoder
+    def need(self, names) -> None:
+        """Wait for the distillation stages ``names``; ValueError naming them when this run (with --stages, not a
+        job of a full run) neither lists them nor finds them done."""
+        missing = [n for n in names if not (self.out / "stages" / f"{n}.json").exists()]
+        if self.args.stages and not self.args.child and any(n not in self.args.stages for n in missing):
+            raise ValueError(f"stage(s) {','.join(missing)} not done: add them to --stages (or run without --stages)")
+        self.wait_for(names)
+
+    def corpus(self) -> dict:
+        """The unlabelled sentences (``encoder.corpus_lines``: --text FILE or the size's make_corpus.py corpus), split
+        by ``encoder.split_lines``: distillation batches (the size's batch and max_len, in a seeded order), DEV and TEST
+        batches of held-out sentences.  Built once per process."""
+        if self._corpus is None:
+            c = self.cfg
+            lines = encoder.corpus_lines(c["enc_text"], c["enc_corpus"])
+            tr, dev, te = encoder.split_lines(lines, c["enc_eval_lines"])
+            self._corpus = {"train": hf.batches(self.tok, tr, None, c["batch"], c["max_len"], seed=self.args.seed),
+                            "dev": hf.batches(self.tok, dev, None, 64, c["max_len"]),
+                            "test": hf.batches(self.tok, te, None, 64, c["max_len"]), "lines": [len(tr), len(dev), len(te)]}
+            log.info("encoder distillation text: %s, %d distillation / %d DEV / %d TEST sentences",
+                     c["enc_text"] or f"make_corpus.py {c['enc_corpus']}", *self._corpus["lines"])
+        return self._corpus
+
+    def teacher_encoder(self) -> nn.Module:
+        """The frozen fp32 pretrained all-MiniLM-L6-v2 (eval mode): the distillation's teacher, the embeddings' reference."""
+        if self._teacher_enc is None:
+            self._teacher_enc = hf.load_encoder().eval().requires_grad_(False)
+        return self._teacher_enc
+
+    def enc_cos(self, model: nn.Module, split: str) -> float:
+        """Mean cosine of ``model``'s mean-pooled embeddings of the held-out ``split`` (dev | test) sentences to the
+        fp32 pretrained encoder's."""
+        if split not in self._ref_emb:
+            self._ref_emb[split] = encoder.sentence_embeddings(self.teacher_encoder(), self.corpus()[split])
+        return round(hf.cosine(encoder.sentence_embeddings(model, self.corpus()[split]), self._ref_emb[split]), 5)
+
+    def enc_ipq(self, model: nn.Module, only=None) -> nn.Module:
+        """Post-hoc iPQ of an encoder (no fine-tuning): IPQ_GROUPS (or the groups ``only``), IPQ_K centroids."""
+        return encoder.ipq_copy(model, IPQ_GROUPS, IPQ_K, self.cfg["kmeans_iters"], self.args.seed, only)
+
+    def enc_settings(self) -> dict:
+        c = self.cfg
+        return {"steps": c["enc_steps"], "lr": c["enc_lr"], "distill": c["enc_distill"],
+                "text": c["enc_text"] or c["enc_corpus"]}
+
+    def stale_encoder_stage(self, name: str, res: dict) -> bool:
+        """For a finished issue-34 stage: ValueError when it was made with other distillation settings than this run's
+        (the stage names hold only the noise kind and rate); True (redo it) for the choice stages ipq_qn_encoder and
+        enc_sentence when they chose among other candidates (another --encoder-noise-p / -kind in the same OUTDIR)."""
+        if name not in encoder_stages(self.cfg):
+            return False
+        now, old = self.enc_settings(), res.get("enc_settings", {})
+        diff = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
+        if diff:
+            k, (old, new) = next(iter(diff.items()))
+            raise ValueError(f"stage {name} in {self.out / 'stages'} was made with encoder distillation {k}={old!r}, "
+                             f"this run asks {k}={new!r}: use another OUTDIR, or delete its stages/enc_*.json, "
+                             f"stages/{ENCODER_ROWS[0]}.json and stages/{ENCODER_ROWS[1]}.json")
+        return name in ("ipq_qn_encoder", ENC_SENTENCE) and res.get("candidates_run") != enc_candidates(self.cfg)
+
+    def load_encoder_ckpt(self, name: str) -> nn.Module:
+        enc = hf.load_encoder()
+        enc.load_state_dict(torch.load(self.out / "ckpt" / f"{name}.pt", weights_only=True))
+        return enc.eval()
+
+    def run_encoder(self, kind: Optional[str] = None, p: float = 0.0) -> dict:
+        """The pretrained encoder distilled ``enc_steps`` towards its frozen self (``encoder.distill_encoder_``) with
+        ``kind`` Quant-Noise at rate ``p`` on the iPQ layers (iPQ's block sizes; ``noise_``), or without (kind None:
+        the control, equal compute); saved to ckpt/NAME.pt (plain layers); the cosine of its sentence embeddings
+        to the fp32 encoder's on the DEV sentences, as it is and after post-hoc iPQ (the choice of the rate)."""
+        name = ENC_PLAIN if kind is None else enc_candidate_name(kind, p)
+        c, data = self.cfg, self.corpus()
+        student = hf.load_encoder()
+        if kind:
+            self.noise_(student, kind, p)
+        t, cpu = time.time(), time.process_time()
+        losses = encoder.distill_encoder_(student, self.teacher_encoder(), data["train"], c["enc_steps"], c["enc_lr"],
+                                          self.args.seed, c["enc_distill"], tag=f"[{name}] distillation")
+        secs, cpu = time.time() - t, time.process_time() - cpu
+        unquantize_(student)
+        state = student.state_dict()
+        atomic_write(str(self.out / "ckpt" / f"{name}.pt"), lambda tmp: torch.save(state, tmp))
+        tail = losses[-20:]
+        return {**self.enc_settings(), "steps_run": len(losses), "noise": kind, "p": p, "seed": self.args.seed,
+                "lines": data["lines"],
+                "encoder_id": weights_id(state), "distill_seconds": round(secs, 1), "distill_cpu_seconds": round(cpu, 1),
+                "cpu_s_per_step": round(cpu / max(1, c["enc_steps"]), 4), "first_loss": round(losses[0], 6),
+                "last_loss": round(sum(tail) / len(tail), 6), "dev_cos": self.enc_cos(student, "dev"),
+                "dev_cos_ipq": self.enc_cos(self.enc_ipq(student), "dev")}
+
+    def run_enc_plain(self) -> dict:
+        return self.run_encoder()
+
+    def chosen_encoder(self) -> str:
+        """The noise distillation whose sentence embeddings after post-hoc iPQ are closest to the fp32 encoder's on
+        the DEV sentences (this seed's candidates; the first of equals); never TEST."""
+        names = enc_candidates(self.cfg)
+        self.need(names)
+        dev = {n: json.loads((self.out / "stages" / f"{n}.json").read_text())["dev_cos_ipq"] for n in names}
+        return max(names, key=lambda n: dev[n])
+
+    def encoder_row(self, name: str, enc: str) -> dict:
+        """The recipe's task fine-tune from the distilled encoder ``enc`` (ckpt/ENC.pt; the head initialized as the
+        fp32 row's, same batches), its DEV accuracy, then ``ipq_`` (the iPQ of every row: staged, centroids and the
+        rest fine-tuned with the fp32 model's logits as the teacher), exported to ckpt/NAME.qnz; DEV and TEST from it."""
+        self.need([enc])
+        self.wait_for(["fp32"])
+        model = self.new_model()
+        model.bert.load_state_dict(torch.load(self.out / "ckpt" / f"{enc}.pt", weights_only=True))
+        self.finetune(model, name)
+        info = json.loads((self.out / "stages" / f"{enc}.json").read_text())
+        res = {"encoder": enc, "noise": info["noise"], "p": info["p"], "encoder_id": info["encoder_id"],
+               "enc_steps": info["steps"], "enc_distill": info["distill"], "ft_dev_acc": self.dev_acc(model),
+               **self.fp32_info()}
+        res.update(self.ipq_(model, name))
+        path = self.out / "ckpt" / f"{name}.qnz"
+        qnz_bytes(model, path)
+        res["dev_acc"] = self.dev_acc(self.from_qnz(path))
+        res.update(self.test_from_qnz(name, path))
+        return res
+
+    def run_ipq_posthoc_encoder(self) -> dict:
+        res = self.encoder_row("ipq_posthoc_encoder", ENC_PLAIN)
+        res["note"] = (f"encoder distilled {res['enc_steps']} steps without noise (the control), task fine-tune, "
+                       f"iPQ {res['layers']} layers + {res['ipq_steps']} fine-tune steps")
+        return res
+
+    def run_ipq_qn_encoder(self) -> dict:
+        chosen = self.chosen_encoder()
+        res = self.encoder_row("ipq_qn_encoder", chosen)
+        res["chosen"] = chosen
+        res["candidates"] = {n: {k: json.loads((self.out / "stages" / f"{n}.json").read_text())[k]
+                                 for k in ("p", "dev_cos", "dev_cos_ipq", "last_loss", "seconds")}
+                             for n in enc_candidates(self.cfg)}
+        res["note"] = (f"encoder distilled {res['enc_steps']} steps with {res['noise']} noise p={res['p']:g} (chosen on "
+                       f"DEV sentences after iPQ), task fine-tune, the iPQ of ipq_posthoc_encoder")
+        return res
+
+    def run_enc_sentence(self) -> dict:
+        """The sentence-embedding row, no task: for the pretrained encoder, the control and the chosen noise
+        distillation, the cosine to the fp32 pretrained encoder's mean-pooled embeddings of the TEST sentences (held
+        out of the distillation) as it is and after post-hoc iPQ, and on DEV after iPQ of each IPQ_GROUPS group alone
+        (where the loss sits)."""
+        chosen = self.chosen_encoder()
+        self.need([ENC_PLAIN])
+        out = {"chosen": chosen, "seed": self.args.seed, "lines": self.corpus()["lines"], "encoders": {}}
+        for role, build in (("pretrained", hf.load_encoder), ("control", lambda: self.load_encoder_ckpt(ENC_PLAIN)),
+                            ("noise", lambda: self.load_encoder_ckpt(chosen))):
+            enc = build().eval()
+            out["encoders"][role] = {"test_cos": self.enc_cos(enc, "test"), "test_cos_ipq": self.enc_cos(self.enc_ipq(enc), "test"),
+                                     "dev_cos_ipq_group": {g: self.enc_cos(self.enc_ipq(enc, [g]), "dev")
+                                                           for g, _, _ in IPQ_GROUPS}}
+            log.info("[%s] %s: %s", ENC_SENTENCE, role, out["encoders"][role])
+        return out
+
+    def sentence_summary(self) -> dict:
+        """``enc_sentence`` over the seeds: per encoder the TEST cosine before / after iPQ (mean with its 90 %
+        interval), and the paired differences of the iPQ cosine noise - control and noise - pretrained."""
+        per = {s: self.seed_stage(s, ENC_SENTENCE) for s in self.seeds}
+        out = {"seeds": [{"seed": s, "chosen": per[s]["chosen"], **{r: per[s]["encoders"][r] for r in per[s]["encoders"]}}
+                         for s in self.seeds], "lines": per[self.args.seed]["lines"]}
+        for role in ("pretrained", "control", "noise"):
+            out[role] = {k: interval([per[s]["encoders"][role][k] for s in self.seeds]) for k in ("test_cos", "test_cos_ipq")}
+            out[role]["dev_cos_ipq_group"] = {g: statistics.fmean(per[s]["encoders"][role]["dev_cos_ipq_group"][g]
+                                                                  for s in self.seeds) for g, _, _ in IPQ_GROUPS}
+        for base in ("control", "pretrained"):
+            d = [per[s]["encoders"]["noise"]["test_cos_ipq"] - per[s]["encoders"][base]["test_cos_ipq"] for s in self.seeds]
+            iv = interval(d)
+            out.setdefault("diff", {})[base] = {**iv, "seeds": d, "excludes_0": excludes_zero(iv)}
+        return out
+
+    def encoder_report(self, results: dict) -> str:
+        """The issue-34 section of results.md: the two task rows, the candidates, and the sentence-embedding row."""
+        fp, c, sent = results["fp32"], self.cfg, results["sentence_emb"]
+        n = len(self.seeds)
+        rows = ["## A task-agnostic Quant-Noise distillation of the encoder, then the task and iPQ (issue 34)", "",
+                "| row | DEV acc before iPQ | DEV acc | test acc | iPQ loss vs fp32 (test) | bytes | fp32 .qnz / this | note |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| fp32 | | {dev_of(fp):.4f} | {fmt_acc(fp)} | 0 | {fp['bytes']:,} | 1.0x | the pretrained encoder fine-tuned |"]
+        for k in ENCODER_ROWS:
+            r = results[k]
+            ft = statistics.fmean(e["ft_dev_acc"] for e in r["seeds"]) if "seeds" in r else r["ft_dev_acc"]
+            rows.append(f"| {k} | {ft:.4f} | {dev_of(r):.4f} | {fmt_acc(r)} | {fp32_base(results, k) - acc_of(r):+.4f} | "
+                        f"{r['bytes']:,} | {fp['bytes'] / r['bytes']:.1f}x | {r['note']} |")
+        q, ph = results["ipq_qn_encoder"], results["ipq_posthoc_encoder"]
+        loss_ph, loss_qn = fp32_base(results, "ipq_posthoc_encoder") - acc_of(ph), fp32_base(results, "ipq_qn_encoder") - acc_of(q)
+        cut = f"{100 * (1 - loss_qn / loss_ph):.0f} %" if loss_ph > 0 else "n/a (the control loses nothing)"
+        cands = "; ".join(f"{name}: DEV cosine {v['dev_cos']:.4f} before iPQ, {v['dev_cos_ipq']:.4f} after"
+                          for name, v in q["candidates"].items())
+        text = "\n".join(rows) + (
+            f"\n\nDistillation (seed {self.args.seed}; every seed distils its own): {c['enc_steps']} steps at lr "
+            f"{c['enc_lr']:g}, batch {c['batch']}, max_len {c['max_len']}, MSE of the "
+            f"{'last hidden state' if c['enc_distill'] == 'last' else 'hidden states of every layer'} to the frozen "
+            f"pretrained encoder's, on {sent['lines'][0]} unlabelled sentences ({c['enc_text'] or 'make_corpus.py ' + c['enc_corpus']}; "
+            f"{sent['lines'][1]} DEV / {sent['lines'][2]} TEST sentences held out). Noise {c['enc_kind']} on the iPQ "
+            f"layers (iPQ's block sizes), the rate chosen on DEV sentences (cosine after post-hoc iPQ): {cands}; chosen "
+            f"**{q['chosen']}**" + (f" (seed {self.args.seed}; per seed: {', '.join(e['chosen'] for e in sent['seeds'])})" if n > 1 else "")
+            + f". Control: the same steps without noise. iPQ loss (fp32 minus iPQ, TEST"
+            f"{f', means over {n} seeds' if n > 1 else ''}): ipq_posthoc_encoder {loss_ph:+.4f}, ipq_qn_encoder "
+            f"{loss_qn:+.4f}: cut {cut}.")
+        f = lambda iv: f"{iv['mean']:.4f}" + (f" [{iv['lo90']:.4f}, {iv['hi90']:.4f}]" if iv.get("lo90") is not None else "")  # noqa: E731
+        srows = ["", f"### Sentence embeddings, no task: cosine to the fp32 pretrained encoder's on {sent['lines'][2]} "
+                 f"held-out TEST sentences ({n} seed(s); iPQ post hoc: FFN / embeddings b=8, attention b=4, k={IPQ_K})", "",
+                 "| encoder | cosine, fp32 | cosine after iPQ | DEV after iPQ of FFN / embeddings / attention alone |",
+                 "|---|---|---|---|"]
+        for role, what in (("pretrained", "pretrained (post hoc)"), ("control", "control (no-noise distillation)"),
+                           ("noise", "noise-distilled")):
+            e = sent[role]
+            srows.append(f"| {what} | {f(e['test_cos'])} | {f(e['test_cos_ipq'])} | "
+                         + " / ".join(f"{e['dev_cos_ipq_group'][g]:.4f}" for g, _, _ in IPQ_GROUPS) + " |")
+        for base, d in sent["diff"].items():
+            srows.append(f"\nnoise-distilled minus {base}, cosine after iPQ, per seed "
+                         f"{', '.join(f'{x:+.4f}' for x in d['seeds'])}: mean {d['mean']:+.4f}"
+                         + (f" [{d['lo90']:+.4f}, {d['hi90']:+.4f}], {'outside' if d['excludes_0'] else 'inside'} the "
+                            f"seed spread" if d["lo90"] is not None else " (1 seed: no interval)"))
+        return text + "\n\n" + "\n".join(srows[1:])
+
+    def encoder_partial_report(self) -> None:
+        """A --stages run of issue 34's stages (not a job): once fp32, the two encoder rows and enc_sentence are done
+        for every seed of --seeds (each seed's own --stages run in OUTDIR/seeds/S), OUTDIR/results_encoder.md: their
+        section of results.md with the seeds' intervals and paired differences."""
+        names, rows = ["fp32"] + ENCODER_ROWS + [ENC_SENTENCE], ["fp32"] + ENCODER_ROWS
+        if (self.args.child or not set(self.args.stages) & set(encoder_stages(self.cfg))
+                or not all((self.seed_dir(s) / "stages" / f"{n}.json").exists() for s in self.seeds for n in names)):
+            return
+        done = {n: json.loads((self.out / "stages" / f"{n}.json").read_text()) for n in rows}
+        self.add_seeds(done, rows)
+        done["sentence_emb"] = self.sentence_summary()
+        text = (self.encoder_report(done) + "\n\n" + self.seeds_report(done, rows)
+                + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n")
+        atomic_write(str(self.out / "results_encoder.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
+        write_json(self.out / "results_encoder.json", done)
+        log.info("wrote %s", self.out / "results_encoder.md")
+
     def run_pretrained_cosine(self) -> dict:
         """The sentence-embedding use of all-MiniLM-L6-v2 (no fine-tuning): cosine of each post-training
         scheme's mean-pooled embeddings to the fp32 encoder's, on the TEST sentences."""
@@ -853,11 +1149,11 @@ class Run:
                 "int8_weights_only": hf.cosine(emb(compressed(enc, 8)), ref),
                 "int4_weights_only": hf.cosine(emb(compressed(enc, 4)), ref)}
 
-    def add_seeds(self, results: dict) -> None:
+    def add_seeds(self, results: dict, rows: Sequence[str] = tuple(SEEDED_ROWS)) -> None:
         """SEEDED_ROWS' ``seeds`` (seed, TEST and DEV accuracy, fp32 identity of each seed's stage), ``acc`` (the mean
         and 90 % interval over the seeds) and ``diff`` (PAIRS' paired differences), in place."""
         per = {}
-        for row in SEEDED_ROWS:
+        for row in rows:
             if row == "ipq_qn":  # chosen over the seeds and scored in its own stage
                 per[row] = {e["seed"]: e for e in results[row]["seeds"]}
             else:
@@ -865,7 +1161,8 @@ class Run:
         summary = seed_summary({row: {s: e["acc"] for s, e in v.items()} for row, v in per.items()}, self.seeds)
         for row, v in per.items():
             r = results[row]
-            r["seeds"] = [{"seed": s, "acc": v[s]["acc"], "dev_acc": v[s].get("dev_acc"), "fp32_id": v[s].get("fp32_id")}
+            r["seeds"] = [{"seed": s, "acc": v[s]["acc"], "dev_acc": v[s].get("dev_acc"), "fp32_id": v[s].get("fp32_id"),
+                           **{k: v[s][k] for k in ("ft_dev_acc", "chosen", "encoder_id") if row in ENCODER_ROWS and k in v[s]}}
                           for s in self.seeds]
             r["acc"] = summary[row]["acc"]
             if "diff" in summary[row]:
@@ -879,6 +1176,7 @@ class Run:
             r["rel_err"] = round((base - acc_of(r)) / base, 5) if base else None
             emb = torch.load(self.out / "ckpt" / f"{name}_test_emb.pt", weights_only=True)
             r["cos"] = round(hf.cosine(emb, ref), 5)
+        results["sentence_emb"] = self.sentence_summary()  # no task: no accuracy, bytes or TEST-text cosine
         write_json(self.out / "results.json", results)
         seeded = len(self.seeds) > 1
         rows = [f"| scheme | test acc{' [90% interval over seeds]' if seeded else ''} | rel. error vs fp32 | bytes | "
@@ -896,7 +1194,7 @@ class Run:
         sp = results["dq"].get("speed", {})
         speed = "; ".join(f"{k}: fp32 {v['fp32_s']} s, DQ {v['dq_s']} s, speed-up {v['speedup']}x" for k, v in sp.items())
         a = self.args
-        secs = {k: r.get("seconds") for k, r in results.items()}
+        secs = {k: r.get("seconds") for k, r in results.items() if k != "sentence_emb"}
         secs.update({n: c["seconds"] for n, c in results["ipq_qn"]["candidates"].items()})
         text = (f"# Q8BERT table: all-MiniLM-L6-v2, size={a.size}\n\n"
                 f"`recipes/bert/run.sh {a.train} {a.dev} {a.test} {a.outdir} --size {a.size} --jobs {a.jobs} "
@@ -909,31 +1207,31 @@ class Run:
                 f"sentences: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items() if k != "seconds") +
                 f"\n\nDQ forward time on {min(len(self.test), self.cfg['speed_batches'])} test batches (best of 3, "
                 f"interleaved): {speed}\n\n" + self.ipq_report(results) + "\n\n" + self.qbert3_report(results) +
-                "\n\n" + self.seeds_report(results) +
+                "\n\n" + self.encoder_report(results) + "\n\n" + self.seeds_report(results) +
                 f"\n\nThis invocation: {self.usage()}\n")
         atomic_write(str(self.out / "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
         plot_quality_vs_size(results, self.out / "quality_vs_size.png",
                              f"all-MiniLM-L6-v2, size={a.size}: TEST accuracy vs file bytes ({len(self.yte)} TEST lines)")
 
-    def seeds_report(self, results: dict) -> str:
+    def seeds_report(self, results: dict, seeded: Sequence[str] = tuple(SEEDED_ROWS)) -> str:
         """The seeds section of results.md: SEEDED_ROWS' accuracy per seed with the mean and 90 % interval, and
         PAIRS' paired differences, each said to be outside the seed spread (its interval excludes 0) or not."""
         n = len(self.seeds)
         f = lambda v: "" if v is None else f"{v:+.4f}"  # noqa: E731
-        rows = [f"## Seeds: {', '.join(SEEDED_ROWS)} over {n} seed(s) ({', '.join(map(str, self.seeds))})", "",
+        rows = [f"## Seeds: {', '.join(seeded)} over {n} seed(s) ({', '.join(map(str, self.seeds))})", "",
                 "Each seed reruns every random choice of these rows (the fp32 fine-tune's head init and data order, "
                 "the continuations' order, k-means, the noise masks, the ~3-bit plan's sensitivity lines); seed "
                 f"{self.args.seed} is in OUTDIR, the others in OUTDIR/seeds/SEED/. The other rows are of seed "
                 f"{self.args.seed} only.", "",
                 "| row | TEST acc per seed | mean | 90% interval |", "|---|---|---|---|"]
-        for k in SEEDED_ROWS:
+        for k in seeded:
             r = results[k]
             iv = r["acc"]
             rows.append(f"| {k} | {', '.join('%.4f' % e['acc'] for e in r['seeds'])} | {iv['mean']:.4f} | "
                         + (f"[{iv['lo90']:.4f}, {iv['hi90']:.4f}] |" if iv["lo90"] is not None else "n/a (1 seed) |"))
         rows += ["", "| row | minus | difference per seed | mean | 90% interval | outside the seed spread? |",
                  "|---|---|---|---|---|---|"]
-        for row, base in PAIRS:
+        for row, base in [(r, b) for r, b in PAIRS if r in seeded and b in seeded]:
             d = results[row]["diff"][base]
             out = {True: "**yes** (the interval excludes 0)", False: "no (the interval contains 0)",
                    None: "n/a (1 seed: no interval)"}[d["excludes_0"]]
@@ -1006,6 +1304,11 @@ class Run:
         cmd = [sys.executable, os.path.abspath(__file__), a.train, a.dev, a.test, str(outdir), "--size", a.size,
                "--seed", str(seed), "--seeds", str(seeds), "--threads", str(a.threads), "--jobs", "1"]
         cmd += [v for k in ("epochs", "lr") if getattr(a, k) is not None for v in (f"--{k}", str(getattr(a, k)))]
+        for k in ("encoder_noise_steps", "encoder_noise_kind", "encoder_distill", "text"):
+            if getattr(a, k, None) is not None:
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+        if getattr(a, "encoder_noise_p", None) is not None:
+            cmd += ["--encoder-noise-p", ",".join(f"{p:g}" for p in a.encoder_noise_p)]
         return cmd + ["--stages", ",".join(stages), "--child"]
 
     def run_seeds(self) -> None:
@@ -1051,7 +1354,8 @@ class Run:
         if not self.args.stages:
             self.run_seeds()
             self.spawn()
-        for name in self.args.stages or STAGES + ["pretrained_cosine"] + ipq_stages(self.cfg) + QBERT3_STAGES:
+        for name in self.args.stages or (STAGES + ["pretrained_cosine"] + ipq_stages(self.cfg) + QBERT3_STAGES
+                                         + encoder_stages(self.cfg)):
             results[name] = self.stage(name, self.runner(name))
         if self.args.stages:  # a partial run (e.g. stages in parallel processes): the report comes with a full one
             if not self.args.child and all((self.out / "stages" / f"{n}.json").exists() for n in ["fp32"] + IPQ_ROWS):
@@ -1065,15 +1369,43 @@ class Run:
                 text = self.qbert3_report(done) + f"\n\nThis invocation (--stages {','.join(self.args.stages)}): {self.usage()}\n"
                 atomic_write(str(self.out / "results_qbert3.md"), lambda tmp: pathlib.Path(tmp).write_text(text))
                 log.info("wrote %s", self.out / "results_qbert3.md")
+            self.encoder_partial_report()
             return results
         cos = results.pop("pretrained_cosine")
         results.pop("qbert3_plan")  # the plans: in stages/qbert3_plan.json and the ~3-bit table
-        for name in ipq_stages(self.cfg):
-            if name not in IPQ_ROWS:
-                results.pop(name)  # a candidate: listed in ipq_qn["candidates"]
+        for name in ipq_stages(self.cfg) + encoder_stages(self.cfg):
+            if name not in IPQ_ROWS + ENCODER_ROWS:
+                results.pop(name)  # a candidate (listed in ipq_qn / ipq_qn_encoder["candidates"]) or enc_sentence
         self.report(results, cos)
         log.info("wrote %s and %s; %s", self.out / "results.md", self.out / "results.json", self.usage())
         return results
+
+
+def rates(text: str) -> Optional[List[float]]:
+    """--encoder-noise-p: comma-separated distinct noise rates, each in (0, 1]; None when ``text`` is not that."""
+    try:
+        ps = [float(v) for v in text.split(",")]
+    except ValueError:
+        return None
+    return ps if all(0.0 < p <= 1.0 for p in ps) and len(set(ps)) == len(ps) else None
+
+
+def encoder_option_error(args) -> Optional[str]:
+    """One line naming a bad --encoder-* / --text value and the fix, or None; --encoder-noise-p becomes its list."""
+    if isinstance(args.encoder_noise_p, str):
+        ps = rates(args.encoder_noise_p)
+        if ps is None:
+            return f"--encoder-noise-p {args.encoder_noise_p!r}: give distinct rates in (0, 1], comma-separated, e.g. 0.1,0.3,0.5"
+        args.encoder_noise_p = ps
+    if args.encoder_noise_steps is not None and args.encoder_noise_steps < 1:
+        return f"--encoder-noise-steps {args.encoder_noise_steps}: must be >= 1 (the control gets the same steps)"
+    if args.encoder_noise_kind is not None and args.encoder_noise_kind not in ("pq", "drop"):
+        return f"--encoder-noise-kind {args.encoder_noise_kind!r}: choose pq (true pq noise) or drop"
+    if args.encoder_distill is not None and args.encoder_distill not in encoder.DISTILL_LAYERS:
+        return f"--encoder-distill {args.encoder_distill!r}: choose last (the last hidden state) or all (every layer's output)"
+    if args.text is not None and not os.path.isfile(args.text):
+        return f"--text {args.text!r} is not a file: pass a plain-text file, one sentence a line"
+    return None
 
 
 def main(argv=None) -> int:
@@ -1099,8 +1431,25 @@ def main(argv=None) -> int:
                          "others (1: all stages in this process, in order)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (1 per job is fastest on a shared 2-core machine)")
+    ap.add_argument("--encoder-noise-steps", type=int, default=None, metavar="N",
+                    help="steps of each encoder distillation, the noise candidates' and the control's (default: the "
+                         "size's, " + ", ".join(f"{k} {v['enc_steps']}" for k, v in SIZES.items()) + ")")
+    ap.add_argument("--encoder-noise-p", default=None, metavar="P[,P...]",
+                    help="the noise rates of the encoder distillation, one stage each, the rate chosen on DEV sentences "
+                         "(default: the size's, small " + ",".join(f"{p:g}" for p in SIZES["small"]["enc_ps"]) + ")")
+    ap.add_argument("--encoder-noise-kind", default=None, metavar="pq|drop",
+                    help="the encoder distillation's noise: pq (true pq noise, the default) or drop; on every iPQ layer")
+    ap.add_argument("--encoder-distill", default=None, metavar="last|all",
+                    help="distil the last hidden state (the default) or every layer's output")
+    ap.add_argument("--text", default=None, metavar="FILE",
+                    help="unlabelled sentences for the encoder distillation, one a line (default: make_corpus.py's "
+                         "standard-library docstrings)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    bad = encoder_option_error(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     if args.jobs < 1 or args.threads < 1:
         print(f"error: --jobs {args.jobs} / --threads {args.threads}: both must be >= 1", file=sys.stderr)
         return 2
@@ -1109,7 +1458,7 @@ def main(argv=None) -> int:
     if args.seeds < 1:
         print(f"error: --seeds {args.seeds}: must be >= 1 (1: the first seed only, no interval)", file=sys.stderr)
         return 2
-    known = STAGES + ["pretrained_cosine"] + ipq_stages(SIZES[args.size]) + QBERT3_STAGES
+    known = STAGES + ["pretrained_cosine"] + ipq_stages(SIZES[args.size]) + QBERT3_STAGES + encoder_stages(size_cfg(args.size, args))
     unknown = [n for n in args.stages or [] if n not in known]
     if unknown:
         print(f"error: unknown stage {unknown[0]!r}; choose from {','.join(known)}", file=sys.stderr)
