@@ -14,6 +14,7 @@ heads of 64, ``--vocab``), random init (seed 0; speed does not depend on the val
   quanto int8 / int4     optimum-quanto ``quantize(weights=qint8 | qint4)`` + ``freeze``;
   aqlm 1x8               every Linear of the pq model as ``aqlm.QuantizedLinear`` (1 codebook of 8 bits, in_group_size 8,
                          unit scales) holding **the same codes and centroids** (the embedding stays as the pq model's);
+                         its numba CPU kernel runs on ``numba.set_num_threads(threads)``;
   llama.cpp q8_0 / q4_0  llama-cpp-python on ``hf.save_gguf`` of the model with every Linear and the embedding on the
                          grid (Quant-Noise wrappers at p = 1, i.e. llama.cpp's own Q8_0 / Q4_0 of the same weights),
                          in its own process (one per thread count), the same protocol.
@@ -259,6 +260,10 @@ def python_speed(work, cases, threads, rounds, new_tokens, prefill, vocab) -> di
     out = {}
     for t in threads:
         torch.set_num_threads(t)
+        if "aqlm 1x8" in cases:  # AQLM's CPU kernel is numba's prange: its threads, not torch's
+            import numba
+
+            numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
         gen = {c: generate_fn(models[c], prompt, new_tokens) for c in cases}
         pre = {c: prefill_fn(models[c], ids) for c in cases}
         for c in cases:  # warm-up: lazy packing, numba compilation, caches
