@@ -14,6 +14,7 @@ pytest.importorskip("gguf")
 
 
 @pytest.mark.slow
+@pytest.mark.peers  # runs without llama-cpp-python too (its column is then None); `make peers` runs it with it
 def test_tiny_recipe_records_three_arms(tmp_path):
     run([sys.executable, ROOT / "scripts" / "make_corpus.py", tmp_path / "txt", "--max-lines", "300"])
     txt, rec = tmp_path / "txt", tmp_path / "rec.json"
