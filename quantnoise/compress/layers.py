@@ -283,6 +283,8 @@ class ScalarMixin(CompressedMixin):
         if grid is None or groups * grids.BLOCK != n:
             return None
         s = self.qscale
+        if s.is_meta:  # a layer built on meta before its state is loaded: only the count tells
+            return grid if groups > self.weight_shape[0] else None
         if groups > self.weight_shape[0] or bool((s <= 0).any()) or torch.equal(s.half().float(), s):
             return grid
         return None
