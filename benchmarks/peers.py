@@ -254,8 +254,10 @@ def python_speed(work, cases, threads, rounds, new_tokens, prefill, vocab) -> di
 
     models, sizes = {}, {}
     for case in cases:
+        t0 = time.perf_counter()
         models[case], sizes[case] = load(work, case)
         trim()
+        print(f"peers: {case} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     prompt, ids = inputs(vocab, PROMPT, 1), inputs(vocab, prefill, 2)
     out = {}
     for t in threads:
@@ -269,8 +271,11 @@ def python_speed(work, cases, threads, rounds, new_tokens, prefill, vocab) -> di
         for c in cases:  # warm-up: lazy packing, numba compilation, caches
             gen[c](), pre[c]()
         base = "fp32" if "fp32" in cases else None
+        t0 = time.perf_counter()
         out[t] = {"gen": harness.interleaved(gen, rounds, seed=t, baseline=base),
                   "prefill": harness.interleaved(pre, rounds, seed=100 + t, baseline=base)}
+        print(f"peers: {t} thread(s), {rounds} round(s) of {len(cases)} Python cases in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
     return out, sizes
 
 
