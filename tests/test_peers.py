@@ -18,7 +18,7 @@ def bench(tmp_path, *cases, extra=()):
     rec = tmp_path / "peers.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), str(tmp_path / "work"), "--quick",
                         "--cases", *cases, *extra, "--record", str(rec)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=1800, cwd=tmp_path,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(rec.read_text()), r.stdout
