@@ -7,7 +7,7 @@ Layout (format version 2; version 1 files, which stored int3 in 4 bits and int5-
     "dense": {key: {"dtype": original dtype}}, "aliases": {key: target layer or dense key}, "crc32": {tensor: crc}};
   - ``qnz_crc32``: the CRC-32 of that JSON text (a damaged map is caught before it is trusted).
 and the tensors
-  - pq layer L:      ``L.codes`` uint8 (k <= 256) | int16, ``L.centroids`` fp16 | int8
+  - pq layer L:      ``L.codes`` uint8 (k <= 256) | int16, ``L.centroids`` fp16 | fp32 (exact) | int8
                      (+ ``L.centroids_scale`` fp32 (1,), symmetric per-layer scale, for int8);
   - scalar layer L:  ``L.qweight`` uint8, the values q + qmax of the flat weight as one bit stream of
                      ``pack_width`` = bits bits each (int3: 3 bits; see ``pack``), ``L.qscale`` fp32 (out / rows_per_scale, 1): one
@@ -38,6 +38,7 @@ from .config import MAX_BLOCK_SIZE, is_int
 from .nn import ACT_RANGES
 
 FORMAT, VERSION = "quantnoise.qnz", 2
+CENTROID_DTYPES = ("float16", "float32", "int8")  # how a pq codebook may be stored (ExportOptions.centroids_dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
           "bool": torch.bool}
@@ -50,13 +51,14 @@ def dtype_name(dt: torch.dtype) -> str:
 @dataclass
 class ExportOptions:
     rest_dtype: str = field(default="float16", metadata={"help": "dtype of the tensors that are not compressed: float16 | float32"})
-    centroids_dtype: str = field(default="float16", metadata={"help": "pq codebooks: float16 | int8 (iPQ + int8 centroids)"})
+    centroids_dtype: str = field(default="float16", metadata={"help": "pq codebooks: float16 | float32 (exactly the "
+                                                                      "model's) | int8 (iPQ + int8 centroids)"})
 
     def __post_init__(self) -> None:
         if self.rest_dtype not in ("float16", "float32"):
             raise ValueError(f"export rest dtype {self.rest_dtype!r} is invalid: choose float16 or float32")
-        if self.centroids_dtype not in ("float16", "int8"):
-            raise ValueError(f"export centroids dtype {self.centroids_dtype!r} is invalid: choose float16 or int8")
+        if self.centroids_dtype not in CENTROID_DTYPES:
+            raise ValueError(f"export centroids dtype {self.centroids_dtype!r} is invalid: choose float16, float32 or int8")
 
 
 # ------------------------------------------------------------------------------ bit packing
@@ -178,8 +180,11 @@ def encode(state: Dict[str, Tensor], fairseq: dict, opts: ExportOptions) -> Tupl
                 scale = c.abs().max().clamp_min(torch.finfo(torch.float32).tiny) / 127
                 tensors[f"{name}.centroids"] = torch.round(c / scale).clamp_(-127, 127).to(torch.int8)
                 tensors[f"{name}.centroids_scale"] = scale.reshape(1)
+            elif opts.centroids_dtype == "float32":  # the model's codebook exactly (fp32, or bf16 / fp16 widened)
+                tensors[f"{name}.centroids"] = cents.float().contiguous()
             else:
-                tensors[f"{name}.centroids"] = _to_fp16(cents, f"{name}.centroids", "export with --centroids int8").contiguous()
+                tensors[f"{name}.centroids"] = _to_fp16(cents, f"{name}.centroids",
+                                                        "export with --centroids float32 or int8").contiguous()
             meta["layers"][name] = {"scheme": "pq", "shape": shape, "block_size": int(cents.shape[1]),
                                     "n_centroids": int(cents.shape[0]), "codes": dtype_name(codes.dtype),
                                     "centroids": opts.centroids_dtype, "dtype": dtype_name(cents.dtype)}
@@ -462,7 +467,8 @@ def _check_layer(name: str, e, tensors: Dict[str, Tensor], version: int = VERSIO
                                     f"each stored code would decode to {bs} weights")
         _need(is_int(k) and 1 <= k <= 2**15, f"{where} has n_centroids {k!r}; expected an integer in [1, 32768]")
         _need(e["codes"] in ("uint8", "int16", "int32"), f"{where} has codes {e['codes']!r}; expected uint8 or int16")
-        _need(e["centroids"] in ("float16", "int8"), f"{where} has centroids {e['centroids']!r}; expected float16 or int8")
+        _need(e["centroids"] in CENTROID_DTYPES,
+              f"{where} has centroids {e['centroids']!r}; expected {', '.join(CENTROID_DTYPES)}")
         codes = _tensor(tensors, f"{name}.codes", e["codes"], [n // bs], f" ({where}'s shape {shape} in blocks of "
                                                                        f"block_size {bs})")
         cents = _tensor(tensors, f"{name}.centroids", e["centroids"], [k, bs], f" (n_centroids {k}, block_size {bs})")
@@ -614,7 +620,7 @@ def layer_sizes(tensors: Dict[str, Tensor], meta: dict) -> List[dict]:
         n = math.prod(e["shape"])
         if e["scheme"] == "pq":
             k, bs = e["n_centroids"], e["block_size"]
-            cbits = 8 if e["centroids"] == "int8" else 16
+            cbits = {"int8": 8, "float16": 16, "float32": 32}[e["centroids"]]
             bound = (n // bs) * math.ceil(math.log2(k)) + k * bs * cbits + (32 if cbits == 8 else 0)
             scheme = f"pq k={k} b={bs} {e['centroids']}"
         else:

@@ -15,7 +15,8 @@ from typing import Callable, Dict, Optional, Tuple, Type
 from torch import nn
 
 LAZY: Dict[str, str] = {"transformers.pytorch_utils.Conv1D": "quantnoise.hf.conv1d",  # class -> registering module
-                        "transformers.modeling_utils.PreTrainedModel": "quantnoise.hf.quantizer"}
+                        "transformers.modeling_utils.PreTrainedModel": "quantnoise.hf.quantizer",
+                        "transformers.models.falcon.modeling_falcon.FalconLinear": "quantnoise.hf.linears"}
 RUNTIME: Dict[Type[nn.Module], Tuple[Type[nn.Module], Type[nn.Module]]] = {}  # layer type -> (pq class, int class)
 _SEEN: Dict[type, None] = {}
 MODEL_HOOKS: Dict[Type[nn.Module], Callable[[nn.Module], None]] = {}  # root model type -> hook(model)

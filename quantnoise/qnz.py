@@ -25,7 +25,7 @@ def save_qnz(model: nn.Module, path, opts: ExportOptions = ExportOptions()) -> d
     """Write ``model`` (compressed by ``compress_``, loaded compressed by ``load_qnz``, or neither) as a .qnz,
     atomically; return its JSON map.  Layers sharing one codebook (tied weights) are stored once, the others as
     aliases of the first.  ``opts``: everything not compressed is stored in ``opts.rest_dtype`` (float16 by default,
-    float32 on request), pq codebooks in ``opts.centroids_dtype`` (float16, or int8 + one scale)."""
+    float32 on request), pq codebooks in ``opts.centroids_dtype`` (float16; float32, exactly; or int8 + one scale)."""
     tensors, meta = encode_model(model, opts)
     write_qnz(path, tensors, meta)
     return meta

@@ -11,6 +11,8 @@
 #   4. ipq+eval   iPQ of the pq --fp16 checkpoint, centroids fine-tuned nowhere (post hoc), `quantnoise export`
 #                 to .qnz, then fairseq-eval-lm of the .qnz on the GPU (runs compressed) and of the decoded model
 #   5. bench      benchmarks/train.py --device cuda: noise overhead per train step, as a ratio to no noise
+#   6. aqlm_vllm  only where `python -c "import vllm"` works (vLLM is no dependency): a small iPQ Llama written with
+#                 hf.save_pretrained(format="aqlm"), served by vLLM in fp16, its greedy tokens against quantnoise's
 #
 # Everything goes to OUT: one log per step, OUT/summary.md (PASS / FAIL per step, the figures), OUT/bench.json.
 # A failed step does not stop the others; the exit status is the number of failed steps (0: all passed).
@@ -140,6 +142,45 @@ if "$PY" benchmarks/train.py "${BENCH[@]}" --json "$OUT/bench.json" --record "$O
   { echo; echo "## benchmarks/train.py ${BENCH[*]}"; echo; cat "$OUT/bench.md"; } >> "$SUMMARY"
 else
   result bench FAIL "$(tail -1 "$OUT/bench.log")"
+fi
+
+# 6. an AQLM folder in vLLM (docs/hf.md, "AQLM export"); skipped, with no row, where vLLM is not installed ---------
+if [ -z "$DRY" ] && "$PY" -c "import vllm" 2>/dev/null; then
+  "$PY" - "$OUT/aqlm" > "$OUT/aqlm_vllm.log" 2>&1 <<'EOF'
+import sys
+
+import torch
+import transformers as tf
+import vllm
+from quantnoise import LayerRule, compress_
+from quantnoise import hf
+
+torch.manual_seed(0)  # large initial weights: peaked logits, so fp16 rounding does not flip a greedy choice
+model = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                                           num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+                                           max_position_embeddings=256, initializer_range=0.2)).eval()
+compress_(model, LayerRule(block_size=8, n_centroids=256))
+folder = hf.save_pretrained(model, sys.argv[1], format="aqlm")
+ours = hf.from_pretrained(hf.save_pretrained(model, sys.argv[1] + "-qnz"))  # the runtime, CPU fp32, same codebooks
+prompt = list(range(3, 11))
+with torch.no_grad():
+    want = ours.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+llm = vllm.LLM(model=str(folder), dtype="float16", skip_tokenizer_init=True, enforce_eager=True, max_model_len=128,
+               gpu_memory_utilization=0.3)
+params = vllm.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, detokenize=False)
+got = list(llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids)
+print("vllm      ", got)
+print("quantnoise", want)
+agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+print(("PASS" if agree >= 8 else "FAIL") + f" vLLM {vllm.__version__} served the AQLM folder: its first {agree} of 16 "
+      f"greedy tokens are quantnoise's")
+EOF
+  verdict=$(grep -E "^(PASS|FAIL) " "$OUT/aqlm_vllm.log" | tail -1)
+  [ -n "$verdict" ] || verdict="FAIL $(tail -1 "$OUT/aqlm_vllm.log") (see aqlm_vllm.log)"
+  result aqlm_vllm "${verdict%% *}" "${verdict#* }"
+else
+  echo "gpu_check: aqlm_vllm: skipped (no vLLM here${DRY:+, or a dry run})"
 fi
 
 echo "gpu_check: $FAILED step(s) failed; results in $OUT (summary.md)"

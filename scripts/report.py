@@ -119,6 +119,25 @@ def render_train(fig: dict) -> List[str]:
                    f"s / step amortised)."])
 
 
+def render_int_widths(fig: dict) -> List[str]:
+    """benchmarks/int_widths.py: IntLinear forward ms per shape / tokens at each width (the kernel it ran), and for
+    the odd widths the layer decoding the file's bit stream every call (``raw``)."""
+    keys = list(dict.fromkeys((r["shape"], r["tokens"]) for r in fig["rows"]))
+    bits = sorted({r["bits"] for r in fig["rows"]})
+    at = {(r["shape"], r["tokens"], r["bits"]): r for r in fig["rows"]}
+    rows = []
+    for shape, tokens in keys:
+        cells = []
+        for b in bits:
+            r = at.get((shape, tokens, b))
+            cells.append("" if r is None else f"{r['ms']:.3f} ({r['kernel']})"
+                         + (f", raw {r['raw_ms']:.2f}" if r.get("raw_ms") is not None else ""))
+        rows.append([shape, tokens, *cells])
+    return table(["out x in", "tokens", *(f"int{b} ms" for b in bits)], rows) + [
+        "", f"Median of {fig['repeats']} forwards, one thread; compiled kernels: {fig['compiled_kernels']}. "
+            "raw: the odd width's bit stream decoded every call instead of held at the runtime width."]
+
+
 def render_seeds(fig: dict) -> List[str]:
     """The LM noise fine-tune over seeds (``make demo``'s record, the LM recipe's): each seed's TEST perplexities
     and cut, then the mean cut with its 90% interval (paired over seeds) and the file sizes."""
@@ -198,7 +217,7 @@ def render_peers(fig: dict) -> List[str]:
 
 RENDERERS: Dict[str, Callable[[dict], List[str]]] = {
     "noise": render_noise, "kmeans": render_kmeans, "ipq_export": render_ipq_export, "train": render_train,
-    "lm_recipe": render_lm_recipe, "demo": render_seeds, "peers": render_peers,
+    "lm_recipe": render_lm_recipe, "demo": render_seeds, "int_widths": render_int_widths, "peers": render_peers,
 }
 
 

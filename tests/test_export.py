@@ -25,7 +25,7 @@ def compressed_state(scalar_bits=4):
     return m, m.state_dict()
 
 
-@pytest.mark.parametrize("centroids", ["float16", "int8"])
+@pytest.mark.parametrize("centroids", ["float16", "float32", "int8"])
 def test_round_trip_is_bit_exact(tmp_path, centroids):
     m, state = compressed_state()
     path = tmp_path / "m.qnz"
@@ -41,6 +41,14 @@ def test_round_trip_is_bit_exact(tmp_path, centroids):
         assert torch.equal(out[f"{name}.weight"], cb[tensors[f"{name}.codes"].long()].reshape(m[int(name)].weight_shape))
     if centroids == "float16":  # fp16 codebook: the decoded model is the fp16-rounded PQ model
         assert torch.equal(out["0.weight"], m[0].centroids.detach().half().float()[m[0].codes.long()].reshape(300, 16))
+    if centroids == "float32":  # fp32 codebook: the model's own, bit for bit, and so its decoded weight
+        for name in ("0", "3"):
+            assert tensors[f"{name}.centroids"].dtype == torch.float32 and read_meta["layers"][name]["centroids"] == "float32"
+            assert torch.equal(tensors[f"{name}.centroids"], m[int(name)].centroids.detach())
+        assert torch.equal(out["0.weight"], m[0].weight) and torch.equal(out["3.weight"], m[3].weight)
+    rows = {r["name"]: r for r in export.layer_sizes(tensors, read_meta)}
+    bits = {"float16": 16, "float32": 32, "int8": 8}[centroids]  # the bound counts the codebook as stored
+    assert rows["3"]["bound_bits"] == (8 * 36 // 9) * 4 + 16 * 9 * bits + (32 if bits == 8 else 0)
     assert torch.equal(out["1.weight"], m[1].weight)  # int4 packing is lossless
     assert torch.equal(out["2.weight"], m[2].weight.detach().half().float()) and out["2.weight"].dtype == torch.float32
 
@@ -309,6 +317,12 @@ def test_cli_quantize_export_inspect_decompress(tmp_path):
     assert "decoder.embed_tokens.codes" in q["model"] and "decoder.layers.0.fc1.weight" in q["model"]
     assert "last_optimizer_state" not in q
     assert cli("export", tmp_path / "q.pt", "-o", tmp_path / "m.qnz").returncode == 0
+    r = cli("export", tmp_path / "q.pt", "-o", tmp_path / "m32.qnz", "--centroids", "float32")
+    assert r.returncode == 0, r.stderr
+    t32, m32 = export.read_qnz(tmp_path / "m32.qnz")  # fp32 codebooks: the checkpoint's, exactly
+    assert m32["layers"]["decoder.embed_tokens"]["centroids"] == "float32"
+    assert torch.equal(t32["decoder.embed_tokens.centroids"], q["model"]["decoder.embed_tokens.centroids"])
+    assert "pq k=16 b=8 float32" in cli("inspect", tmp_path / "m32.qnz").stdout
     out = cli("inspect", tmp_path / "m.qnz").stdout
     assert "decoder.embed_tokens" in out and "pq k=16 b=8 float16" in out and "compression x" in out and "bound" in out
     assert cli("decompress", tmp_path / "m.qnz", "-o", tmp_path / "d.pt").returncode == 0

@@ -18,7 +18,8 @@ def test_doc_has_the_whole_path():
     text = "\n".join(blocks())
     for step in ("quantize_(gpt2", "tf.Trainer(", "compress_(gpt2", "gpt2.save_pretrained(", "hf.save_pretrained(",
                  "hf.from_pretrained(", "AutoModelForCausalLM.from_pretrained(", ".generate(", "LlamaForCausalLM",
-                 "QuantNoiseCallback(plan=", "scheme=\"scalar\", bits=4", "QuantNoiseHfConfig(", "torch_dtype="):
+                 "QuantNoiseCallback(plan=", "scheme=\"scalar\", bits=4", "QuantNoiseHfConfig(", "torch_dtype=",
+                 'format="aqlm"'):
         assert step in text, step
 
 
@@ -29,3 +30,4 @@ def test_every_block_runs(tmp_path, monkeypatch):
     for i, code in enumerate(blocks()):
         exec(compile(code, f"{DOC}:block{i + 1}", "exec"), namespace)
     assert (tmp_path / "gpt2-pq" / "model.safetensors").is_file() and (tmp_path / "llama-pq" / "config.json").is_file()
+    assert '"quant_method": "aqlm"' in (tmp_path / "llama-aqlm" / "config.json").read_text()

@@ -2,6 +2,7 @@
 ``quantnoise`` quantizer) on BERT, GPT-2 and Llama built from small configs: every dense layer noised and
 compressed, loaded compressed with no layer decoded, outputs equal to the compressed model's."""
 import json
+import pathlib
 
 import pytest
 import torch
@@ -281,7 +282,90 @@ def test_t5s_one_embedding_under_three_names_runs_compressed_under_all(tmp_path,
         for loaded in (hf.from_pretrained(folder), tf.AutoModelForSeq2SeqLM.from_pretrained(str(folder))):
             assert loaded.encoder.embed_tokens is loaded.shared and loaded.decoder.embed_tokens is loaded.shared
             assert type(loaded.shared).__name__ == "CodesEmbedding"
+            assert type(loaded.lm_head).__name__ == "CodesLinear"  # tied: computes from the shared codes
+            assert loaded.lm_head.codes.data_ptr() == loaded.shared.codes.data_ptr()
             assert rel_err(loaded(input_ids=ids, decoder_input_ids=ids).logits, want) < 1e-3
             loaded.save_pretrained(tmp_path / "again")
             assert same_qnz(tmp_path / "again" / "model.safetensors", folder / "model.safetensors")
     assert "decoding" not in caplog.text
+    # fill_model_ alone (no hf-side workaround: quantnoise.load_qnz, the path outside quantnoise.hf) does the same
+    from quantnoise import load_qnz
+    with torch.device("meta"):
+        fresh = tf.T5ForConditionalGeneration(config)
+    fresh.tie_weights()
+    load_qnz(folder / "model.safetensors", fresh)
+    assert fresh.encoder.embed_tokens is fresh.shared and fresh.decoder.embed_tokens is fresh.shared
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, decoder_input_ids=ids).logits,
+                           hf.from_pretrained(folder)(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_model_save_pretrained_writes_the_model_card_but_never_over_the_users_own(tmp_path):
+    model = build("gpt2").eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    model.save_pretrained(tmp_path / "theirs")  # transformers' own verb
+    hf.save_pretrained(model, tmp_path / "ours")
+    card = (tmp_path / "theirs" / "README.md").read_text()
+    assert card == (tmp_path / "ours" / "README.md").read_text()  # the same card, inspect's summary in it
+    assert "quantnoise inspect model.safetensors" in card and "compression x" in card and "lm_head.weight" in card
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "theirs"))
+    for again in (loaded, hf.from_pretrained(tmp_path / "theirs")):  # a loaded model re-saves with its card
+        again.save_pretrained(tmp_path / "again")
+        assert (tmp_path / "again" / "README.md").read_text() == card
+    (tmp_path / "again" / "README.md").write_text("# my model\n")
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "README.md").read_text() == "# my model\n"
+    plain = build("gpt2").eval()
+    quantize_(plain, QuantNoiseConfig(scheme="pq", p=0.1, block_size=4, n_centroids=16))  # quantnoise met it
+    unquantize_(plain)
+    plain.save_pretrained(tmp_path / "plain")  # nothing compressed: saved as transformers saves it, no card
+    assert not (tmp_path / "plain" / "README.md").exists()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hugging Face Hub's side of push_to_hub, offline: {repo: {file: bytes}} of what transformers uploads,
+    and {repo: card text} of the cards repos already have (transformers loads a repo's card to tag it)."""
+    import huggingface_hub
+    import transformers.utils.hub as tf_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    uploads, cards = {}, {}
+
+    def create_commit(repo_id, operations, **kwargs):
+        uploads[repo_id] = {op.path_in_repo: pathlib.Path(op.path_or_fileobj).read_bytes() for op in operations}
+
+    def load_card(repo_id, **kwargs):
+        if repo_id not in cards:
+            raise EntryNotFoundError(f"{repo_id} has no README.md")
+        return huggingface_hub.ModelCard(cards[repo_id])
+
+    monkeypatch.setattr(tf_hub.PushToHubMixin, "_create_repo", lambda self, repo_id, **kwargs: repo_id)
+    monkeypatch.setattr(tf_hub, "create_commit", create_commit)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(lambda cls, repo_id, **kw: load_card(repo_id, **kw)))
+    return uploads, cards
+
+
+def test_push_to_hub_uploads_the_quantnoise_folder_with_its_model_card(tmp_path, hub, monkeypatch):
+    uploads, cards = hub
+    monkeypatch.chdir(tmp_path)
+    model = build("gpt2").eval()
+    compress_(model, LayerRule(block_size=4, n_centroids=16))
+    ours = hf.save_pretrained(model, tmp_path / "ours")
+    model.push_to_hub("me/gpt2-pq", tags=["my-tag"])  # a new repo: transformers' empty template is replaced
+    model.save_pretrained(str(tmp_path / "pushed"), push_to_hub=True, repo_id="me/gpt2-pq2")
+    for repo in ("me/gpt2-pq", "me/gpt2-pq2"):
+        files = uploads[repo]
+        assert {"config.json", "model.safetensors", "README.md"} <= set(files), repo
+        (tmp_path / "got.safetensors").write_bytes(files["model.safetensors"])
+        assert same_qnz(tmp_path / "got.safetensors", ours / "model.safetensors"), repo
+        card = files["README.md"].decode()
+        assert "quantnoise inspect model.safetensors" in card and "compression x" in card, card
+        assert "automatically generated" not in card
+        assert json.loads(files["config.json"])["quantization_config"]["compressed_layers"] == 10
+    assert '- "my-tag"' in uploads["me/gpt2-pq"]["README.md"].decode()  # the template's tags are kept
+    assert (tmp_path / "pushed" / "README.md").read_bytes() == uploads["me/gpt2-pq2"]["README.md"]
+    cards["me/mine"] = "---\nlicense: mit\n---\n\n# My own card\n"  # a repo with a card of its own: kept, as transformers keeps it
+    model.push_to_hub("me/mine")
+    card = uploads["me/mine"]["README.md"].decode()
+    assert "# My own card" in card and "quantnoise inspect" not in card

@@ -110,3 +110,45 @@ def test_a_repo_id_from_the_local_cache_loads_and_a_typo_is_named(folder, tmp_pa
         assert torch.equal(loaded(IDS).logits, hf.from_pretrained(path)(IDS).logits)
     with pytest.raises(ValueError, match="does not exist"):
         hf.from_pretrained(tmp_path / "gpt2-qp")
+
+
+def test_fp32_centroids_are_stored_exactly_both_ways_and_re_save_so(tmp_path):
+    from quantnoise.export import ExportOptions, read_qnz
+
+    gpt2().save_pretrained(tmp_path / "fp32")
+    config = hf.QuantNoiseHfConfig(scheme="pq", block_size=8, n_centroids=16, include=r"mlp|wte",
+                                   centroids_dtype="float32", rest_dtype="float32")
+    model = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=config)
+    model.save_pretrained(tmp_path / "theirs")  # the request's dtypes
+    hf.save_pretrained(model, tmp_path / "ours", opts=ExportOptions(rest_dtype="float32", centroids_dtype="float32"))
+    books = {n: m.centroids.detach() for n, m in model.named_modules() if hasattr(m, "centroids")}
+    assert books.pop("lm_head") is not None  # a tied copy of transformer.wte: an alias in the file
+    for folder in ("theirs", "ours"):
+        qc = json.loads((tmp_path / folder / "config.json").read_text())["quantization_config"]
+        assert qc["centroids_dtype"] == "float32" and {r["centroids_dtype"] for r in qc["rules"]} == {"float32"}
+        tensors, _ = read_qnz(tmp_path / folder / "model.safetensors")
+        assert all(torch.equal(tensors[f"{n}.centroids"], c) for n, c in books.items())  # bit for bit
+        loaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / folder))
+        assert all(torch.equal(loaded.get_submodule(n).centroids, c) for n, c in books.items())
+        with torch.no_grad():
+            assert rel_err(loaded(IDS).logits, model(IDS).logits) < 1e-5
+        loaded.save_pretrained(tmp_path / f"{folder}-again")  # re-saved with the dtypes it was stored in
+        again, _ = read_qnz(tmp_path / f"{folder}-again" / "model.safetensors")
+        assert all(torch.equal(again[f"{n}.centroids"], c) for n, c in books.items())
+
+
+def test_a_layer_rule_or_an_ipq_plan_as_the_quantization_config_compresses_at_load_as_compress_does(tmp_path, capsys):
+    from quantnoise import IPQPlan
+
+    gpt2().save_pretrained(tmp_path / "fp32")
+    plan = IPQPlan(stages=[LayerRule(pattern=r"mlp", block_size=8, n_centroids=16),
+                           LayerRule(pattern=r"attn", scheme="scalar", bits=4)])
+    for request in (plan, LayerRule(pattern=r"wte", block_size=4, n_centroids=16)):
+        config = hf.QuantNoiseHfConfig(plan=request)
+        assert hf.QuantNoiseHfConfig.from_dict(config.to_dict()).compression_plan() == config.compression_plan()
+        loaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=config)
+        want = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"))
+        compress_(want, request)
+        a, b = loaded.state_dict(), want.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "quantnoise compress" in capsys.readouterr().err  # the plan's layers one group at a time, under a bar

@@ -53,6 +53,24 @@ def test_save_load_runs_compressed_on_meta_and_matches(tmp_path, caplog):
         assert close(load_qnz(tmp_path / "pq.qnz", fresh)(ids), pq(ids), 1e-3)
 
 
+def test_fp32_centroids_are_stored_exactly_and_load_in_the_runtime(tmp_path):
+    model = compressed_bert(int8_out=False)
+    save_qnz(model, tmp_path / "c32.qnz", ExportOptions(rest_dtype="float32", centroids_dtype="float32"))
+    with torch.device("meta"):
+        fresh = TinyBert()
+    fresh.head.weight = fresh.word.weight
+    load_qnz(tmp_path / "c32.qnz", fresh)
+    for name, m in model.named_modules():
+        if hasattr(m, "centroids"):  # the runtime layer holds the model's codebook bit for bit, not an fp16 rounding
+            got = fresh.get_submodule(name)
+            assert isinstance(got, RuntimeMixin) and torch.equal(got.centroids, m.centroids.detach()), name
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert close(fresh(ids), model(ids), 1e-5)
+    with pytest.raises(ValueError, match="centroids dtype 'float64' is invalid: choose float16, float32 or int8"):
+        ExportOptions(centroids_dtype="float64")
+
+
 def test_a_plain_model_round_trips_exactly_in_fp32(tmp_path):
     torch.manual_seed(1)
     model = TinyBert().eval()

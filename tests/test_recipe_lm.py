@@ -68,7 +68,8 @@ def test_bad_input_is_one_line_and_touches_nothing(corpus, tmp_path, case):
 @pytest.mark.slow
 def test_recipe_end_to_end_tiny(corpus, tmp_path):
     out = tmp_path / "run"
-    proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny")
+    # --seeds 2: both parts run a second seed (the table: of its fp32 and iPQ rows; the fine-tune: after the baseline)
+    proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny", "--seeds", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [l for l in proc.stdout.splitlines() if "] [" in l]
     assert len(steps) >= 20 and all("s, cpu" in l for l in steps)  # one progress line per step, with times
@@ -92,6 +93,14 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
                 "int4.quant_noise", "int8.posthoc", "int8.qat", "int8.quant_noise"):
         qnz = out / "qnz" / f"{row}.qnz"
         assert qnz.is_file() and qnz.stat().st_size > 0, row
+    # the table's second seed retrains the models of its fp32 and iPQ rows with --seed 2 and runs their iPQ with seed 2
+    t = res["seeds"]
+    assert [e["seed"] for e in t["seeds"]] == [1, 2] and all((out / "qnz" / f"{r}.s2.qnz").is_file() for r in R.Recipe.TABLE_SEEDED)
+    assert t["seeds"][0]["fp32"] != t["seeds"][1]["fp32"]  # another seed, another baseline
+    assert res["fp32"]["ppl"] == pytest.approx((t["seeds"][0]["fp32"] + t["seeds"][1]["fp32"]) / 2)
+    assert res["fp32"]["ppl_seed1"] == t["seeds"][0]["fp32"] and res["ipq"]["posthoc"]["ppl_interval"]["n"] == 2
+    assert "--seed 2" in (out / "logs" / "train_ipq_qat.s2.log").read_text()
+    assert "over 2 seeds" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0 and (out / "sweep.png").stat().st_size > 0
     assert "| iPQ" in (out / "results.md").read_text()
     sweep = (out / "sweep_report.md").read_text()  # quantnoise sweep-report with the iPQ column
@@ -101,7 +110,14 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
     # the noise fine-tune: baseline -> plain and noise continuations -> the same iPQ + centroid fine-tune -> TEST
     ft = res["finetune"]
     assert ft["updates"] == R.FINETUNE["tiny"]["updates"]
-    assert len(ft["seeds"]) == R.FINETUNE["tiny"]["seeds"] == 1 and ft["gap_cut"]["lo90"] is None  # one seed: no interval
+    assert R.FINETUNE["tiny"]["seeds"] == 1 and [e["seed"] for e in ft["seeds"]] == [1, 2] and ft["gap_cut"]["n"] <= 2
+    step = lambda o, n: json.loads((o / "steps" / f"{n}.json").read_text())["result"]  # noqa: E731
+    assert step(out, "ft_plain.s2")["valid"] != step(out, "ft_plain.s1")["valid"]  # seed 2 reseeds what follows the baseline
+    cuts = [e["gap_cut"] for e in ft["seeds"] if e["gap_cut"] is not None]
+    if len(cuts) == 2:
+        assert ft["gap_cut"]["mean"] == pytest.approx(sum(cuts) / 2)
+        assert ft["gap_cut"]["lo90"] <= ft["gap_cut"]["mean"] <= ft["gap_cut"]["hi90"]
+    assert all(len(c["ppl_valid_ipq_seeds"]) == 2 for c in ft["candidates"])
     e = ft["seeds"][0]
     assert e["fp32"]["ppl"] > 1 and all(e[k]["ppl"] > 1 and 0 < e[k]["bytes"] < e["fp32"]["bytes"]
                                         for k in ("ipq_plain", "ipq_qn"))
@@ -126,29 +142,23 @@ def test_recipe_end_to_end_tiny(corpus, tmp_path):
 
     # a rerun skips every finished step and changes nothing
     before = (out / "results.json").read_bytes()
-    again = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny", timeout=300)
+    again = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out, "--size", "tiny", "--seeds", "2",
+                   timeout=300)
     assert again.returncode == 0 and "resuming:" in again.stdout and "] [" not in again.stdout, again.stdout
     assert (out / "results.json").read_bytes() == before
 
-    # --from CKPT --only finetune --seeds 2: the same baseline given as a checkpoint gives seed 1 the same plain
-    # continuation; seed 2 reseeds everything after it (paired: its plain and noise rows share that seed)
+    # --from CKPT --only finetune: the same baseline given as a checkpoint gives seed 1 the same plain continuation
     base = out / "finetune" / "baseline" / "checkpoint_last.pt"
     out2 = tmp_path / "from"
     proc = recipe(corpus / "train.txt", corpus / "valid.txt", corpus / "test.txt", out2, "--size", "tiny",
-                  "--only", "finetune", "--from", base, "--ft-candidates", "pq_p0.5_vocab", "--seeds", "2", timeout=900)
+                  "--only", "finetune", "--from", base, "--ft-candidates", "pq_p0.5_vocab", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res2 = json.loads((out2 / "results.json").read_text())
     ft2 = res2["finetune"]
     assert set(res2) == {"finetune", "details"} and ft2["baseline"]["given"]
-    step = lambda o, n: json.loads((o / "steps" / f"{n}.json").read_text())["result"]  # noqa: E731
     assert step(out2, "ft_plain.s1")["valid"] == step(out, "ft_plain.s1")["valid"]
-    assert step(out2, "ft_plain.s2")["valid"] != step(out2, "ft_plain.s1")["valid"]  # another seed, another model
-    assert [e["seed"] for e in ft2["seeds"]] == [1, 2] and ft2["gap_cut"]["n"] <= 2
-    cuts = [e["gap_cut"] for e in ft2["seeds"] if e["gap_cut"] is not None]
-    if len(cuts) == 2:
-        assert ft2["gap_cut"]["mean"] == pytest.approx(sum(cuts) / 2)
-        assert ft2["gap_cut"]["lo90"] <= ft2["gap_cut"]["mean"] <= ft2["gap_cut"]["hi90"]
-    assert ft2["noise"] == "pq_p0.5_vocab" and len(ft2["candidates"][0]["ppl_valid_ipq_seeds"]) == 2
+    assert [e["seed"] for e in ft2["seeds"]] == [1] and ft2["gap_cut"]["lo90"] is None  # one seed: no interval
+    assert ft2["noise"] == "pq_p0.5_vocab" and len(ft2["candidates"][0]["ppl_valid_ipq_seeds"]) == 1
     assert R.VOCAB_LAYERS in ft2["candidates"][0]["flags"]
     assert not (out2 / "sweep").exists()  # the from-scratch table was not run
 
@@ -245,3 +255,29 @@ def test_a_noise_model_better_than_the_reference_is_regularisation_not_a_cut(tmp
     md = "\n".join(R.finetune_markdown({**ft, "baseline": {"given": True, "checkpoint": "x.pt", "valid": 1.0}},
                                        {"ipq": R.IPQ}))
     assert "| regularisation |" in md and "125%" not in md
+
+
+def test_table_seeds_are_paired_cuts_with_an_interval(tmp_path):
+    # made-up TEST perplexities of the from-scratch table's fp32 and iPQ rows for 3 seeds (seed 1: the sweep's steps)
+    rec = R.Recipe(tmp_path / "t.txt", tmp_path / "v.txt", tmp_path / "s.txt", tmp_path / "out", "tiny", 1,
+                   parts=("table",), finetune={"seeds": 3})
+    rows = {1: (50.0, 70.0, 65.0, 60.0, 58.0), 2: (52.0, 72.0, 70.0, 57.0, 62.0), 3: (51.0, 61.0, 60.0, 56.0, 45.0)}
+    for seed, values in rows.items():
+        sfx = "" if seed == 1 else f".s{seed}"
+        for (row, step), v in zip(R.Recipe.TABLE_SEEDED.items(), values):
+            rec.results[step + sfx] = {"ppl": v, "bytes": 100}
+    t = rec.table_seeds()
+    assert [e["seed"] for e in t["seeds"]] == [1, 2, 3]
+    cuts = [1 - 10 / 20, 1 - 5 / 20, 1 - 5 / 10]  # 1 - (quant_noise - fp32) / (posthoc - fp32), per seed
+    assert [e["gap_cut"]["ipq.quant_noise"] for e in t["seeds"]] == pytest.approx(cuts)
+    assert t["gap_cut"]["ipq.quant_noise"]["mean"] == pytest.approx(sum(cuts) / 3) and t["gap_cut"]["ipq.quant_noise"]["n"] == 3
+    assert t["gap_cut"]["ipq_pq_noise"]["hi90"] > 1  # seed 3's pq noise row beats its fp32 (cut 160%)
+    assert t["ppl"]["fp32"]["mean"] == pytest.approx(51.0) and t["ppl"]["fp32"]["lo90"] < 51.0
+    res = {"fp32": {"ppl": 51.0, "bytes": 1000, "ppl_interval": t["ppl"]["fp32"]},
+           **{k: {c: {"ppl": 60.0, "bytes": 100} for c in ("posthoc", "qat", "quant_noise")} for k in ("ipq", "int4", "int8")},
+           "ipq_pq_noise": {"ppl": 55.0, "bytes": 100}, "seeds": t, "sweep": [],
+           "details": {"size": "tiny", "model": {"layers": 1, "dim": 32, "ffn": 64}, "vocab": 9, "updates": 1,
+                       "tokens_per_update": 1, "ipq": R.IPQ, "finetune_updates": 1, "drop_p_chosen_on_valid": 0.1, "noise": {}}}
+    md = "\n".join(R.table_markdown(res))
+    assert "over 3 seeds" in md and "- ipq.quant_noise: iPQ gap to fp32 cut by 58% (90% interval" in md
+    assert "per seed 50%, 75%, 50%" in md and "| fp32 | 51.00 ± " in md

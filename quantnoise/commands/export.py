@@ -9,8 +9,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help=".qnz file to write (atomically)")
     p.add_argument("--rest", choices=["float16", "float32"], default="float16",
                    help="dtype of the tensors that are not quantized (biases, norms, ...)")
-    p.add_argument("--centroids", choices=["float16", "int8"], default="float16",
-                   help="pq codebooks in fp16, or int8 with one scale per layer (iPQ + int8)")
+    p.add_argument("--centroids", choices=["float16", "float32", "int8"], default="float16",
+                   help="pq codebooks in fp16, in fp32 (exactly the model's), or int8 with one scale per layer "
+                        "(iPQ + int8)")
     p.set_defaults(func=run)
 
 

@@ -35,21 +35,32 @@ from torch import Tensor, nn
 
 from ..checkpoint import atomic_write
 from ..export import ExportOptions, _json_default, read_qnz
-from ..nn import set_submodule
 from ..qnz import check_fits, encode_model
 
 logger = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"  # the .qnz, under the name transformers' save_pretrained writes and from_pretrained reads
 INDEX = "model.safetensors.index.json"
-CARD, CARD_TAG = "README.md", "- quantnoise\n"  # the tag that marks a model card quantnoise wrote
+CARD, CARD_TAG = "README.md", "- quantnoise\n"
+CARD_MARK = "<!-- quantnoise model card: rewritten at every save; delete this line to keep your own edits -->"
+HUB_TEMPLATE = "This model card has been automatically generated."  # transformers' push_to_hub card of a new repo
 
 
-def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None) -> pathlib.Path:
+def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[ExportOptions] = None,
+                    format: str = "quantnoise") -> pathlib.Path:
     """Write ``model`` (a transformers ``PreTrainedModel`` compressed by ``quantnoise.compress_``, or loaded
     compressed) as a folder that ``from_pretrained`` (quantnoise.hf's or transformers' own) loads compressed; return
-    the folder.  ``model.save_pretrained(dir)`` writes the same folder (but README.md), non-atomically.  ``opts``:
-    the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "int8")``;
-    default: those a loaded model was stored with, else float16).  Every file is written atomically."""
+    the folder.  ``model.save_pretrained(dir)`` writes the same folder (README.md included), non-atomically.  ``opts``:
+    the stored dtypes (``ExportOptions(rest_dtype="float16" | "float32", centroids_dtype="float16" | "float32" |
+    "int8")``; default: those a loaded model was stored with, else float16 for both).  Every file is written atomically.
+    ``format="aqlm"``: a transformers AQLM folder instead (quantnoise/hf/aqlm.py: iPQ Linears with <= 256 centroids
+    as AQLM 1x8, loaded by transformers with the ``aqlm`` package and served by vLLM)."""
+    if format == "aqlm":
+        from .aqlm import save_aqlm
+
+        return save_aqlm(model, save_dir, tokenizer, opts)
+    if format != "quantnoise":
+        raise ValueError(f"save_pretrained format={format!r} is unknown: choose 'quantnoise' (the .qnz folder) or "
+                         f"'aqlm' (a transformers AQLM folder)")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError(f"save_pretrained takes a transformers PreTrainedModel, not a {type(model).__name__}; "
@@ -72,12 +83,44 @@ def save_pretrained(model: nn.Module, save_dir, tokenizer=None, opts: Optional[E
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    card = folder / CARD
-    if not card.is_file() or CARD_TAG in card.read_text(encoding="utf-8", errors="replace"):  # never the user's own card
-        _write_text(card, model_card(type(model).__name__, folder / WEIGHTS, qconfig))
-    else:
-        logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
+    write_card(folder, type(model).__name__, qconfig)
     return folder
+
+
+def write_card(folder, arch: str, qconfig) -> bool:
+    """Write ``folder``'s README.md, the model card of its .qnz (``qconfig.weights``, written already); return
+    whether it did.  As transformers treats a repo's card on ``push_to_hub`` (it keeps one the repo has, only adding
+    tags): a README.md of the user's own is left as it is; quantnoise's own card (the ``CARD_MARK`` line: a user who
+    edits the card deletes it) and transformers' empty template (what ``push_to_hub`` writes for a repo without a
+    card) are replaced, their tags kept."""
+    folder = pathlib.Path(folder)
+    tags = replaceable_card(folder / CARD)
+    if tags is None:
+        return False
+    _write_text(folder / CARD, model_card(arch, folder / getattr(qconfig, "weights", WEIGHTS), qconfig, tags))
+    return True
+
+
+def replaceable_card(card: pathlib.Path) -> Optional[list]:
+    """None when ``card`` is a README.md of the user's own (logged: left as it is), else the tags to keep of the card
+    it is (quantnoise's, by its ``CARD_MARK`` line, or transformers' empty template), [] where there is none."""
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if CARD_MARK not in text and HUB_TEMPLATE not in text:
+        logger.info("save_pretrained: %s exists and is not quantnoise's model card: left as it is", card)
+        return None
+    return _card_tags(text)
+
+
+def _card_tags(text: str) -> list:
+    """The tags of a model card's metadata (huggingface_hub's parser), [] where it has none or they do not parse."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return [str(t) for t in (ModelCard(text, ignore_metadata_errors=True).data.tags or [])]
+    except Exception:  # a card whose metadata does not parse: its tags are not worth failing the save for
+        return []
 
 
 def qnz_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
@@ -94,15 +137,17 @@ def qnz_contents(model: nn.Module, opts: Optional[ExportOptions] = None):
     return tensors, metadata, describe(meta, opts)
 
 
-def model_card(arch: str, weights: pathlib.Path, qconfig) -> str:
-    """README.md of a saved folder: how to load it, and ``quantnoise inspect``'s summary of its weights."""
+def model_card(arch: str, weights: pathlib.Path, qconfig, tags=()) -> str:
+    """README.md of a saved folder: how to load it, and ``quantnoise inspect``'s summary of its weights; ``tags``:
+    more tags for its metadata (those of the card it replaces)."""
     from ..commands.inspect import run
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         run(argparse.Namespace(model=str(weights), all=False))
     summary = out.getvalue().replace(str(weights), weights.name)
-    return (f"---\nlibrary_name: transformers\ntags:\n{CARD_TAG}- compressed\n---\n\n"
+    more = "".join(f"- {json.dumps(t)}\n" for t in dict.fromkeys(tags) if t not in ("quantnoise", "compressed"))
+    return (f"---\nlibrary_name: transformers\ntags:\n{CARD_TAG}- compressed\n{more}---\n\n{CARD_MARK}\n\n"
             f"# {arch}, compressed with quantnoise\n\n"
             f"{qconfig.compressed_layers} layers compressed (iPQ / int-N: Fan, Stock et al. 2020, Quant-Noise); "
             f"the rest stored in {qconfig.rest_dtype}. It runs compressed (no fp32 copy of a compressed weight):\n\n"
@@ -212,32 +257,7 @@ def fill_from_folder(model: nn.Module, path) -> nn.Module:
     stored = {*(f"{n}.weight" for n in meta["layers"]), *meta["dense"], *meta["aliases"]}
     if not new or set(model.state_dict()) - set(new) != stored:
         check_fits(model, meta, tensors, str(path))  # its one-line error, naming what differs
-    shared = _other_names(model, meta)  # T5: one embedding module as shared / encoder / decoder.embed_tokens
-    for name in shared:
-        set_submodule(model, name, nn.Identity())  # detached while the runtime layer is built under its first name
-    meta = {**meta, "aliases": {k: t for k, t in meta["aliases"].items() if k[: -len(".weight")] not in shared}}
-    fill_model_(model, tensors, meta)
-    for name, owner in shared.items():
-        set_submodule(model, name, model.get_submodule(owner))  # the same runtime layer under every name
-    return model
-
-
-def _other_names(model: nn.Module, meta: dict) -> Dict[str, str]:
-    """{other name: first name} of each compressed layer that is one module under several names (its other names
-    stored as aliases), so that the runtime layer replaces it under all of them, not a decoded copy."""
-    first = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        first.setdefault(id(m), name)
-    return {key[: -len(".weight")]: target for key, target in meta["aliases"].items()
-            if target in meta["layers"] and key.endswith(".weight") and key[: -len(".weight")] != target
-            and first.get(id(_module(model, key[: -len(".weight")]))) == target}
-
-
-def _module(model: nn.Module, name: str):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+    return fill_model_(model, tensors, meta)  # T5's one embedding under three names: one runtime layer under all
 
 
 def _rename(tensors: Dict[str, Tensor], meta: dict, name) -> Tuple[Dict[str, Tensor], dict]:

@@ -9,7 +9,8 @@ quantnoise models:
     (``compress_``: post-training, as ``TorchAoConfig`` does), the result equal to ``compress_`` of the same model;
   - ``model.save_pretrained(dir)`` (and so ``push_to_hub``) of a compressed model, a loaded one included, writes
     the folder ``quantnoise.hf.save_pretrained`` writes: ``get_state_dict_and_metadata`` returns the .qnz's tensors
-    and its JSON map as the safetensors metadata, so transformers' ``model.safetensors`` *is* the .qnz.
+    and its JSON map as the safetensors metadata, so transformers' ``model.safetensors`` *is* the .qnz; and the
+    model card (README.md, ``WithCard``), on push_to_hub in place of transformers' empty template.
 A model ``quantize_`` / ``compress_`` / ``load_qnz`` meet gets this quantizer attached (``attach``, through
 quantnoise.extensions), so ``save_pretrained`` finds it; with nothing compressed it saves as transformers does.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 from typing import Optional, Union
 
 import torch
@@ -52,8 +54,10 @@ class QuantNoiseHfConfig(QuantizationConfigMixin):
     In config.json of a saved folder (written by ``save_pretrained``): what is stored where: ``weights`` (the
     .qnz, ``model.safetensors``), ``format_version``, ``compressed_layers``, ``rules`` (one entry per distinct
     setting: scheme, block size and centroids or bits, the stored dtypes, the layers), ``rest_dtype`` /
-    ``centroids_dtype`` (ExportOptions: the dtype of what is not compressed, fp16 by default, and of the pq
-    codebooks) and ``aliases`` (tied copies).  Loading a folder ignores the compression fields."""
+    ``centroids_dtype`` (ExportOptions: the dtype of what is not compressed, "float16" (default) | "float32", and of
+    the pq codebooks, "float16" (default) | "float32" (exactly the model's) | "int8" (one scale per layer)) and
+    ``aliases`` (tied copies).  As a compression request, ``rest_dtype`` / ``centroids_dtype`` are the dtypes its
+    ``model.save_pretrained`` stores.  Loading a folder ignores the compression fields."""
 
     def __init__(self, scheme: str = "pq", block_size: int = 8, n_centroids: int = 256, bits: int = 8,
                  include: str = ".", exclude: Optional[str] = None, kmeans_iters: int = 20, rows_per_scale: int = 1,
@@ -237,11 +241,56 @@ def compress_at_load(model, config: QuantNoiseHfConfig) -> None:
 
 def attach(model) -> None:
     """Give a transformers model the quantnoise quantizer (unless it has one), so that ``model.save_pretrained`` of it
-    compressed writes the quantnoise folder.  Called by quantnoise.extensions for every model ``quantize_``,
-    ``compress_`` or ``load_qnz`` meets."""
-    if getattr(model, "hf_quantizer", None) is not None or not hasattr(model, "config"):
+    compressed writes the quantnoise folder, and the model card (``WithCard``).  Called by quantnoise.extensions for
+    every model ``quantize_``, ``compress_`` or ``load_qnz`` meets (a folder loaded by transformers too: its
+    quantizer fills the model with ``fill_model_``)."""
+    if not hasattr(model, "config"):
         return
-    model.hf_quantizer = QuantNoiseHfQuantizer(QuantNoiseHfConfig(), pre_quantized=False)
+    if getattr(model, "hf_quantizer", None) is None:
+        model.hf_quantizer = QuantNoiseHfQuantizer(QuantNoiseHfConfig(), pre_quantized=False)
+    for name in WithCard.METHODS:
+        if not isinstance(model.__dict__.get(name), WithCard):
+            setattr(model, name, WithCard(model, name))
+
+
+class WithCard:
+    """A model's ``save_pretrained`` / ``_upload_modified_files`` that, once the model is compressed, also writes the
+    model card (README.md with ``quantnoise inspect``'s summary: pretrained.write_card), as ``hf.save_pretrained``
+    does.  transformers gives a quantizer no hook after saving, so this instance attribute stands in front of the
+    class's method (and pickles with the model).  ``_upload_modified_files`` is the step both ``push_to_hub`` paths
+    (``model.push_to_hub(repo)``, ``save_pretrained(dir, push_to_hub=True)``) take after writing their own card:
+    transformers' empty template is replaced by quantnoise's card there, a repo's own card kept (as transformers
+    keeps it)."""
+
+    METHODS = ("save_pretrained", "_upload_modified_files")
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    @property
+    def __wrapped__(self):  # inspect.signature / help() show transformers' method
+        return getattr(type(self.model), self.name).__get__(self.model)
+
+    def __call__(self, *args, **kwargs):
+        method = self.__wrapped__
+        if self.name == "_upload_modified_files":  # (working_dir, repo_id, files_timestamps, ...)
+            self.card(args[0] if args else kwargs["working_dir"])
+            return method(*args, **kwargs)
+        out = method(*args, **kwargs)
+        folder = args[0] if args else kwargs.get("save_directory")
+        if kwargs.get("is_main_process", True) and not kwargs.get("push_to_hub") and folder is not None:
+            self.card(folder)  # (a push wrote it before its upload)
+        return out
+
+    def card(self, folder) -> None:
+        from .pretrained import write_card
+
+        qc = getattr(self.model.config, "quantization_config", None)
+        if not is_compressed(self.model) or not isinstance(qc, QuantNoiseHfConfig) or not hasattr(qc, "format_version"):
+            return  # saved as transformers saves a plain model: its own card rules
+        if not (pathlib.Path(folder) / qc.weights).is_file():
+            return  # saved in shards (which the loaders refuse, naming the fix): no .qnz to summarize
+        write_card(folder, type(self.model).__name__, qc)
 
 
 if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:  # a reload of this module registers nothing twice

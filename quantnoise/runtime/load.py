@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from .. import extensions
 from ..export import DTYPES, decode, legacy_pack_width, pack, unpack
+from ..compress.layers import mixed_class
 from ..nn import QuantNoiseMixin, set_submodule
+from . import layers as runtime_layers
 from .layers import CodesEmbedding, CodesLinear, IntEmbedding, IntLinear, RuntimeMixin, _PQ
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def stored_int(packed: Tensor, bits: int, width: int, shape) -> Tensor:
 
 
 def _centroids(tensors: Dict[str, Tensor], name: str, e: dict) -> Tensor:
-    c = tensors[f"{name}.centroids"].float()  # fp16 -> fp32 exactly; (k, bs): a few KB
+    c = tensors[f"{name}.centroids"].float()  # fp16 -> fp32 exactly (fp32: as stored); (k, bs): a few KB
     if e["centroids"] == "int8":
         c = c * tensors[f"{name}.centroids_scale"].float()
     return c
@@ -65,20 +67,55 @@ def runtime_layer(like: nn.Module, name: str, e: dict, tensors: Dict[str, Tensor
     if not pq:
         q, scale = stored_int(tensors[f"{name}.qweight"], e["bits"], e["pack_width"], shape), tensors[f"{name}.qscale"]
         scale = scale.repeat_interleave(e.get("rows_per_scale", 1), 0)  # group-wise -> one per row, exactly
-    if not _keeps_base_forward(like):  # e.g. fairseq's LearnedPositionalEmbedding: looks up positions, not ids
+    own = not _keeps_base_forward(like)
+    if own and not _delegates_to_base(like):  # e.g. fairseq's LearnedPositionalEmbedding: F.embedding(self.weight)
         return None
     if isinstance(like, nn.Linear) or extra:  # extra: e.g. GPT-2's Conv1D, a Linear of W.T
         codes_cls, int_cls = extra or (CodesLinear, IntLinear)
         bias = like.bias
         if pq:
-            return codes_cls(shape[1], shape[0], tensors[f"{name}.codes"], _centroids(tensors, name, e), bias)
-        return int_cls(shape[1], shape[0], q, scale, e["bits"], runtime_width(e["bits"]), bias)
-    if isinstance(like, nn.Embedding) and like.max_norm is None:
+            new = codes_cls(shape[1], shape[0], tensors[f"{name}.codes"], _centroids(tensors, name, e), bias)
+        else:
+            new = int_cls(shape[1], shape[0], q, scale, e["bits"], runtime_width(e["bits"]), bias)
+    elif isinstance(like, nn.Embedding) and like.max_norm is None:
         if pq:
-            return CodesEmbedding(shape[0], shape[1], tensors[f"{name}.codes"], _centroids(tensors, name, e),
-                                  like.padding_idx)
-        return IntEmbedding(shape[0], shape[1], q, scale, e["bits"], runtime_width(e["bits"]), like.padding_idx)
-    return None  # Conv etc.: decoded by fill_model_
+            new = CodesEmbedding(shape[0], shape[1], tensors[f"{name}.codes"], _centroids(tensors, name, e),
+                                 like.padding_idx)
+        else:
+            new = IntEmbedding(shape[0], shape[1], q, scale, e["bits"], runtime_width(e["bits"]), like.padding_idx)
+    else:
+        return None  # Conv etc.: decoded by fill_model_
+    return _with_own_forward(new, like) if own else new
+
+
+def _delegates_to_base(like: nn.Module) -> bool:
+    """A Linear / Embedding subclass whose own forward prepares its input and hands it to the base forward
+    (``super().forward(...)``): transformers' OPT / BART position tables (positions + an offset), BART's scaled word
+    embedding (``super().forward(ids) * embed_scale``).  Its runtime layer keeps that forward (``_with_own_forward``),
+    whose ``super().forward`` is then the runtime lookup / product; anything else it reads of ``self.weight`` is the
+    runtime layer's decoded weight, the same values."""
+    code = getattr(type(like).forward, "__code__", None)
+    return isinstance(like, (nn.Linear, nn.Embedding)) and code is not None and \
+        {"super", "forward"} <= set(code.co_names)
+
+
+def _with_own_forward(new: nn.Module, like: nn.Module) -> nn.Module:
+    """``new`` (a runtime layer) as the runtime subclass of ``like``'s class: ``Codes<Kind>(Kind, CodesEmbedding)``
+    (MRO: Kind's forward, then the runtime layer's), ``like``'s own plain attributes (offset, embed_scale) and its
+    own parameters / buffers / submodules beyond the weight (filled from the file like any other tensor) kept."""
+    kind = type(like)
+    base = type(new)
+    prefix = base.__name__[: -len("Embedding")] if base.__name__.endswith("Embedding") else base.__name__[: -len("Linear")]
+    new.__class__ = mixed_class(kind, base, f"{prefix}{kind.__name__}", vars(runtime_layers))
+    for key, value in vars(like).items():
+        if not key.startswith("_") and key not in new.__dict__ and not isinstance(value, (Tensor, nn.Module)):
+            new.__dict__[key] = value
+    for store in ("_parameters", "_buffers", "_modules"):
+        own, mine = getattr(like, store), getattr(new, store)
+        for key, value in own.items():
+            if key not in mine and key != "weight":
+                mine[key] = value
+    return new
 
 
 def _keeps_base_forward(like: nn.Module) -> bool:
@@ -180,10 +217,11 @@ def fill_model_(model: nn.Module, tensors: Dict[str, Tensor], meta: dict, pack: 
         like, src = model.get_submodule(owner), built.get(target)
         if attr == "weight" and src is not None and built.get(owner) is src:  # the same module: filled already
             continue
-        if attr == "weight" and isinstance(like, nn.Linear) and src is not None and owner not in built:
-            new = _alias_linear(like, src)
-            set_submodule(model, owner, new)
-            built[owner] = new
+        new = _alias_layer(like, src) if attr == "weight" and src is not None and owner not in built else None
+        if new is not None:
+            for n in names.get(id(like), [owner]):
+                built[n] = new
+                set_submodule(model, n, new)
             if pack and isinstance(new, IntLinear):
                 new.pack_()  # src packed: shares its copy already; src unpacked (pack=False): packs its own
         else:  # e.g. RoBERTa's lm_head.weight, a bare Parameter read by F.linear
@@ -217,6 +255,28 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _alias_layer(like: nn.Module, src: nn.Module) -> Optional[nn.Module]:
+    """The runtime layer replacing ``like``, a Linear / Embedding whose weight is a tied copy of the runtime layer
+    ``src``'s: computing with ``src``'s stored weight (the same buffers, no copy), ``like``'s own forward kept where
+    it hands its input to the base forward (BART's encoder / decoder ``embed_tokens``, scaled word embeddings tied to
+    ``shared``); None for any other layer (decoded)."""
+    own = not _keeps_base_forward(like)
+    if own and not _delegates_to_base(like):
+        return None
+    if isinstance(like, nn.Linear):
+        new = _alias_linear(like, src)
+    elif isinstance(like, nn.Embedding) and like.max_norm is None:
+        if isinstance(src, _PQ):
+            new = CodesEmbedding(like.num_embeddings, like.embedding_dim, src.codes, src.centroids, like.padding_idx)
+        else:
+            q = src.int8_weight() if src.width == 8 else src.qweight
+            new = IntEmbedding(like.num_embeddings, like.embedding_dim, q, src.qscale, src.bits, src.width,
+                               like.padding_idx)
+    else:
+        return None
+    return _with_own_forward(new, like) if own else new
 
 
 def _alias_linear(like: nn.Linear, src: nn.Module) -> nn.Module:

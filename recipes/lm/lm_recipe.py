@@ -377,6 +377,34 @@ class Recipe:
             for col, model in (("posthoc", None), ("qat", f"int{bits}_qat"), ("quant_noise", f"int{bits}_qn")):
                 self.add_scalar(f"int{bits}.{col}", bits, model)
 
+        # seeds 2..N of the fp32 and iPQ rows (seed 1: the models above, the sweep's).  A seed retrains every model
+        # those rows quantize (the baseline, the drop model at the p chosen on seed 1's VALID sweep, iPQ QAT, pq noise)
+        # with --seed s, then the same iPQ (k-means seed s) + centroid fine-tuning (seed s), export and TEST.
+        for seed in self.seeds()[1:]:
+            sfx = f".s{seed}"
+            sel = lambda: self.r("select_p")["p"]  # noqa: E731
+            self.add_train(f"drop_p0{sfx}", noise_flags("drop", quant_noise_p=0.0), seed=seed)
+            self.add_train(f"drop_psel{sfx}", lambda: noise_flags("drop", quant_noise_p=sel()), deps=["select_p"], seed=seed)
+            self.add_train(f"ipq_qat{sfx}", noise_flags("pq", quant_noise_p=1.0, quant_noise_refresh_every=s["refresh"]),
+                           seed=seed)
+            self.add_train(f"pq_noise{sfx}", lambda: noise_flags("pq", quant_noise_p=sel(), quant_noise_refresh_every=s["refresh"]),
+                           deps=["select_p"], seed=seed)
+            for model in ("drop_p0", "drop_psel", "ipq_qat", "pq_noise"):
+                self.add_ipq(f"{model}{sfx}", lambda m=f"{model}{sfx}": self.r(f"train_{m}")["checkpoint"],
+                             deps=[f"train_{model}{sfx}"], seed=seed)
+
+            @self.step(f"fp32{sfx}", deps=[f"train_drop_p0{sfx}"])
+            def _(sfx=sfx):
+                qnz = out / "qnz" / f"fp32{sfx}.qnz"
+                self.qn(f"fp32{sfx}", "export", self.r(f"train_drop_p0{sfx}")["checkpoint"], "-o", qnz, "--rest", "float32",
+                        log="export")
+                return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(f"fp32{sfx}", qnz, "test", f"fp32{sfx}")}
+
+            for row, model in (("ipq.posthoc", "drop_p0"), ("ipq.qat", "ipq_qat"), ("ipq.quant_noise", "drop_psel"),
+                               ("ipq_pq_noise", "pq_noise")):
+                self.add_export(f"{row}{sfx}", lambda m=f"{model}{sfx}": self.r(f"ipq_{m}")["finetuned"],
+                                deps=[f"ipq_{model}{sfx}"])
+
     # ------------------------------------------------------------------ the noise fine-tune, over seeds
     def seeds(self) -> List[int]:
         return list(range(1, self.f["seeds"] + 1))
@@ -504,14 +532,14 @@ class Recipe:
                                       step, f["updates"], f["lr"], self.ft_warmup(), seed=seed)
             return {"checkpoint": str(ckpt), "flags": flags, "valid": self.valid_ppl(step)}
 
-    def add_train(self, name: str, noise, deps=("preprocess",)) -> None:
+    def add_train(self, name: str, noise, deps=("preprocess",), seed: Optional[int] = None) -> None:
         s = self.s
 
         @self.step(f"train_{name}", deps=deps)
         def _():
             flags = noise() if callable(noise) else noise
             ckpt = self.fairseq_train(f"train_{name}", self.out / "train" / name, flags, f"train_{name}",
-                                      s["updates"], s["lr"], s["warmup"])
+                                      s["updates"], s["lr"], s["warmup"], seed=seed)
             return {"checkpoint": str(ckpt), "flags": flags}
 
     def add_ipq(self, name: str, source: Callable[[], str], deps, updates: Optional[int] = None,
@@ -784,12 +812,40 @@ class Recipe:
         res["verdict"] = cut_verdict(res)
         return res
 
+    TABLE_SEEDED = {"fp32": "fp32", "ipq.posthoc": "test_ipq.posthoc", "ipq.qat": "test_ipq.qat",
+                    "ipq.quant_noise": "test_ipq.quant_noise", "ipq_pq_noise": "test_ipq_pq_noise"}
+
+    def table_seeds(self) -> dict:
+        """The fp32 and iPQ rows over seeds: per seed their TEST perplexity and each iPQ training's cut of the
+        post-hoc gap (``1 - (row - fp32) / (posthoc - fp32)``, paired: a seed's rows share its seed); over seeds the
+        mean with a 90% t interval.  A cut above 100% (the row beats that seed's fp32) is regularisation."""
+        noisy = ("ipq.qat", "ipq.quant_noise", "ipq_pq_noise")
+        per_seed = []
+        for seed in self.seeds():
+            sfx = "" if seed == 1 else f".s{seed}"
+            e = {"seed": seed, **{row: self.r(step + sfx)["ppl"] for row, step in self.TABLE_SEEDED.items()}}
+            gap = e["ipq.posthoc"] - e["fp32"]
+            e["gap_cut"] = {row: (1 - (e[row] - e["fp32"]) / gap if gap > 0 else None) for row in noisy}
+            per_seed.append(e)
+        return {"seeds": per_seed, "ppl": {row: interval(e[row] for e in per_seed) for row in self.TABLE_SEEDED},
+                "gap_cut": {row: interval(e["gap_cut"][row] for e in per_seed if e["gap_cut"][row] is not None)
+                            for row in noisy},
+                "interval": "mean over seeds +- t(0.95, n-1) * sd / sqrt(n); seed 1 is the sweep's models, seed s "
+                            "retrains the baseline, the drop model at the chosen p, iPQ QAT and pq noise with --seed s "
+                            "and runs the iPQ k-means and centroid fine-tuning with seed s"}
+
     def table_results(self) -> dict:
         res = {"fp32": {k: self.r("fp32")[k] for k in ("ppl", "bytes")}}
         for kind in ("ipq", "int4", "int8"):
             res[kind] = {col: {k: self.r(f"test_{kind}.{col}")[k] for k in ("ppl", "bytes")}
                          for col in ("posthoc", "qat", "quant_noise")}
         res["ipq_pq_noise"] = {k: self.r("test_ipq_pq_noise")[k] for k in ("ppl", "bytes")}
+        seeds = self.table_seeds()
+        if len(self.seeds()) > 1:  # the fp32 and iPQ rows become the mean over seeds, with their interval
+            for row in self.TABLE_SEEDED:
+                e = res[row] if row in res else res["ipq"][row.split(".")[1]]
+                e.update(ppl=seeds["ppl"][row]["mean"], ppl_seed1=e["ppl"], ppl_interval=seeds["ppl"][row])
+        res["seeds"] = seeds
         res["sweep"] = self.r("select_p")["sweep"]
         s = self.s
         sel = self.r("select_p")["p"]
@@ -930,8 +986,12 @@ def table_markdown(res: dict) -> List[str]:
     fp = res["fp32"]
     d = res["details"]
 
+    def ppl(e):
+        iv = e.get("ppl_interval")
+        return f"{e['ppl']:.2f}" + (f" ± {(iv['hi90'] - iv['lo90']) / 2:.2f}" if iv and iv["lo90"] is not None else "")
+
     def cell(e):
-        return f"{e['ppl']:.2f} ({e['bytes'] / 2**20:.3f} MiB, x{fp['bytes'] / e['bytes']:.1f})"
+        return f"{ppl(e)} ({e['bytes'] / 2**20:.3f} MiB, x{fp['bytes'] / e['bytes']:.1f})"
 
     lines = [f"# Quant-Noise on this corpus ({d['size']}: {d['model']['layers']} layers, {d['model']['dim']}-d, "
              f"FFN {d['model']['ffn']}, vocabulary {d['vocab']}; {d['updates']} updates of {d['tokens_per_update']} tokens)", "",
@@ -939,7 +999,7 @@ def table_markdown(res: dict) -> List[str]:
              "Columns as in Fan et al. 2020, Table 1/2: post-hoc = quantize the plain model; QAT = train with every block",
              "quantized (p = 1; for iPQ: pq noise at p = 1); Quant-Noise = train with noise at rate p.", "",
              "| | post-hoc | QAT | Quant-Noise |", "|---|---|---|---|",
-             f"| fp32 | {fp['ppl']:.2f} ({fp['bytes'] / 2**20:.3f} MiB) | | |"]
+             f"| fp32 | {ppl(fp)} ({fp['bytes'] / 2**20:.3f} MiB) | | |"]
     for kind in ("int8", "int4", "ipq"):
         label = {"ipq": f"iPQ (b={d['ipq']['block_size']}, k={d['ipq']['centroids']}, + {d['finetune_updates']} fine-tune updates)"}.get(kind, kind)
         lines.append(f"| {label} | " + " | ".join(cell(res[kind][c]) for c in ("posthoc", "qat", "quant_noise")) + " |")
@@ -947,9 +1007,25 @@ def table_markdown(res: dict) -> List[str]:
               ""]
     gap_post = res["ipq"]["posthoc"]["ppl"] - fp["ppl"]
     gap_qn = res["ipq"]["quant_noise"]["ppl"] - fp["ppl"]
-    cut = f"{100 * (1 - gap_qn / gap_post):.0f}%" if gap_post > 0 else "n/a (no gap)"
-    lines += [f"iPQ gap to the baseline's fp32 (test): post-hoc {gap_post:+.2f}, Quant-Noise {gap_qn:+.2f}: cut by {cut} "
-              f"(paper: 65%).", "",
+    seeds = res.get("seeds")
+    if seeds and len(seeds["seeds"]) > 1:
+        n = len(seeds["seeds"])
+        lines += [f"Rows fp32 and iPQ: mean ± half the 90% interval over {n} seeds ({seeds['interval']}); int8 / int4: "
+                  f"seed 1 only.", ""]
+        for row in ("ipq.quant_noise", "ipq_pq_noise", "ipq.qat"):
+            iv = seeds["gap_cut"][row]
+            per = ", ".join(pct(e["gap_cut"][row]) for e in seeds["seeds"])
+            what = ("not cut: no seed's post-hoc iPQ is worse than its fp32" if not iv["n"] else
+                    "regularisation, not a cut (the mean row beats fp32)" if iv["mean"] > 1 else
+                    f"cut by {pct(iv['mean'])} (90% interval {pct(iv['lo90'])} to {pct(iv['hi90'])}, {iv['n']} seeds "
+                    f"with a gap)")
+            lines.append(f"- {row}: iPQ gap to fp32 {what}; per seed {per}.")
+        lines += ["", "(Paper: 65%.)", ""]
+    else:
+        cut = f"{100 * (1 - gap_qn / gap_post):.0f}%" if gap_post > 0 else "n/a (no gap)"
+        lines += [f"iPQ gap to the baseline's fp32 (test): post-hoc {gap_post:+.2f}, Quant-Noise {gap_qn:+.2f}: cut by {cut} "
+                  f"(paper: 65%).", ""]
+    lines += [
               f"Noise: " + "; ".join(f"{k}: {v}" for k, v in d["noise"].items()) + ".", "",
               "## Noise-rate sweep (VALID; chooses p)", "", "| p | valid ppl fp32 | valid ppl iPQ (no fine-tune) | valid ppl iPQ + fine-tune |",
               "|---|---|---|---|"]
@@ -970,14 +1046,16 @@ def plot(res: dict, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     markers = {"posthoc": "o", "qat": "s", "quant_noise": "*"}
     colors = {"int8": "tab:blue", "int4": "tab:orange", "ipq": "tab:green"}
-    ax.scatter([res["fp32"]["bytes"] / 2**20], [res["fp32"]["ppl"]], marker="D", color="black", label="fp32")
+    def point(e, **kw):  # a seeded row: its mean with the 90% interval as an error bar
+        iv = e.get("ppl_interval") or {}
+        yerr = [[e["ppl"] - iv["lo90"]], [iv["hi90"] - e["ppl"]]] if iv.get("lo90") is not None else None
+        ax.errorbar([e["bytes"] / 2**20], [e["ppl"]], yerr=yerr, linestyle="none", capsize=3, **kw)
+
+    point(res["fp32"], marker="D", color="black", label="fp32")
     for kind in ("int8", "int4", "ipq"):
         for col, mk in markers.items():
-            e = res[kind][col]
-            ax.scatter([e["bytes"] / 2**20], [e["ppl"]], marker=mk, s=80 if mk == "*" else 40, color=colors[kind],
-                       label=f"{kind} {col}")
-    e = res["ipq_pq_noise"]
-    ax.scatter([e["bytes"] / 2**20], [e["ppl"]], marker="P", color="tab:red", label="ipq pq noise")
+            point(res[kind][col], marker=mk, markersize=10 if mk == "*" else 6, color=colors[kind], label=f"{kind} {col}")
+    point(res["ipq_pq_noise"], marker="P", color="tab:red", label="ipq pq noise")
     ax.set_xscale("log")
     ax.set_xlabel(".qnz file size (MiB, log scale)")
     ax.set_ylabel("test perplexity")
@@ -1016,8 +1094,9 @@ def main(argv=None) -> int:
                     "VALID before an 'auto' baseline stops (default: the size's)")
     ap.add_argument("--ft-centroid-updates", type=int, metavar="N", help="noise fine-tune: centroid fine-tuning "
                     "updates after iPQ, the same for every row (default: the size's)")
-    ap.add_argument("--seeds", type=int, metavar="N", help="noise fine-tune: seeds of everything after the baseline, "
-                    "paired, with a 90%% interval over them (default: the size's; small: 3)")
+    ap.add_argument("--seeds", type=int, metavar="N", help="seeds, paired, with a 90%% interval over them (default: the "
+                    "size's; small: 3): the noise fine-tune reruns everything after the baseline per seed, the "
+                    "from-scratch table retrains the models of its fp32 and iPQ rows per seed")
     ap.add_argument("--base-seeds", type=int, metavar="M", help="noise fine-tune: 1 (default) shares one baseline, "
                     "M = --seeds trains one baseline per seed")
     ap.add_argument("--record", type=pathlib.Path, metavar="JSON", help="also write the run's record (command, "
@@ -1059,7 +1138,7 @@ def main(argv=None) -> int:
             overrides["candidates"] = cands
         if a.from_ckpt and overrides.get("base_seeds", 1) > 1:
             raise RecipeError("--base-seeds retrains the baseline per seed, --from gives one; drop one of them")
-        if a.only == "table" and (a.from_ckpt or overrides):
+        if a.only == "table" and (a.from_ckpt or set(overrides) - {"seeds"}):
             raise RecipeError("--from and --ft-* belong to the noise fine-tune; drop them, or drop --only table")
         check_inputs(a.train, a.valid, a.test, a.outdir)
         if a.from_ckpt:

@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 from safetensors.torch import save
+import torch.nn.functional as F
 from torch import nn
 
 from quantnoise import export
@@ -186,3 +187,97 @@ def test_one_module_under_two_names_loads_as_one_shared_runtime_layer(tmp_path, 
     ids = torch.tensor([[1, 5, 63]])
     with torch.no_grad():  # fp16 codebook: each entry rounds alone
         assert torch.equal(loaded.decoder.embed_tokens(ids), model.decoder.embed_tokens(ids).half().float())
+
+
+class Offset(nn.Embedding):
+    """Like OPT's / BART's position tables: its own forward hands shifted ids to the base forward."""
+
+    def __init__(self, n, d):
+        self.offset = 2
+        super().__init__(n + self.offset, d)
+
+    def forward(self, ids):
+        return super().forward(ids + self.offset)
+
+
+class Scaled(nn.Embedding):
+    """Like BART's scaled word embedding."""
+
+    def __init__(self, n, d, scale):
+        super().__init__(n, d)
+        self.scale = scale
+
+    def forward(self, ids):
+        return super().forward(ids) * self.scale
+
+
+class ReadsWeight(nn.Embedding):
+    """Its own forward reads ``self.weight`` (fairseq's LearnedPositionalEmbedding does): decoded at load."""
+
+    def forward(self, ids):
+        return F.embedding(ids + 1, self.weight)
+
+
+class OwnForwards(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos, self.word, self.read = Offset(30, 16), Scaled(64, 16, 4.0), ReadsWeight(32, 16)
+        self.word2 = Scaled(64, 16, 0.5)
+        self.word2.weight = self.word.weight  # tied, as BART's encoder.embed_tokens to shared
+
+    def forward(self, ids):
+        return self.pos(ids) + self.word(ids) + self.read(ids) + self.word2(ids)
+
+
+@pytest.mark.parametrize("rule", [LayerRule(block_size=4, n_centroids=16), LayerRule(scheme="scalar", bits=4)],
+                         ids=["pq", "int4"])
+def test_subclasses_whose_forward_calls_the_base_forward_run_compressed_and_resave_the_same(tmp_path, caplog, rule):
+    """OPT / BART's position tables and scaled embeddings were decoded at load (an fp32 copy each) and so re-saved
+    dense: a runtime subclass now keeps their forward over the runtime lookup; one reading self.weight is decoded."""
+    from quantnoise import compress_, load_qnz, save_qnz
+
+    torch.manual_seed(0)
+    model = OwnForwards().eval()
+    compress_(model, rule)
+    meta = save_qnz(model, tmp_path / "m.qnz")
+    assert meta["aliases"] == {"word2.weight": "word"}
+    with torch.device("meta"):
+        fresh = OwnForwards()
+    fresh.word2.weight = fresh.word.weight
+    with caplog.at_level("WARNING"):
+        loaded = load_qnz(tmp_path / "m.qnz", fresh)
+    assert "layer read (ReadsWeight) has no compressed kernel; decoding it" in caplog.text
+    assert caplog.text.count("decoding it") == 1, caplog.text
+    for name, kind in (("pos", Offset), ("word", Scaled), ("word2", Scaled)):
+        m = loaded.get_submodule(name)
+        assert isinstance(m, R.RuntimeMixin) and isinstance(m, kind) and type(m).forward is kind.forward, name
+    assert loaded.pos.offset == 2 and (loaded.word.scale, loaded.word2.scale) == (4.0, 0.5)
+    assert loaded.word2.codes.data_ptr() == loaded.word.codes.data_ptr() if rule.scheme == "pq" else \
+        loaded.word2.qweight.data_ptr() == loaded.word.qweight.data_ptr()  # the tied copy shares the stored weight
+    ids = torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(loaded(ids), want, rtol=2e-3, atol=2e-3)  # fp16 codebook / rest
+    save_qnz(loaded, tmp_path / "again.qnz")  # the runtime subclasses re-save as the layers they were loaded from
+    (ta, ma), (tb, mb) = export.read_qnz(tmp_path / "m.qnz"), export.read_qnz(tmp_path / "again.qnz")
+    assert set(ma["layers"]) == {"pos", "word", "read"} and set(mb["layers"]) == {"pos", "word"}
+    assert "read.weight" in mb["dense"]  # a decoded layer (no kernel runs its forward) re-saves dense: named above
+    for key in ("pos", "word"):
+        assert mb["layers"][key] == ma["layers"][key]
+    torch.save(loaded, tmp_path / "whole.pt")  # the runtime subclasses pickle (defined in quantnoise.runtime.layers)
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(ids), loaded(ids))
+
+
+def test_a_runtime_subclass_keeps_the_layers_own_buffers_and_attributes():
+    from quantnoise.runtime.load import _with_own_forward
+
+    like = Offset(30, 16)
+    like.register_buffer("gain", torch.full((16,), 0.5), persistent=False)  # made when the model is built
+    codes, cents = torch.randint(0, 16, (32 * 4,), dtype=torch.uint8), torch.randn(16, 4)
+    new = _with_own_forward(R.CodesEmbedding(32, 16, codes, cents), like)
+    assert type(new).__name__ == "CodesOffset" and isinstance(new, Offset) and isinstance(new, R.CodesEmbedding)
+    assert new.offset == 2 and new.gain is like.gain and "weight" not in new._parameters
+    ids = torch.tensor([[0, 5, 27]])
+    assert torch.equal(new(ids), cents[codes.long()].reshape(32, 16)[ids + 2])  # Offset's forward over the codes
