@@ -190,9 +190,34 @@ def render_lm_recipe(fig: dict) -> List[str]:
     return out
 
 
+def render_peers(fig: dict) -> List[str]:
+    """benchmarks/peers.py: per case, batch-1 greedy and prefill tokens/s (x fp32) at each thread count, RSS, file."""
+    c, threads = fig["config"], fig["config"]["threads"]
+
+    def speed(r, t, key):
+        s = r.get(f"t{t}")
+        return "-" if not s else f"{s[key + '_tok_s']:.1f} ({s.get(key + '_vs_fp32', 0):.2f}x)"
+
+    rows = []
+    for r in fig["rows"]:
+        if "note" in r:
+            rows.append([r["case"], r["note"]] + [""] * (2 * len(threads) + 1))
+            continue
+        rss = r.get("rss")
+        rows.append([r["case"]] + [speed(r, t, "gen") for t in threads] + [speed(r, t, "prefill") for t in threads]
+                    + [mib(rss["after_load"] - rss["before"]) if rss else "-", mib(r.get("bytes"))])
+    cols = (["case"] + [f"greedy {t} thread{'s' * (t > 1)} tok/s (x fp32)" for t in threads]
+            + [f"prefill {c['prefill']} tok/s, {t} thread{'s' * (t > 1)} (x fp32)" for t in threads]
+            + ["RSS after load MiB", "file MiB"])
+    return table(cols, rows) + ["", f"Llama {c['layers']}x{c['dim']} (FFN {c['ffn']}, vocabulary {c['vocab']}), batch 1, "
+                                    f"{c['new_tokens']} greedy tokens after {c['prompt']}, median of {c['rounds']} "
+                                    f"interleaved round(s); llama.cpp in its own process; versions "
+                                    f"{', '.join(f'{k} {v}' for k, v in fig.get('versions', {}).items()) or '-'}."]
+
+
 RENDERERS: Dict[str, Callable[[dict], List[str]]] = {
     "noise": render_noise, "kmeans": render_kmeans, "ipq_export": render_ipq_export, "train": render_train,
-    "lm_recipe": render_lm_recipe, "demo": render_seeds, "int_widths": render_int_widths,
+    "lm_recipe": render_lm_recipe, "demo": render_seeds, "int_widths": render_int_widths, "peers": render_peers,
 }
 
 

@@ -164,6 +164,44 @@ def test_partial_noise_puts_the_selected_blocks_on_the_grid_and_keeps_the_rest()
     assert torch.equal(noisy[on], G.q4_0_fake(w)[on]) and torch.equal(noisy[~on], w[~on])
 
 
+def effective_weight(model: nn.Module, n_in: int) -> torch.Tensor:
+    """The weight a bias-free Linear computed with on this forward: eye @ W^T is W^T exactly."""
+    return model(torch.eye(n_in)).t().detach()
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q8_0"])
+def test_training_forwards_put_only_a_fraction_p_of_the_blocks_on_the_grid(grid):
+    """p < 1: each training forward puts a fresh Bernoulli(p) subset of the blocks on the grid (each whole
+    block exactly on it), the rest exactly as trained; not the whole weight, as p = 1 (QAT) does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64, bias=False))
+    w = model[0].weight.detach().clone()
+    quantize_(model, QuantNoiseConfig(scheme="scalar", grid=grid, p=0.25, block_size=8, seed=1))
+    on_grid = G.grid_fake(w, grid).reshape(64, -1, 8)
+    masks = []
+    for _ in range(4):
+        eff = effective_weight(model, 256).reshape(64, -1, 8)
+        noised = (eff == on_grid).all(-1) & (eff != w.reshape(64, -1, 8)).any(-1)  # (64, 32) blocks
+        kept = (eff == w.reshape(64, -1, 8)).all(-1)
+        assert bool((noised | kept).all())  # every block whole: on the grid or untouched
+        assert 0.2 < noised.float().mean().item() < 0.3  # 2048 blocks, p = 0.25 (4 sigma: +-0.04)
+        masks.append(noised)
+    assert not torch.equal(masks[0], masks[1])  # a new mask every forward
+    model.eval()
+    assert torch.equal(effective_weight(model, 256), w)  # eval without eval_quantized: the fp32 weight
+
+
+def test_embedding_rows_get_a_fraction_p_of_their_blocks_on_the_grid():
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(200, 64))
+    table = emb[0].weight.detach().clone()
+    quantize_(emb, QuantNoiseConfig(scheme="scalar", grid="q8_0", p=0.3, block_size=8, seed=2))
+    out = emb(torch.arange(200)).detach().reshape(200, -1, 8)
+    noised = (out == G.q8_0_fake(table).reshape(200, -1, 8)).all(-1) & (out != table.reshape(200, -1, 8)).any(-1)
+    assert bool((noised | (out == table.reshape(200, -1, 8)).all(-1)).all())
+    assert 0.25 < noised.float().mean().item() < 0.35  # 1600 blocks, p = 0.3
+
+
 def test_a_layer_whose_rows_are_not_a_multiple_of_32_is_named():
     model = nn.Sequential(nn.Linear(48, 8))
     with pytest.raises(ValueError, match=r"layer '0'.*not a multiple of 32"):
@@ -182,6 +220,23 @@ def test_compress_on_the_grid_decodes_to_the_fake_weight(grid, tmp_path):
     assert model[0].qscale.shape == (32 * 2, 1)
     with pytest.raises(ValueError, match="save_gguf"):  # a .qnz stores one positive scale per row group
         save_qnz(model, tmp_path / "m.qnz")
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q8_0"])
+def test_a_compressed_layer_names_its_grid(grid):
+    """A layer on a llama.cpp grid prints as that grid (not as quantnoise's int4 / int8), also when rebuilt from
+    a state dict or tied to a compressed layer; quantnoise's own int layers keep their int<bits> name."""
+    from quantnoise.compress.layers import empty_like_state, share_codebook
+    model = model_of()
+    compress_(model, LayerRule(pattern=r"^0$", scheme="scalar", grid=grid))
+    compress_(model, LayerRule(pattern=r"^2$", scheme="scalar", bits=G.GRID_BITS[grid]))
+    assert model[0].grid == grid and model[2].grid is None
+    assert f", {grid}" in repr(model[0]) and f"int{G.GRID_BITS[grid]}" not in repr(model[0])
+    assert f"int{G.GRID_BITS[grid]}" in repr(model[2])
+    rebuilt = empty_like_state(nn.Linear(64, 32), model[0].state_dict(prefix="0."), "0.")
+    rebuilt.load_state_dict(model[0].state_dict())
+    assert rebuilt.grid == grid and f", {grid}" in repr(rebuilt)
+    assert share_codebook(model[0], nn.Linear(64, 32)).grid == grid
 
 
 def test_embedding_rows_on_the_grid_whatever_the_batch():

@@ -158,3 +158,20 @@ def test_committed_records_say_where_they_come_from(path):
         assert {"isa", "threads", "load_avg", "versions"} <= set(rec["machine"])
     commands = [rec["command"], rec.get("provenance", {}).get("command", "")]  # shown in BENCHMARKS.md
     assert not any(p in c for c in commands for p in ("/work/", "/tmp/", "/home/")), commands
+
+
+def test_peers_record_renders_speeds_ratios_and_absent_peers():
+    s = lambda m: {"median": m, "min": m, "max": m, "n": 1}  # noqa: E731
+    row = lambda case, gen, ratio: {"case": case, "t1": {"gen_tok_s": gen, "gen_s": s(1.0), "prefill_tok_s": 2 * gen,  # noqa: E731
+                                                         "prefill_s": s(1.0), "gen_vs_fp32": ratio, "prefill_vs_fp32": ratio},
+                                    "bytes": 2**20, "rss": {"before": 0, "after_load": 3 * 2**20, "after_prefill": 0}}
+    fig = {"config": {"layers": 2, "dim": 128, "vocab": 512, "ffn": 256, "new_tokens": 8, "prompt": 8, "prefill": 16,
+                      "rounds": 1, "threads": [1], "quick": True},
+           "rows": [row("fp32", 10.0, 1.0), row("quantnoise pq", 40.0, 4.0), {"case": "quanto int4",
+                                                                               "note": "not installed (optimum.quanto)"}],
+           "versions": {"gguf": "0.19.0"}}
+    out = "\n".join(report.render_record({"name": "peers", "command": "c", "commit": "abc", "date": "2026-12-08",
+                                          "machine": MACHINE, "figures": fig}))
+    assert "| quantnoise pq | 40.0 (4.00x) | 80.0 (4.00x) | 3.00 | 1.00 |" in out
+    assert "| quanto int4 | not installed (optimum.quanto) |  |  |  |" in out
+    assert "Llama 2x128 (FFN 256, vocabulary 512)" in out and "gguf 0.19.0" in out

@@ -273,8 +273,24 @@ class ScalarMixin(CompressedMixin):
         w = scalar_decode(self.qweight, self.qscale, self.weight_shape, self.compute_dtype)
         return w.t() if self.weight_transposed else w
 
+    @property
+    def grid(self) -> Optional[str]:
+        """"q4_0" | "q8_0" when the layer is on llama.cpp's grid (``LayerRule(grid=...)``: one fp16-valued scale
+        per 32 weights, Q4_0's signed), else None; read from its tensors, so a layer rebuilt from a state dict
+        knows it too.  quantnoise's own grids have at most one scale per row, always positive and fp32."""
+        n, groups = self.qweight.numel(), self.qscale.numel()
+        grid = {bits: name for name, bits in GRID_BITS.items()}.get(int(self.qbits))
+        if grid is None or groups * grids.BLOCK != n:
+            return None
+        s = self.qscale
+        if s.is_meta:  # a layer built on meta before its state is loaded: only the count tells
+            return grid if groups > self.weight_shape[0] else None
+        if groups > self.weight_shape[0] or bool((s <= 0).any()) or torch.equal(s.half().float(), s):
+            return grid
+        return None
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int{int(self.qbits)}"
+        return f"{super().extra_repr()}, {self.grid or f'int{int(self.qbits)}'}"
 
 
 def _ctor_kwargs(m) -> dict:
