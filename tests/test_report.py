@@ -144,7 +144,7 @@ def test_benchmarks_md_is_current_state_only():
     for bad in ("/work/", "/tmp/", "/home/", "this run", "this session", "the day before", "not committed"):
         assert bad not in text, bad
     names = [m["name"] for m in report.MARKER.finditer(text)]
-    assert {"noise", "kmeans", "ipq_export", "demo", "lm_finetune", "bert_ipq", "bert_q8bert", "bert_qbert",
+    assert {"noise", "kmeans", "ipq_export", "demo", "lm_finetune_stdlib", "lm_finetune_man", "bert_ipq", "bert_q8bert", "bert_qbert",
             "runtime_speed", "hf_speed"} <= set(names)
 
 
