@@ -168,22 +168,39 @@ def render_lm_table(fig: dict) -> List[str]:
     """The LM recipe's from-scratch table: TEST perplexity (MiB, x smaller than fp32) per scheme and method."""
     fp = fig["fp32"]["bytes"]
 
-    def cell(e):
-        return f"{e['ppl']:.2f} ({mib(e['bytes'])} MiB, x{fp / e['bytes']:.1f})"
+    def ppl(e):  # a seeded row: mean +- half its 90% interval
+        iv = e.get("ppl_interval") or {}
+        return f"{e['ppl']:.2f}" + (f" ± {(iv['hi90'] - iv['lo90']) / 2:.2f}" if iv.get("lo90") is not None else "")
 
-    rows = [["fp32", f"{fig['fp32']['ppl']:.2f} ({mib(fp)} MiB)", "", ""]]
+    def cell(e):
+        return f"{ppl(e)} ({mib(e['bytes'])} MiB, x{fp / e['bytes']:.1f})"
+
+    rows = [["fp32", f"{ppl(fig['fp32'])} ({mib(fp)} MiB)", "", ""]]
     rows += [[kind, *(cell(fig[kind][col]) for col in ("posthoc", "qat", "quant_noise"))]
              for kind in ("int8", "int4", "ipq") if kind in fig]
     out = table(["", "post-hoc", "QAT", "Quant-Noise"], rows)
     if "ipq_pq_noise" in fig:
         out += ["", f"iPQ with true pq noise instead of the drop proxy: {cell(fig['ipq_pq_noise'])}."]
+    seeds = fig.get("seeds")
+    if isinstance(seeds, dict) and len(seeds.get("seeds", [])) > 1:
+        out += ["", f"fp32 and iPQ rows: mean ± half the 90% interval over {len(seeds['seeds'])} seeds; int8 / int4: "
+                    f"seed 1. Cut of the post-hoc iPQ gap to fp32, per seed (paired) and mean with its 90% interval:"]
+        for row, iv in seeds["gap_cut"].items():
+            per = ", ".join(pct(e["gap_cut"][row]) for e in seeds["seeds"])
+            if not iv["n"]:
+                what = "no seed has a post-hoc gap"
+            elif iv["mean"] > 1:
+                what = f"regularisation, not a cut (per seed {per})"
+            else:
+                what = f"{pct(iv['mean'])} ({pct(iv['lo90'])} to {pct(iv['hi90'])}; per seed {per})"
+            out.append(f"- {row}: {what}")
     return out
 
 
 def render_lm_recipe(fig: dict) -> List[str]:
     """A record of recipes/lm (OUTDIR/record.json): its from-scratch table and / or its noise fine-tune seeds."""
     out = render_lm_table(fig) if "fp32" in fig and "ipq" in fig else []
-    if "seeds" in fig.get("finetune", fig):
+    if isinstance(fig.get("finetune", fig).get("seeds"), list):
         out += ([""] if out else []) + render_seeds(fig)
     if not out:
         raise KeyError("neither the table nor the fine-tune's seeds")
@@ -224,7 +241,9 @@ RENDERERS: Dict[str, Callable[[dict], List[str]]] = {
 def render_record(rec: dict) -> List[str]:
     fig = rec["figures"]
     fn = render_rows if "columns" in fig else RENDERERS.get(rec.get("name"))
-    if fn is None and "seeds" in fig.get("finetune", fig):
+    if fn is None and "fp32" in fig and "ipq" in fig:  # recipes/lm's table, under another record name
+        fn = render_lm_recipe
+    if fn is None and isinstance(fig.get("finetune", fig).get("seeds"), list):
         fn = render_seeds
     try:
         if fn is None:

@@ -102,6 +102,25 @@ def test_lm_recipe_record_renders_its_table_and_an_unknown_record_says_so(tmp_pa
     assert "cannot render this record yet: name 'something_new'" in out
 
 
+def test_a_seeded_lm_table_under_its_own_record_name_renders_intervals_and_cuts(tmp_path):
+    iv = lambda m, h: {"mean": m, "lo90": m - h, "hi90": m + h, "sd": 1.0, "n": 3}  # noqa: E731
+    e = lambda ppl, b, h=None: {"ppl": ppl, "bytes": b, **({"ppl_interval": iv(ppl, h)} if h else {})}  # noqa: E731
+    fig = {"fp32": e(140.0, 7806730, 2.0), **{k: {c: e(p, b, h) for c in ("posthoc", "qat", "quant_noise")}
+                                              for k, p, b, h in (("int8", 141.0, 2030043, None), ("ipq", 180.0, 329253, 5.0))},
+           "ipq_pq_noise": e(170.0, 329253, 4.0), "details": {},
+           "seeds": {"seeds": [{"seed": s, "gap_cut": {"ipq.quant_noise": c, "ipq_pq_noise": 1.2}} for s, c in ((1, 0.1), (2, 0.2), (3, 0.3))],
+                     "gap_cut": {"ipq.quant_noise": iv(0.2, 0.17), "ipq_pq_noise": iv(1.2, 0.0)}}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "made.json").write_text(json.dumps(
+        {"name": "lm_scratch_small", "command": "c", "commit": "abc", "date": "2026-12-08", "machine": MACHINE,
+         "figures": fig}))
+    out = report.render(DOC, tmp_path / "results")
+    assert "| fp32 | 140.00 ± 2.00 (7.45 MiB) |  |  |" in out and "| ipq | 180.00 ± 5.00 (0.31 MiB, x23.7) |" in out
+    assert "| int8 | 141.00 (1.94 MiB, x3.8) |" in out  # seed 1 only: no interval
+    assert "- ipq.quant_noise: 20% (3% to 37%; per seed 10%, 20%, 30%)" in out
+    assert "- ipq_pq_noise: regularisation, not a cut" in out and "cannot render" not in out
+
+
 def _run(*args):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), *map(str, args)],
                           capture_output=True, text=True)
