@@ -36,6 +36,12 @@ stale
 MACHINE = {"cpu": "Test CPU 9000", "isa": "avx2", "cores": 2, "threads": 1, "load_avg": [1.5, 2.25, 3.0]}
 
 
+def _record(results, file: str, name: str, figures: dict, command: str = "c", date: str = "2026-12-07"):
+    """A made-up record of the harness's shape: results/<file>.json."""
+    (results / f"{file}.json").write_text(json.dumps(
+        {"name": name, "command": command, "commit": "abc", "date": date, "machine": MACHINE, "figures": figures}))
+
+
 def _records(results):
     results.mkdir()
     (results / "made.json").write_text(json.dumps({
@@ -68,9 +74,7 @@ def test_demo_record_renders_seeds_interval_and_sizes(tmp_path):
     fig = {"seeds": seeds, "gap_cut": {"mean": 0.5733, "lo90": 0.4516, "hi90": 0.695, "n": 3},
            "bytes": {"fp32": 7806730, "ipq_plain": 329253, "ipq_qn": 329253}}
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "demo.json").write_text(json.dumps(
-        {"name": "lm_recipe", "command": "make demo", "commit": "abc", "date": "2026-12-07", "machine": MACHINE,
-         "figures": fig}))
+    _record(tmp_path / "results", "demo", "lm_recipe", fig, command="make demo")
     out = report.render(DOC, tmp_path / "results")
     assert "| 1 | 74.00 | 98.00 | 83.00 | 64% |" in out and "| 3 | 76.00 | 98.00 | 85.00 | 58% |" in out
     assert "Gap cut: mean 57%, 90% interval 45% to 70% (n = 3 seeds)." in out
@@ -78,9 +82,7 @@ def test_demo_record_renders_seeds_interval_and_sizes(tmp_path):
     # the recipe's records: the row shows the gap's reference; a regularised seed prints the verdict, not a cut
     seeds[0]["reference"] = {"from": "baseline_best", "ppl": 70.0}
     fig.update(regularised_seeds=1, verdict="regularisation, not a cut: in 1 of 3 seed(s) ...")
-    (tmp_path / "results" / "demo.json").write_text(json.dumps(
-        {"name": "lm_recipe", "command": "make demo", "commit": "abc", "date": "2026-12-07", "machine": MACHINE,
-         "figures": fig}))
+    _record(tmp_path / "results", "demo", "lm_recipe", fig, command="make demo")
     out = report.render(DOC, tmp_path / "results")
     assert "| 1 | 70.00 | 98.00 | 83.00 | 64% |" in out and "Gap cut: mean" not in out
     assert "Gap: regularisation, not a cut: in 1 of 3 seed(s) ..." in out
@@ -93,9 +95,7 @@ def test_lm_recipe_record_renders_its_table_and_an_unknown_record_says_so(tmp_pa
            "ipq_pq_noise": e(180.4, 329253), "details": {}}
     (tmp_path / "results").mkdir()
     for name, rec_name, figures in (("made", "lm_recipe", fig), ("old", "something_new", {"x": 1})):
-        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(
-            {"name": rec_name, "command": "c", "commit": "abc", "date": "2026-12-07", "machine": MACHINE,
-             "figures": figures}))
+        _record(tmp_path / "results", name, rec_name, figures)
     out = report.render(DOC, tmp_path / "results")
     assert "| ipq | 182.33 (0.31 MiB, x23.7) | 182.33 (0.31 MiB, x23.7) | 182.33 (0.31 MiB, x23.7) |" in out
     assert "| fp32 | 141.60 (7.45 MiB) |  |  |" in out
@@ -111,9 +111,7 @@ def test_a_seeded_lm_table_under_its_own_record_name_renders_intervals_and_cuts(
            "seeds": {"seeds": [{"seed": s, "gap_cut": {"ipq.quant_noise": c, "ipq_pq_noise": 1.2}} for s, c in ((1, 0.1), (2, 0.2), (3, 0.3))],
                      "gap_cut": {"ipq.quant_noise": iv(0.2, 0.17), "ipq_pq_noise": iv(1.2, 0.0)}}}
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "made.json").write_text(json.dumps(
-        {"name": "lm_scratch_small", "command": "c", "commit": "abc", "date": "2026-12-08", "machine": MACHINE,
-         "figures": fig}))
+    _record(tmp_path / "results", "made", "lm_scratch_small", fig, date="2026-12-08")
     out = report.render(DOC, tmp_path / "results")
     assert "| fp32 | 140.00 ± 2.00 (7.45 MiB) |  |  |" in out and "| ipq | 180.00 ± 5.00 (0.31 MiB, x23.7) |" in out
     assert "| int8 | 141.00 (1.94 MiB, x3.8) |" in out  # seed 1 only: no interval
