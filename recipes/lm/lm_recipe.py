@@ -361,10 +361,7 @@ class Recipe:
         # table rows: (row, model checkpoint step) ; each is exported and evaluated on TEST
         @self.step("fp32", deps=["sweep"])
         def _():
-            ckpt = self.r("sweep")["checkpoints"]["0"]
-            qnz = out / "qnz" / "fp32.qnz"
-            self.qn("fp32", "export", ckpt, "-o", qnz, "--rest", "float32", log="export")
-            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm("fp32", qnz, "test", "fp32"),
+            return {**self.export_test("fp32", self.r("sweep")["checkpoints"]["0"], "fp32", "--rest", "float32"),
                     "ppl_valid": self.r("sweep")["valid_fp32"]["0"]}
 
         ipq_rows = {"ipq.posthoc": "ipq_drop_p0", "ipq.qat": "ipq_ipq_qat", "ipq.quant_noise": None, "ipq_pq_noise": "ipq_pq_noise"}
@@ -395,10 +392,8 @@ class Recipe:
 
             @self.step(f"fp32{sfx}", deps=[f"train_drop_p0{sfx}"])
             def _(sfx=sfx):
-                qnz = out / "qnz" / f"fp32{sfx}.qnz"
-                self.qn(f"fp32{sfx}", "export", self.r(f"train_drop_p0{sfx}")["checkpoint"], "-o", qnz, "--rest", "float32",
-                        log="export")
-                return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(f"fp32{sfx}", qnz, "test", f"fp32{sfx}")}
+                return self.export_test(f"fp32{sfx}", self.r(f"train_drop_p0{sfx}")["checkpoint"], f"fp32{sfx}",
+                                        "--rest", "float32")
 
             for row, model in (("ipq.posthoc", "drop_p0"), ("ipq.qat", "ipq_qat"), ("ipq.quant_noise", "drop_psel"),
                                ("ipq_pq_noise", "pq_noise")):
@@ -418,7 +413,7 @@ class Recipe:
         the same iPQ + centroid fine-tuning -> the candidate chosen on VALID (mean over seeds) -> export, TEST.
         A seed reseeds everything after the baseline (the continuations' data order, dropout and noise masks, the
         k-means, the centroid fine-tuning); the baseline is shared unless --base-seeds retrains it per seed."""
-        f, out = self.f, self.out
+        f = self.f
         names = list(f["candidates"])
         bases = sorted({self.base_step(s) for s in self.seeds()})
         for b in bases:
@@ -430,11 +425,7 @@ class Recipe:
 
             @self.step(f"test_{b}.best", deps=[b])
             def _(b=b):  # the baseline at its best VALID, on TEST: a reference that is not past its best
-                qnz = out / "qnz" / f"{b}.best.qnz"
-                self.qn(f"test_{b}.best", "export", self.r(b)["best"]["checkpoint"], "-o", qnz, "--rest", "float32",
-                        log="export")
-                return {"qnz": str(qnz), "bytes": qnz.stat().st_size,
-                        "ppl": self.eval_lm(f"test_{b}.best", qnz, "test", f"test_{b}.best")}
+                return self.export_test(f"test_{b}.best", self.r(b)["best"]["checkpoint"], f"{b}.best", "--rest", "float32")
 
         for seed in self.seeds():
             sfx = f".s{seed}"
@@ -461,11 +452,8 @@ class Recipe:
 
             @self.step(f"test_ft.fp32{sfx}", deps=[f"ft_plain{sfx}"])
             def _(sfx=sfx):
-                qnz = out / "qnz" / f"ft.fp32{sfx}.qnz"
-                self.qn(f"test_ft.fp32{sfx}", "export", self.r(f"ft_plain{sfx}")["checkpoint"], "-o", qnz, "--rest",
-                        "float32", log="export")
-                return {"qnz": str(qnz), "bytes": qnz.stat().st_size,
-                        "ppl": self.eval_lm(f"test_ft.fp32{sfx}", qnz, "test", f"test_ft.fp32{sfx}")}
+                return self.export_test(f"test_ft.fp32{sfx}", self.r(f"ft_plain{sfx}")["checkpoint"], f"ft.fp32{sfx}",
+                                        "--rest", "float32")
 
             self.add_export(f"ft.ipq_plain{sfx}", lambda sfx=sfx: self.r(f"ipq_ft_plain{sfx}")["finetuned"],
                             deps=[f"ipq_ft_plain{sfx}"])
@@ -563,15 +551,19 @@ class Recipe:
             return {"quantized": str(q), "finetuned": str(ckpt), "valid_noft": noft,
                     "valid_ft": self.valid_ppl(step)}
 
+    def export_test(self, step: str, ckpt, name: str, *flags) -> dict:
+        """``quantnoise export`` of ``ckpt`` to qnz/<name>.qnz (with ``flags``), then its TEST perplexity."""
+        qnz = self.out / "qnz" / f"{name}.qnz"
+        qnz.parent.mkdir(parents=True, exist_ok=True)
+        self.qn(step, "export", ckpt, "-o", qnz, *flags, log="export")
+        return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", step)}
+
     def add_export(self, row: str, source: Callable[[], str], deps) -> None:
         step = f"test_{row}"
 
         @self.step(step, deps=deps)
         def _():
-            qnz = self.out / "qnz" / f"{row}.qnz"
-            qnz.parent.mkdir(parents=True, exist_ok=True)
-            self.qn(step, "export", source(), "-o", qnz, log="export")
-            return {"qnz": str(qnz), "bytes": qnz.stat().st_size, "ppl": self.eval_lm(step, qnz, "test", step)}
+            return self.export_test(step, source(), row)
 
     def add_scalar(self, row: str, bits: int, model: Optional[str]) -> None:
         step = f"test_{row}"
